@@ -1,0 +1,46 @@
+# Two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help venv demo test check lint typecheck unit loadtest loadtest-smoke clean
+
+help:
+	@echo "make demo      start a throwaway PostgreSQL (unless DATABASE_URL is set), the gateway and a live demo page"
+	@echo "make test      ruff, mypy and the whole test suite against a real PostgreSQL, sockets and browser"
+	@echo "make loadtest  the end-to-end benchmark; writes loadtest/report/"
+	@echo "make clean     remove the virtual environment and caches"
+
+# The environment is built from the lock file so every machine gets the same versions.
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gateway demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests loadtest
+	$(BIN)/ruff format --check gateway tests loadtest
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: check unit
+
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,300 @@
+"""Settings: environment variables with the ``GATEWAY_`` prefix, or the same names as CLI flags.
+
+Every setting is declared once below (name, type, default, meaning). From that one table
+come the parser, the CLI flags (``--max-frame-bytes`` for ``GATEWAY_MAX_FRAME_BYTES``),
+``gateway config`` (which prints every setting with its default and meaning) and the
+validation errors, which name the variable and what it expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+PREFIX = "GATEWAY_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the gateway cannot use; the message names it."""
+
+
+# --- value parsers: each raises ValueError with what it expects --------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError("a duration such as 5, 5s, 250ms, 2m or 1h")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("true or false")
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError("a whole number") from None
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def parse_dsn(text: str) -> str:
+    t = text.strip()
+    if not t:
+        return ""
+    parts = urlsplit(t)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.hostname and "host=" not in parts.query:
+        raise ValueError("a PostgreSQL URL such as postgresql://user:password@host:5432/dbname")
+    return t
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, for logs and error messages."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        t = text.strip().lower()
+        if t not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return t
+
+    return parse
+
+
+def _identity(text: str) -> str:
+    return text.strip()
+
+
+def _setting(
+    default: Any,
+    help: str,
+    parse: Callable[[str], Any] = _identity,
+    *,
+    secret: bool = False,
+    minimum: float | None = None,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"help": help, "parse": parse, "secret": secret, "minimum": minimum},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Database
+    database_url: str = _setting(
+        "",
+        "PostgreSQL URL (DATABASE_URL is read too). Empty: `gateway demo` starts a throwaway cluster.",
+        parse_dsn,
+        secret=True,
+    )
+    pool_size: int = _setting(4, "connections in the pool that resolves rows and replays the log", parse_int, minimum=1)
+    tables: str = _setting(
+        "",
+        "allow-list of tables whose rows are sent: `schema.table` or `schema.table(col1,col2)`, "
+        "separated by `;`. Tables not listed are never read; empty sends no table rows.",
+    )
+    # HTTP
+    host: str = _setting("0.0.0.0", "address to listen on")
+    port: int = _setting(8080, "TCP port to listen on", parse_int, minimum=0)
+    workers: int = _setting(
+        0, "worker processes sharing the port (SO_REUSEPORT) for `gateway serve`; 0 = one per core", parse_int, minimum=0
+    )
+    allowed_origins: tuple[str, ...] = _setting(
+        (),
+        "Origins allowed to open a WebSocket (comma-separated, e.g. https://app.example.com). "
+        "Empty: only the gateway's own origin. `*` allows any (not recommended).",
+        parse_list,
+    )
+    compression: bool = _setting(False, "permessage-deflate WebSocket compression (costs CPU and memory)", parse_bool)
+    # Authentication
+    jwt_secret: str = _setting("", "shared secret for HS256 tokens", secret=True)
+    jwt_jwks_url: str = _setting("", "URL of a JWKS document with the public keys for RS256/ES256 tokens")
+    jwt_algorithms: tuple[str, ...] = _setting(
+        (), "accepted algorithms; default HS256 with a secret, RS256,ES256 with a JWKS URL", parse_list
+    )
+    jwt_audience: str = _setting("", "required `aud` claim (empty: not checked)")
+    jwt_issuer: str = _setting("", "required `iss` claim (empty: not checked)")
+    jwt_leeway: float = _setting(30.0, "clock skew allowed when checking exp/nbf/iat", parse_duration, minimum=0)
+    jwt_user_claim: str = _setting("sub", "claim holding the user id")
+    jwt_topics_claim: str = _setting("topics", "claim listing extra topics the user may read (`room:7`, `room:*`)")
+    jwks_refresh_interval: float = _setting(
+        30.0, "least time between two JWKS fetches caused by unknown key ids", parse_duration, minimum=0
+    )
+    auth_timeout: float = _setting(5.0, "how long a client has to send its auth frame", parse_duration, minimum=0.1)
+    expiry_grace: float = _setting(
+        10.0, "how long past token expiry a connection may stay open awaiting a refresh", parse_duration, minimum=0
+    )
+    authz_function: str = _setting(
+        "gateway.authorize",
+        "SQL function (user_id text, topic text, claims jsonb) -> boolean deciding topics not granted by "
+        "the token; empty to disable",
+    )
+    authz_cache_ttl: float = _setting(5.0, "how long answers of the SQL authorization function are cached", parse_duration)
+    # Limits
+    max_frame_bytes: int = _setting(16384, "largest client frame accepted", parse_int, minimum=256)
+    max_subscriptions: int = _setting(100, "subscriptions per connection", parse_int, minimum=1)
+    max_connections: int = _setting(20000, "connections per process", parse_int, minimum=1)
+    max_connections_per_user: int = _setting(20, "connections per user on one process", parse_int, minimum=1)
+    message_rate: float = _setting(20.0, "client frames per second per connection (burst: 2x)", float, minimum=0.1)
+    subscribe_rate: float = _setting(10.0, "subscribes per second per connection (burst: 2x)", float, minimum=0.1)
+    send_queue_bytes: int = _setting(
+        1 << 20, "bytes queued to one client before it is cut off as a slow consumer", parse_int, minimum=1024
+    )
+    # Listener and pipeline
+    probe_interval: float = _setting(5.0, "how often the LISTEN connection is probed", parse_duration, minimum=0.1)
+    probe_timeout: float = _setting(3.0, "probe answer deadline before the connection is declared dead", parse_duration)
+    reconnect_max_delay: float = _setting(10.0, "cap of the listener's reconnect backoff", parse_duration, minimum=0.1)
+    batch_max: int = _setting(1000, "notifications resolved together in one batch", parse_int, minimum=1)
+    # Event log
+    replay_max_events: int = _setting(
+        10000, "most events replayed on resume; older positions get recovered=false", parse_int, minimum=0
+    )
+    replay_max_age: float = _setting(
+        86400.0, "oldest event age replayed on resume; older positions get recovered=false", parse_duration
+    )
+    retention_max_events: int = _setting(10000, "events kept per topic in the log", parse_int, minimum=1)
+    retention_max_age: float = _setting(86400.0, "age after which events are pruned from the log", parse_duration)
+    retention_interval: float = _setting(60.0, "how often one replica prunes the log", parse_duration, minimum=1)
+    # Presence
+    presence: bool = _setting(True, "record and publish who is online", parse_bool)
+    presence_topics: tuple[str, ...] = _setting(
+        ("presence:global",), "presence topics every connection joins (`presence:global`)", parse_list
+    )
+    presence_grace: float = _setting(5.0, "time after the last connection closes before a user is offline", parse_duration)
+    heartbeat_interval: float = _setting(10.0, "how often a replica renews its connections", parse_duration, minimum=0.5)
+    heartbeat_ttl: float = _setting(
+        30.0, "a replica silent for this long is dead; its connections are swept", parse_duration, minimum=1
+    )
+    # Operations
+    drain_timeout: float = _setting(10.0, "on SIGTERM, time to close clients before exiting", parse_duration)
+    log_format: str = _setting("text", "text or json (one JSON object per line)", parse_choice("text", "json"))
+    log_level: str = _setting(
+        "info", "debug, info, warning or error", parse_choice("debug", "info", "warning", "error")
+    )
+    metrics: bool = _setting(True, "serve Prometheus metrics at /metrics", parse_bool)
+    static_demo: bool = _setting(True, "serve the demo page at /demo", parse_bool)
+
+    def masked(self) -> dict[str, str]:
+        """Every setting as text, secrets masked: safe to log."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            text = ",".join(value) if isinstance(value, tuple) else str(value)
+            if f.name == "database_url":
+                text = mask_dsn(text)
+            elif f.metadata["secret"] and text:
+                text = "***"
+            out[env_name(f.name)] = text
+        return out
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def settings_fields() -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(Settings)
+
+
+def load(env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, then CLI overrides (raw text keyed by field name)."""
+    env = os.environ if env is None else env
+    raw: dict[str, tuple[str, str]] = {}  # field -> (source name, text)
+    if env.get("DATABASE_URL"):
+        raw["database_url"] = ("DATABASE_URL", env["DATABASE_URL"])
+    for f in settings_fields():
+        name = env_name(f.name)
+        if name in env:
+            raw[f.name] = (name, env[name])
+    for key, text in (overrides or {}).items():
+        raw[key] = (flag_name(key), text)
+
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k[len(PREFIX) :].lower() not in _FIELD_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]}; `gateway config` lists every setting")
+
+    values: dict[str, Any] = {}
+    for f in settings_fields():
+        if f.name not in raw:
+            continue
+        source, text = raw[f.name]
+        try:
+            value = f.metadata["parse"](text)
+        except ValueError as exc:
+            shown = "***" if f.metadata["secret"] else repr(text)
+            raise ConfigError(f"{source}={shown} is not valid: expected {exc}") from None
+        minimum = f.metadata["minimum"]
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{source}={text!r} is not valid: expected at least {minimum}")
+        values[f.name] = value
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def _check(s: Settings) -> None:
+    """Cross-field checks that a single parser cannot make."""
+    if s.jwt_secret and len(s.jwt_secret) < 32:
+        raise ConfigError("GATEWAY_JWT_SECRET is too short: expected at least 32 characters for HS256")
+    for alg in s.jwt_algorithms:
+        if alg not in ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"):
+            raise ConfigError(f"GATEWAY_JWT_ALGORITHMS has {alg!r}: expected HS256, RS256, ES256 and the like")
+    if s.jwt_jwks_url and not s.jwt_jwks_url.startswith(("http://", "https://")):
+        raise ConfigError("GATEWAY_JWT_JWKS_URL is not valid: expected an http:// or https:// URL")
+    if s.probe_timeout >= s.probe_interval * 4:
+        raise ConfigError("GATEWAY_PROBE_TIMEOUT is not valid: expected less than 4x GATEWAY_PROBE_INTERVAL")
+    if s.heartbeat_ttl <= s.heartbeat_interval * 2:
+        raise ConfigError("GATEWAY_HEARTBEAT_TTL is not valid: expected more than twice GATEWAY_HEARTBEAT_INTERVAL")
+    if s.authz_function:
+        parts = s.authz_function.split(".")
+        if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+            raise ConfigError(
+                f"GATEWAY_AUTHZ_FUNCTION={s.authz_function!r} is not valid: expected a lower-case "
+                "SQL function name such as gateway.authorize"
+            )
+    for topic in s.presence_topics:
+        if not topic.startswith("presence:"):
+            raise ConfigError(f"GATEWAY_PRESENCE_TOPICS has {topic!r}: expected names starting with presence:")
+
+
+def describe() -> str:
+    """Every setting with its default and meaning (`gateway config`)."""
+    lines = []
+    for f in settings_fields():
+        default = f.default
+        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        lines.append(f"{env_name(f.name)} (default: {shown or '<empty>'})\n    {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""The WebSocket protocol: every frame, error code and close code, in one place.
+
+This module is the single source of truth; ``docs/protocol.md`` describes the same
+frames for people, and ``tests/test_protocol_doc.py`` checks that the two agree.
+
+Frames are JSON text frames. Every frame is an object with a ``type`` field
+(msgspec tagged unions). Client frames are decoded with one typed decoder, so a
+frame with a wrong field type is rejected with a message naming the field.
+Server frames are encoded once and the same bytes go to every subscriber.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# --- client -> server -------------------------------------------------------------
+
+
+class Since(msgspec.Struct, forbid_unknown_fields=True):
+    """The last position a client saw on a topic, to resume after it."""
+
+    pos: int
+    epoch: str
+
+
+class Auth(msgspec.Struct, tag="auth", forbid_unknown_fields=True):
+    """First frame when the token did not come with the upgrade request."""
+
+    token: str
+
+
+class Refresh(msgspec.Struct, tag="refresh", forbid_unknown_fields=True):
+    """A fresh token for a live connection, sent before the old one expires."""
+
+    token: str
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", forbid_unknown_fields=True):
+    topic: str
+    id: int | None = None
+    since: Since | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", forbid_unknown_fields=True):
+    topic: str
+    id: int | None = None
+
+
+class Ping(msgspec.Struct, tag="ping", forbid_unknown_fields=True):
+    id: int | None = None
+
+
+class SetStatus(msgspec.Struct, tag="status", forbid_unknown_fields=True):
+    """Set this connection's presence status (``online`` or ``away``)."""
+
+    status: Literal["online", "away"]
+
+
+ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus
+
+# --- server -> client -------------------------------------------------------------
+
+
+class Welcome(msgspec.Struct, tag="welcome"):
+    """Authentication succeeded; the connection is usable."""
+
+    user: str
+    conn: str
+    expires: int | None = None  # unix seconds when the token runs out
+
+
+class Refreshed(msgspec.Struct, tag="refreshed"):
+    expires: int | None = None
+
+
+class Subscribed(msgspec.Struct, tag="subscribed"):
+    """The subscription is live: every commit on the topic after ``pos`` will be pushed.
+
+    ``recovered`` is true when the client asked to resume and every event after its
+    position was replayed before this frame. False means the client must reload its
+    state: its position is older than the log keeps, or the epoch changed.
+    """
+
+    topic: str
+    epoch: str
+    pos: int
+    id: int | None = None
+    recovered: bool | None = None
+    replayed: int = 0
+
+
+class Unsubscribed(msgspec.Struct, tag="unsubscribed"):
+    topic: str
+    id: int | None = None
+
+
+class Pong(msgspec.Struct, tag="pong"):
+    id: int | None = None
+
+
+class Error(msgspec.Struct, tag="error"):
+    code: str
+    message: str
+    id: int | None = None
+    topic: str | None = None
+
+
+class Event(msgspec.Struct, tag="event", omit_defaults=True):
+    """One change on a topic. ``row`` is the current row as JSON (absent for deletes)."""
+
+    topic: str
+    epoch: str
+    pos: int
+    op: Literal["insert", "update", "delete", "message"]
+    table: str | None = None
+    key: str | None = None
+    row: msgspec.Raw | None = None
+    data: msgspec.Raw | None = None
+    ts: float | None = None  # commit time, unix seconds
+
+
+class PresenceEntry(msgspec.Struct, array_like=False):
+    user: str
+    status: Literal["online", "away", "offline"]
+    last_seen: float
+
+
+class Presence(msgspec.Struct, tag="presence", omit_defaults=True):
+    """A presence snapshot (``snapshot`` set) or one change (``change`` set) on a topic."""
+
+    topic: str
+    snapshot: list[PresenceEntry] | None = None
+    change: PresenceEntry | None = None
+
+
+ServerMessage = Welcome | Refreshed | Subscribed | Unsubscribed | Pong | Error | Event | Presence
+
+# --- error codes (the ``code`` of an Error frame) ---------------------------------
+
+
+class ErrorCode:
+    BAD_JSON = "bad_json"  # the frame is not valid JSON
+    BAD_MESSAGE = "bad_message"  # valid JSON, but not a known message or a field has the wrong type
+    BINARY_FRAME = "binary_frame"  # binary frames are not part of the protocol
+    NOT_AUTHENTICATED = "not_authenticated"  # a message other than auth before authentication
+    ALREADY_AUTHENTICATED = "already_authenticated"  # auth sent twice (use refresh)
+    BAD_TOKEN = "bad_token"  # refresh with a token that does not verify
+    TOKEN_USER_CHANGED = "token_user_changed"  # refresh with a token for another user
+    BAD_TOPIC = "bad_topic"  # topic name empty, too long or with forbidden characters
+    FORBIDDEN = "forbidden"  # the user may not subscribe to this topic
+    ALREADY_SUBSCRIBED = "already_subscribed"
+    NOT_SUBSCRIBED = "not_subscribed"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    RATE_LIMITED = "rate_limited"  # too many messages or subscribes per second; the frame was dropped
+    UNAVAILABLE = "unavailable"  # the database is unreachable; retry the subscribe later
+    PRESENCE_DISABLED = "presence_disabled"
+
+
+ERROR_CODES: tuple[str, ...] = tuple(v for k, v in vars(ErrorCode).items() if k.isupper())
+
+# --- close codes --------------------------------------------------------------------
+
+
+class CloseCode:
+    """WebSocket close codes the gateway sends, and whether a client should reconnect."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the gateway is stopping; reconnect (with backoff)
+    MESSAGE_TOO_BIG = 1009  # a frame over the size limit; reconnect only after fixing the client
+    SERVICE_RESTART = 1012  # draining for a deploy; reconnect now, another replica takes over
+    TRY_AGAIN_LATER = 1013  # connection limit reached on this replica; reconnect with backoff
+    UNAUTHORIZED = 4001  # no valid token; do not reconnect with the same token
+    FORBIDDEN = 4003  # the user lost a right it needs (token refresh revoked it); do not retry
+    AUTH_TIMEOUT = 4004  # no auth frame within the deadline; reconnect
+    TOKEN_EXPIRED = 4005  # the token expired and no refresh came; reconnect with a fresh token
+    SLOW_CONSUMER = 4008  # the client read too slowly and its send queue overflowed; reconnect
+    RATE_LIMITED = 4029  # the client kept sending over its rate limit; reconnect with backoff
+
+
+CLOSE_CODES: dict[str, int] = {k: v for k, v in vars(CloseCode).items() if k.isupper()}
+
+# Which close codes a client should reconnect after (the embeddable client follows this).
+RECONNECT_AFTER: frozenset[int] = frozenset(
+    {
+        CloseCode.GOING_AWAY,
+        CloseCode.SERVICE_RESTART,
+        CloseCode.TRY_AGAIN_LATER,
+        CloseCode.AUTH_TIMEOUT,
+        CloseCode.TOKEN_EXPIRED,
+        CloseCode.SLOW_CONSUMER,
+        CloseCode.RATE_LIMITED,
+    }
+)
+
+# --- codecs: built once, reused ---------------------------------------------------
+
+decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
+encoder = msgspec.json.Encoder()
+
+
+def encode(message: ServerMessage) -> bytes:
+    return encoder.encode(message)
+
+
+def describe_decode_error(data: bytes | str, exc: msgspec.DecodeError) -> tuple[str, str]:
+    """Turn a decode failure into (error code, message naming what was wrong)."""
+    try:
+        msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}"
+    return ErrorCode.BAD_MESSAGE, str(exc)
