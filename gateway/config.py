@@ -17,6 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 PREFIX = "GATEWAY_"
+# Variables with the prefix that are not settings: where the SQL migrations live
+# (read by `gateway migrate`) and the worker number the supervisor gives each worker.
+NOT_SETTINGS = frozenset({"GATEWAY_SQL_DIR", "GATEWAY_WORKER_ID"})
 
 
 class ConfigError(ValueError):
@@ -61,7 +64,7 @@ def parse_dsn(text: str) -> str:
     if not t:
         return ""
     parts = urlsplit(t)
-    if parts.scheme not in ("postgres", "postgresql") or not parts.hostname and "host=" not in parts.query:
+    if parts.scheme not in ("postgres", "postgresql") or (not parts.hostname and "host=" not in parts.query):
         raise ValueError("a PostgreSQL URL such as postgresql://user:password@host:5432/dbname")
     return t
 
@@ -112,7 +115,9 @@ class Settings:
         parse_dsn,
         secret=True,
     )
-    pool_size: int = _setting(4, "connections in the pool that resolves rows and replays the log", parse_int, minimum=1)
+    pool_size: int = _setting(
+        4, "connections in the pool that resolves rows and replays the log", parse_int, minimum=1
+    )
     tables: str = _setting(
         "",
         "allow-list of tables whose rows are sent: `schema.table` or `schema.table(col1,col2)`, "
@@ -122,7 +127,10 @@ class Settings:
     host: str = _setting("0.0.0.0", "address to listen on")
     port: int = _setting(8080, "TCP port to listen on", parse_int, minimum=0)
     workers: int = _setting(
-        0, "worker processes sharing the port (SO_REUSEPORT) for `gateway serve`; 0 = one per core", parse_int, minimum=0
+        0,
+        "worker processes sharing the port (SO_REUSEPORT) for `gateway serve`; 0 = one per core",
+        parse_int,
+        minimum=0,
     )
     allowed_origins: tuple[str, ...] = _setting(
         (),
@@ -130,7 +138,9 @@ class Settings:
         "Empty: only the gateway's own origin. `*` allows any (not recommended).",
         parse_list,
     )
-    compression: bool = _setting(False, "permessage-deflate WebSocket compression (costs CPU and memory)", parse_bool)
+    compression: bool = _setting(
+        False, "permessage-deflate WebSocket compression (costs CPU and memory)", parse_bool
+    )
     # Authentication
     jwt_secret: str = _setting("", "shared secret for HS256 tokens", secret=True)
     jwt_jwks_url: str = _setting("", "URL of a JWKS document with the public keys for RS256/ES256 tokens")
@@ -139,36 +149,57 @@ class Settings:
     )
     jwt_audience: str = _setting("", "required `aud` claim (empty: not checked)")
     jwt_issuer: str = _setting("", "required `iss` claim (empty: not checked)")
-    jwt_leeway: float = _setting(30.0, "clock skew allowed when checking exp/nbf/iat", parse_duration, minimum=0)
+    jwt_leeway: float = _setting(
+        30.0, "clock skew allowed when checking exp/nbf/iat", parse_duration, minimum=0
+    )
     jwt_user_claim: str = _setting("sub", "claim holding the user id")
-    jwt_topics_claim: str = _setting("topics", "claim listing extra topics the user may read (`room:7`, `room:*`)")
+    jwt_topics_claim: str = _setting(
+        "topics", "claim listing extra topics the user may read (`room:7`, `room:*`)"
+    )
     jwks_refresh_interval: float = _setting(
         30.0, "least time between two JWKS fetches caused by unknown key ids", parse_duration, minimum=0
     )
-    auth_timeout: float = _setting(5.0, "how long a client has to send its auth frame", parse_duration, minimum=0.1)
+    auth_timeout: float = _setting(
+        5.0, "how long a client has to send its auth frame", parse_duration, minimum=0.1
+    )
     expiry_grace: float = _setting(
-        10.0, "how long past token expiry a connection may stay open awaiting a refresh", parse_duration, minimum=0
+        10.0,
+        "how long past token expiry a connection may stay open awaiting a refresh",
+        parse_duration,
+        minimum=0,
     )
     authz_function: str = _setting(
         "gateway.authorize",
         "SQL function (user_id text, topic text, claims jsonb) -> boolean deciding topics not granted by "
         "the token; empty to disable",
     )
-    authz_cache_ttl: float = _setting(5.0, "how long answers of the SQL authorization function are cached", parse_duration)
+    authz_cache_ttl: float = _setting(
+        5.0, "how long answers of the SQL authorization function are cached", parse_duration
+    )
     # Limits
     max_frame_bytes: int = _setting(16384, "largest client frame accepted", parse_int, minimum=256)
     max_subscriptions: int = _setting(100, "subscriptions per connection", parse_int, minimum=1)
     max_connections: int = _setting(20000, "connections per process", parse_int, minimum=1)
     max_connections_per_user: int = _setting(20, "connections per user on one process", parse_int, minimum=1)
-    message_rate: float = _setting(20.0, "client frames per second per connection (burst: 2x)", float, minimum=0.1)
-    subscribe_rate: float = _setting(10.0, "subscribes per second per connection (burst: 2x)", float, minimum=0.1)
+    message_rate: float = _setting(
+        20.0, "client frames per second per connection (burst: 2x)", float, minimum=0.1
+    )
+    subscribe_rate: float = _setting(
+        10.0, "subscribes per second per connection (burst: 2x)", float, minimum=0.1
+    )
     send_queue_bytes: int = _setting(
         1 << 20, "bytes queued to one client before it is cut off as a slow consumer", parse_int, minimum=1024
     )
     # Listener and pipeline
-    probe_interval: float = _setting(5.0, "how often the LISTEN connection is probed", parse_duration, minimum=0.1)
-    probe_timeout: float = _setting(3.0, "probe answer deadline before the connection is declared dead", parse_duration)
-    reconnect_max_delay: float = _setting(10.0, "cap of the listener's reconnect backoff", parse_duration, minimum=0.1)
+    probe_interval: float = _setting(
+        5.0, "how often the LISTEN connection is probed", parse_duration, minimum=0.1
+    )
+    probe_timeout: float = _setting(
+        3.0, "probe answer deadline before the connection is declared dead", parse_duration
+    )
+    reconnect_max_delay: float = _setting(
+        10.0, "cap of the listener's reconnect backoff", parse_duration, minimum=0.1
+    )
     batch_max: int = _setting(1000, "notifications resolved together in one batch", parse_int, minimum=1)
     # Event log
     replay_max_events: int = _setting(
@@ -178,21 +209,31 @@ class Settings:
         86400.0, "oldest event age replayed on resume; older positions get recovered=false", parse_duration
     )
     retention_max_events: int = _setting(10000, "events kept per topic in the log", parse_int, minimum=1)
-    retention_max_age: float = _setting(86400.0, "age after which events are pruned from the log", parse_duration)
-    retention_interval: float = _setting(60.0, "how often one replica prunes the log", parse_duration, minimum=1)
+    retention_max_age: float = _setting(
+        86400.0, "age after which events are pruned from the log", parse_duration
+    )
+    retention_interval: float = _setting(
+        60.0, "how often one replica prunes the log", parse_duration, minimum=1
+    )
     # Presence
     presence: bool = _setting(True, "record and publish who is online", parse_bool)
     presence_topics: tuple[str, ...] = _setting(
         ("presence:global",), "presence topics every connection joins (`presence:global`)", parse_list
     )
-    presence_grace: float = _setting(5.0, "time after the last connection closes before a user is offline", parse_duration)
-    heartbeat_interval: float = _setting(10.0, "how often a replica renews its connections", parse_duration, minimum=0.5)
+    presence_grace: float = _setting(
+        5.0, "time after the last connection closes before a user is offline", parse_duration
+    )
+    heartbeat_interval: float = _setting(
+        10.0, "how often a replica renews its connections", parse_duration, minimum=0.5
+    )
     heartbeat_ttl: float = _setting(
         30.0, "a replica silent for this long is dead; its connections are swept", parse_duration, minimum=1
     )
     # Operations
     drain_timeout: float = _setting(10.0, "on SIGTERM, time to close clients before exiting", parse_duration)
-    log_format: str = _setting("text", "text or json (one JSON object per line)", parse_choice("text", "json"))
+    log_format: str = _setting(
+        "text", "text or json (one JSON object per line)", parse_choice("text", "json")
+    )
     log_level: str = _setting(
         "info", "debug, info, warning or error", parse_choice("debug", "info", "warning", "error")
     )
@@ -238,7 +279,11 @@ def load(env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | No
     for key, text in (overrides or {}).items():
         raw[key] = (flag_name(key), text)
 
-    unknown = sorted(k for k in env if k.startswith(PREFIX) and k[len(PREFIX) :].lower() not in _FIELD_NAMES)
+    unknown = sorted(
+        k
+        for k in env
+        if k.startswith(PREFIX) and k[len(PREFIX) :].lower() not in _FIELD_NAMES and k not in NOT_SETTINGS
+    )
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]}; `gateway config` lists every setting")
 
@@ -271,13 +316,17 @@ def _check(s: Settings) -> None:
         raise ConfigError("GATEWAY_JWT_SECRET is too short: expected at least 32 characters for HS256")
     for alg in s.jwt_algorithms:
         if alg not in ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"):
-            raise ConfigError(f"GATEWAY_JWT_ALGORITHMS has {alg!r}: expected HS256, RS256, ES256 and the like")
+            raise ConfigError(
+                f"GATEWAY_JWT_ALGORITHMS has {alg!r}: expected HS256, RS256, ES256 and the like"
+            )
     if s.jwt_jwks_url and not s.jwt_jwks_url.startswith(("http://", "https://")):
         raise ConfigError("GATEWAY_JWT_JWKS_URL is not valid: expected an http:// or https:// URL")
     if s.probe_timeout >= s.probe_interval * 4:
         raise ConfigError("GATEWAY_PROBE_TIMEOUT is not valid: expected less than 4x GATEWAY_PROBE_INTERVAL")
     if s.heartbeat_ttl <= s.heartbeat_interval * 2:
-        raise ConfigError("GATEWAY_HEARTBEAT_TTL is not valid: expected more than twice GATEWAY_HEARTBEAT_INTERVAL")
+        raise ConfigError(
+            "GATEWAY_HEARTBEAT_TTL is not valid: expected more than twice GATEWAY_HEARTBEAT_INTERVAL"
+        )
     if s.authz_function:
         parts = s.authz_function.split(".")
         if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
@@ -287,7 +336,9 @@ def _check(s: Settings) -> None:
             )
     for topic in s.presence_topics:
         if not topic.startswith("presence:"):
-            raise ConfigError(f"GATEWAY_PRESENCE_TOPICS has {topic!r}: expected names starting with presence:")
+            raise ConfigError(
+                f"GATEWAY_PRESENCE_TOPICS has {topic!r}: expected names starting with presence:"
+            )
 
 
 def describe() -> str:

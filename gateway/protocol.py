@@ -63,7 +63,7 @@ ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus
 # --- server -> client -------------------------------------------------------------
 
 
-class Welcome(msgspec.Struct, tag="welcome"):
+class Welcome(msgspec.Struct, tag="welcome", omit_defaults=True):
     """Authentication succeeded; the connection is usable."""
 
     user: str
@@ -71,11 +71,11 @@ class Welcome(msgspec.Struct, tag="welcome"):
     expires: int | None = None  # unix seconds when the token runs out
 
 
-class Refreshed(msgspec.Struct, tag="refreshed"):
+class Refreshed(msgspec.Struct, tag="refreshed", omit_defaults=True):
     expires: int | None = None
 
 
-class Subscribed(msgspec.Struct, tag="subscribed"):
+class Subscribed(msgspec.Struct, tag="subscribed", omit_defaults=True):
     """The subscription is live: every commit on the topic after ``pos`` will be pushed.
 
     ``recovered`` is true when the client asked to resume and every event after its
@@ -91,16 +91,16 @@ class Subscribed(msgspec.Struct, tag="subscribed"):
     replayed: int = 0
 
 
-class Unsubscribed(msgspec.Struct, tag="unsubscribed"):
+class Unsubscribed(msgspec.Struct, tag="unsubscribed", omit_defaults=True):
     topic: str
     id: int | None = None
 
 
-class Pong(msgspec.Struct, tag="pong"):
+class Pong(msgspec.Struct, tag="pong", omit_defaults=True):
     id: int | None = None
 
 
-class Error(msgspec.Struct, tag="error"):
+class Error(msgspec.Struct, tag="error", omit_defaults=True):
     code: str
     message: str
     id: int | None = None
@@ -128,11 +128,15 @@ class PresenceEntry(msgspec.Struct, array_like=False):
 
 
 class Presence(msgspec.Struct, tag="presence", omit_defaults=True):
-    """A presence snapshot (``snapshot`` set) or one change (``change`` set) on a topic."""
+    """A presence snapshot (``snapshot`` set) or one change (``change`` set) on a topic.
+
+    ``change`` has the shape of a PresenceEntry; it is carried as the JSON the database
+    published (msgspec.Raw), so it is not decoded and re-encoded on the way.
+    """
 
     topic: str
     snapshot: list[PresenceEntry] | None = None
-    change: PresenceEntry | None = None
+    change: msgspec.Raw | None = None
 
 
 ServerMessage = Welcome | Refreshed | Subscribed | Unsubscribed | Pong | Error | Event | Presence

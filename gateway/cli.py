@@ -1,0 +1,166 @@
+"""``gateway serve | migrate | demo | config``: the command line.
+
+Every setting is an environment variable (``GATEWAY_PORT``) or the matching flag
+(``--port``); flags win. ``gateway config`` lists them all with defaults and meanings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import config, logs
+from .config import ConfigError, Settings
+
+log = logging.getLogger("gateway.cli")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also an environment variable)")
+    for f in config.settings_fields():
+        group.add_argument(
+            config.flag_name(f.name),
+            dest=f"setting_{f.name}",
+            metavar="VALUE",
+            help=f"{f.metadata['help']} [{config.env_name(f.name)}]",
+        )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    return {
+        key[len("setting_") :]: value
+        for key, value in vars(args).items()
+        if key.startswith("setting_") and value is not None
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="PostgreSQL-to-WebSocket gateway: committed rows reach every allowed client, nothing lost.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the gateway (several worker processes with --workers)")
+    _add_setting_flags(serve)
+    migrate = sub.add_parser("migrate", help="apply the SQL migrations in sql/ and exit")
+    migrate.add_argument("--status", action="store_true", help="list applied and pending migrations")
+    _add_setting_flags(migrate)
+    demo = sub.add_parser(
+        "demo", help="start a throwaway PostgreSQL (unless DATABASE_URL is set), the gateway and a demo"
+    )
+    _add_setting_flags(demo)
+    sub.add_parser("config", help="print every setting with its default and meaning")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "config":
+        print(config.describe())
+        return 0
+    try:
+        settings = config.load(overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_format, settings.log_level)
+    try:
+        if args.command == "migrate":
+            return _migrate(settings, args.status)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(settings)
+        return _serve(settings)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _migrate(settings: Settings, status: bool) -> int:
+    from .migrate import migrate
+    from .migrate import status as migration_status
+
+    if not settings.database_url:
+        raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
+    if status:
+        print(_run(migration_status(settings.database_url)))
+        return 0
+    applied = _run(migrate(settings.database_url))
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    workers = settings.workers or os.cpu_count() or 1
+    if workers == 1:
+        from .server import serve
+
+        _run(serve(settings, reuse_port=os.environ.get("GATEWAY_WORKER_ID") is not None))
+        return 0
+    return _supervise(workers)
+
+
+def _supervise(workers: int) -> int:
+    """Run ``workers`` processes on one port (SO_REUSEPORT); restart any that crash.
+
+    SIGTERM/SIGINT are passed on to every worker, which drain and exit on their own.
+    """
+    argv = [sys.executable, "-m", "gateway", *sys.argv[1:]]
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def spawn(i: int) -> None:
+        env = dict(os.environ, GATEWAY_WORKERS="1", GATEWAY_WORKER_ID=str(i))
+        cmd = [a for a in argv if not a.startswith("--workers")]
+        if "--workers" in argv:
+            j = argv.index("--workers")
+            cmd = argv[:j] + argv[j + 2 :]
+        procs[i] = subprocess.Popen(cmd, env=env)
+        log.info("worker %d started (pid %d)", i, procs[i].pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for i in range(workers):
+        spawn(i)
+    restarts: dict[int, float] = {}
+    while procs:
+        time.sleep(0.2)
+        for i, proc in list(procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            if stopping:
+                del procs[i]
+                continue
+            log.error("worker %d (pid %d) exited with %s; restarting", i, proc.pid, code)
+            # Back off a crash loop: at most one restart per second per worker.
+            wait = max(0.0, 1.0 - (time.monotonic() - restarts.get(i, 0.0)))
+            time.sleep(wait)
+            restarts[i] = time.monotonic()
+            spawn(i)
+    return 0

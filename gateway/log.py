@@ -1,0 +1,120 @@
+"""Reads of the event log (``gateway.events``, ``gateway.topics``) and its retention.
+
+The log is written only by the capture trigger and ``gateway.emit`` (sql/001). Here the
+gateway reads topic heads, ranges of positions, replay windows, and prunes old events.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import asyncpg
+
+log = logging.getLogger("gateway.log")
+
+# pg_try_advisory_lock key for pruning, so only one replica prunes at a time.
+RETENTION_LOCK = 0x6761_7465_7761_79  # "gateway"
+
+
+class Head(NamedTuple):
+    epoch: str
+    pos: int
+
+
+class LogEvent(NamedTuple):
+    topic: str
+    pos: int
+    op: str  # i, u, d, m
+    tbl: str | None
+    key: str | None
+    data: str | None  # JSON text, hand-published events only
+    ts: float | None  # unix seconds the writing transaction started
+
+
+_EVENT_COLUMNS = (
+    "e.topic, e.pos, e.op::text, e.tbl, e.key, e.data::text, extract(epoch from e.created_at)::float8"
+)
+
+
+class EventLog:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def heads(self, topics: list[str], *, create: bool = False) -> dict[str, Head]:
+        """Epoch and last position of each topic. With ``create``, topics without a row get one
+        (position 0, a new epoch), so a subscriber learns the epoch its first event will carry."""
+        async with self._pool.acquire() as conn:
+            if create:
+                await conn.execute(
+                    "INSERT INTO gateway.topics (topic) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
+                    topics,
+                )
+            rows = await conn.fetch(
+                "SELECT topic, epoch, pos FROM gateway.topics WHERE topic = ANY($1::text[])", topics
+            )
+        return {r["topic"]: Head(r["epoch"], r["pos"]) for r in rows}
+
+    async def read(self, ranges: list[tuple[str, int, int]]) -> list[LogEvent]:
+        """Events with ``lo <= pos <= hi`` for each (topic, lo, hi), ordered by topic and position."""
+        if not ranges:
+            return []
+        topics, los, his = zip(*ranges, strict=True)
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS r(topic, lo, hi) "
+                "JOIN gateway.events e ON e.topic = r.topic AND e.pos BETWEEN r.lo AND r.hi "
+                "ORDER BY e.topic, e.pos",
+                list(topics),
+                list(los),
+                list(his),
+            )
+        return [LogEvent(*r) for r in rows]
+
+    async def window(self, topic: str, after: int, upto: int, max_age: float) -> list[LogEvent]:
+        """Events ``after < pos <= upto`` no older than ``max_age`` seconds."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM gateway.events e WHERE e.topic = $1 AND e.pos > $2 AND e.pos <= $3 "
+                "AND e.created_at >= now() - make_interval(secs => $4) ORDER BY e.pos",
+                topic,
+                after,
+                upto,
+                max_age,
+            )
+        return [LogEvent(*r) for r in rows]
+
+    async def prune(self, max_events: int, max_age: float, batch: int = 5000) -> int | None:
+        """Delete events older than ``max_age`` or beyond ``max_events`` per topic.
+
+        Returns how many were deleted, or None if another replica holds the pruning lock.
+        Deletes go in batches so no statement holds locks or bloats WAL for long.
+        """
+        deleted = 0
+        async with self._pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
+                return None
+            try:
+                for sql, arg in (
+                    (
+                        "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
+                        "SELECT ctid FROM gateway.events WHERE created_at < now() - make_interval(secs => $1) "
+                        "LIMIT $2))",
+                        max_age,
+                    ),
+                    (
+                        "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
+                        "SELECT e.ctid FROM gateway.topics t JOIN gateway.events e "
+                        "ON e.topic = t.topic AND e.pos <= t.pos - $1 LIMIT $2))",
+                        max_events,
+                    ),
+                ):
+                    while True:
+                        status = await conn.execute(sql, arg, batch)
+                        n = int(status.split()[-1])
+                        deleted += n
+                        if n < batch:
+                            break
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+        return deleted

@@ -1,0 +1,138 @@
+"""Prometheus metrics at /metrics.
+
+The hot path only bumps plain integer attributes (hub.delivered, pipeline.resolved, ...);
+this collector reads them at scrape time, so serving metrics costs nothing per event.
+The notification queue usage is read from PostgreSQL at scrape time, and a warning is
+logged when it passes half full (see docs/deploy.md: a listener that cannot keep up, or
+a long transaction holding the queue tail, fills it; at 100% every NOTIFY fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Iterator
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("gateway.metrics")
+
+QUEUE_WARN = 0.5
+
+
+class GatewayCollector(Collector):
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+        self.queue_usage = 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        from .server import STATE
+
+        state = self._app[STATE]
+        ctx, pipeline, listener = state.ctx, state.pipeline, state.listener
+        if ctx is None or pipeline is None or listener is None:
+            return
+        reg = ctx.registry
+        hub = pipeline.hub
+        yield GaugeMetricFamily("gateway_connections", "open WebSocket connections", value=len(reg.sessions))
+        yield GaugeMetricFamily(
+            "gateway_subscriptions", "topic subscriptions", value=hub.subscription_count()
+        )
+        yield GaugeMetricFamily("gateway_topics", "topics with local subscribers", value=len(hub.topics()))
+        yield CounterMetricFamily(
+            "gateway_notifications_received", "doorbells received", value=pipeline.received
+        )
+        yield CounterMetricFamily(
+            "gateway_events_resolved", "events resolved and encoded", value=pipeline.resolved
+        )
+        yield CounterMetricFamily("gateway_deliveries", "frames handed to subscribers", value=hub.delivered)
+        yield CounterMetricFamily(
+            "gateway_gaps_filled", "position gaps filled from the log", value=pipeline.gaps_filled
+        )
+        yield CounterMetricFamily(
+            "gateway_not_recovered",
+            "subscriptions told to reload (recovered=false)",
+            value=pipeline.not_recovered,
+        )
+        yield CounterMetricFamily(
+            "gateway_clients_evicted_slow", "slow consumers cut off", value=reg.evicted_slow
+        )
+        closed = CounterMetricFamily("gateway_closes", "connections closed by the gateway", labels=["code"])
+        for code, n in sorted(reg.closed_by_code.items()):
+            closed.add_metric([str(code)], n)
+        yield closed
+        yield GaugeMetricFamily(
+            "gateway_resolve_batch_size", "items in the last batch", value=pipeline.last_batch_size
+        )
+        yield GaugeMetricFamily(
+            "gateway_resolve_batch_seconds",
+            "time to process the last batch",
+            value=pipeline.last_batch_seconds,
+        )
+        yield GaugeMetricFamily(
+            "gateway_listener_connected", "1 if LISTEN is up", value=int(listener.connected)
+        )
+        yield CounterMetricFamily(
+            "gateway_listener_reconnects", "listener reconnections", value=listener.reconnects
+        )
+        since = time.monotonic() - listener.last_notification if listener.last_notification else -1
+        yield GaugeMetricFamily(
+            "gateway_seconds_since_last_notification", "-1 before the first notification", value=since
+        )
+        yield GaugeMetricFamily(
+            "gateway_notification_queue_usage", "pg_notification_queue_usage() (0..1)", value=self.queue_usage
+        )
+        yield GaugeMetricFamily("gateway_draining", "1 while draining", value=int(state.draining))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        yield CounterMetricFamily(
+            "gateway_process_cpu_seconds", "user+system CPU", value=usage.ru_utime + usage.ru_stime
+        )
+        yield GaugeMetricFamily(
+            "gateway_process_max_rss_bytes", "peak resident memory", value=usage.ru_maxrss * 1024
+        )
+        yield GaugeMetricFamily("gateway_process_rss_bytes", "resident memory", value=_rss_bytes())
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+COLLECTOR = web.AppKey("collector", GatewayCollector)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+def install(app: web.Application) -> None:
+    """Register the collector and the /metrics route (before the app starts)."""
+    collector = GatewayCollector(app)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    app[COLLECTOR], app[REGISTRY] = collector, registry
+    app.router.add_get("/metrics", metrics_handler)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    from .server import STATE
+
+    app = request.app
+    collector = app[COLLECTOR]
+    pool = app[STATE].pool
+    if pool is not None:
+        try:
+            async with asyncio.timeout(1.0):
+                collector.queue_usage = float(await pool.fetchval("SELECT pg_notification_queue_usage()"))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
+        if collector.queue_usage > QUEUE_WARN:
+            log.warning("PostgreSQL notification queue is %.0f%% full", collector.queue_usage * 100)
+    body = generate_latest(app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

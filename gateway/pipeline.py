@@ -1,0 +1,429 @@
+"""The pipeline: doorbells and subscription joins, processed in order by one task.
+
+Lifecycle: ``run()`` is one task for the life of the process. The listener's callback
+calls ``notify()`` (enqueue only); sessions call ``join()`` and ``leave()``.
+
+Invariants (what makes "no lost events" hold):
+
+* For every topic with local subscribers the pipeline keeps a *stream*: the epoch and the
+  last position delivered here. Events are handed to the hub strictly in position order,
+  each position exactly once; an event at or below the stream position is a duplicate
+  and dropped; an event above ``pos + 1`` means positions were missed (a lost doorbell, a
+  listener reconnect, a batch out of order), and the missing ones are read from the log
+  before anything later is delivered.
+* A join reads the topic's head (epoch, pos) *after* the topic is known to be wanted, and
+  it runs in this same task, between batches. Before the new subscriber is added, the
+  stream is brought up to that head for the existing subscribers, so all subscribers of a
+  topic share one position. The replay (if resuming), then the ``subscribed`` frame, then
+  every later event are written in that order; nothing can slip in between because all of
+  it happens without an ``await`` between the last read and ``hub.add``.
+* After the listener reconnects (or a doorbell says "sync", or the database was
+  unreachable), every local topic is caught up from its head: notifications are only a
+  doorbell, the log is the truth.
+* If positions are missing from the log (pruned before they could be read), subscribers
+  get ``subscribed`` with ``recovered: false`` and must reload: never a silent gap.
+
+Only this module joins the listener's world (doorbells, the log, the resolver) with the
+hub's (frames); the hub never sees asyncpg and the listener never sees a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, Protocol
+
+import asyncpg
+import msgspec
+
+from .hub import Hub, text_frame
+from .log import EventLog, Head, LogEvent
+from .protocol import Event, Presence, Since, Subscribed, encode
+from .resolver import Resolver
+
+log = logging.getLogger("gateway.pipeline")
+
+PRESENCE_PREFIX = "presence:"
+Op = Literal["insert", "update", "delete", "message"]
+OPS: dict[str, Op] = {"i": "insert", "u": "update", "d": "delete", "m": "message"}
+
+# Doorbells queued beyond this are replaced by one catch-up from the log: memory stays
+# bounded however far behind the pipeline falls, and nothing is lost.
+MAX_PENDING = 100_000
+
+
+class Member(Protocol):
+    """What the pipeline needs of a subscriber (a session)."""
+
+    closed: bool
+
+    def deliver(self, frame: bytes) -> None: ...
+
+
+class Doorbell(msgspec.Struct):
+    v: int = 1
+    tb: str | None = None
+    ev: list[tuple[str, str, int, str, str | None]] | None = None
+    rg: list[tuple[str, str, int, int]] | None = None
+    sync: bool = False
+
+
+_decode_doorbell = msgspec.json.Decoder(Doorbell).decode
+
+
+class Pending(NamedTuple):
+    topic: str
+    epoch: str
+    pos: int
+    op: str
+    tbl: str | None
+    key: str | None
+    data: str | None = None
+    ts: float | None = None
+
+
+@dataclass
+class Stream:
+    epoch: str
+    pos: int
+
+
+@dataclass
+class JoinRequest:
+    topic: str
+    member: Member
+    since: Since | None
+    id: int | None
+    future: asyncio.Future[Subscribed] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Unavailable(Exception):
+    """The database could not be reached to complete a join."""
+
+
+_RESYNC = object()
+_DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        hub: Hub,
+        event_log: EventLog,
+        resolver: Resolver,
+        *,
+        batch_max: int = 1000,
+        replay_max_events: int = 10000,
+        replay_max_age: float = 86400.0,
+    ) -> None:
+        self.hub = hub
+        self._log = event_log
+        self._resolver = resolver
+        self._batch_max = batch_max
+        self._replay_max_events = replay_max_events
+        self._replay_max_age = replay_max_age
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._streams: dict[str, Stream] = {}
+        self._bad_doorbells = 0
+        # counters for metrics
+        self.received = 0
+        self.resolved = 0
+        self.gaps_filled = 0
+        self.not_recovered = 0
+        self.last_batch_size = 0
+        self.last_batch_seconds = 0.0
+
+    # --- called from elsewhere (never await the database) --------------------------
+
+    def notify(self, payload: str) -> None:
+        self.received += 1
+        if self._queue.qsize() >= MAX_PENDING:
+            self._drain_queue_to_resync()
+        self._queue.put_nowait(payload)
+
+    def resync(self) -> None:
+        self._queue.put_nowait(_RESYNC)
+
+    async def join(self, topic: str, member: Member, since: Since | None, req_id: int | None) -> Subscribed:
+        req = JoinRequest(topic, member, since, req_id)
+        self._queue.put_nowait(req)
+        return await req.future
+
+    def leave(self, topic: str, member: Member) -> None:
+        self.hub.remove(topic, member)
+        if not self.hub.has(topic):
+            self._streams.pop(topic, None)
+
+    def position(self, topic: str) -> Stream | None:
+        return self._streams.get(topic)
+
+    # --- the task ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        failing = False
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
+            doorbells: list[str] = []
+            joins: list[JoinRequest] = []
+            resync = failing
+            for item in batch:
+                if item is _RESYNC:
+                    resync = True
+                elif isinstance(item, JoinRequest):
+                    joins.append(item)
+                elif isinstance(item, str):
+                    doorbells.append(item)
+            try:
+                await self._advance(doorbells, resync)
+                if joins:
+                    await self._join(joins)
+                if failing:
+                    log.info("database reachable again; all topics caught up")
+                failing = False
+            except _DB_ERRORS as exc:
+                if not failing:
+                    log.warning(
+                        "pipeline cannot reach the database (%s: %s); will catch up", type(exc).__name__, exc
+                    )
+                failing = True
+                for j in joins:
+                    if not j.future.done():
+                        j.future.set_exception(Unavailable(str(exc)))
+                await asyncio.sleep(0.5)
+                if self._queue.empty():
+                    self._queue.put_nowait(_RESYNC)
+            self.last_batch_size = len(batch)
+            self.last_batch_seconds = time.perf_counter() - started
+
+    def _drain_queue_to_resync(self) -> None:
+        kept: list[object] = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, JoinRequest):
+                kept.append(item)
+        log.warning("more than %d doorbells queued: catching up from the log instead", MAX_PENDING)
+        self._queue.put_nowait(_RESYNC)
+        for item in kept:
+            self._queue.put_nowait(item)
+
+    # --- live path ----------------------------------------------------------------------
+
+    async def _advance(self, doorbells: list[str], resync: bool) -> None:
+        """Deliver everything the doorbells name (and, with ``resync``, everything up to each
+        topic's head) for topics with local subscribers, in order, filling gaps from the log."""
+        inline: dict[str, dict[int, Pending]] = {}
+        targets: dict[str, tuple[str, int]] = {}  # topic -> (epoch, highest position named)
+        has = self.hub.has
+
+        def target(topic: str, epoch: str, pos: int) -> None:
+            cur = targets.get(topic)
+            if cur is None or cur[0] != epoch or pos > cur[1]:
+                targets[topic] = (epoch, pos)
+
+        for payload in doorbells:
+            try:
+                bell = _decode_doorbell(payload)
+            except msgspec.DecodeError as exc:
+                self._bad_doorbells += 1
+                if self._bad_doorbells == 1 or self._bad_doorbells % 1000 == 0:
+                    log.warning(
+                        "ignored %d malformed doorbell(s), e.g. %.200r: %s", self._bad_doorbells, payload, exc
+                    )
+                resync = True  # someone notified our channel by hand: be safe, catch up
+                continue
+            if bell.sync:
+                resync = True
+            for topic, epoch, pos, op, key in bell.ev or ():
+                if has(topic):
+                    inline.setdefault(topic, {})[pos] = Pending(topic, epoch, pos, op, bell.tb, key)
+                    target(topic, epoch, pos)
+            for topic, epoch, _lo, hi in bell.rg or ():
+                if has(topic):
+                    target(topic, epoch, hi)
+
+        if resync:
+            topics = self.hub.topics()
+            if topics:
+                for topic, head in (await self._log.heads(topics)).items():
+                    target(topic, head.epoch, head.pos)
+
+        if targets:
+            await self._deliver_up_to(targets, inline)
+
+    async def _deliver_up_to(
+        self, targets: dict[str, tuple[str, int]], inline: dict[str, dict[int, Pending]] | None = None
+    ) -> None:
+        inline = inline or {}
+        plan: list[tuple[str, list[Pending]]] = []
+        to_read: list[tuple[str, int, int]] = []
+        for topic, (epoch, upto) in targets.items():
+            stream = self._streams.get(topic)
+            if stream is None:
+                continue  # joined topics always have a stream; nobody here wants this one
+            if epoch != stream.epoch:
+                # The topic was reset (gateway.reset_topic): a new stream starting at 1.
+                self._not_recovered(topic, Head(epoch, 0), "the topic's stream was reset")
+                stream.epoch, stream.pos = epoch, 0
+            if upto <= stream.pos:
+                continue  # duplicates only
+            have = inline.get(topic, {})
+            wanted = range(stream.pos + 1, upto + 1)
+            if all(p in have for p in wanted):
+                plan.append((topic, [have[p] for p in wanted]))
+            else:
+                to_read.append((topic, stream.pos + 1, upto))
+        if to_read:
+            by_topic: dict[str, list[Pending]] = {}
+            for e in await self._log.read(to_read):
+                by_topic.setdefault(e.topic, []).append(self._from_log(e))
+            for topic, lo, hi in to_read:
+                got = by_topic.get(topic, [])
+                if len(got) != hi - lo + 1:
+                    # Some positions are gone from the log (pruned): say so and skip to the
+                    # head rather than deliver a stream with a hole in it.
+                    self._not_recovered(topic, Head(self._streams[topic].epoch, hi), "events were pruned")
+                    got = []
+                else:
+                    self.gaps_filled += 1
+                plan.append((topic, got))
+        if not plan:
+            return
+        frames = await self._frames([p for _, events in plan for p in events])
+        publish = self.hub.publish
+        for topic, events in plan:
+            stream = self._streams.get(topic)
+            if stream is None:
+                continue  # everyone left while we were reading
+            for p in events:
+                if p.pos > stream.pos:
+                    publish(topic, frames[(topic, p.pos)])
+                    stream.pos = p.pos
+            stream.pos = max(stream.pos, targets[topic][1])
+
+    def _from_log(self, e: LogEvent) -> Pending:
+        return Pending(e.topic, self._streams[e.topic].epoch, e.pos, e.op, e.tbl, e.key, e.data, e.ts)
+
+    def _not_recovered(self, topic: str, head: Head, why: str) -> None:
+        self.not_recovered += 1
+        log.warning("topic %s: subscribers must reload (%s)", topic, why)
+        frame = text_frame(encode(Subscribed(topic=topic, epoch=head.epoch, pos=head.pos, recovered=False)))
+        self.hub.publish(topic, frame)
+
+    async def _frames(self, events: Iterable[Pending]) -> dict[tuple[str, int], bytes]:
+        """Resolve rows (one SELECT per table) and encode each event once."""
+        events = list(events)
+        wanted: dict[str, set[str]] = {}
+        allowed = self._resolver.allowed
+        for p in events:
+            if p.op in ("i", "u") and p.tbl is not None and p.key is not None and allowed(p.tbl):
+                wanted.setdefault(p.tbl, set()).add(p.key)
+        rows = await self._resolver.fetch(wanted) if wanted else {}
+        out: dict[tuple[str, int], bytes] = {}
+        for p in events:
+            op: Op = OPS.get(p.op, "message")
+            row = None
+            if p.op in ("i", "u") and p.tbl in wanted:
+                text = rows.get((p.tbl, p.key or ""))
+                if text is None:
+                    op = "delete"  # deleted before we could read it: a delete carrying its key
+                else:
+                    row = msgspec.Raw(text.encode())
+            if p.op == "m" and p.data is not None and p.topic.startswith(PRESENCE_PREFIX):
+                # Presence changes are published through the log like any event, but a
+                # client wants them as presence frames (docs/presence.md).
+                out[(p.topic, p.pos)] = text_frame(
+                    encode(Presence(topic=p.topic, change=msgspec.Raw(p.data.encode())))
+                )
+                continue
+            msg = Event(
+                topic=p.topic,
+                epoch=p.epoch,
+                pos=p.pos,
+                op=op,
+                table=p.tbl,
+                key=p.key,
+                row=row,
+                data=msgspec.Raw(p.data.encode()) if p.data is not None else None,
+                ts=p.ts,
+            )
+            out[(p.topic, p.pos)] = text_frame(encode(msg))
+        self.resolved += len(events)
+        return out
+
+    # --- joins --------------------------------------------------------------------------
+
+    async def _join(self, joins: list[JoinRequest]) -> None:
+        topics = sorted({j.topic for j in joins})
+        heads = await self._log.heads(topics, create=True)
+        # Bring streams that already have subscribers up to the head first.
+        catch_up: dict[str, tuple[str, int]] = {}
+        for topic in topics:
+            head = heads[topic]
+            stream = self._streams.get(topic)
+            if stream is None or not self.hub.has(topic):
+                self._streams[topic] = Stream(head.epoch, head.pos)
+            else:
+                catch_up[topic] = (head.epoch, head.pos)
+        if catch_up:
+            await self._deliver_up_to(catch_up)
+
+        # Replays: read and resolve everything first, then write with no await in between.
+        replays: list[tuple[JoinRequest, bool | None, list[Pending]]] = []
+        for j in joins:
+            recovered: bool | None = None
+            events: list[Pending] = []
+            if j.since is not None:
+                recovered, events = await self._replay(j.topic, j.since, heads[j.topic])
+            replays.append((j, recovered, events))
+        frames = await self._frames(p for _, _, events in replays for p in events)
+
+        for j, recovered, events in replays:
+            stream = self._streams.get(j.topic)
+            if stream is None:  # the last subscriber left while we were reading
+                stream = self._streams[j.topic] = Stream(heads[j.topic].epoch, heads[j.topic].pos)
+            # Events the stream delivered beyond the head (a concurrent commit caught up
+            # above) must also reach the newcomer: its ack position is the stream's.
+            ack = Subscribed(
+                topic=j.topic,
+                epoch=stream.epoch,
+                pos=stream.pos,
+                id=j.id,
+                recovered=recovered,
+                replayed=len(events),
+            )
+            if j.member.closed:
+                if not j.future.done():
+                    j.future.set_result(ack)
+                continue
+            for p in events:
+                j.member.deliver(frames[(p.topic, p.pos)])
+            j.member.deliver(text_frame(encode(ack)))
+            self.hub.add(j.topic, j.member)
+            if not j.future.done():
+                j.future.set_result(ack)
+
+    async def _replay(self, topic: str, since: Since, head: Head) -> tuple[bool, list[Pending]]:
+        """Everything after ``since`` up to ``head``, or (False, []) if that cannot be complete."""
+        if since.epoch != head.epoch or since.pos > head.pos or since.pos < 0:
+            self.not_recovered += 1
+            return False, []
+        missed = head.pos - since.pos
+        if missed == 0:
+            return True, []
+        if missed > self._replay_max_events:
+            self.not_recovered += 1
+            return False, []
+        got = await self._log.window(topic, since.pos, head.pos, self._replay_max_age)
+        if len(got) != missed:
+            self.not_recovered += 1
+            return False, []  # never a partial replay presented as complete
+        return True, [Pending(e.topic, head.epoch, e.pos, e.op, e.tbl, e.key, e.data, e.ts) for e in got]

@@ -1,0 +1,313 @@
+"""The aiohttp application: routes, health, and the lifecycle of every resource.
+
+Each resource's start is paired with its teardown in one cleanup context, in order:
+pool -> resolver check -> authenticator -> pipeline task -> presence -> listener task ->
+retention task. Stopping runs them backwards.
+
+Authentication happens before the upgrade when the token comes with the request
+(``Authorization: Bearer`` for non-browser clients, or the ``bearer.<token>`` WebSocket
+subprotocol for browsers): a bad token gets HTTP 401 and never a socket. Otherwise the
+first frame must be ``auth`` within ``auth_timeout``. Tokens are never accepted in the
+URL, where they would end up in access logs and browser history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+from aiohttp import web
+
+from . import protocol as p
+from .auth import Authenticator, TokenError
+from .authz import Authorizer
+from .config import ConfigError, Settings, mask_dsn
+from .hub import Hub
+from .listener import Listener
+from .log import EventLog
+from .pipeline import Pipeline
+from .resolver import Resolver, parse_tables
+from .session import Registry, Session, SessionContext
+
+log = logging.getLogger("gateway.server")
+
+STATIC = Path(__file__).parent / "static"
+SUBPROTOCOL = "gateway.v1"
+BEARER_PREFIX = "bearer."
+
+
+@dataclass
+class State:
+    settings: Settings
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+    pool: asyncpg.Pool | None = None
+    listener: Listener | None = None
+    pipeline: Pipeline | None = None
+    ctx: SessionContext | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    pending_upgrades: int = 0
+
+
+STATE = web.AppKey("state", State)
+
+
+def build_app(settings: Settings) -> web.Application:
+    if not settings.database_url:
+        raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
+    app = web.Application()
+    app[STATE] = State(settings)
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/client/gateway.js", _static("gateway.js"))
+    app.router.add_get("/client/gateway.mjs", _static("gateway.mjs"))
+    if settings.metrics:
+        from . import metrics
+
+        metrics.install(app)
+    return app
+
+
+def _static(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    path = STATIC / name
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not path.exists():
+            raise web.HTTPNotFound(text=f"{name} is not installed")
+        return web.FileResponse(path, headers={"Cache-Control": "public, max-age=300"})
+
+    return handler
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    s = state.settings
+    try:
+        pool = await asyncpg.create_pool(s.database_url, min_size=1, max_size=s.pool_size, timeout=10)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
+    assert pool is not None
+    state.pool = pool
+    try:
+        missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
+        if missing:
+            raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
+        resolver = Resolver(pool, parse_tables(s.tables))
+        await resolver.check()
+        authenticator = Authenticator(s)
+        await authenticator.start()
+    except BaseException:
+        await pool.close()
+        raise
+    hub = Hub()
+    pipeline = Pipeline(
+        hub,
+        EventLog(pool),
+        resolver,
+        batch_max=s.batch_max,
+        replay_max_events=s.replay_max_events,
+        replay_max_age=s.replay_max_age,
+    )
+    registry = Registry()
+    ctx = SessionContext(s, authenticator, Authorizer(s, pool), pipeline, registry)
+    if s.presence:
+        from .presence import Presence
+
+        ctx.presence = Presence(s, pool, hub)
+        await ctx.presence.start()
+    listener = Listener(
+        s.database_url,
+        pipeline.notify,
+        pipeline.resync,
+        probe_interval=s.probe_interval,
+        probe_timeout=s.probe_timeout,
+        max_delay=s.reconnect_max_delay,
+    )
+    state.listener, state.pipeline, state.ctx = listener, pipeline, ctx
+    state.tasks = [
+        asyncio.create_task(pipeline.run(), name="pipeline"),
+        asyncio.create_task(listener.run(), name="listener"),
+        asyncio.create_task(_retention(state, EventLog(pool)), name="retention"),
+    ]
+    for task in state.tasks:
+        task.add_done_callback(_crash_report)
+    log.info("gateway ready: tables %s", ", ".join(resolver.tables) or "(none)")
+    try:
+        yield
+    finally:
+        await listener.stop()
+        for task in state.tasks:
+            task.cancel()
+        await asyncio.gather(*state.tasks, return_exceptions=True)
+        if ctx.presence is not None:
+            await ctx.presence.stop()
+        await authenticator.close()
+        await pool.close()
+
+
+def _crash_report(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s crashed", task.get_name(), exc_info=task.exception())
+
+
+async def _retention(state: State, event_log: EventLog) -> None:
+    s = state.settings
+    while True:
+        await asyncio.sleep(s.retention_interval)
+        try:
+            deleted = await event_log.prune(s.retention_max_events, s.retention_max_age)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("retention skipped: %s: %s", type(exc).__name__, exc)
+            continue
+        if deleted:
+            log.info("retention pruned %d event(s)", deleted)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    state = app[STATE]
+    if state.ctx is not None:
+        code = p.CloseCode.SERVICE_RESTART if state.draining else p.CloseCode.GOING_AWAY
+        reason = "draining: reconnect to another replica" if state.draining else "gateway shutting down"
+        await state.ctx.registry.close_all(code, reason, state.settings.drain_timeout)
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    problems = []
+    if state.draining:
+        problems.append("draining")
+    if state.listener is None or not state.listener.connected:
+        problems.append("listener not connected")
+    if state.pool is not None:
+        try:
+            async with asyncio.timeout(1.0):
+                await state.pool.fetchval("SELECT 1")
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            problems.append(f"database unreachable: {type(exc).__name__}")
+    if problems:
+        return web.json_response({"ready": False, "problems": problems}, status=503)
+    return web.json_response({"ready": True})
+
+
+# --- the WebSocket endpoint --------------------------------------------------------------
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Cross-site WebSocket hijacking defence: a browser always sends Origin."""
+    if origin is None:
+        return True  # not a browser; it must still present a token
+    if "*" in allowed:
+        return True
+    if allowed:
+        return origin.rstrip("/") in {a.rstrip("/") for a in allowed}
+    return urlsplit(origin).netloc == host
+
+
+def _token_from_request(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    for proto in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        proto = proto.strip()
+        if proto.startswith(BEARER_PREFIX):
+            return proto[len(BEARER_PREFIX) :]
+    return None
+
+
+def _http_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    s = state.settings
+    ctx = state.ctx
+    assert ctx is not None
+    ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
+        compress=s.compression,
+        max_msg_size=s.max_frame_bytes,
+        heartbeat=30.0,
+    )
+    if not ws.can_prepare(request).ok:
+        return _http_error(400, "not_websocket", "this endpoint takes WebSocket upgrades only")
+    if state.draining:
+        return _http_error(503, "draining", "this replica is shutting down; connect again")
+    if not origin_allowed(request.headers.get("Origin"), request.host, s.allowed_origins):
+        return _http_error(403, "origin_not_allowed", "this Origin may not open a WebSocket here")
+    if len(ctx.registry.sessions) + state.pending_upgrades >= s.max_connections:
+        resp = _http_error(503, "too_many_connections", "this replica is full; try again later")
+        resp.headers["Retry-After"] = "5"
+        return resp
+    identity = None
+    token = _token_from_request(request)
+    state.pending_upgrades += 1
+    try:
+        if token is not None:
+            try:
+                identity = await ctx.authenticator.verify(token)
+            except TokenError as exc:
+                return _http_error(401, "bad_token", str(exc))
+        await ws.prepare(request)
+    finally:
+        state.pending_upgrades -= 1
+    transport = request.transport
+    if transport is None:
+        return ws
+    session = Session(ctx, ws, transport, ctx.registry.new_id(), identity)
+    await session.run()
+    return ws
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False, app: web.Application | None = None) -> None:
+    """Run until SIGTERM (drain: close clients with 1012) or SIGINT (close with 1001)."""
+    app = app or build_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(draining: bool) -> None:
+        app[STATE].draining = app[STATE].draining or draining
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal, True)
+    loop.add_signal_handler(signal.SIGINT, on_signal, False)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping (%s)", "draining" if app[STATE].draining else "shutdown")
+        await site.stop()  # stop accepting; existing sockets stay until closed below
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(runner.cleanup(), app[STATE].settings.drain_timeout + 5)
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+        log.info("stopped")

@@ -1,0 +1,426 @@
+"""One WebSocket client: authentication, frames, limits, and its send buffer.
+
+Lifecycle: the server authenticates (header token) or hands over an unauthenticated
+socket; ``run()`` waits for the ``auth`` frame (deadline ``auth_timeout``), sends
+``welcome``, then reads frames until the socket closes; ``_cleanup`` leaves every topic.
+
+Concurrency: only the handler task reads the socket. Frames to the client are written
+by whoever produces them (the pipeline, via ``deliver``) straight into the transport's
+buffer, which is the connection's bounded send queue: once it holds more than
+``send_queue_bytes`` the client is cut off with close code 4008 (slow consumer), so it can
+never hold up the pipeline or other clients, and its memory is capped.
+
+Every bad frame gets an ``error`` reply naming what was wrong; the connection stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from . import protocol as p
+from .auth import Authenticator, Identity, TokenError
+from .authz import AuthorizationUnavailable, Authorizer, validate_topic
+from .config import Settings
+from .hub import text_frame
+from .pipeline import Pipeline, Unavailable
+
+if TYPE_CHECKING:
+    from .presence import Presence
+
+log = logging.getLogger("gateway.session")
+_background: set[asyncio.Future[None]] = set()
+
+
+class TokenBucket:
+    """Allows ``rate`` per second on average, bursts up to ``2 * rate``."""
+
+    __slots__ = ("_cap", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._cap = 2 * rate
+        self._tokens = self._cap
+        self._last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._cap, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class SessionContext:
+    settings: Settings
+    authenticator: Authenticator
+    authorizer: Authorizer
+    pipeline: Pipeline
+    registry: Registry
+    presence: Presence | None = None
+
+
+class Registry:
+    """Live sessions of this process, by connection id and by user."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self._by_user: defaultdict[str, int] = defaultdict(int)
+        self._next = 0
+        self.evicted_slow = 0
+        self.closed_by_code: defaultdict[int, int] = defaultdict(int)
+
+    def new_id(self) -> str:
+        self._next += 1
+        return f"c{self._next}"
+
+    def user_count(self, user: str) -> int:
+        return self._by_user.get(user, 0)
+
+    def add(self, s: Session) -> None:
+        self.sessions[s.conn_id] = s
+        assert s.identity is not None
+        self._by_user[s.identity.user] += 1
+
+    def remove(self, s: Session) -> None:
+        if self.sessions.pop(s.conn_id, None) is not None and s.identity is not None:
+            self._by_user[s.identity.user] -= 1
+            if self._by_user[s.identity.user] <= 0:
+                del self._by_user[s.identity.user]
+
+    async def close_all(self, code: int, reason: str, wait: float) -> None:
+        sessions = list(self.sessions.values())
+        if not sessions:
+            return
+        await asyncio.wait(
+            [asyncio.ensure_future(s.close(code, reason)) for s in sessions],
+            timeout=wait,
+        )
+        for s in sessions:
+            s.abort()
+
+
+class Session:
+    def __init__(
+        self,
+        ctx: SessionContext,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        conn_id: str,
+        identity: Identity | None,
+    ) -> None:
+        self.ctx = ctx
+        self.ws = ws
+        self.conn_id = conn_id
+        self.identity = identity
+        self.topics: set[str] = set()
+        self.presence_topics: set[str] = set()
+        self.status = "online"
+        self.closed = False
+        self._transport = transport
+        self._limit = ctx.settings.send_queue_bytes
+        self._messages = TokenBucket(ctx.settings.message_rate)
+        self._subscribes = TokenBucket(ctx.settings.subscribe_rate)
+        self._dropped = 0
+        self._expiry: asyncio.TimerHandle | None = None
+        self._registered = False
+
+    # --- outgoing -----------------------------------------------------------------------
+
+    def deliver(self, frame: bytes) -> None:
+        t = self._transport
+        if self.closed or t.is_closing():
+            return
+        if t.get_write_buffer_size() > self._limit:
+            self._evict_slow()
+            return
+        t.write(frame)
+
+    def send(self, msg: p.ServerMessage) -> None:
+        self.deliver(text_frame(p.encode(msg)))
+
+    def error(self, code: str, message: str, req_id: int | None = None, topic: str | None = None) -> None:
+        self.send(p.Error(code=code, message=message, id=req_id, topic=topic))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Keep a reference so the task is not garbage-collected before it finishes.
+        task = asyncio.ensure_future(coro)
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def _evict_slow(self) -> None:
+        self.ctx.registry.evicted_slow += 1
+        log.warning("[%s] slow consumer: more than %d bytes unsent, closing", self.conn_id, self._limit)
+        self._leave_all()
+        self._spawn(self.close(p.CloseCode.SLOW_CONSUMER, "slow consumer: send queue overflowed"))
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code``; a client that does not answer the close is cut off after 5 s."""
+        if self.closed and self.ws.closed:
+            return
+        self.closed = True
+        self._leave_all()
+        self.ctx.registry.closed_by_code[code] += 1
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), 5.0)
+        self.abort()
+
+    def abort(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.abort()
+
+    # --- incoming -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            if self.identity is None and not await self._await_auth():
+                return
+            if not await self._admit():
+                return
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self.error(
+                        p.ErrorCode.BINARY_FRAME, "binary frames are not part of the protocol; send JSON text"
+                    )
+                elif msg.type == WSMsgType.ERROR:
+                    log.info("[%s] socket error: %s", self.conn_id, self.ws.exception())
+                    break
+                if self.closed:
+                    break
+        finally:
+            await self._cleanup()
+
+    async def _await_auth(self) -> bool:
+        deadline = time.monotonic() + self.ctx.settings.auth_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self.close(p.CloseCode.AUTH_TIMEOUT, "no auth frame within the deadline")
+                return False
+            try:
+                msg = await self.ws.receive(timeout=remaining)
+            except TimeoutError:
+                continue
+            if msg.type != WSMsgType.TEXT:
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    self.closed = True
+                    return False
+                self.error(
+                    p.ErrorCode.BINARY_FRAME, "binary frames are not part of the protocol; send JSON text"
+                )
+                continue
+            try:
+                frame = p.decoder.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                self.error(*p.describe_decode_error(msg.data, exc))
+                continue
+            if not isinstance(frame, p.Auth):
+                self.error(p.ErrorCode.NOT_AUTHENTICATED, 'send {"type": "auth", "token": ...} first')
+                continue
+            try:
+                self.identity = await self.ctx.authenticator.verify(frame.token)
+            except TokenError as exc:
+                await self.close(p.CloseCode.UNAUTHORIZED, f"bad token: {exc}")
+                return False
+            return True
+
+    async def _admit(self) -> bool:
+        """Per-user limit, then welcome. The process-wide limit is checked before the upgrade."""
+        assert self.identity is not None
+        settings = self.ctx.settings
+        if self.ctx.registry.user_count(self.identity.user) >= settings.max_connections_per_user:
+            await self.close(p.CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
+            return False
+        self.ctx.registry.add(self)
+        self._registered = True
+        self._arm_expiry()
+        self.send(p.Welcome(user=self.identity.user, conn=self.conn_id, expires=self._expires_int()))
+        if self.ctx.presence is not None:
+            await self.ctx.presence.connected(self)
+        return True
+
+    def _expires_int(self) -> int | None:
+        assert self.identity is not None
+        return int(self.identity.expires) if self.identity.expires is not None else None
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        assert self.identity is not None
+        if self.identity.expires is None:
+            return
+        delay = self.identity.expires + self.ctx.settings.expiry_grace - time.time()
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(max(0.0, delay), self._expired)
+
+    def _expired(self) -> None:
+        self._spawn(self.close(p.CloseCode.TOKEN_EXPIRED, "token expired; reconnect with a fresh token"))
+
+    async def _on_text(self, data: str) -> None:
+        if not self._messages.take():
+            self._dropped += 1
+            if self._dropped > 4 * self.ctx.settings.message_rate:
+                await self.close(p.CloseCode.RATE_LIMITED, "too many messages")
+                return
+            self.error(p.ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+            return
+        self._dropped = 0
+        try:
+            msg = p.decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            self.error(*p.describe_decode_error(data, exc))
+            return
+        match msg:
+            case p.Subscribe():
+                await self._subscribe(msg)
+            case p.Unsubscribe():
+                self._unsubscribe(msg)
+            case p.Ping(id=req_id):
+                self.send(p.Pong(id=req_id))
+            case p.Refresh(token=token):
+                await self._refresh(token)
+            case p.SetStatus(status=status):
+                self.status = status
+                if self.ctx.presence is not None:
+                    await self.ctx.presence.set_status(self, status)
+            case p.Auth():
+                self.error(
+                    p.ErrorCode.ALREADY_AUTHENTICATED, "already authenticated; use refresh for a new token"
+                )
+
+    async def _subscribe(self, msg: p.Subscribe) -> None:
+        topic, req_id = msg.topic, msg.id
+        problem = validate_topic(topic)
+        if problem:
+            self.error(p.ErrorCode.BAD_TOPIC, problem, req_id, topic)
+            return
+        if not self._subscribes.take():
+            self.error(p.ErrorCode.RATE_LIMITED, "too many subscribes; this one was dropped", req_id, topic)
+            return
+        if topic in self.topics or topic in self.presence_topics:
+            self.error(p.ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {topic}", req_id, topic)
+            return
+        if len(self.topics) + len(self.presence_topics) >= self.ctx.settings.max_subscriptions:
+            self.error(
+                p.ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.ctx.settings.max_subscriptions} subscriptions per connection",
+                req_id,
+                topic,
+            )
+            return
+        assert self.identity is not None
+        try:
+            allowed = await self.ctx.authorizer.allowed(self.identity, topic)
+        except AuthorizationUnavailable as exc:
+            self.error(p.ErrorCode.UNAVAILABLE, f"cannot check access right now: {exc}", req_id, topic)
+            return
+        if not allowed:
+            self.error(
+                p.ErrorCode.FORBIDDEN,
+                f"user {self.identity.user} may not subscribe to {topic}",
+                req_id,
+                topic,
+            )
+            return
+        if self.closed:
+            return
+        if topic.startswith("presence:"):
+            if self.ctx.presence is None:
+                self.error(
+                    p.ErrorCode.PRESENCE_DISABLED, "presence is disabled on this gateway", req_id, topic
+                )
+                return
+            self.presence_topics.add(topic)
+            try:
+                await self.ctx.presence.subscribe(self, topic, req_id)
+            except Unavailable as exc:
+                self.presence_topics.discard(topic)
+                self.error(p.ErrorCode.UNAVAILABLE, f"database unavailable: {exc}", req_id, topic)
+            return
+        self.topics.add(topic)
+        try:
+            await self.ctx.pipeline.join(topic, self, msg.since, req_id)
+        except Unavailable as exc:
+            self.topics.discard(topic)
+            self.error(
+                p.ErrorCode.UNAVAILABLE, f"database unavailable, subscribe again later: {exc}", req_id, topic
+            )
+
+    def _unsubscribe(self, msg: p.Unsubscribe) -> None:
+        if msg.topic in self.topics:
+            self.topics.discard(msg.topic)
+            self.ctx.pipeline.leave(msg.topic, self)
+        elif msg.topic in self.presence_topics and self.ctx.presence is not None:
+            self.presence_topics.discard(msg.topic)
+            self.ctx.presence.unsubscribe(self, msg.topic)
+        else:
+            self.error(p.ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {msg.topic}", msg.id, msg.topic)
+            return
+        self.send(p.Unsubscribed(topic=msg.topic, id=msg.id))
+
+    async def _refresh(self, token: str) -> None:
+        assert self.identity is not None
+        try:
+            identity = await self.ctx.authenticator.verify(token)
+        except TokenError as exc:
+            self.error(p.ErrorCode.BAD_TOKEN, f"refresh rejected: {exc}")
+            return
+        if identity.user != self.identity.user:
+            self.error(p.ErrorCode.TOKEN_USER_CHANGED, "the new token is for another user; reconnect instead")
+            return
+        self.identity = identity
+        self._arm_expiry()
+        # Rights may have changed with the token: check every subscription again.
+        for topic in sorted(self.topics | self.presence_topics):
+            try:
+                ok = await self.ctx.authorizer.allowed(identity, topic)
+            except AuthorizationUnavailable:
+                continue  # keep what was granted; it is checked again on the next refresh
+            if not ok:
+                self._drop_topic(topic)
+                self.error(p.ErrorCode.FORBIDDEN, f"access to {topic} was revoked", topic=topic)
+        self.send(p.Refreshed(expires=self._expires_int()))
+
+    def _drop_topic(self, topic: str) -> None:
+        if topic in self.topics:
+            self.topics.discard(topic)
+            self.ctx.pipeline.leave(topic, self)
+        if topic in self.presence_topics and self.ctx.presence is not None:
+            self.presence_topics.discard(topic)
+            self.ctx.presence.unsubscribe(self, topic)
+
+    def _leave_all(self) -> None:
+        for topic in list(self.topics | self.presence_topics):
+            self._drop_topic(topic)
+
+    async def _cleanup(self) -> None:
+        self.closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._leave_all()
+        if self._registered:
+            self.ctx.registry.remove(self)
+            if self.ctx.presence is not None:
+                await self.ctx.presence.disconnected(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "conn": self.conn_id,
+            "user": self.identity.user if self.identity else None,
+            "topics": len(self.topics),
+        }
