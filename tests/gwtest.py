@@ -1,0 +1,278 @@
+"""Test helpers: a real gateway (in this process or as a subprocess) and a protocol client.
+
+``running_gateway(dsn, **settings)``: the aiohttp app on a real 127.0.0.1 socket in this
+event loop. ``GatewayProcess``: ``python -m gateway serve`` as a child process, for tests
+that kill or signal it. ``Client``: a WebSocket client speaking the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from gateway import config
+from gateway.auth import mint_token
+from gateway.server import STATE, build_app
+
+SECRET = "test-secret-0123456789-abcdefghijklmnop"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def token(user: str, *, ttl: float = 300, topics: list[str] | None = None, **claims: Any) -> str:
+    return mint_token(SECRET, user, ttl=ttl, topics=topics, **claims)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def settings_env(dsn: str, **overrides: Any) -> dict[str, str]:
+    env = {
+        "GATEWAY_DATABASE_URL": dsn,
+        "GATEWAY_JWT_SECRET": SECRET,
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PRESENCE": "false",
+        "GATEWAY_PROBE_INTERVAL": "0.5",
+        "GATEWAY_PROBE_TIMEOUT": "0.5",
+        "GATEWAY_RECONNECT_MAX_DELAY": "0.5",
+        "GATEWAY_HEARTBEAT_INTERVAL": "1",
+        "GATEWAY_HEARTBEAT_TTL": "3",
+    }
+    for key, value in overrides.items():
+        env[config.env_name(key)] = str(value)
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(dsn: str, **overrides: Any) -> AsyncIterator[Gateway]:
+    env = settings_env(dsn, port=0, **overrides)
+    settings = config.load(env)
+    app = build_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    gw = Gateway(f"http://127.0.0.1:{port}", app)
+    try:
+        await gw.wait_ready()
+        yield gw
+    finally:
+        await runner.cleanup()
+
+
+class Gateway:
+    def __init__(self, base: str, app: web.Application | None = None) -> None:
+        self.base = base
+        self.ws_url = base.replace("http", "ws", 1) + "/ws"
+        self.app = app
+
+    @property
+    def state(self) -> Any:
+        assert self.app is not None
+        return self.app[STATE]
+
+    async def ready(self) -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as s, s.get(self.base + "/readyz") as r:
+            return r.status, await r.json()
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                status, last = await self.ready()
+                if status == 200:
+                    return
+            except aiohttp.ClientError as exc:
+                last = exc
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"gateway at {self.base} not ready: {last}")
+
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as s, s.get(self.base + "/metrics") as r:
+            return await r.text()
+
+    async def connect(self, user: str | None = None, **kw: Any) -> Client:
+        c = Client(self.ws_url)
+        await c.open(**kw)
+        if user is not None:
+            await c.auth(token(user, topics=kw.get("topics")))
+        return c
+
+
+class GatewayProcess(Gateway):
+    """``python -m gateway serve`` as a child process (its log goes to ``self.log_path``)."""
+
+    def __init__(self, dsn: str, log_path: Path, **overrides: Any) -> None:
+        self.port = int(overrides.pop("port", 0)) or free_port()
+        super().__init__(f"http://127.0.0.1:{self.port}")
+        self.env = dict(os.environ, **settings_env(dsn, port=self.port, workers=1, **overrides))
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> GatewayProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await self.wait_ready()
+        except AssertionError:
+            self.kill()
+            raise AssertionError(
+                f"gateway process did not start:\n{self.log_path.read_text()[-3000:]}"
+            ) from None
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    async def wait_exit(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError("gateway process did not exit")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await self.wait_exit(15)
+            except AssertionError:
+                self.kill()
+        with contextlib.suppress(AttributeError):
+            self._log.close()
+
+
+class Closed(Exception):
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"closed with {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class Client:
+    """A protocol client. ``recv`` returns decoded frames; ``Closed`` is raised on close."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._next_id = 0
+        self.last: dict[str, tuple[str, int]] = {}  # topic -> (epoch, pos) of the last event
+
+    async def open(
+        self, headers: dict[str, str] | None = None, protocols: tuple[str, ...] = (), **_: Any
+    ) -> None:
+        self._session = aiohttp.ClientSession()
+        try:
+            self.ws = await self._session.ws_connect(
+                self.url, headers=headers, protocols=protocols, max_msg_size=0
+            )
+        except BaseException:
+            await self._session.close()
+            raise
+
+    async def send(self, msg: dict[str, Any] | str) -> None:
+        assert self.ws is not None
+        await self.ws.send_str(msg if isinstance(msg, str) else json.dumps(msg))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        assert self.ws is not None
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            frame: dict[str, Any] = json.loads(msg.data)
+            if frame.get("type") == "event":
+                self.last[frame["topic"]] = (frame["epoch"], frame["pos"])
+            return frame
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+            raise Closed(self.ws.close_code, str(msg.extra or ""))
+        raise AssertionError(f"unexpected frame {msg.type}: {msg.data!r}")
+
+    async def expect(self, type_: str, timeout: float = 10.0) -> dict[str, Any]:
+        frame = await self.recv(timeout)
+        assert frame["type"] == type_, f"expected {type_}, got {frame}"
+        return frame
+
+    async def auth(self, tok: str) -> dict[str, Any]:
+        await self.send({"type": "auth", "token": tok})
+        return await self.expect("welcome")
+
+    async def subscribe(
+        self, topic: str, since: tuple[str, int] | None = None, *, expect: bool = True
+    ) -> dict[str, Any]:
+        """Subscribe; with ``expect``, collect replayed events until the ack (``ack["events"]``)."""
+        self._next_id += 1
+        msg: dict[str, Any] = {"type": "subscribe", "topic": topic, "id": self._next_id}
+        if since is not None:
+            msg["since"] = {"epoch": since[0], "pos": since[1]}
+        await self.send(msg)
+        if not expect:
+            return {}
+        replayed = []
+        while True:
+            frame = await self.recv()
+            if frame["type"] == "event":
+                replayed.append(frame)
+                continue
+            assert frame["type"] == "subscribed", frame
+            frame["events"] = replayed
+            return frame
+
+    async def events(self, n: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"got {len(out)} of {n} events: {out[-3:]}")
+            frame = await self.recv(remaining)
+            if frame["type"] == "event":
+                out.append(frame)
+        return out
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+
+async def make_items_table(dsn: str, topic_expr: str = "'user:' || owner_id", name: str = "items") -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            f"CREATE TABLE {name} (id bigserial PRIMARY KEY, owner_id int NOT NULL, title text, body text);"
+            f"SELECT gateway.publish('{name}', $${topic_expr}$$)"
+        )
+    finally:
+        await conn.close()

@@ -1,0 +1,185 @@
+"""The core path on a real PostgreSQL: commit -> trigger -> NOTIFY -> listener -> resolver -> socket."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from gateway.protocol import CloseCode
+
+from .gwtest import Closed, make_items_table, running_gateway
+
+
+@pytest.fixture
+async def items(dsn: str) -> str:
+    await make_items_table(dsn)
+    return dsn
+
+
+async def test_insert_update_delete_arrive_once_in_commit_order_with_current_row(items: str) -> None:
+    async with running_gateway(items, tables="public.items") as gw:
+        alice = await gw.connect("1")
+        ack = await alice.subscribe("user:1")
+        assert ack["pos"] == 0 and ack["epoch"]
+        db = await asyncpg.connect(items)
+        # Each event carries the row as it is when the gateway reads it, so wait for each
+        # one before the next change (a row already deleted would make an update a delete).
+        events = []
+        for sql in (
+            "INSERT INTO items (owner_id, title) VALUES (1, 'first')",
+            "UPDATE items SET title = 'second' WHERE owner_id = 1",
+            "DELETE FROM items WHERE owner_id = 1",
+        ):
+            await db.execute(sql)
+            events += await alice.events(1)
+        assert [(e["op"], e["pos"]) for e in events] == [("insert", 1), ("update", 2), ("delete", 3)]
+        assert events[0]["row"] == {"id": 1, "owner_id": 1, "title": "first", "body": None}
+        assert events[1]["row"]["title"] == "second"
+        assert "row" not in events[2] and events[2]["key"] == "1"
+        assert {e["epoch"] for e in events} == {ack["epoch"]}
+        # Nothing more: each change arrived exactly once.
+        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'marker')")
+        (marker,) = await alice.events(1)
+        assert marker["row"]["title"] == "marker" and marker["pos"] == 4
+        await db.close()
+        await alice.close()
+
+
+async def test_rows_of_other_topics_do_not_arrive(items: str) -> None:
+    async with running_gateway(items, tables="public.items") as gw:
+        alice = await gw.connect("1")
+        await alice.subscribe("user:1")
+        db = await asyncpg.connect(items)
+        await db.execute("INSERT INTO items (owner_id, title) VALUES (2, 'bob''s'), (1, 'mine')")
+        (event,) = await alice.events(1)
+        assert event["row"]["title"] == "mine"
+        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'marker')")
+        (marker,) = await alice.events(1)
+        assert marker["row"]["title"] == "marker"
+        await db.close()
+        await alice.close()
+
+
+async def test_rollback_delivers_nothing_and_1000_row_update_delivers_1000_events(items: str) -> None:
+    async with running_gateway(items, tables="public.items") as gw:
+        alice = await gw.connect("1")
+        await alice.subscribe("user:1")
+        db = await asyncpg.connect(items)
+        await db.execute(
+            "INSERT INTO items (owner_id, title) SELECT 1, 'row ' || i FROM generate_series(1, 1000) i"
+        )
+        assert len(await alice.events(1000)) == 1000
+        tx = db.transaction()
+        await tx.start()
+        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'rolled back')")
+        await tx.rollback()
+        await db.execute("UPDATE items SET title = 'updated'")
+        events = await alice.events(1000)
+        assert [e["pos"] for e in events] == list(range(1001, 2001))
+        assert {e["op"] for e in events} == {"update"}
+        assert all(e["row"]["title"] == "updated" for e in events)
+        await db.close()
+        await alice.close()
+
+
+async def test_row_larger_than_notify_limit_is_delivered_whole(items: str) -> None:
+    body = "x" * 50_000
+    async with running_gateway(items, tables="public.items") as gw:
+        alice = await gw.connect("1")
+        await alice.subscribe("user:1")
+        db = await asyncpg.connect(items)
+        await db.execute("INSERT INTO items (owner_id, title, body) VALUES (1, 'big', $1)", body)
+        (event,) = await alice.events(1)
+        assert event["row"]["body"] == body
+        await db.close()
+        await alice.close()
+
+
+async def test_column_allow_list_limits_what_is_sent(items: str) -> None:
+    async with running_gateway(items, tables="public.items(id,title)") as gw:
+        alice = await gw.connect("1")
+        await alice.subscribe("user:1")
+        db = await asyncpg.connect(items)
+        await db.execute("INSERT INTO items (owner_id, title, body) VALUES (1, 't', 'secret body')")
+        (event,) = await alice.events(1)
+        assert event["row"] == {"id": 1, "title": "t"}
+        await db.close()
+        await alice.close()
+
+
+async def test_hand_published_event_is_delivered(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        alice = await gw.connect("1")
+        await alice.subscribe("user:1")
+        db = await asyncpg.connect(dsn)
+        big = {"text": "y" * 20_000}
+        pos = await db.fetchval("SELECT gateway.emit('user:1', $1::jsonb)", __import__("json").dumps(big))
+        (event,) = await alice.events(1)
+        assert event["op"] == "message" and event["pos"] == pos and event["data"] == big
+        await db.close()
+        await alice.close()
+
+
+async def test_listener_killed_reconnects_and_catches_up_readyz_false_meanwhile(
+    items: str, pg: object
+) -> None:
+    db = await asyncpg.connect(items)
+    # The gateway logs in as its own role so the test can keep it out for a while.
+    await db.execute("CREATE ROLE gw_test LOGIN SUPERUSER")
+    gw_dsn = items.replace("postgres@", "gw_test@", 1)
+    async with running_gateway(gw_dsn, tables="public.items") as gw:
+        alice = await gw.connect("1")
+        await alice.subscribe("user:1")
+        listener = gw.state.listener
+        pid = listener.backend_pid
+        await db.execute("ALTER ROLE gw_test NOLOGIN")
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(100):
+            if not listener.connected:
+                break
+            await asyncio.sleep(0.05)
+        status, body = await gw.ready()
+        assert status == 503 and "listener not connected" in body["problems"]
+        # Commits while the listener is down are not lost: they are caught up from the log.
+        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'while down')")
+        await db.execute("ALTER ROLE gw_test LOGIN")
+        await gw.wait_ready()
+        assert listener.backend_pid != pid
+        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'after')")
+        events = await alice.events(2)
+        assert [e["row"]["title"] for e in events] == ["while down", "after"]
+        await alice.close()
+    await db.close()
+
+
+async def test_slow_consumer_is_closed_while_others_keep_receiving(items: str) -> None:
+    async with running_gateway(items, tables="public.items", send_queue_bytes=65536) as gw:
+        slow = await gw.connect("1")
+        fast = await gw.connect("1")
+        await slow.subscribe("user:1")
+        await fast.subscribe("user:1")
+        db = await asyncpg.connect(items)
+        body = "z" * 100_000
+        # ~30 MB: more than the kernel's loopback socket buffers can absorb for the slow one.
+        for _ in range(30):
+            await db.execute(
+                "INSERT INTO items (owner_id, title, body) SELECT 1, 'load', $1 FROM generate_series(1, 10)",
+                body,
+            )
+            assert len(await fast.events(10)) == 10
+        code = None
+        try:
+            while True:
+                await slow.recv(timeout=20)
+        except Closed as exc:
+            code = exc.code
+        assert code == CloseCode.SLOW_CONSUMER
+        assert gw.state.ctx.registry.evicted_slow == 1
+        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'still flowing')")
+        (event,) = await fast.events(1)
+        assert event["row"]["title"] == "still flowing"
+        await db.close()
+        await fast.close()
+        await slow.close()
