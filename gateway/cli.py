@@ -57,14 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="start a throwaway PostgreSQL (unless DATABASE_URL is set), the gateway and a demo"
     )
     _add_setting_flags(demo)
-    sub.add_parser("config", help="print every setting with its default and meaning")
+    cfg = sub.add_parser("config", help="print every setting with its default and meaning")
+    cfg.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/configuration.md")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config":
-        print(config.describe())
+        print(config.markdown_table() if args.markdown else config.describe())
         return 0
     try:
         settings = config.load(overrides=_overrides(args))

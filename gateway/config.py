@@ -349,3 +349,14 @@ def describe() -> str:
         shown = ",".join(default) if isinstance(default, tuple) else str(default)
         lines.append(f"{env_name(f.name)} (default: {shown or '<empty>'})\n    {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """Every setting as a Markdown table (docs/configuration.md embeds it; a test keeps them equal)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for f in settings_fields():
+        default = f.default
+        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        meaning = str(f.metadata["help"]).replace("|", "\\|")
+        rows.append(f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | `{shown}` | {meaning} |")
+    return "\n".join(rows)

@@ -128,7 +128,7 @@ class GatewayProcess(Gateway):
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> GatewayProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve"],
             env=self.env,
