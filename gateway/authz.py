@@ -1,0 +1,192 @@
+"""Which topics a user may read.
+
+``Authorizer.allowed(identity, topic)`` is asked once per subscription and again when a
+token is refreshed; never per message (per message x subscriber is where row-level checks
+stop scaling). The answer comes from, in order:
+
+1. the user's own topic ``user:<id>``: always allowed;
+2. the token's grants (``GATEWAY_JWT_TOPICS_CLAIM``): exact names and ``kind:prefix*``
+   patterns, e.g. ``["room:7", "doc:*"]``;
+3. the SQL function ``GATEWAY_AUTHZ_FUNCTION(user_id text, topic text, claims jsonb)``,
+   whose answers are cached per (user, topic) for ``GATEWAY_AUTHZ_CACHE_TTL`` seconds and
+   whose concurrent identical questions share one query, so a reconnect storm costs the
+   database one query per distinct (user, topic) rather than one per socket.
+
+When the function cannot be asked (database down, function missing) ``allowed`` raises
+``AuthorizationUnavailable``: "we don't know" must not be reported as "forbidden", and
+must never be cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from gateway.auth import Identity
+from gateway.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+MAX_TOPIC_CHARS = 200
+# Answers of the SQL function kept at most; the oldest is evicted first.
+CACHE_SIZE = 100_000
+# Deadline for one question to the SQL function, pool wait and connect included.
+QUERY_TIMEOUT = 5.0
+
+_PRINTABLE_NO_SPACE = re.compile(r"[\x21-\x7e]+")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def validate_topic(topic: str) -> str | None:
+    """None if ``topic`` is a valid topic name, else a sentence saying what is wrong."""
+    if not isinstance(topic, str):
+        return "the topic must be a string"
+    if not topic:
+        return "the topic is empty"
+    if len(topic) > MAX_TOPIC_CHARS:
+        return f"the topic is longer than {MAX_TOPIC_CHARS} characters"
+    if not _PRINTABLE_NO_SPACE.fullmatch(topic):
+        return "the topic may only contain printable ASCII characters without spaces"
+    if "*" in topic:
+        return "the topic contains '*': wildcards are only for grants in tokens, subscribe to one topic"
+    kind, sep, ident = topic.partition(":")
+    if not sep or not kind or not ident:
+        return "the topic must look like kind:id, such as user:42 or room:7"
+    return None
+
+
+# Grants already reported as unusable, so a token handed to thousands of connections
+# logs its mistake once. Bounded: a hostile issuer could invent endless bad grants.
+_reported: set[str] = set()
+
+
+def _report_bad_grant(pattern: str, why: str) -> None:
+    if pattern in _reported or len(_reported) >= 1000:
+        return
+    _reported.add(pattern)
+    log.warning("ignoring topic grant %r in a token: %s", pattern[:100], why)
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether a grant covers a topic: equal, or ``kind:prefix*`` and the topic starts with ``kind:prefix``.
+
+    The wildcard is only allowed after the ``kind:`` part, so ``room:*`` never covers
+    ``roomx:7`` and a bare ``*`` (every topic, every user's private one included) grants nothing.
+    """
+    if pattern == topic:
+        return True
+    if "*" not in pattern:
+        return False
+    prefix = pattern[:-1]
+    kind, sep, _ = prefix.partition(":")
+    if not pattern.endswith("*") or not sep or not kind or "*" in prefix:
+        _report_bad_grant(pattern, "a wildcard must follow kind:, as in room:*")
+        return False
+    return len(topic) > len(prefix) and topic.startswith(prefix)
+
+
+def _granted(grants: Any, topic: str) -> bool:
+    if grants is None:
+        return False
+    if not isinstance(grants, list):
+        _report_bad_grant(repr(grants)[:100], "the topics claim must be a list of topic names")
+        return False
+    return any(isinstance(g, str) and topic_matches(g, topic) for g in grants)
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def function_sql(function: str) -> str:
+    """The query asking ``function``, each name part quoted as an identifier."""
+    parts = function.split(".")
+    if not 1 <= len(parts) <= 2 or not all(_IDENT.match(p) for p in parts):
+        raise ConfigError(
+            f"GATEWAY_AUTHZ_FUNCTION={function!r} is not valid: expected a lower-case "
+            "SQL function name such as gateway.authorize"
+        )
+    # The claims travel as text and are cast in SQL, so the query works whatever jsonb
+    # codec the pool's connections have installed.
+    return f"SELECT {'.'.join(_quote_ident(p) for p in parts)}($1::text, $2::text, $3::text::jsonb)"
+
+
+class AuthorizationUnavailable(Exception):
+    """The SQL authorization function could not be asked; the answer is unknown."""
+
+
+class Authorizer:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool | None, *, cache_size: int = CACHE_SIZE
+    ) -> None:
+        self._topics_claim = settings.jwt_topics_claim
+        self._sql = function_sql(settings.authz_function) if settings.authz_function else None
+        self._function = settings.authz_function
+        self._pool = pool
+        self._ttl = settings.authz_cache_ttl
+        self._cache_size = max(1, cache_size)
+        # (user, topic) -> (monotonic deadline, answer); dicts keep insertion order, so
+        # the first key is the oldest answer.
+        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        self._failing = False
+        self.queries = 0  # questions sent to the database, for metrics and tests
+
+    async def allowed(self, identity: Identity, topic: str) -> bool:
+        if validate_topic(topic) is not None:
+            return False
+        if topic == "user:" + identity.user:
+            return True
+        if _granted(identity.claims.get(self._topics_claim), topic):
+            return True
+        if self._sql is None or self._pool is None:
+            return False
+        key = (identity.user, topic)
+        hit = self._cache.get(key)
+        if hit is not None:
+            if hit[0] > time.monotonic():
+                return hit[1]
+            del self._cache[key]
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._ask(key, identity.claims))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # shield: one subscriber giving up must not cancel the answer others are waiting for.
+        return await asyncio.shield(task)
+
+    async def _ask(self, key: tuple[str, str], claims: Mapping[str, Any]) -> bool:
+        assert self._sql is not None and self._pool is not None
+        self.queries += 1
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                answer = await self._pool.fetchval(
+                    self._sql, key[0], key[1], json.dumps(dict(claims), default=str)
+                )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if not self._failing:
+                # Once per outage, not once per subscribe: a storm of failures says nothing new.
+                self._failing = True
+                log.error("authorization function %s cannot be asked (%s)", self._function, cause)
+            # The message may reach the client: the cause (host names, SQL errors) stays in the log.
+            raise AuthorizationUnavailable(
+                f"authorization is unavailable: {self._function} could not be asked; retry later"
+            ) from exc
+        if self._failing:
+            self._failing = False
+            log.info("authorization function %s answers again", self._function)
+        allowed = answer is True  # NULL means "no"
+        if self._ttl > 0:
+            self._cache.pop(key, None)
+            while len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]
+            self._cache[key] = (time.monotonic() + self._ttl, allowed)
+        return allowed
