@@ -152,6 +152,12 @@ class GatewayProcess(Gateway):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
 
     async def wait_exit(self, timeout: float = 20.0) -> int:
         assert self.proc is not None
@@ -169,8 +175,7 @@ class GatewayProcess(Gateway):
                 await self.wait_exit(15)
             except AssertionError:
                 self.kill()
-        with contextlib.suppress(AttributeError):
-            self._log.close()
+        self._close_log()
 
 
 class Closed(Exception):

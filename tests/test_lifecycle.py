@@ -1,0 +1,110 @@
+"""Process lifecycle: graceful stop, drain on SIGTERM, supervised workers, health endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from gateway.protocol import CloseCode
+
+from .gwtest import Closed, GatewayProcess, free_port, running_gateway, settings_env
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, CloseCode.SERVICE_RESTART), (signal.SIGINT, CloseCode.GOING_AWAY)]
+)
+async def test_signal_closes_clients_with_documented_code_and_exits_0(
+    dsn: str, tmp_path: Path, signum: int, code: int
+) -> None:
+    gw = await GatewayProcess(dsn, tmp_path / "gw.log").start()
+    try:
+        client = await gw.connect("1")
+        await client.subscribe("user:1")
+        gw.signal(signum)
+        with pytest.raises(Closed) as info:
+            while True:
+                await client.recv(timeout=15)
+        assert info.value.code == code
+        assert await gw.wait_exit() == 0
+        await client.close()
+    finally:
+        gw.kill()
+
+
+async def test_health_endpoints_and_non_websocket_request(dsn: str) -> None:
+    async with running_gateway(dsn) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.base + "/healthz") as r:
+            assert r.status == 200
+        async with http.get(gw.base + "/readyz") as r:
+            assert r.status == 200 and (await r.json())["ready"] is True
+        async with http.get(gw.base + "/ws") as r:
+            assert r.status == 400 and (await r.json())["error"] == "not_websocket"
+        async with http.get(gw.base + "/client/gateway.js") as r:
+            assert r.status == 200 and "PgGateway" in await r.text()
+
+
+async def test_metrics_count_connections_and_deliveries(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        client = await gw.connect("1")
+        await client.subscribe("user:1")
+        import asyncpg
+
+        db = await asyncpg.connect(dsn)
+        await db.execute("SELECT gateway.emit('user:1', '{}')")
+        await client.events(1)
+        text = await gw.metrics()
+        assert "gateway_connections 1.0" in text
+        assert "gateway_subscriptions 1.0" in text
+        assert "gateway_deliveries_total 1.0" in text
+        assert "gateway_listener_connected 1.0" in text
+        assert "gateway_notification_queue_usage" in text
+        await db.close()
+        await client.close()
+
+
+async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(dsn: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, **settings_env(dsn, port=port))
+    log = open(tmp_path / "supervisor.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        sup = psutil.Process(proc.pid)
+        for _ in range(200):
+            workers = sup.children()
+            if len(workers) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(workers) == 2
+        gw = GatewayProcess.__new__(GatewayProcess)
+        gw.base = f"http://127.0.0.1:{port}"
+        await gw.wait_ready()
+        victim = workers[0]
+        victim.send_signal(signal.SIGKILL)
+        for _ in range(200):
+            now = sup.children()
+            if len(now) == 2 and victim.pid not in {w.pid for w in now}:
+                break
+            await asyncio.sleep(0.05)
+        assert len(now) == 2 and victim.pid not in {w.pid for w in now}
+        await gw.wait_ready()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        text = (tmp_path / "supervisor.log").read_text()
+        assert f"pid {victim.pid}) exited with -9; restarting" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
