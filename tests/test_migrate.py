@@ -1,0 +1,248 @@
+"""gateway.migrate against a real PostgreSQL: applying, recording, locking, failing cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from gateway.migrate import MigrationError, format_status, load_migrations, migrate, sql_dir, status
+from gateway.pgcluster import Postgres, free_port
+
+REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
+REPO_FILES = sorted(p.name for p in REPO_SQL.glob("*.sql"))
+
+
+async def fetch(dsn: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(query)
+    finally:
+        await conn.close()
+
+
+async def recorded(dsn: str) -> list[tuple[int, str, str]]:
+    rows = await fetch(dsn, "SELECT version, name, checksum FROM gateway.migrations ORDER BY version")
+    return [(r["version"], r["name"], r["checksum"]) for r in rows]
+
+
+def repo_copy(tmp_path: Path) -> Path:
+    """A migrations directory holding the repository's files, to add test files to."""
+    directory = tmp_path / "sql"
+    directory.mkdir()
+    for name in REPO_FILES:
+        shutil.copy(REPO_SQL / name, directory / name)
+    return directory
+
+
+def test_repository_has_migrations() -> None:
+    assert REPO_FILES, f"no migrations found in {REPO_SQL}"
+    assert [m.name for m in load_migrations()] == REPO_FILES
+
+
+async def test_migrations_apply_and_are_recorded(blank_dsn: str) -> None:
+    assert await migrate(blank_dsn) == REPO_FILES
+
+    expected = [
+        (int(name.split("_", 1)[0]), name, hashlib.sha256((REPO_SQL / name).read_bytes()).hexdigest())
+        for name in REPO_FILES
+    ]
+    assert await recorded(blank_dsn) == expected
+    rows = await fetch(blank_dsn, "SELECT to_regclass('gateway.events') IS NOT NULL AS ok")
+    assert rows[0]["ok"], "001_event_log.sql did not create gateway.events"
+    assert {s.state for s in await status(blank_dsn)} == {"applied"}
+
+
+async def test_second_run_applies_nothing(blank_dsn: str) -> None:
+    await migrate(blank_dsn)
+    before = await fetch(blank_dsn, "SELECT version, applied_at FROM gateway.migrations ORDER BY version")
+    assert await migrate(blank_dsn) == []
+    assert (
+        await fetch(blank_dsn, "SELECT version, applied_at FROM gateway.migrations ORDER BY version")
+        == before
+    )
+
+
+async def test_dsn_fixture_is_already_migrated(dsn: str) -> None:
+    assert await migrate(dsn) == []
+    assert [s.state for s in await status(dsn)] == ["applied"] * len(REPO_FILES)
+
+
+async def test_role_without_create_privilege_can_run_applied_migrations(dsn: str) -> None:
+    # A replica connecting as an application role, after an administrator migrated the database.
+    role = f"gw_app_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            f"CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA gateway TO {role}; "
+            f"GRANT SELECT ON gateway.migrations TO {role}"
+        )
+        try:
+            app_dsn = urlunsplit(
+                urlsplit(dsn)._replace(netloc=f"{role}@{urlsplit(dsn).netloc.split('@')[-1]}")
+            )
+            assert await migrate(app_dsn) == []
+        finally:
+            await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_apply_each_once(
+    blank_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = repo_copy(tmp_path)
+    # Not idempotent, and slow enough for the other callers to arrive while it runs: applied
+    # twice, the second CREATE TABLE would fail.
+    (directory / "900_slow.sql").write_text(
+        "CREATE TABLE public.applied_once (id int);\nSELECT pg_sleep(0.5);\n"
+    )
+    monkeypatch.setenv("GATEWAY_SQL_DIR", str(directory))
+
+    results = await asyncio.gather(*(migrate(blank_dsn) for _ in range(4)))
+
+    counts = collections.Counter(name for result in results for name in result)
+    assert counts == collections.Counter([*REPO_FILES, "900_slow.sql"])
+    # The first to take the lock applies everything; the others wait and find nothing to do.
+    assert sorted(len(r) for r in results) == [0, 0, 0, len(REPO_FILES) + 1]
+    assert [v for v, _, _ in await recorded(blank_dsn)][-1] == 900
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "line"),
+    [
+        (
+            "CREATE TABLE public.made_before_error (id int);\n-- a typo:\nSELEC 1;\n",
+            'syntax error at or near "SELEC"',
+            3,
+        ),
+        ("CREATE TABLE public.made_before_error (id int);\nSELECT 1 / 0;\n", "division by zero", None),
+    ],
+)
+async def test_broken_migration_names_the_file_and_leaves_no_trace(
+    blank_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, message: str, line: int | None
+) -> None:
+    directory = repo_copy(tmp_path)
+    broken = directory / "900_broken.sql"
+    broken.write_text(body)
+    monkeypatch.setenv("GATEWAY_SQL_DIR", str(directory))
+
+    with pytest.raises(MigrationError) as info:
+        await migrate(blank_dsn)
+
+    text = str(info.value)
+    assert str(broken) in text
+    assert message in text
+    if line is not None:
+        assert f"line {line}" in text
+    # The migrations before it stay applied; its own statements and record are gone.
+    assert [name for _, name, _ in await recorded(blank_dsn)] == REPO_FILES
+    rows = await fetch(blank_dsn, "SELECT to_regclass('public.made_before_error') IS NULL AS gone")
+    assert rows[0]["gone"]
+
+    # Fixed, it applies, which also shows the failure released the advisory lock.
+    broken.write_text("CREATE TABLE public.made_before_error (id int);\n")
+    assert await migrate(blank_dsn) == ["900_broken.sql"]
+
+
+async def test_commit_inside_a_migration_is_refused(
+    blank_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = repo_copy(tmp_path)
+    (directory / "900_commits.sql").write_text("CREATE TABLE public.t (id int);\nCOMMIT;\n")
+    monkeypatch.setenv("GATEWAY_SQL_DIR", str(directory))
+
+    with pytest.raises(MigrationError, match=r"900_commits\.sql ended its transaction"):
+        await migrate(blank_dsn)
+    assert 900 not in [v for v, _, _ in await recorded(blank_dsn)]
+
+
+async def test_changed_file_is_reported_not_rerun(
+    blank_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = repo_copy(tmp_path)
+    edited = directory / "900_edit.sql"
+    edited.write_text("CREATE TABLE public.edited (id int);\n")
+    monkeypatch.setenv("GATEWAY_SQL_DIR", str(directory))
+    await migrate(blank_dsn)
+
+    edited.write_text("CREATE TABLE public.edited (id int, more text);\n")
+    caplog.set_level(logging.WARNING, logger="gateway.migrate")
+    assert await migrate(blank_dsn) == []
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("900_edit.sql has changed" in w for w in warnings), warnings
+    states = {s.name: s.state for s in await status(blank_dsn)}
+    assert states["900_edit.sql"] == "changed"
+    assert all(states[name] == "applied" for name in REPO_FILES)
+    assert "changed" in format_status(await status(blank_dsn))
+
+
+async def test_status_of_an_empty_database_changes_nothing(blank_dsn: str) -> None:
+    statuses = await status(blank_dsn)
+    assert [(s.name, s.state) for s in statuses] == [(name, "pending") for name in REPO_FILES]
+    rows = await fetch(blank_dsn, "SELECT to_regnamespace('gateway') IS NULL AS untouched")
+    assert rows[0]["untouched"]
+
+
+async def test_unreachable_database_is_named_without_its_password() -> None:
+    url = f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/nowhere"
+    with pytest.raises(MigrationError) as info:
+        await migrate(url)
+    assert "cannot connect to postgresql://someone:***@127.0.0.1" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_badly_named_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("ignored: not an .sql file")
+    (tmp_path / "001_ok.sql").write_text("SELECT 1;")
+    (tmp_path / "setup.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"setup\.sql: migration files must be named NNN_name\.sql"):
+        load_migrations(tmp_path)
+
+
+def test_duplicate_versions_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "002_a.sql").write_text("SELECT 1;")
+    (tmp_path / "2_b.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"2_b\.sql and .*002_a\.sql have the same version 2"):
+        load_migrations(tmp_path)
+
+
+def test_missing_directory_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_SQL_DIR", str(tmp_path / "nope"))
+    with pytest.raises(MigrationError, match=r"migrations directory not found: GATEWAY_SQL_DIR=.*nope"):
+        sql_dir()
+    monkeypatch.delenv("GATEWAY_SQL_DIR")
+    assert sql_dir() == REPO_SQL
+
+
+# --- the fixtures of conftest.py ------------------------------------------------------
+
+_first_database: list[str] = []
+
+
+async def test_dsn_fixture_gives_a_database_of_its_own(dsn: str) -> None:
+    rows = await fetch(dsn, "SELECT current_database() AS name")
+    name = rows[0]["name"]
+    assert "gw_t_" in name
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE public.left_behind (id int)")
+    finally:
+        await conn.close()
+    _first_database.append(name)
+
+
+async def test_dsn_fixture_drops_the_database_after_the_test(pg: Postgres) -> None:
+    if not _first_database:
+        pytest.skip("runs after test_dsn_fixture_gives_a_database_of_its_own")
+    query = f"SELECT 1 FROM pg_database WHERE datname = '{_first_database[0]}'"
+    assert await fetch(pg.dsn("postgres"), query) == []
