@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(BIN)/gateway demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests loadtest
-	$(BIN)/ruff format --check gateway tests loadtest
+	$(BIN)/ruff check gateway tests loadtest deploy
+	$(BIN)/ruff format --check gateway tests loadtest deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
