@@ -19,6 +19,8 @@ from typing import Any
 
 from . import config, logs
 from .config import ConfigError, Settings
+from .migrate import MigrationError
+from .pgcluster import ClusterError, PostgresUnavailable
 
 log = logging.getLogger("gateway.cli")
 
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(settings)
         return _serve(settings)
-    except ConfigError as exc:
+    except (ConfigError, MigrationError, PostgresUnavailable, ClusterError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
 
@@ -89,20 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(coro: Any) -> Any:
     try:
         import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
+    except ImportError:  # not on every platform; asyncio's own loop works too
         return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _migrate(settings: Settings, status: bool) -> int:
-    from .migrate import migrate
+    from .migrate import format_status, migrate
     from .migrate import status as migration_status
 
     if not settings.database_url:
         raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
     if status:
-        print(_run(migration_status(settings.database_url)))
+        print(format_status(_run(migration_status(settings.database_url))))
         return 0
     applied = _run(migrate(settings.database_url))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")

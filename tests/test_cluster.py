@@ -1,0 +1,199 @@
+"""Three gateway replicas behind a real HAProxy: one killed with -9, one drained with SIGTERM,
+while rows are committed continuously. Every client must end with exactly the committed
+sequence of its topic, resuming on another replica through the load balancer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from gateway.protocol import RECONNECT_AFTER
+
+from .gwtest import Client, Closed, GatewayProcess, free_port, token
+
+pytestmark = pytest.mark.timeout(180)
+
+HAPROXY = shutil.which("haproxy")
+TOPICS = [f"room:{i}" for i in range(4)]
+
+
+def haproxy_config(port: int, stats_port: int, backends: list[int]) -> str:
+    servers = "\n".join(
+        f"    server g{i} 127.0.0.1:{p} check inter 200ms fall 1 rise 2" for i, p in enumerate(backends)
+    )
+    return f"""
+global
+    maxconn 2000
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+frontend ws
+    bind 127.0.0.1:{port}
+    default_backend gateways
+frontend stats
+    bind 127.0.0.1:{stats_port}
+    stats enable
+    stats uri /stats
+backend gateways
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+{servers}
+"""
+
+
+class ResumingClient:
+    """Stays subscribed to one topic through reconnects, resuming from the last position."""
+
+    def __init__(self, url: str, user: str, topic: str) -> None:
+        self.url, self.user, self.topic = url, user, topic
+        self.positions: list[int] = []
+        self.epoch: str | None = None
+        self.start: int | None = None  # position of the first ack: events after it are owed
+        self.reconnects = 0
+        self.not_recovered = 0
+        self.closes: list[int | None] = []
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            c = Client(self.url)
+            try:
+                await c.open()
+                await c.auth(token(self.user, topics=["room:*"]))
+                since = (
+                    (self.epoch, self.positions[-1] if self.positions else self.start) if self.epoch else None
+                )
+                ack = await c.subscribe(self.topic, since=since)  # type: ignore[arg-type]
+                if self.epoch is None:
+                    self.epoch, self.start = ack["epoch"], ack["pos"]
+                elif ack.get("recovered") is not True:
+                    self.not_recovered += 1
+                for e in ack["events"]:
+                    self.positions.append(e["pos"])
+                while not self._stop.is_set():
+                    frame = await c.recv(timeout=1.0)
+                    if frame["type"] == "event":
+                        self.positions.append(frame["pos"])
+            except Closed as exc:
+                self.closes.append(exc.code)
+                assert exc.code is None or exc.code in RECONNECT_AFTER or exc.code == 1006, exc
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                pass  # the load balancer had no healthy replica for a moment: retry
+            finally:
+                await c.close()
+            if not self._stop.is_set():
+                self.reconnects += 1
+                await asyncio.sleep(random.uniform(0.05, 0.3))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def _haproxy_status(stats_port: int) -> dict[str, str]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{stats_port}/stats;csv") as r:
+        text = await r.text()
+    rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+    return {row["svname"]: row["status"] for row in rows if row["pxname"] == "gateways"}
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (CI installs Debian's haproxy)")
+async def test_cluster_kill_and_drain_lose_nothing(dsn: str, tmp_path: Path) -> None:
+    replicas = [
+        GatewayProcess(dsn, tmp_path / f"g{i}.log", drain_timeout=3, max_connections_per_user=100)
+        for i in range(3)
+    ]
+    for r in replicas:
+        await r.start()
+    lb_port, stats_port = free_port(), free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config(lb_port, stats_port, [r.port for r in replicas]))
+    lb = subprocess.Popen(
+        [str(HAPROXY), "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    clients: list[ResumingClient] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for _ in range(100):
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                if (
+                    set((await _haproxy_status(stats_port)).values()) >= {"UP"}
+                    and len(await _haproxy_status(stats_port)) == 3
+                ):
+                    break
+            await asyncio.sleep(0.1)
+        url = f"ws://127.0.0.1:{lb_port}/ws"
+        clients = [ResumingClient(url, f"u{i}", TOPICS[i % len(TOPICS)]) for i in range(12)]
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        while any(c.epoch is None for c in clients):
+            await asyncio.sleep(0.05)
+
+        db = await asyncpg.connect(dsn)
+        committed = 0
+
+        async def write(seconds: float) -> None:
+            nonlocal committed
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                await db.execute("SELECT gateway.emit($1, '{\"n\": 1}')", random.choice(TOPICS))
+                committed += 1
+                await asyncio.sleep(0.005)
+
+        await write(1.5)
+        replicas[0].kill()  # kill -9: its clients see an abnormal close and come back elsewhere
+        await write(1.5)
+        replicas[1].signal(signal.SIGTERM)  # drain: clients are told 1012 and resume elsewhere
+        await write(1.5)
+        assert await replicas[1].wait_exit(15) == 0
+        await write(1.0)
+
+        heads = {r["topic"]: r["pos"] for r in await db.fetch("SELECT topic, pos FROM gateway.topics")}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(c.positions and c.positions[-1] == heads[c.topic] for c in clients):
+                break
+            await asyncio.sleep(0.1)
+        metrics = await replicas[2].metrics()
+        status = await _haproxy_status(stats_port)
+        for c in clients:
+            c.stop()
+        await asyncio.gather(*tasks)
+        await db.close()
+
+        assert committed > 100
+        for c in clients:
+            assert c.start is not None
+            assert c.positions == list(range(c.start + 1, heads[c.topic] + 1)), (c.user, c.topic, c.closes)
+            assert c.not_recovered == 0
+        assert sum(c.reconnects for c in clients) >= 8  # the clients of two replicas moved
+        assert any(code == 1012 for c in clients for code in c.closes)
+
+        assert status["g0"].startswith("DOWN") and status["g1"].startswith("DOWN") and status["g2"] == "UP"
+        assert "gateway_connections 12.0" in metrics  # everyone ended on the survivor
+        assert "gateway_subscriptions 12.0" in metrics
+    finally:
+        for c in clients:
+            c.stop()
+        for t in tasks:
+            t.cancel()
+        lb.terminate()
+        lb.wait(10)
+        if lb.stderr is not None:
+            lb.stderr.close()
+        for r in replicas:
+            await r.stop()
