@@ -1,0 +1,379 @@
+/*
+ * pg-ws-gateway browser client, no dependencies: a classic <script> defines window.PgGateway,
+ * gateway.mjs re-exports it. The token goes in the first frame, never in the URL (access logs).
+ * After each "welcome" every topic is subscribed again from the last {pos, epoch} seen, so the
+ * server replays what was missed, or answers "recovered": false and the application reloads.
+ * Dropped sockets are retried with full-jitter backoff. Wire protocol: gateway/protocol.py.
+ */
+(function (root) {
+  "use strict";
+
+  // RECONNECT_AFTER in gateway/protocol.py. The gateway's other codes (FINAL) mean "do not come
+  // back as you are"; a close it did not choose (1006 network drop, a proxy's) is retried.
+  const RECONNECT_AFTER = [1001, 1012, 1013, 4004, 4005, 4008, 4029];
+  const FINAL = { 1000: "closed by the server", 1009: "a frame was too big", 4001: "unauthorized", 4003: "forbidden" };
+  // Subscribe errors that may clear up; any other (forbidden, bad_topic...) is final.
+  const RETRYABLE = ["unavailable", "rate_limited"];
+
+  const BACKOFF_MS = 500; // first retry within 0.5 s, doubling up to 20 s (no reconnect storms)
+  const BACKOFF_CAP_MS = 20000;
+  const STABLE_MS = 10000; // a connection that stayed up this long resets the backoff
+  const HANDSHAKE_MS = 10000; // no welcome by then: the socket is stuck, try again
+  const PING_MS = 25000; // below the idle timeout of common proxies (often 30-60 s)
+
+  function fail(code, message, extra) {
+    return Object.assign(new Error(message), { code }, extra);
+  }
+
+  // An application callback's exception must not break our bookkeeping; rethrown later, it
+  // still reaches the console.
+  function call(fn, ...args) {
+    if (typeof fn !== "function") return;
+    try {
+      fn(...args);
+    } catch (err) {
+      setTimeout(() => {
+        throw err;
+      });
+    }
+  }
+
+  function backoff(attempt) {
+    return Math.round(Math.random() * Math.min(BACKOFF_CAP_MS, BACKOFF_MS * 2 ** attempt));
+  }
+
+  // "wss://h/ws", "/ws", "https://h/ws" or nothing (this page's host) -> an absolute ws(s) URL.
+  function socketUrl(url) {
+    let u;
+    try {
+      u = new URL(url || "/ws", root.location && root.location.href);
+    } catch (err) {
+      throw new TypeError(`PgGateway.connect: url ${JSON.stringify(url)} is not a valid URL`);
+    }
+    u.protocol = u.protocol.replace(/^http/, "ws");
+    if (!/^wss?:$/.test(u.protocol)) throw new TypeError(`PgGateway.connect: url must be ws(s): or http(s):, got ${u.protocol}`);
+    return u.href;
+  }
+
+  class Gateway {
+    constructor(url, options) {
+      this.url = socketUrl(url);
+      this.options = options;
+      this.state = "idle";
+      this._subs = new Map(); // topic -> subscription
+      this._unsubs = new Map(); // unsubscribe id -> topic, until the server confirms it
+      this._timers = {};
+      this._nextId = 1;
+      this._attempt = 0;
+      this._generation = 0; // bumped when a connection ends: stale async work is ignored
+      this._status = "online"; // what the application asked for
+      this._onVisibility = () => this._syncStatus();
+      this._onOnline = () => this.state === "reconnecting" && this._connect();
+      if (root.document) root.document.addEventListener("visibilitychange", this._onVisibility);
+      if (root.addEventListener) root.addEventListener("online", this._onOnline);
+      this._connect();
+    }
+
+    subscribe(topic, onEvent, opts = {}) {
+      if (typeof onEvent !== "function") throw new TypeError(`subscribe(${JSON.stringify(topic)}): onEvent must be a function`);
+      if (String(topic).startsWith("presence:")) throw new TypeError(`subscribe: use presence() for ${topic}`);
+      const since = opts.since;
+      if (since != null && !(Number.isInteger(since.pos) && since.pos >= 0 && typeof since.epoch === "string")) {
+        throw new TypeError(`subscribe(${JSON.stringify(topic)}): since must be {pos: integer >= 0, epoch: string}`);
+      }
+      return this._add({ topic, onEvent, opts, pos: since ? since.pos : null, epoch: since ? since.epoch : null });
+    }
+
+    presence(topic, opts = {}) {
+      if (!String(topic).startsWith("presence:")) throw new TypeError(`presence: topic must start with "presence:", got ${JSON.stringify(topic)}`);
+      return this._add({ topic, opts, presence: true, users: new Map() });
+    }
+
+    setStatus(status) {
+      if (status !== "online" && status !== "away") throw new TypeError(`setStatus: status must be "online" or "away", got ${JSON.stringify(status)}`);
+      this._status = status;
+      this._syncStatus();
+    }
+
+    close() {
+      if (this.state !== "closed") this._finish(1000, "closed by the application", true);
+    }
+
+    _add(sub) {
+      const topic = sub.topic;
+      if (typeof topic !== "string" || !topic) throw new TypeError(`topic must be a non-empty string, got ${JSON.stringify(topic)}`);
+      if (this.state === "closed") throw new Error(`cannot subscribe to ${topic}: the connection is closed`);
+      if (this._subs.has(topic)) throw new Error(`already subscribed to ${topic}; call its unsubscribe function first`);
+      sub.retries = 0;
+      this._subs.set(topic, sub);
+      if (this._ready) this._sendSubscribe(sub);
+      const unsubscribe = () => this._remove(sub);
+      unsubscribe.users = sub.users; // presence: user -> {user, status, last_seen}, kept current
+      return unsubscribe;
+    }
+
+    _remove(sub) {
+      if (this._subs.get(sub.topic) !== sub) return; // already gone: calling twice is harmless
+      this._subs.delete(sub.topic);
+      clearTimeout(sub.timer);
+      if (this._ready && sub.id != null) {
+        const id = this._nextId++;
+        this._unsubs.set(id, sub.topic);
+        this._send({ type: "unsubscribe", topic: sub.topic, id });
+      }
+    }
+
+    _sendSubscribe(sub) {
+      sub.id = this._nextId++;
+      const frame = { type: "subscribe", topic: sub.topic, id: sub.id };
+      if (sub.pos != null && sub.epoch) frame.since = { pos: sub.pos, epoch: sub.epoch };
+      sub.resumed = !!frame.since;
+      this._send(frame);
+    }
+
+    // Frames for a topic still being unsubscribed belong to the old subscription.
+    _live(topic, presence) {
+      const sub = this._subs.get(topic);
+      if (!sub || !sub.presence !== !presence) return null;
+      for (const t of this._unsubs.values()) if (t === topic) return null;
+      return sub;
+    }
+
+    async _connect() {
+      this._clear("retry");
+      const gen = ++this._generation;
+      this._setState("connecting", { attempt: this._attempt });
+      let token;
+      try {
+        token = await this._token();
+      } catch (err) {
+        if (gen !== this._generation) return;
+        this._report(fail("token", `could not get a token: ${err.message}`, { cause: err }));
+        return this._retry(0, "no token");
+      }
+      if (gen !== this._generation) return; // close() was called while the token came
+      let ws;
+      try {
+        ws = new WebSocket(this.url);
+      } catch (err) {
+        return this._finish(1006, `cannot open ${this.url}: ${err.message}`);
+      }
+      this._ws = ws;
+      ws.onopen = () => this._send({ type: "auth", token });
+      ws.onmessage = (m) => this._frame(m.data);
+      ws.onclose = (e) => this._dropped(e.code, e.reason);
+      this._timer("handshake", () => this._dropped(1006, "no welcome from the server"), HANDSHAKE_MS);
+    }
+
+    _frame(data) {
+      let f;
+      try {
+        f = JSON.parse(data);
+      } catch (err) {
+        return this._report(fail("bad_frame", `frame is not JSON: ${String(data).slice(0, 80)}`));
+      }
+      this._heardAt = Date.now(); // any frame proves the socket is alive
+      switch (f.type) {
+        case "welcome": return this._welcome(f);
+        case "refreshed": return this._scheduleRefresh(f.expires);
+        case "subscribed": return this._subscribed(f);
+        case "unsubscribed": return this._unsubs.delete(f.id);
+        case "event": return this._event(f);
+        case "presence": return this._presence(f);
+        case "error": return this._error(f);
+      }
+    }
+
+    _welcome(f) {
+      this._clear("handshake");
+      this.user = f.user;
+      this.conn = f.conn;
+      this._ready = true;
+      this._upAt = Date.now();
+      this._pingAt = 0;
+      this._sentStatus = "online"; // every connection starts online; sync before the presence snapshot
+      this._syncStatus();
+      for (const sub of this._subs.values()) this._sendSubscribe(sub);
+      this._scheduleRefresh(f.expires);
+      this._timer("ping", () => this._ping(), PING_MS);
+      this._setState("open", { user: f.user, conn: f.conn });
+    }
+
+    _ping() {
+      if (!(this._heardAt > this._pingAt)) return this._dropped(1006, "no answer to ping");
+      this._pingAt = Date.now();
+      this._send({ type: "ping", id: this._nextId++ });
+      this._timer("ping", () => this._ping(), PING_MS);
+    }
+
+    _subscribed(f) {
+      const sub = this._subs.get(f.topic);
+      if (!sub || sub.id !== f.id) return; // the answer to a subscription since cancelled
+      sub.retries = 0;
+      if (!sub.presence) {
+        sub.pos = f.pos;
+        sub.epoch = f.epoch;
+      }
+      const info = { topic: f.topic, epoch: f.epoch, pos: f.pos, recovered: f.recovered, replayed: f.replayed || 0 };
+      if (sub.resumed && f.recovered === false) call(sub.opts.onNotRecovered, info);
+      call(sub.opts.onSubscribed, info);
+    }
+
+    _event(f) {
+      const sub = this._live(f.topic, false);
+      if (!sub) return;
+      if (f.epoch === sub.epoch && sub.pos != null && f.pos <= sub.pos) return; // seen already
+      const reset = sub.epoch != null && f.epoch !== sub.epoch;
+      sub.pos = f.pos;
+      sub.epoch = f.epoch;
+      // A new stream under a live subscription: what came before it is lost.
+      if (reset) call(sub.opts.onNotRecovered, { topic: f.topic, epoch: f.epoch, pos: f.pos, recovered: false });
+      call(sub.onEvent, f);
+    }
+
+    _presence(f) {
+      const sub = this._live(f.topic, true);
+      if (!sub) return;
+      const users = sub.users;
+      const put = (e) => (e.status === "offline" ? users.delete(e.user) : users.set(e.user, e));
+      if (f.snapshot) {
+        users.clear();
+        f.snapshot.forEach(put);
+        call(sub.opts.onSnapshot, f.snapshot, users);
+      }
+      if (f.change) {
+        put(f.change);
+        call(sub.opts.onChange, f.change, users);
+      }
+    }
+
+    _error(f) {
+      const err = fail(f.code, f.message, { topic: f.topic, id: f.id });
+      if (this._unsubs.delete(f.id)) return; // unsubscribing what the server no longer had
+      const sub = f.topic != null && this._subs.get(f.topic);
+      if (!sub || f.id == null || sub.id !== f.id) return this._report(err);
+      if (RETRYABLE.includes(f.code)) {
+        err.willRetry = true;
+        sub.timer = setTimeout(() => this._ready && this._sendSubscribe(sub), Math.max(1000, backoff(++sub.retries)));
+      } else {
+        this._subs.delete(sub.topic);
+      }
+      call(sub.opts.onError || this.options.onError, err);
+    }
+
+    // Refresh in-band at 80% of the token's life left or 30 s before its end, whichever is
+    // earlier. A fixed string cannot be refreshed: the server closes (4005), we reconnect.
+    _scheduleRefresh(expires) {
+      this._clear("refresh");
+      if (!expires || typeof this.options.token !== "function") return;
+      const left = expires * 1000 - Date.now();
+      const delay = Math.max(5000, Math.min(left * 0.8, left - 30000)); // floor: a skewed clock must not spin
+      this._timer("refresh", () => this._refresh(), Math.min(delay, 2e9)); // setTimeout overflows at 2^31 ms
+    }
+
+    async _refresh() {
+      const gen = this._generation;
+      try {
+        const token = await this._token();
+        if (gen === this._generation) this._send({ type: "refresh", token });
+      } catch (err) {
+        this._report(fail("token", `could not refresh the token: ${err.message}`, { cause: err }));
+        if (gen === this._generation) this._timer("refresh", () => this._refresh(), 5000);
+      }
+    }
+
+    _syncStatus() {
+      const hidden = this.options.autoAway !== false && root.document && root.document.visibilityState === "hidden";
+      const want = hidden ? "away" : this._status;
+      if (this._ready && want !== this._sentStatus) {
+        this._sentStatus = want;
+        this._send({ type: "status", status: want });
+      }
+    }
+
+    // The socket closed (or is stuck): retry, unless the code says retrying cannot help.
+    _dropped(code, reason) {
+      if (this._upAt && Date.now() - this._upAt >= STABLE_MS) this._attempt = 0;
+      this._teardown();
+      if (FINAL[code]) return this._finish(code, reason || FINAL[code]);
+      if (code === 1012) this._attempt = 0; // a replica is draining for a deploy: another one takes over now
+      this._retry(code, reason);
+    }
+
+    _retry(code, reason) {
+      const delay = backoff(this._attempt++);
+      this._timer("retry", () => this._connect(), delay);
+      this._setState("reconnecting", { delay, code, reason, attempt: this._attempt });
+    }
+
+    _teardown() {
+      this._generation++;
+      const ws = this._ws;
+      this._ws = null;
+      this._ready = false;
+      this._upAt = 0;
+      this._unsubs.clear();
+      for (const name of ["handshake", "ping", "refresh"]) this._clear(name);
+      for (const sub of this._subs.values()) clearTimeout(sub.timer);
+      if (ws) {
+        ws.onopen = ws.onmessage = ws.onclose = null;
+        if (ws.readyState < 2) ws.close(1000);
+      }
+    }
+
+    _finish(code, reason, byApplication) {
+      this._teardown();
+      this._clear("retry");
+      if (root.document) root.document.removeEventListener("visibilitychange", this._onVisibility);
+      if (root.removeEventListener) root.removeEventListener("online", this._onOnline);
+      this._setState("closed", { code, reason });
+      if (byApplication) return;
+      const err = fail("closed", `connection closed for good (${code}): ${reason}`, { closeCode: code, reason });
+      this._report(err);
+      for (const sub of this._subs.values()) call(sub.opts.onError, err);
+    }
+
+    async _token() {
+      const t = this.options.token;
+      const token = typeof t === "function" ? await t() : t;
+      if (typeof token !== "string" || !token) throw new TypeError(`options.token gave ${typeof token}, not a non-empty string`);
+      return token;
+    }
+
+    _send(frame) {
+      if (this._ws && this._ws.readyState === 1) this._ws.send(JSON.stringify(frame));
+    }
+
+    _setState(state, detail) {
+      this.state = state;
+      call(this.options.onState, state, detail);
+    }
+
+    // Errors no subscription owns go to options.onError, or the console: never lost.
+    _report(err) {
+      if (this.options.onError) call(this.options.onError, err);
+      else if (root.console) root.console.warn("PgGateway:", err.message);
+    }
+
+    _timer(name, fn, ms) {
+      this._clear(name);
+      this._timers[name] = setTimeout(fn, ms);
+    }
+
+    _clear(name) {
+      clearTimeout(this._timers[name]);
+    }
+  }
+
+  function connect(url, options) {
+    if (url && typeof url === "object") [url, options] = [undefined, url]; // connect({ token })
+    options = options || {};
+    const t = options.token;
+    if (!(typeof t === "function" || (typeof t === "string" && t))) {
+      throw new TypeError("PgGateway.connect: options.token must be a non-empty string or a function returning one");
+    }
+    return new Gateway(url, options);
+  }
+
+  root.PgGateway = { connect, Gateway, RECONNECT_AFTER };
+})(typeof globalThis !== "undefined" ? globalThis : this);

@@ -1,0 +1,555 @@
+"""The browser client (gateway/static/gateway.js) and the demo page, in a real Chromium.
+
+The client's reconnect, resume and give-up logic depends on close codes and errors the real
+gateway only produces under failure (a deploy, a revoked right, a stream reset). To drive each one
+on purpose, these tests run the client against ``ScriptedGateway``: a small aiohttp WebSocket peer
+that speaks the wire protocol with the real message types of ``gateway.protocol`` (so a frame the
+client gets wrong fails to decode here) and lets a test choose what the server does next. It stands
+in for the server, not for the database; the end-to-end tests against the real gateway and
+PostgreSQL live with the server's tests.
+
+Chromium comes from the system (``/usr/bin/chromium``); Playwright never downloads a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import pytest_asyncio
+from aiohttp import WSMsgType, web
+
+from gateway import protocol as p
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+STATIC = Path(__file__).resolve().parent.parent / "gateway" / "static"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+EPOCH = "ab12cd34"
+WAIT = 10.0  # upper bound for a condition to become true; never a measured duration
+
+# One browser for the module (starting Chromium is the slow part), a fresh context per test: the
+# module's tests and fixtures share one event loop for that.
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Wait until ``predicate()`` holds; fail naming ``what`` if it never does."""
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# --- the scripted server ---------------------------------------------------------------
+
+
+@dataclass
+class Conn:
+    ws: web.WebSocketResponse
+    frames: list[Any] = field(default_factory=list)  # decoded client frames, in order
+    topics: set[str] = field(default_factory=set)
+    user: str | None = None
+
+    async def send(self, message: p.ServerMessage) -> None:
+        await self.ws.send_str(p.encode(message).decode())
+
+    def of(self, kind: type) -> list[Any]:
+        return [f for f in self.frames if isinstance(f, kind)]
+
+
+@dataclass
+class ScriptedGateway:
+    """A protocol peer. Topics keep an in-memory log; a subscribe with ``since`` is replayed from it."""
+
+    log: dict[str, list[p.Event]] = field(default_factory=dict)
+    conns: list[Conn] = field(default_factory=list)
+    bad_frames: list[str] = field(default_factory=list)
+    forbidden: set[str] = field(default_factory=set)
+    recoverable: bool = True  # False: answer every resume with recovered=false (as after a reset)
+    expires_in: int | None = None
+    presence: dict[str, p.PresenceEntry] = field(default_factory=dict)
+    tokens: list[str] = field(default_factory=list)  # every token received (auth and refresh)
+    answer_pings: bool = True
+    task_loads: int = 0  # GET /demo/tasks served
+    next_id: int = 0
+
+    def head(self, topic: str) -> int:
+        events = self.log.get(topic, [])
+        return events[-1].pos if events else 0
+
+    def append(self, topic: str, op: str, key: str, row: dict[str, Any] | None) -> p.Event:
+        raw = msgspec.Raw(json.dumps(row).encode()) if row is not None else None
+        event = p.Event(topic=topic, epoch=EPOCH, pos=self.head(topic) + 1, op=op, key=key, row=raw)  # type: ignore[arg-type]
+        self.log.setdefault(topic, []).append(event)
+        return event
+
+    async def publish(self, topic: str, op: str, key: str, row: dict[str, Any] | None) -> p.Event:
+        event = self.append(topic, op, key, row)
+        for conn in self.live():
+            if topic in conn.topics:
+                await conn.send(event)
+        return event
+
+    def live(self) -> list[Conn]:
+        return [c for c in self.conns if not c.ws.closed]
+
+    async def set_presence(self, user: str, status: str) -> None:
+        entry = p.PresenceEntry(user=user, status=status, last_seen=time.time())  # type: ignore[arg-type]
+        self.presence[user] = entry
+        for conn in self.live():
+            for topic in conn.topics:
+                if topic.startswith("presence:"):
+                    # The server passes the database's JSON through untouched (msgspec.Raw).
+                    await conn.send(p.Presence(topic=topic, change=msgspec.Raw(msgspec.json.encode(entry))))
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        conn = Conn(ws)
+        self.conns.append(conn)
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                self.bad_frames.append(f"non-text frame {msg.type}")
+                continue
+            try:
+                frame = p.decoder.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                self.bad_frames.append(f"{msg.data}: {exc}")
+                continue
+            conn.frames.append(frame)
+            await self.answer(conn, frame)
+        return ws
+
+    async def answer(self, conn: Conn, frame: p.ClientMessage) -> None:
+        match frame:
+            case p.Auth(token=token):
+                self.tokens.append(token)
+                conn.user = token.split(".")[0]
+                self.next_id += 1
+                expires = int(time.time()) + self.expires_in if self.expires_in else None
+                await conn.send(p.Welcome(user=conn.user, conn=f"c{self.next_id}", expires=expires))
+                await self.set_presence(conn.user, "online")
+            case p.Refresh(token=token):
+                self.tokens.append(token)
+                await conn.send(p.Refreshed(expires=int(time.time()) + (self.expires_in or 60)))
+            case p.Ping(id=ping_id):
+                if self.answer_pings:
+                    await conn.send(p.Pong(id=ping_id))
+            case p.SetStatus(status=status):
+                assert conn.user is not None
+                await self.set_presence(conn.user, status)
+            case p.Unsubscribe(topic=topic, id=req):
+                conn.topics.discard(topic)
+                await conn.send(p.Unsubscribed(topic=topic, id=req))
+            case p.Subscribe(topic=topic, id=req, since=since):
+                if topic in self.forbidden:
+                    msg = f"user {conn.user} may not read {topic}"
+                    await conn.send(p.Error(code=p.ErrorCode.FORBIDDEN, message=msg, id=req, topic=topic))
+                    return
+                conn.topics.add(topic)
+                if topic.startswith("presence:"):
+                    # As the real gateway does: the snapshot, then "subscribed" once changes flow.
+                    await conn.send(p.Presence(topic=topic, snapshot=list(self.presence.values())))
+                    await conn.send(p.Subscribed(topic=topic, epoch=EPOCH, pos=0, id=req))
+                    return
+                recovered = None
+                replay: list[p.Event] = []
+                if since is not None:
+                    recovered = self.recoverable and since.epoch == EPOCH
+                    replay = [e for e in self.log.get(topic, []) if e.pos > since.pos] if recovered else []
+                for event in replay:
+                    await conn.send(event)
+                head = self.head(topic)
+                await conn.send(
+                    p.Subscribed(
+                        topic=topic, epoch=EPOCH, pos=head, id=req, recovered=recovered, replayed=len(replay)
+                    )
+                )
+
+
+@dataclass
+class Site:
+    url: str
+    gateway: ScriptedGateway
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def site() -> AsyncIterator[Site]:
+    """The static files as the real server serves them, the demo endpoints and a scripted /ws."""
+    gw = ScriptedGateway()
+    tasks: dict[str, dict[str, Any]] = {}
+
+    def static(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(STATIC / name)
+
+        return handler
+
+    async def blank(request: web.Request) -> web.Response:
+        html = '<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>t</title><script src="/client/gateway.js"></script>'
+        return web.Response(text=html, content_type="text/html")
+
+    async def token(request: web.Request) -> web.Response:
+        user = request.query["user"]
+        return web.json_response({"token": f"{user}.{len(gw.tokens)}", "expires": int(time.time()) + 60})
+
+    async def get_tasks(request: web.Request) -> web.Response:
+        topic = "board:demo"
+        gw.task_loads += 1
+        return web.json_response(
+            {"rows": list(tasks.values()), "topic": topic, "epoch": EPOCH, "pos": gw.head(topic)}
+        )
+
+    async def post_task(request: web.Request) -> web.Response:
+        key = str(len(tasks) + 1)
+        row = {"id": int(key), "board": "demo", "title": f"Task {key}", "status": "todo", "assignee": None,
+               "updated_at": f"2024-01-01T00:00:0{key}Z"}  # fmt: skip
+        tasks[key] = row
+        await gw.publish("board:demo", "insert", key, row)
+        return web.json_response(row, status=201)
+
+    app = web.Application()
+    app.router.add_get("/ws", gw.handle)
+    app.router.add_get("/client/gateway.js", static("gateway.js"))
+    app.router.add_get("/client/gateway.mjs", static("gateway.mjs"))
+    app.router.add_get("/demo", static("demo.html"))
+    app.router.add_get("/blank", blank)
+    app.router.add_get("/demo/token", token)
+    app.router.add_get("/demo/tasks", get_tasks)
+    app.router.add_post("/demo/tasks", post_task)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    port = tcp._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield Site(f"http://127.0.0.1:{port}", gw)
+    finally:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def page(browser: Any, site: Site) -> AsyncIterator[Any]:
+    """A page in a fresh context; any console error or uncaught exception fails the test."""
+    context = await browser.new_context()
+    pg = await context.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        yield pg
+    finally:
+        await context.close()
+    assert not errors, f"browser errors: {errors}"
+    assert not site.gateway.bad_frames, f"frames the protocol rejects: {site.gateway.bad_frames}"
+
+
+# A page-side harness: connect and record every callback in window.rec, for the test to read.
+HARNESS = """(opts) => {
+  window.rec = { states: [], events: [], errors: [], subscribed: [], notRecovered: [], presence: [] };
+  let n = 0;
+  window.gw = PgGateway.connect("/ws", {
+    token: async () => opts.user + "." + (n++),
+    onState: (state, detail) => rec.states.push([state, detail || {}]),
+    onError: (err) => rec.errors.push({ code: err.code, message: err.message, closeCode: err.closeCode }),
+  });
+  window.unsubscribe = gw.subscribe(opts.topic, (e) => rec.events.push([e.pos, e.op, e.key, e.row]), {
+    since: opts.since,
+    onSubscribed: (info) => rec.subscribed.push(info),
+    onNotRecovered: (info) => rec.notRecovered.push(info),
+    onError: (err) => rec.errors.push({ code: err.code, message: err.message, topic: err.topic }),
+  });
+}"""
+
+
+async def rec(page: Any, name: str) -> Any:
+    return await page.evaluate(f"window.rec.{name}")
+
+
+async def wait_rec(page: Any, expr: str) -> None:
+    await page.wait_for_function(f"() => {expr}", timeout=WAIT * 1000)
+
+
+async def start(
+    page: Any, site: Site, topic: str = "board:demo", since: dict[str, Any] | None = None
+) -> None:
+    await page.goto(site.url + "/blank")
+    await page.evaluate(HARNESS, {"user": "alice", "topic": topic, "since": since})
+    await wait_rec(page, "rec.subscribed.length > 0 || rec.errors.length > 0")
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+async def test_classic_script_defines_connect(page: Any, site: Site) -> None:
+    await page.goto(site.url + "/blank")
+    assert await page.evaluate("typeof PgGateway.connect") == "function"
+    assert await page.evaluate("PgGateway.RECONNECT_AFTER") == sorted(p.RECONNECT_AFTER)
+
+
+async def test_module_exports_the_same_client(page: Any, site: Site) -> None:
+    await page.goto(site.url + "/blank")
+    same = await page.evaluate(
+        """async () => {
+          const m = await import("/client/gateway.mjs");
+          return typeof m.connect === "function" && m.default.Gateway === m.Gateway;
+        }"""
+    )
+    assert same is True
+
+
+async def test_bad_arguments_are_named(page: Any, site: Site) -> None:
+    await page.goto(site.url + "/blank")
+    message = await page.evaluate(
+        "() => { try { PgGateway.connect('/ws', {}) } catch (e) { return e.message } }"
+    )
+    assert "options.token" in message
+    message = await page.evaluate(
+        "() => { try { PgGateway.connect('ftp://x/ws', {token: 't'}) } catch (e) { return e.message } }"
+    )
+    assert "ftp:" in message
+
+
+# --- subscriptions across reconnects ---------------------------------------------------
+
+
+async def test_resumes_from_the_last_position_after_a_drop(page: Any, site: Site) -> None:
+    gw = site.gateway
+    await start(page, site)
+    for key in "123":
+        await gw.publish("board:demo", "insert", key, {"id": int(key)})
+    await wait_rec(page, "rec.events.length === 3")
+
+    # Written while the client is away: it must get them by replay, once each.
+    await gw.conns[0].ws.close(code=p.CloseCode.GOING_AWAY)
+    gw.append("board:demo", "update", "1", {"id": 1, "v": 2})
+    gw.append("board:demo", "delete", "2", None)
+    await wait_rec(page, "rec.subscribed.length === 2")
+
+    resume = gw.conns[1].of(p.Subscribe)[0]
+    assert resume.since == p.Since(pos=3, epoch=EPOCH)
+    assert [e[:3] for e in await rec(page, "events")] == [
+        [1, "insert", "1"],
+        [2, "insert", "2"],
+        [3, "insert", "3"],
+        [4, "update", "1"],
+        [5, "delete", "2"],
+    ]
+    assert (await rec(page, "subscribed"))[1]["recovered"] is True
+    assert await rec(page, "notRecovered") == []
+    states = [s for s, _ in await rec(page, "states")]
+    assert states == ["connecting", "open", "reconnecting", "connecting", "open"]
+
+
+async def test_duplicates_are_dropped(page: Any, site: Site) -> None:
+    gw = site.gateway
+    await start(page, site)
+    event = await gw.publish("board:demo", "insert", "1", {"id": 1})
+    await gw.conns[0].send(event)  # the same position again
+    await gw.publish("board:demo", "insert", "2", {"id": 2})
+    await wait_rec(page, "rec.events.length >= 2")
+    assert [e[0] for e in await rec(page, "events")] == [1, 2]
+
+
+async def test_not_recovered_is_reported(page: Any, site: Site) -> None:
+    gw = site.gateway
+    gw.recoverable = False
+    await start(page, site, since={"pos": 0, "epoch": "old-epoch"})
+    subscribed = (await rec(page, "subscribed"))[0]
+    assert subscribed["recovered"] is False
+    assert await rec(page, "notRecovered") == [subscribed]
+
+
+async def test_forbidden_subscribe_is_reported_and_not_retried(page: Any, site: Site) -> None:
+    gw = site.gateway
+    gw.forbidden.add("room:9")
+    await start(page, site, topic="room:9")
+    errors = await rec(page, "errors")
+    assert [(e["code"], e["topic"]) for e in errors] == [("forbidden", "room:9")]
+
+    await gw.conns[0].ws.close(code=p.CloseCode.SERVICE_RESTART)
+    await until(lambda: len(gw.live()) == 1 and gw.live()[0].user is not None, "the reconnect")
+    await wait_rec(page, "rec.states.filter(([s]) => s === 'open').length === 2")
+    assert gw.conns[1].of(p.Subscribe) == []
+
+
+@pytest.mark.parametrize(
+    "code", [p.CloseCode.UNAUTHORIZED, p.CloseCode.FORBIDDEN, p.CloseCode.MESSAGE_TOO_BIG]
+)
+async def test_close_codes_that_retrying_cannot_fix_end_the_client(page: Any, site: Site, code: int) -> None:
+    gw = site.gateway
+    await start(page, site)
+    await gw.conns[0].ws.close(code=code, message=b"go away")
+    await wait_rec(page, "rec.states.some(([s]) => s === 'closed')")
+    states = await rec(page, "states")
+    assert [s for s, _ in states] == ["connecting", "open", "closed"]
+    assert states[-1][1] == {"code": code, "reason": "go away"}
+    closed = [e for e in await rec(page, "errors") if e["code"] == "closed"]
+    assert closed and closed[0]["closeCode"] == code
+    assert len(gw.conns) == 1
+
+
+@pytest.mark.parametrize("code", sorted(p.RECONNECT_AFTER))
+async def test_reconnects_after_the_codes_protocol_py_names(page: Any, site: Site, code: int) -> None:
+    gw = site.gateway
+    await start(page, site)
+    await gw.conns[0].ws.close(code=code)
+    await wait_rec(page, "rec.subscribed.length === 2")
+    assert [s for s, _ in await rec(page, "states")][-3:] == ["reconnecting", "connecting", "open"]
+    assert len(gw.conns) == 2
+    assert gw.tokens == ["alice.0", "alice.1"]  # a fresh token for every connect
+
+
+# --- token, status, presence, ping ---------------------------------------------------------
+
+
+async def test_token_is_refreshed_in_band_before_it_expires(page: Any, site: Site) -> None:
+    gw = site.gateway
+    gw.expires_in = 60
+    await page.clock.install()
+    await start(page, site)
+    await page.clock.run_for(31_000)  # past "30 s before expiry", before it expires
+    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+    assert gw.conns[0].of(p.Refresh)[0].token == "alice.1"
+    assert len(gw.conns) == 1
+
+
+async def test_pings_keep_the_socket_busy(page: Any, site: Site) -> None:
+    gw = site.gateway
+    await page.clock.install()
+    await start(page, site)
+    await page.clock.run_for(26_000)
+    await until(lambda: len(gw.conns[0].of(p.Ping)) == 1, "a ping frame")
+
+
+async def test_a_socket_that_stops_answering_is_replaced(page: Any, site: Site) -> None:
+    gw = site.gateway
+    gw.answer_pings = False  # a half-open TCP connection: nothing comes back, nothing closes
+    await page.clock.install()
+    await start(page, site)
+    await page.clock.run_for(26_000)
+    await until(lambda: len(gw.conns[0].of(p.Ping)) == 1, "a ping frame")
+    await page.clock.run_for(26_000)  # no pong by the next ping: give up on this socket
+    await wait_rec(page, "rec.states.some(([s]) => s === 'reconnecting')")
+    await page.clock.run_for(1_000)  # past the first backoff step (at most 0.5 s)
+    await wait_rec(page, "rec.subscribed.length === 2")
+    assert len(gw.conns) == 2
+
+
+async def test_hidden_page_is_away_and_visible_page_online(page: Any, site: Site) -> None:
+    gw = site.gateway
+    await start(page, site)
+    for state in ["hidden", "visible"]:
+        await page.evaluate(
+            """(state) => {
+              Object.defineProperty(document, "visibilityState", { value: state, configurable: true });
+              document.dispatchEvent(new Event("visibilitychange"));
+            }""",
+            state,
+        )
+    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, "two status frames")
+    assert [f.status for f in gw.conns[0].of(p.SetStatus)] == ["away", "online"]
+
+
+async def test_presence_keeps_a_map_of_users(page: Any, site: Site) -> None:
+    gw = site.gateway
+    await gw.set_presence("bob", "online")
+    await start(page, site)
+    await page.evaluate(
+        """() => {
+          window.stopPresence = gw.presence("presence:global", {
+            onSnapshot: (list) => rec.presence.push(["snapshot", list.map((e) => e.user).sort()]),
+            onChange: (e) => rec.presence.push(["change", e.user, e.status]),
+          });
+        }"""
+    )
+    await wait_rec(page, "rec.presence.length === 1")
+    await gw.set_presence("bob", "away")
+    await gw.set_presence("carol", "online")
+    await gw.set_presence("bob", "offline")
+    await wait_rec(page, "rec.presence.length === 4")
+    assert await rec(page, "presence") == [
+        ["snapshot", ["alice", "bob"]],
+        ["change", "bob", "away"],
+        ["change", "carol", "online"],
+        ["change", "bob", "offline"],
+    ]
+    assert await page.evaluate("[...stopPresence.users.keys()].sort()") == ["alice", "carol"]
+
+
+# --- the demo page ---------------------------------------------------------------------
+
+
+async def test_demo_page_shows_rows_and_presence_live(page: Any, site: Site, tmp_path: Path) -> None:
+    await page.goto(site.url + "/demo")
+    await page.wait_for_selector("#badge.open", timeout=WAIT * 1000)
+    name = await page.input_value("#name")
+    assert await page.text_content("#badge") == f"live as {name}"
+    await page.wait_for_selector(f"#users li:has-text('{name}')", timeout=WAIT * 1000)
+
+    await page.click("#add")
+    card = await page.wait_for_selector(".column[data-status=todo] .card[data-key='1']", timeout=WAIT * 1000)
+    assert card is not None
+    assert "Task 1" in (await card.text_content() or "")
+
+    # A change committed elsewhere moves the card, with its flash.
+    row = {
+        "id": 1,
+        "board": "demo",
+        "title": "Task 1",
+        "status": "done",
+        "assignee": "bob",
+        "updated_at": "x",
+    }
+    await site.gateway.publish("board:demo", "update", "1", row)
+    card = await page.wait_for_selector(
+        ".column[data-status=done] .card.flash[data-key='1']", timeout=WAIT * 1000
+    )
+    assert card is not None
+    await page.screenshot(path=str(tmp_path / "demo.png"))
+
+
+async def test_demo_page_reloads_the_rows_when_the_stream_cannot_be_recovered(page: Any, site: Site) -> None:
+    gw = site.gateway
+    await page.goto(site.url + "/demo")
+    await page.wait_for_selector("#badge.open", timeout=WAIT * 1000)
+    await until(lambda: any("board:demo" in c.topics for c in gw.live()), "the board subscription")
+    assert gw.task_loads == 1
+
+    gw.recoverable = False  # as after the log was trimmed past the page's position
+    await gw.conns[0].ws.close(code=p.CloseCode.SERVICE_RESTART)
+    await until(lambda: gw.task_loads == 2, "the page to reload /demo/tasks")
+    await page.click("#add")
+    await page.wait_for_selector(".card[data-key='1']", timeout=WAIT * 1000)
