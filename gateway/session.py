@@ -272,18 +272,30 @@ class Session:
         self._spawn(self.close(p.CloseCode.TOKEN_EXPIRED, "token expired; reconnect with a fresh token"))
 
     async def _on_text(self, data: str) -> None:
-        if not self._messages.take():
+        limited = not self._messages.take()
+        if limited:
             self._dropped += 1
             if self._dropped > 4 * self.ctx.settings.message_rate:
                 await self.close(p.CloseCode.RATE_LIMITED, "too many messages")
                 return
-            self.error(p.ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
-            return
-        self._dropped = 0
+        else:
+            self._dropped = 0
         try:
-            msg = p.decoder.decode(data)
+            msg = p.decoder.decode(data)  # bounded by max_frame_bytes, so cheap even in a flood
         except msgspec.DecodeError as exc:
-            self.error(*p.describe_decode_error(data, exc))
+            if limited:
+                self.error(p.ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+            else:
+                self.error(*p.describe_decode_error(data, exc))
+            return
+        if limited:
+            # Name the request, so a client waiting for its answer is not left hanging.
+            self.error(
+                p.ErrorCode.RATE_LIMITED,
+                "too many messages; this one was dropped",
+                getattr(msg, "id", None),
+                getattr(msg, "topic", None),
+            )
             return
         match msg:
             case p.Subscribe():
