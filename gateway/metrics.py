@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("gateway.metrics")
@@ -67,14 +67,20 @@ class GatewayCollector(Collector):
         for code, n in sorted(reg.closed_by_code.items()):
             closed.add_metric([str(code)], n)
         yield closed
-        yield GaugeMetricFamily(
-            "gateway_resolve_batch_size", "items in the last batch", value=pipeline.last_batch_size
-        )
-        yield GaugeMetricFamily(
-            "gateway_resolve_batch_seconds",
-            "time to process the last batch",
-            value=pipeline.last_batch_seconds,
-        )
+        for name, doc, hist in (
+            ("gateway_resolve_batch_size", "doorbells and joins processed together", pipeline.batch_size),
+            (
+                "gateway_resolve_batch_seconds",
+                "time to resolve, encode and fan out one batch",
+                pipeline.batch_seconds,
+            ),
+            (
+                "gateway_commit_to_send_seconds",
+                "from commit to the frame handed to sockets",
+                pipeline.commit_to_send,
+            ),
+        ):
+            yield HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.sum)
         yield GaugeMetricFamily(
             "gateway_listener_connected", "1 if LISTEN is up", value=int(listener.connected)
         )

@@ -43,6 +43,7 @@ from .hub import Hub, text_frame
 from .log import EventLog, Head, LogEvent
 from .protocol import Event, Presence, Since, Subscribed, encode
 from .resolver import Resolver
+from .stats import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -135,8 +136,10 @@ class Pipeline:
         self.resolved = 0
         self.gaps_filled = 0
         self.not_recovered = 0
-        self.last_batch_size = 0
-        self.last_batch_seconds = 0.0
+        self.batch_size = Histogram(BATCH_BOUNDS)
+        self.batch_seconds = Histogram(LATENCY_BOUNDS)
+        # Commit (as written by the trigger) to the moment the frame is handed to sockets.
+        self.commit_to_send = Histogram(LATENCY_BOUNDS)
 
     # --- called from elsewhere (never await the database) --------------------------
 
@@ -201,8 +204,8 @@ class Pipeline:
                 await asyncio.sleep(0.5)
                 if self._queue.empty():
                     self._queue.put_nowait(_RESYNC)
-            self.last_batch_size = len(batch)
-            self.last_batch_seconds = time.perf_counter() - started
+            self.batch_size.observe(len(batch))
+            self.batch_seconds.observe(time.perf_counter() - started)
 
     def _drain_queue_to_resync(self) -> None:
         kept: list[object] = []
@@ -299,6 +302,8 @@ class Pipeline:
             return
         frames = await self._frames([p for _, events in plan for p in events])
         publish = self.hub.publish
+        observe = self.commit_to_send.observe
+        now = time.time()
         for topic, events in plan:
             stream = self._streams.get(topic)
             if stream is None:
@@ -307,6 +312,8 @@ class Pipeline:
                 if p.pos > stream.pos:
                     publish(topic, frames[(topic, p.pos)])
                     stream.pos = p.pos
+                    if p.ts is not None:
+                        observe(now - p.ts)
             stream.pos = max(stream.pos, targets[topic][1])
 
     def _from_log(self, e: LogEvent) -> Pending:

@@ -125,6 +125,8 @@ class Session:
         self.ws = ws
         self.conn_id = conn_id
         self.identity = identity
+        # Every line about this connection carries its id (a field in JSON logs).
+        self.log = logging.LoggerAdapter(log, {"conn": conn_id})
         self.topics: set[str] = set()
         self.presence_topics: set[str] = set()
         self.status = "online"
@@ -162,7 +164,7 @@ class Session:
 
     def _evict_slow(self) -> None:
         self.ctx.registry.evicted_slow += 1
-        log.warning("[%s] slow consumer: more than %d bytes unsent, closing", self.conn_id, self._limit)
+        self.log.warning("slow consumer: more than %d bytes unsent, closing", self._limit)
         self._leave_all()
         self._spawn(self.close(p.CloseCode.SLOW_CONSUMER, "slow consumer: send queue overflowed"))
 
@@ -171,6 +173,7 @@ class Session:
         if self.closed and self.ws.closed:
             return
         self.closed = True
+        self.log.info("closing with %d: %s", code, reason)
         self._leave_all()
         self.ctx.registry.closed_by_code[code] += 1
         with contextlib.suppress(Exception):
@@ -197,7 +200,7 @@ class Session:
                         p.ErrorCode.BINARY_FRAME, "binary frames are not part of the protocol; send JSON text"
                     )
                 elif msg.type == WSMsgType.ERROR:
-                    log.info("[%s] socket error: %s", self.conn_id, self.ws.exception())
+                    self.log.info("socket error: %s", self.ws.exception())
                     break
                 if self.closed:
                     break

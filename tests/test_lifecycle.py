@@ -108,3 +108,28 @@ async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(dsn: str
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+async def test_json_logs_carry_the_connection_id_and_never_a_token(dsn: str, tmp_path: Path) -> None:
+    import json
+
+    from .gwtest import token
+
+    gw = await GatewayProcess(dsn, tmp_path / "gw.log", log_format="json", auth_timeout=0.3).start()
+    try:
+        good = token("1")
+        client = await gw.connect("1")
+        await client.send({"type": "refresh", "token": good + "x"})  # a bad refresh: logged, token not
+        await client.expect("error")
+        silent = await gw.connect()  # never authenticates: closed by the deadline
+        with pytest.raises(Closed):
+            await silent.recv(timeout=10)
+        await client.close()
+        await silent.close()
+    finally:
+        await gw.stop()
+    lines = [json.loads(line) for line in (tmp_path / "gw.log").read_text().splitlines() if line.strip()]
+    assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    closing = [line for line in lines if line["msg"].startswith("closing with 4004")]
+    assert closing and closing[0]["conn"].startswith("c")
+    assert good not in (tmp_path / "gw.log").read_text()
