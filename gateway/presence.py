@@ -1,0 +1,432 @@
+"""Presence: who is online, across every replica, with no ghosts after a crash.
+
+The state lives in PostgreSQL (sql/002_presence.sql); this module feeds it and reads it:
+
+* ``connected`` / ``disconnected`` / ``set_status`` never touch the database themselves:
+  they record the connection's new state and wake one writer task, which sends every
+  change queued meanwhile in ONE call of ``gateway.presence_apply`` (one round trip, one
+  transaction). A burst of 5 000 reconnects after a deploy costs a handful of calls, and a
+  session never waits on the database (or on its outage) to be admitted.
+* The database derives each user's status from its connections on all replicas and, when
+  it changes, appends the change to the presence topic's event log in the same transaction.
+  Changes therefore reach subscribers on every replica through the normal pipeline, with
+  positions: nothing missed or doubled, in commit order.
+* A heartbeat task renews this replica's row every ``heartbeat_interval`` (one UPDATE,
+  whatever the number of connections). A sweeper task on every replica calls
+  ``gateway.presence_sweep`` as often; one at a time does the work (advisory lock): it removes
+  replicas silent for ``heartbeat_ttl`` with their connections, and marks offline users whose
+  last connection closed more than ``presence_grace`` ago.
+* Repair instead of failure: when any call fails (database down), or the heartbeat finds this
+  replica's row gone (it was declared dead during a long stall), the writer registers the
+  whole local set of live connections again (``p_full``) as soon as the database answers,
+  which also removes rows of connections that closed meanwhile. Until then changes are only
+  kept locally, and the failure is logged once per outage.
+
+``subscribe`` reads the snapshot and the topic head in one REPEATABLE READ transaction, sends
+the snapshot, then joins the pipeline from that position: the pipeline replays every change
+committed after the snapshot, then sends ``subscribed`` and the live changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import random
+import secrets
+import socket
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from . import protocol as p
+from .config import ConfigError, Settings
+from .hub import Hub
+from .pipeline import Unavailable
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("gateway.presence")
+
+_DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+# A grace check fires this much after the grace, so the database clock has surely passed it.
+GRACE_SLACK = 0.05
+# Deadline for one presence call; a call that misses it is repaired like a failed one.
+CALL_TIMEOUT = 10.0
+# Retry delays of the registration while the database is unreachable.
+RETRY_MIN, RETRY_MAX = 0.5, 10.0
+
+_APPLY = "SELECT gateway.presence_apply($1, $2, $3, $4, $5, $6)"
+_SNAPSHOT = (
+    "SELECT user_id, status, extract(epoch FROM last_seen)::float8 FROM gateway.presence "
+    "WHERE topic = $1 AND status <> 'offline' ORDER BY user_id"
+)
+
+
+def _replica_id() -> str:
+    """Random per process start, with host and pid so an operator can tell replicas apart."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Presence:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, hub: Hub) -> None:
+        self.settings = settings
+        self.replica_id = _replica_id()
+        self._pool = pool
+        self._hub = hub
+        self._topics = list(settings.presence_topics)
+        self._ttl = datetime.timedelta(seconds=settings.heartbeat_ttl)
+        self._grace = datetime.timedelta(seconds=settings.presence_grace)
+        # The truth of this replica: its live connections -> (user, status).
+        self._live: dict[str, tuple[str, str]] = {}
+        self._local_users: Counter[str] = Counter()
+        # Changes not written yet: conn_id -> (user, status, or None once closed). One entry
+        # per connection: only its latest state matters.
+        self._pending: dict[str, tuple[str, str | None]] = {}
+        self._due: set[str] = set()  # users whose grace has passed since they left this replica
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._wake = asyncio.Event()
+        self._need_sync = True  # the first write registers this replica
+        self._sync_asked = 0  # bumped by every request for a sync, so none is lost during one
+        self._failing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        # counters for metrics and tests
+        self.writes = 0
+        self.changes_published = 0
+        self.syncs = 0
+        self.sweeps_done = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            ok = await self._pool.fetchval(
+                "SELECT to_regprocedure('gateway.presence_apply(text,text[],text[],text[],text[],boolean)') "
+                "IS NOT NULL",
+                timeout=CALL_TIMEOUT,
+            )
+        except _DB_ERRORS as exc:
+            self._down("checking the presence tables", exc)
+            ok = True  # cannot tell; the writer keeps trying to register
+        if not ok:
+            raise ConfigError(
+                "the database has no presence tables (sql/002_presence.sql): run `gateway migrate`"
+            )
+        await self._sync()
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="presence-writer"),
+            asyncio.create_task(self._heartbeat(), name="presence-heartbeat"),
+            asyncio.create_task(self._sweeper(), name="presence-sweeper"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_crash_report)
+        log.info(
+            "presence: replica %s registered; topics %s, grace %gs, heartbeat %gs, ttl %gs",
+            self.replica_id,
+            ", ".join(self._topics),
+            self.settings.presence_grace,
+            self.settings.heartbeat_interval,
+            self.settings.heartbeat_ttl,
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        # Remove our connections now rather than waiting for the ttl: their users enter the
+        # grace, so one who reconnects to another replica in time never shows offline.
+        try:
+            await self._pool.fetchval(
+                "SELECT gateway.presence_unregister($1)", self.replica_id, timeout=CALL_TIMEOUT
+            )
+        except _DB_ERRORS as exc:
+            log.warning(
+                "presence: could not remove replica %s (%s: %s); another replica's sweep removes its "
+                "connections after GATEWAY_HEARTBEAT_TTL",
+                self.replica_id,
+                type(exc).__name__,
+                exc,
+            )
+
+    # --- connections (called by sessions; never raise, never wait on the database) ------
+
+    async def connected(self, session: Session) -> None:
+        assert session.identity is not None
+        user = session.identity.user
+        self._live[session.conn_id] = (user, session.status)
+        self._local_users[user] += 1
+        self._queue(session.conn_id, user, session.status)
+
+    async def disconnected(self, session: Session) -> None:
+        entry = self._live.pop(session.conn_id, None)
+        if entry is None:
+            return
+        user = entry[0]
+        self._local_users[user] -= 1
+        if self._local_users[user] <= 0:
+            del self._local_users[user]
+        self._queue(session.conn_id, user, None)
+
+    async def set_status(self, session: Session, status: str) -> None:
+        entry = self._live.get(session.conn_id)
+        if entry is None or entry[1] == status:
+            return
+        self._live[session.conn_id] = (entry[0], status)
+        self._queue(session.conn_id, entry[0], status)
+
+    def _queue(self, conn_id: str, user: str, status: str | None) -> None:
+        self._pending[conn_id] = (user, status)
+        self._wake.set()
+
+    # --- subscriptions ------------------------------------------------------------------
+
+    async def subscribe(self, session: Session, topic: str, req_id: int | None) -> None:
+        try:
+            async with self._pool.acquire(timeout=CALL_TIMEOUT) as conn:
+                # Outside the snapshot transaction: a topic nobody published to yet gets its
+                # row (and epoch) here, so the head read below always finds one.
+                await conn.execute(
+                    "INSERT INTO gateway.topics (topic) VALUES ($1) ON CONFLICT DO NOTHING",
+                    topic,
+                    timeout=CALL_TIMEOUT,
+                )
+                # One snapshot for both reads: a change is in the rows and below the head, or
+                # in neither, and then the pipeline replays it after the head.
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    head = await conn.fetchrow(
+                        "SELECT epoch, pos FROM gateway.topics WHERE topic = $1", topic, timeout=CALL_TIMEOUT
+                    )
+                    rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
+        except _DB_ERRORS as exc:
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        if head is None:
+            raise Unavailable(f"topic {topic} was reset while subscribing; subscribe again")
+        if session.closed or topic not in session.presence_topics:
+            return  # closed or unsubscribed while we read
+        session.send(
+            p.Presence(
+                topic=topic,
+                snapshot=[p.PresenceEntry(user=r[0], status=r[1], last_seen=r[2]) for r in rows],
+            )
+        )
+        pipeline = session.ctx.pipeline
+        await pipeline.join(topic, session, p.Since(pos=head["pos"], epoch=head["epoch"]), req_id)
+        if session.closed or topic not in session.presence_topics:
+            # It left while the join was queued: the join added it to the hub after the leave.
+            pipeline.leave(topic, session)
+
+    def unsubscribe(self, session: Session, topic: str) -> None:
+        session.ctx.pipeline.leave(topic, session)
+
+    # --- the writer ---------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._need_sync:
+                if not await self._sync():
+                    # Changes keep accumulating in self._live; the next sync carries them all.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX, self.settings.heartbeat_interval)
+                    self._wake.set()
+                    continue
+                delay = RETRY_MIN
+            if self._pending:
+                batch, self._pending = self._pending, {}
+                await self._apply(batch)
+            if self._due and not self._need_sync:
+                users, self._due = sorted(self._due), set()
+                await self._check_grace(users)
+
+    async def _sync(self) -> bool:
+        """Register this replica with its complete set of live connections."""
+        self._need_sync = True
+        # The full set supersedes queued changes. Users who closed their last connection
+        # meanwhile enter the grace with this write; check them when it has passed.
+        left = {user for user, status in self._pending.values() if status is None}
+        self._pending.clear()
+        live = dict(self._live)
+        conns = list(live)
+        asked = self._sync_asked
+        try:
+            changed = await self._pool.fetchval(
+                _APPLY,
+                self.replica_id,
+                self._topics,
+                conns,
+                [live[c][0] for c in conns],
+                [live[c][1] for c in conns],
+                True,
+                timeout=CALL_TIMEOUT,
+            )
+        except _DB_ERRORS as exc:
+            self._down("registering this replica", exc)
+            return False
+        self._up()
+        # A failure reported while this call was in flight asks for another sync.
+        self._need_sync = self._sync_asked != asked
+        self.syncs += 1
+        self.writes += 1
+        self.changes_published += changed
+        for user in left - set(self._local_users):
+            self._schedule_grace_check(user)
+        return True
+
+    async def _apply(self, batch: dict[str, tuple[str, str | None]]) -> None:
+        conns = list(batch)
+        try:
+            changed = await self._pool.fetchval(
+                _APPLY,
+                self.replica_id,
+                self._topics,
+                conns,
+                [batch[c][0] for c in conns],
+                [batch[c][1] for c in conns],
+                False,
+                timeout=CALL_TIMEOUT,
+            )
+        except _DB_ERRORS as exc:
+            # Whether it committed is unknown (a timeout): register the full set again.
+            self._down("writing connection changes", exc)
+            self._resync()
+            return
+        self._up()
+        self.writes += 1
+        if changed < 0:
+            log.warning(
+                "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
+                "registering its %d connection(s) again",
+                self.replica_id,
+                len(self._live),
+            )
+            self._resync()
+            return
+        self.changes_published += changed
+        for user, status in batch.values():
+            if status is None and user not in self._local_users:
+                self._schedule_grace_check(user)
+
+    def _schedule_grace_check(self, user: str) -> None:
+        """End the grace of a user who left here promptly, instead of at the next sweep."""
+        loop = asyncio.get_running_loop()
+
+        def due() -> None:
+            self._timers.discard(handle)
+            if user not in self._local_users:
+                self._due.add(user)
+                self._wake.set()
+
+        handle = loop.call_later(self.settings.presence_grace + GRACE_SLACK, due)
+        self._timers.add(handle)
+
+    async def _check_grace(self, users: list[str]) -> None:
+        try:
+            changed = await self._pool.fetchval(
+                "SELECT gateway.presence_sweep($1, $2, $3)",
+                self._ttl,
+                self._grace,
+                users,
+                timeout=CALL_TIMEOUT,
+            )
+        except _DB_ERRORS as exc:
+            self._down("ending the grace of users who left", exc)
+            self._resync()
+            return  # the periodic sweep of any replica ends it
+        self._up()
+        self.changes_published += changed
+
+    # --- heartbeat and sweep ------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            if self._need_sync:
+                continue  # the writer is registering; that renews the heartbeat too
+            try:
+                alive = await self._pool.fetchval(
+                    "SELECT gateway.presence_heartbeat($1)", self.replica_id, timeout=CALL_TIMEOUT
+                )
+            except _DB_ERRORS as exc:
+                self._down("heartbeat", exc)
+                self._resync()
+                continue
+            self._up()
+            if not alive:
+                log.warning(
+                    "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
+                    "registering its %d connection(s) again",
+                    self.replica_id,
+                    len(self._live),
+                )
+                self._resync()
+
+    async def _sweeper(self) -> None:
+        interval = self.settings.heartbeat_interval
+        # Replicas started together would all try at the same instant; spread them out.
+        await asyncio.sleep(random.uniform(0, interval))
+        while True:
+            try:
+                changed = await self._pool.fetchval(
+                    "SELECT gateway.presence_sweep($1, $2)", self._ttl, self._grace, timeout=CALL_TIMEOUT
+                )
+            except _DB_ERRORS as exc:
+                self._down("sweep", exc)
+                self._resync()
+            else:
+                self._up()
+                if changed >= 0:
+                    self.sweeps_done += 1
+                    self.changes_published += changed
+            await asyncio.sleep(interval)
+
+    def _resync(self) -> None:
+        """After any failed call, write the full live set once the database answers again.
+
+        The outage may have lost more than the failed call: with synchronous_commit off, a
+        crashed server forgets commits it had acknowledged, rows an operator deleted... The
+        full set (one call) makes the database agree with this replica whatever happened.
+        """
+        self._need_sync = True
+        self._sync_asked += 1
+        self._wake.set()
+
+    # --- logging the database's state once per outage ------------------------------------
+
+    def _down(self, what: str, exc: BaseException) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "presence: cannot reach the database (%s: %s: %s); presence is repaired when it is back",
+                what,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _up(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("presence: database reachable again")
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "replica": self.replica_id,
+            "connections": len(self._live),
+            "users": len(self._local_users),
+            "pending": len(self._pending),
+            "registered": not self._need_sync,
+        }
+
+
+def _crash_report(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("presence task %s crashed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,629 @@
+"""Presence: the SQL functions on a real PostgreSQL, then real gateway processes on real sockets.
+
+The process tests run ``python -m gateway serve`` (one worker each) with short timings, so a
+whole crash-and-sweep cycle takes about two seconds: heartbeat every 0.5 s, a replica is dead
+after 1.5 s of silence, a user is offline 1 s after its last connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from .gwtest import REPO, Client, GatewayProcess, token
+
+TOPIC = "presence:global"
+WATCH = ["presence:*"]  # the grant a presence subscriber's token carries
+FAST = {"presence": "true", "heartbeat_interval": "0.5", "heartbeat_ttl": "1.5", "presence_grace": "1"}
+# The offline bound after a kill -9 with FAST settings: max(ttl, grace) + interval.
+FAST_BOUND = 2.0
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+async def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+async def val(dsn: str, query: str, *args: Any) -> Any:
+    rows = await sql(dsn, query, *args)
+    return rows[0][0] if rows else None
+
+
+async def logged_changes(dsn: str, topic: str = TOPIC) -> list[tuple[str, str]]:
+    """(user, status) of every presence change in the event log, in position order."""
+    rows = await sql(dsn, "SELECT data FROM gateway.events WHERE topic = $1 ORDER BY pos", topic)
+    out = []
+    for r in rows:
+        data = json.loads(r["data"])  # asyncpg hands jsonb over as text
+        out.append((data["user"], data["status"]))
+    return out
+
+
+async def wait_for(dsn: str, query: str, *args: Any, timeout: float = 20.0) -> None:
+    """Poll until ``query`` returns true (database state, not timing, is what is checked)."""
+    deadline = time.monotonic() + timeout
+    while not await val(dsn, query, *args):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout}s: {query} {args}")
+        await asyncio.sleep(0.05)
+
+
+class Watcher:
+    """A presence subscriber: applies the snapshot and every change frame to ``status``."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.status: dict[str, str] = {}
+        self.changes: list[dict[str, Any]] = []
+
+    async def subscribe(self, topic: str = TOPIC) -> dict[str, Any]:
+        await self.client.send({"type": "subscribe", "topic": topic, "id": 7})
+        snap = await self.client.recv()
+        assert snap["type"] == "presence" and "snapshot" in snap, snap
+        assert snap["topic"] == topic
+        self.status = {e["user"]: e["status"] for e in snap["snapshot"]}
+        while True:
+            frame = await self.client.recv()
+            if frame["type"] == "subscribed":
+                assert frame["topic"] == topic and frame["id"] == 7
+                return frame
+            self._apply(frame)
+
+    def _apply(self, frame: dict[str, Any]) -> None:
+        assert frame["type"] == "presence" and "change" in frame, frame
+        change = frame["change"]
+        assert set(change) == {"user", "status", "last_seen"}, change
+        self.changes.append(change)
+        self.status[change["user"]] = change["status"]
+
+    def of(self, user: str) -> list[str]:
+        return [c["status"] for c in self.changes if c["user"] == user]
+
+    async def until(self, expected: dict[str, str], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(self.status.get(u, "offline") != s for u, s in expected.items()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"expected {expected}, have {self.status}")
+            try:
+                frame = await self.client.recv(remaining)
+            except TimeoutError:
+                raise AssertionError(f"expected {expected}, have {self.status}") from None
+            self._apply(frame)
+
+
+class Cluster:
+    """Gateway processes and the clients connected to them, all stopped at the end."""
+
+    def __init__(self, dsn: str, tmp_path: Path) -> None:
+        self.dsn = dsn
+        self.tmp_path = tmp_path
+        self.gateways: list[GatewayProcess] = []
+        self.clients: list[Client] = []
+
+    async def start(self, n: int, **overrides: str) -> list[GatewayProcess]:
+        settings = {**FAST, **overrides}
+        first = len(self.gateways)
+        new = [GatewayProcess(self.dsn, self.tmp_path / f"gw{first + i}.log", **settings) for i in range(n)]
+        self.gateways += new
+        await asyncio.gather(*(g.start() for g in new))
+        return new
+
+    async def connect(self, gw: GatewayProcess, user: str, topics: list[str] | None = None) -> Client:
+        client = Client(gw.ws_url)
+        await client.open()
+        self.clients.append(client)
+        await client.auth(token(user, topics=topics))
+        return client
+
+    async def watch(self, gw: GatewayProcess, user: str) -> Watcher:
+        watcher = Watcher(await self.connect(gw, user, WATCH))
+        await watcher.subscribe()
+        return watcher
+
+    async def close(self) -> None:
+        for c in self.clients:
+            with contextlib.suppress(Exception):
+                await c.close()
+        for g in self.gateways:
+            await g.stop()
+
+
+@pytest.fixture
+async def cluster(dsn: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(dsn, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+# --- the SQL functions, directly -----------------------------------------------------------
+
+
+async def test_migration_is_idempotent(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
+        await conn.execute((REPO / "sql" / "002_presence.sql").read_text())
+        rows = await conn.fetch("SELECT user_id, status FROM gateway.presence")
+        assert [tuple(r) for r in rows] == [("alice", "online")]
+    finally:
+        await conn.close()
+
+
+async def test_five_tabs_cost_one_change_each_way_and_offline_waits_for_the_grace(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for i in range(5):
+            await conn.execute("SELECT gateway.presence_connect($1, $2, 'alice')", f"r{i % 2}", f"c{i}")
+        assert await logged_changes(dsn) == [("alice", "online")]
+
+        # Away only when every tab is away; one tab back is enough for online.
+        for i in range(4):
+            assert (
+                await conn.fetchval(
+                    "SELECT gateway.presence_set_status($1, $2, 'away')", f"r{i % 2}", f"c{i}"
+                )
+                == 0
+            )
+        assert await conn.fetchval("SELECT gateway.presence_set_status('r0', 'c4', 'away')") == 1
+        assert await conn.fetchval("SELECT gateway.presence_set_status('r1', 'c1', 'online')") == 1
+
+        for i in (0, 2, 3, 4, 1):  # the online tab last: closing away tabs changes nothing
+            assert (
+                await conn.fetchval("SELECT gateway.presence_disconnect($1, $2)", f"r{i % 2}", f"c{i}") == 0
+            )
+        # Inside the grace: still online, the time of leaving kept, nothing published.
+        row = await conn.fetchrow("SELECT status, left_at FROM gateway.presence WHERE user_id = 'alice'")
+        assert row["status"] == "online" and row["left_at"] is not None
+        assert await conn.fetchval("SELECT gateway.presence_sweep('1 min', '1 hour', ARRAY['alice'])") == 0
+
+        assert await conn.fetchval("SELECT gateway.presence_sweep('1 min', '0 s', ARRAY['alice'])") == 1
+        row = await conn.fetchrow(
+            "SELECT status, last_seen, left_at FROM gateway.presence WHERE topic = $1 AND user_id = 'alice'",
+            TOPIC,
+        )
+        assert row["status"] == "offline" and row["left_at"] is None
+        assert await logged_changes(dsn) == [
+            ("alice", "online"),
+            ("alice", "away"),
+            ("alice", "online"),
+            ("alice", "offline"),
+        ]
+        # The published last_seen is the time the last connection closed, as stored.
+        last = await conn.fetchval(
+            "SELECT (data->>'last_seen')::float8 FROM gateway.events WHERE topic = $1 ORDER BY pos DESC LIMIT 1",
+            TOPIC,
+        )
+        assert last == pytest.approx(row["last_seen"].timestamp(), abs=1e-6)
+    finally:
+        await conn.close()
+
+
+async def test_reconnect_inside_the_grace_publishes_nothing(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'bob')")
+        await conn.execute("SELECT gateway.presence_disconnect('r1', 'c1')")
+        await conn.execute("SELECT gateway.presence_connect('r2', 'c1', 'bob')")
+        # The reconnect ended the grace: even a zero grace sweep finds nothing to do.
+        assert await conn.fetchval("SELECT gateway.presence_sweep('1 min', '0 s')") == 0
+        assert await conn.fetchval("SELECT left_at FROM gateway.presence WHERE user_id = 'bob'") is None
+        assert await logged_changes(dsn) == [("bob", "online")]
+    finally:
+        await conn.close()
+
+
+async def test_a_dead_replica_is_swept_and_its_users_go_offline(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT gateway.presence_connect('dead', 'c1', 'alice')")
+        await conn.execute("SELECT gateway.presence_connect('dead', 'c2', 'bob')")
+        await conn.execute("SELECT gateway.presence_connect('live', 'c1', 'bob')")
+        # The replica 'dead' last spoke a minute ago (everything it did, before that).
+        await conn.execute(
+            "UPDATE gateway.replicas SET heartbeat_at = heartbeat_at - interval '1 min' WHERE replica_id = 'dead';"
+            "UPDATE gateway.presence_connections SET connected_at = connected_at - interval '1 min';"
+            "UPDATE gateway.presence SET last_seen = last_seen - interval '1 min'"
+        )
+        dead_hb = await conn.fetchval("SELECT heartbeat_at FROM gateway.replicas WHERE replica_id = 'dead'")
+
+        # Another replica holds the sweep lock: this one skips.
+        other = await asyncpg.connect(dsn)
+        try:
+            async with other.transaction():
+                await other.execute("SELECT pg_advisory_xact_lock(7455532644695372654)")
+                assert await conn.fetchval("SELECT gateway.presence_sweep('30 s', '5 s')") == -1
+        finally:
+            await other.close()
+
+        assert await conn.fetchval("SELECT gateway.presence_sweep('30 s', '5 s')") == 1
+        assert [r[0] for r in await conn.fetch("SELECT replica_id FROM gateway.replicas")] == ["live"]
+        conns = await conn.fetch("SELECT replica_id, user_id FROM gateway.presence_connections")
+        assert [tuple(r) for r in conns] == [("live", "bob")]
+        rows = {r["user_id"]: r for r in await conn.fetch("SELECT * FROM gateway.presence")}
+        assert rows["bob"]["status"] == "online"
+        # Last seen when its replica was last heard of.
+        assert rows["alice"]["status"] == "offline" and rows["alice"]["last_seen"] == dead_hb
+        assert await logged_changes(dsn) == [("alice", "online"), ("bob", "online"), ("alice", "offline")]
+
+        # The dead replica, if it was only stalled, learns it must register again.
+        assert await conn.fetchval("SELECT gateway.presence_heartbeat('dead')") is False
+        assert await conn.fetchval("SELECT gateway.presence_heartbeat('live')") is True
+        assert (
+            await conn.fetchval(
+                "SELECT gateway.presence_apply('dead', $1, ARRAY['c3'], ARRAY['alice'], ARRAY['online'])",
+                [TOPIC],
+            )
+            == -1
+        )
+        assert await conn.fetchval("SELECT count(*) FROM gateway.presence_connections") == 1
+    finally:
+        await conn.close()
+
+
+async def test_full_apply_replaces_the_replicas_connections(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c2', 'bob')")
+        # After an outage the replica states its complete set: bob's close was lost.
+        changed = await conn.fetchval(
+            "SELECT gateway.presence_apply('r1', $1, ARRAY['c1', 'c3'], ARRAY['alice', 'carol'], "
+            "ARRAY['away', 'online'], true)",
+            [TOPIC],
+        )
+        assert changed == 2  # alice away, carol online; bob enters the grace
+        rows = await conn.fetch(
+            "SELECT conn_id, user_id, status FROM gateway.presence_connections ORDER BY 1"
+        )
+        assert [tuple(r) for r in rows] == [("c1", "alice", "away"), ("c3", "carol", "online")]
+        bob = await conn.fetchrow("SELECT status, left_at FROM gateway.presence WHERE user_id = 'bob'")
+        assert bob["status"] == "online" and bob["left_at"] is not None
+    finally:
+        await conn.close()
+
+
+async def test_two_tabs_going_away_at_once_make_the_user_away(dsn: str) -> None:
+    """The race the per-user lock exists for: each transaction alone still sees the other tab
+    online, so without serialisation neither would publish and the user would stay online."""
+    setup = await asyncpg.connect(dsn)
+    first = await asyncpg.connect(dsn)
+    second = await asyncpg.connect(dsn)
+    try:
+        await setup.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
+        await setup.execute("SELECT gateway.presence_connect('r2', 'c1', 'alice')")
+        tx = first.transaction()
+        await tx.start()
+        await first.fetchval("SELECT gateway.presence_set_status('r1', 'c1', 'away')")
+        pid = second.get_server_pid()
+        other = asyncio.ensure_future(
+            second.fetchval("SELECT gateway.presence_set_status('r2', 'c1', 'away')")
+        )
+        # Let the second transaction run until it either finished or waits for the first's lock.
+        while not other.done() and not await setup.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)", pid
+        ):
+            await asyncio.sleep(0.01)
+        await tx.commit()
+        await other
+        assert await setup.fetchval("SELECT status FROM gateway.presence WHERE user_id = 'alice'") == "away"
+        assert await logged_changes(dsn) == [("alice", "online"), ("alice", "away")]
+    finally:
+        for c in (setup, first, second):
+            await c.close()
+
+
+WORKERS, OPS = 12, 40
+
+
+async def test_concurrent_transitions_of_one_user_on_many_replicas_converge(dsn: str) -> None:
+    """Twelve sessions change two users' connections at once; the stored status must end up
+    derived from the connections, and the published changes must alternate (never doubled)."""
+    rng = random.Random(7)
+    users = ["u1", "u2"]  # few users, many sessions: as much contention as possible
+
+    async def worker(n: int) -> None:
+        conn = await asyncpg.connect(dsn)
+        mine: dict[str, str] = {}  # conn_id -> user
+        try:
+            for i in range(OPS):
+                op = rng.random()
+                if not mine or op < 0.4:
+                    cid, user = f"w{n}c{i}", rng.choice(users)
+                    mine[cid] = user
+                    await conn.execute(
+                        "SELECT gateway.presence_connect($1, $2, $3, $4)",
+                        f"r{n}",
+                        cid,
+                        user,
+                        rng.choice(["online", "away"]),
+                    )
+                elif op < 0.7:
+                    cid = rng.choice(list(mine))
+                    await conn.execute(
+                        "SELECT gateway.presence_set_status($1, $2, $3)",
+                        f"r{n}",
+                        cid,
+                        rng.choice(["online", "away"]),
+                    )
+                else:
+                    cid = rng.choice(list(mine))
+                    del mine[cid]
+                    await conn.execute("SELECT gateway.presence_disconnect($1, $2)", f"r{n}", cid)
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(worker(n) for n in range(WORKERS)))
+
+    changes = await logged_changes(dsn)
+    positions = [
+        r[0] for r in await sql(dsn, "SELECT pos FROM gateway.events WHERE topic = $1 ORDER BY pos", TOPIC)
+    ]
+    assert positions == list(range(1, len(positions) + 1))
+    for user in users:
+        seen = [s for u, s in changes if u == user]
+        assert seen, f"{user} never changed"
+        assert all(a != b for a, b in itertools.pairwise(seen)), f"{user} published twice: {seen}"
+        derived = await val(
+            dsn,
+            "SELECT CASE WHEN bool_or(status = 'online') THEN 'online' WHEN bool_or(status = 'away') THEN 'away' END "
+            "FROM gateway.presence_connections WHERE user_id = $1",
+            user,
+        )
+        row = (await sql(dsn, "SELECT status, left_at FROM gateway.presence WHERE user_id = $1", user))[0]
+        assert row["status"] == seen[-1]  # the log and the table agree
+        if derived is None:
+            assert row["left_at"] is not None  # in the grace
+        else:
+            assert row["status"] == derived and row["left_at"] is None
+
+
+async def test_bad_input_is_refused_with_a_message_naming_it(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        cases = [
+            (
+                "SELECT gateway.presence_apply('r', $1, ARRAY['c1'], ARRAY['u', 'v'], ARRAY['online'])",
+                "same length",
+            ),
+            ("SELECT gateway.presence_apply('r', $1, ARRAY['c1'], ARRAY['u'], ARRAY['busy'])", "not busy"),
+            (
+                "SELECT gateway.presence_apply('r', $1, ARRAY['c1', 'c1'], ARRAY['u', 'u'], ARRAY['online', 'away'])",
+                "appears twice",
+            ),
+            ("SELECT gateway.presence_apply('', $1, '{}', '{}', '{}')", "replica id"),
+            (
+                "SELECT gateway.presence_connect('r', 'c1', 'u', 'online', ARRAY['room:1'])",
+                "start with presence:",
+            ),
+            ("SELECT gateway.presence_set_status('r', 'nope', 'away')", "no connection nope"),
+            ("SELECT gateway.presence_set_status('r', 'c1', 'busy')", "online or away, not busy"),
+            ("SELECT gateway.presence_sweep('0 s', '1 s')", "ttl must be a positive interval"),
+            ("SELECT gateway.presence_sweep('1 s', '-1 s')", "grace must be an interval of 0 or more"),
+        ]
+        for query, message in cases:
+            args = [[TOPIC]] if "$1" in query else []
+            with pytest.raises(asyncpg.RaiseError, match=message):
+                await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+# --- real gateway processes ----------------------------------------------------------------
+
+
+async def test_statuses_converge_on_subscribers_of_both_replicas(cluster: Cluster) -> None:
+    gw1, gw2 = await cluster.start(2)
+    early = await cluster.watch(gw1, "watch1")  # sees the changes live
+    await cluster.connect(gw1, "alice")
+    await cluster.connect(gw2, "bob")
+    await cluster.connect(gw1, "carol")
+    await cluster.connect(gw2, "carol")
+    everyone = {"alice": "online", "bob": "online", "carol": "online", "watch1": "online"}
+    await early.until(everyone)
+    late = await cluster.watch(gw2, "watch2")  # starts from the snapshot
+    everyone["watch2"] = "online"
+    await late.until(everyone)
+    await early.until(everyone)
+    # Four users, one online change each (carol's second tab changed nothing).
+    assert sorted(early.of("carol")) == ["online"]
+    assert early.status == late.status
+
+    # The table is plain SQL.
+    rows = await sql(
+        cluster.dsn,
+        "SELECT user_id, status, last_seen FROM gateway.presence WHERE topic = 'presence:global' ORDER BY user_id",
+    )
+    assert {r["user_id"]: r["status"] for r in rows} == everyone
+    assert all(r["last_seen"] is not None for r in rows)
+
+
+async def test_a_user_stays_online_while_one_connection_remains_then_goes_offline_after_the_grace(
+    cluster: Cluster,
+) -> None:
+    gw1, gw2 = await cluster.start(2, presence_grace="4")
+    watcher = await cluster.watch(gw2, "watch")
+    a1 = await cluster.connect(gw1, "alice")
+    a2 = await cluster.connect(gw2, "alice")
+    await watcher.until({"alice": "online"})
+    await wait_for(
+        cluster.dsn, "SELECT count(*) = 2 FROM gateway.presence_connections WHERE user_id = 'alice'"
+    )
+
+    await a1.close()
+    await wait_for(
+        cluster.dsn, "SELECT count(*) = 1 FROM gateway.presence_connections WHERE user_id = 'alice'"
+    )
+    # One connection left, so no grace even started.
+    row = (await sql(cluster.dsn, "SELECT status, left_at FROM gateway.presence WHERE user_id = 'alice'"))[0]
+    assert row["status"] == "online" and row["left_at"] is None
+
+    # A reload: the last tab closes and a new one opens on the other replica within the grace.
+    await a2.close()
+    await wait_for(cluster.dsn, "SELECT left_at IS NOT NULL FROM gateway.presence WHERE user_id = 'alice'")
+    a3 = await cluster.connect(gw1, "alice")
+    await wait_for(cluster.dsn, "SELECT left_at IS NULL FROM gateway.presence WHERE user_id = 'alice'")
+    assert await val(cluster.dsn, "SELECT status FROM gateway.presence WHERE user_id = 'alice'") == "online"
+
+    # Now leave for good: offline once the grace has passed, and seen on the subscriber.
+    await a3.close()
+    left = time.monotonic()
+    await watcher.until({"alice": "offline"}, timeout=30)
+    print(f"offline {time.monotonic() - left:.2f}s after the last close (grace 4s)")
+    assert watcher.of("alice") == ["online", "offline"]  # the reload published nothing
+    assert [s for u, s in await logged_changes(cluster.dsn) if u == "alice"] == ["online", "offline"]
+
+
+async def test_away_and_online_follow_every_connection(cluster: Cluster) -> None:
+    gw1, gw2 = await cluster.start(2)
+    w1 = await cluster.watch(gw1, "watch1")
+    w2 = await cluster.watch(gw2, "watch2")
+    a1 = await cluster.connect(gw1, "alice")
+    a2 = await cluster.connect(gw2, "alice")
+    await w1.until({"alice": "online"})
+    await wait_for(
+        cluster.dsn, "SELECT count(*) = 2 FROM gateway.presence_connections WHERE user_id = 'alice'"
+    )
+
+    await a1.send({"type": "status", "status": "away"})
+    await wait_for(
+        cluster.dsn,
+        "SELECT count(*) = 1 FROM gateway.presence_connections WHERE user_id = 'alice' AND status = 'away'",
+    )
+    await a2.send({"type": "status", "status": "away"})
+    await w1.until({"alice": "away"})
+    await w2.until({"alice": "away"})
+    await a1.send({"type": "status", "status": "online"})
+    await w1.until({"alice": "online"})
+    await w2.until({"alice": "online"})
+    assert w1.of("alice") == ["online", "away", "online"]  # one tab away changed nothing
+    assert w2.of("alice") == ["online", "away", "online"]
+
+    await a1.send({"type": "status", "status": "busy"})
+    error = await a1.expect("error")
+    assert error["code"] == "bad_message" and "status" in error["message"]
+
+
+async def test_kill_9_replica_users_go_offline_within_the_bound(cluster: Cluster) -> None:
+    victim, survivor = await cluster.start(2)
+    watcher = await cluster.watch(survivor, "watch")
+    await cluster.connect(victim, "alice")
+    await cluster.connect(victim, "bob")
+    await cluster.connect(survivor, "bob")
+    await watcher.until({"alice": "online", "bob": "online"})
+    await wait_for(
+        cluster.dsn, "SELECT count(*) = 3 FROM gateway.presence_connections WHERE user_id <> 'watch'"
+    )
+
+    killed = time.monotonic()
+    victim.kill()
+    # Generous deadline for a loaded machine; the measured time is printed.
+    await watcher.until({"alice": "offline"}, timeout=FAST_BOUND + 20)
+    print(f"offline {time.monotonic() - killed:.2f}s after kill -9 (bound {FAST_BOUND}s)")
+    assert watcher.status["bob"] == "online"
+    assert watcher.of("bob") == ["online"]
+    assert await val(cluster.dsn, "SELECT count(*) FROM gateway.replicas") == 1
+    rows = await sql(cluster.dsn, "SELECT user_id, status FROM gateway.presence ORDER BY user_id")
+    assert [tuple(r) for r in rows] == [("alice", "offline"), ("bob", "online"), ("watch", "online")]
+
+
+async def test_subscribers_only_see_topics_they_are_granted(cluster: Cluster) -> None:
+    (gw,) = await cluster.start(1, presence_topics="presence:global,presence:staff")
+    nobody = await cluster.connect(gw, "nobody")
+    await nobody.send({"type": "subscribe", "topic": TOPIC, "id": 1})
+    error = await nobody.expect("error")
+    assert error["code"] == "forbidden" and error["topic"] == TOPIC
+
+    staff_only = await cluster.connect(gw, "staffer", ["presence:staff"])
+    await staff_only.send({"type": "subscribe", "topic": TOPIC, "id": 2})
+    assert (await staff_only.expect("error"))["code"] == "forbidden"
+    watcher = Watcher(staff_only)
+    await watcher.subscribe("presence:staff")
+    await watcher.until({"staffer": "online", "nobody": "online"})
+
+
+async def test_a_replica_declared_dead_while_alive_registers_its_connections_again(cluster: Cluster) -> None:
+    (gw,) = await cluster.start(1, presence_grace="30")
+    watcher = await cluster.watch(gw, "watch")
+    await cluster.connect(gw, "alice")
+    await watcher.until({"alice": "online"})
+    replica = await val(cluster.dsn, "SELECT replica_id FROM gateway.replicas")
+    # As a sweep does to a replica that stalled longer than the ttl.
+    await sql(cluster.dsn, "SELECT gateway.presence_unregister($1)", replica)
+    assert await val(cluster.dsn, "SELECT count(*) FROM gateway.presence_connections") == 0
+    # Its next heartbeat finds its row gone and it writes its live connections back.
+    await wait_for(cluster.dsn, "SELECT count(*) = 2 FROM gateway.presence_connections")
+    assert await val(cluster.dsn, "SELECT replica_id FROM gateway.replicas") == replica
+    rows = await sql(cluster.dsn, "SELECT user_id, status, left_at FROM gateway.presence ORDER BY user_id")
+    assert [tuple(r) for r in rows] == [("alice", "online", None), ("watch", "online", None)]
+    assert watcher.of("alice") == ["online"]
+
+
+async def test_clean_shutdown_hands_users_to_the_grace(cluster: Cluster) -> None:
+    leaving, staying = await cluster.start(2)
+    watcher = await cluster.watch(staying, "watch")
+    await cluster.connect(leaving, "alice")
+    await watcher.until({"alice": "online"})
+    await wait_for(
+        cluster.dsn, "SELECT count(*) = 1 FROM gateway.presence_connections WHERE user_id = 'alice'"
+    )
+    leaving.signal(signal.SIGTERM)
+    assert await leaving.wait_exit() == 0
+    # Its row and connections are gone at once; the survivor's sweep ends alice's grace.
+    assert await val(cluster.dsn, "SELECT count(*) FROM gateway.replicas") == 1
+    await watcher.until({"alice": "offline"})
+
+
+async def test_presence_is_repaired_after_a_database_outage(
+    cluster: Cluster, pg_restart: Any, tmp_path: Path
+) -> None:
+    (gw,) = await cluster.start(1)
+    watcher = await cluster.watch(gw, "watch")
+    await cluster.connect(gw, "alice")
+    bob = await cluster.connect(gw, "bob")
+    await watcher.until({"alice": "online", "bob": "online"})
+    await wait_for(cluster.dsn, "SELECT count(*) = 3 FROM gateway.presence_connections")
+
+    # The test cluster commits asynchronously: make what is committed survive the crash.
+    await sql(cluster.dsn, "CHECKPOINT")
+    await pg_restart.adown()
+    # While the database is away: a connection opens and one closes. Neither may fail.
+    await cluster.connect(gw, "carol")
+    await bob.close()
+    await asyncio.sleep(1.0)  # let the gateway try (and fail) to write both
+    await pg_restart.aup()
+
+    # The gateway writes its live set back: carol is there, bob's lost close is applied and his
+    # grace ends. The watcher's subscription may have been cut; the database is the judge.
+    await wait_for(
+        cluster.dsn,
+        "SELECT array_agg(user_id ORDER BY user_id) = ARRAY['alice', 'carol', 'watch'] "
+        "FROM gateway.presence_connections",
+        timeout=30,
+    )
+    await wait_for(
+        cluster.dsn, "SELECT status = 'offline' FROM gateway.presence WHERE user_id = 'bob'", timeout=30
+    )
+    assert await val(cluster.dsn, "SELECT status FROM gateway.presence WHERE user_id = 'carol'") == "online"
+    log_text = (tmp_path / "gw0.log").read_text()
+    assert log_text.count("presence: cannot reach the database") == 1, log_text[-3000:]
+    assert "presence: database reachable again" in log_text
