@@ -224,10 +224,16 @@ class Settings:
         5.0, "time after the last connection closes before a user is offline", parse_duration
     )
     heartbeat_interval: float = _setting(
-        10.0, "how often a replica renews its connections", parse_duration, minimum=0.5
+        5.0,
+        "how often a replica renews its presence heartbeat and tries to sweep dead replicas",
+        parse_duration,
+        minimum=0.5,
     )
     heartbeat_ttl: float = _setting(
-        30.0, "a replica silent for this long is dead; its connections are swept", parse_duration, minimum=1
+        20.0,
+        "a replica silent for this long is dead and its connections are swept (offline within ttl+interval+grace)",
+        parse_duration,
+        minimum=1,
     )
     # Operations
     drain_timeout: float = _setting(10.0, "on SIGTERM, time to close clients before exiting", parse_duration)

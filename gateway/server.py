@@ -125,7 +125,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         from .presence import Presence
 
         ctx.presence = Presence(s, pool, hub)
-        await ctx.presence.start()
+        try:
+            await ctx.presence.start()
+        except BaseException:
+            await authenticator.close()
+            await pool.close()
+            raise
     listener = Listener(
         s.database_url,
         pipeline.notify,

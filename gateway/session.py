@@ -370,6 +370,8 @@ class Session:
         self.topics.add(topic)
         try:
             await self.ctx.pipeline.join(topic, self, msg.since, req_id)
+            if topic not in self.topics:  # dropped (refresh revoked it, or closing) meanwhile
+                self.ctx.pipeline.leave(topic, self)
         except Unavailable as exc:
             self.topics.discard(topic)
             self.error(
