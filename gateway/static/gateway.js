@@ -267,7 +267,8 @@
       this._clear("refresh");
       if (!expires || typeof this.options.token !== "function") return;
       const left = expires * 1000 - Date.now();
-      const delay = Math.max(5000, Math.min(left * 0.8, left - 30000)); // floor: a skewed clock must not spin
+      // at least 1 s (a skewed clock must not spin), yet within a short token's life
+      const delay = Math.max(Math.max(1000, Math.min(5000, left / 2)), Math.min(left * 0.8, left - 30000));
       this._timer("refresh", () => this._refresh(), Math.min(delay, 2e9)); // setTimeout overflows at 2^31 ms
     }
 

@@ -1,0 +1,437 @@
+"""End to end in a real Chromium: the browser client and the demo page against the REAL gateway.
+
+Every test here runs the real gateway (in this process with ``running_gateway``, or as a child
+process when it must be signalled) on a real PostgreSQL database of its own, and the real
+``gateway/static/gateway.js`` in Chromium. Rows are committed with asyncpg, exactly as an
+application would; what the page received is read back from arrays the page's callbacks fill.
+``tests/test_browser.py`` covers the client's edge cases against a scripted stand-in server.
+
+Pages other than the demo are a document written over the gateway's ``/healthz`` response
+(``page.set_content``), so they have the gateway's origin and address space: its Origin check
+applies unchanged, and Chromium's local-network-access check allows the WebSocket to 127.0.0.1
+(it blocks it from a page that Playwright fulfils itself). Their token function calls
+``window.mintToken``, a Python function exposed to the page that mints a real token.
+
+``UPDATE_DEMO_SCREENSHOT=1`` makes ``test_demo_page_shows_committed_rows_and_who_is_online``
+write its screenshot to ``docs/demo.png`` (it always writes one under the test's tmp_path).
+
+Chromium comes from the system (``/usr/bin/chromium``); Playwright never downloads a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from gateway import protocol as p
+
+from .gwtest import REPO, GatewayProcess, make_items_table, running_gateway, token
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1200, "height": 800}
+# Upper bound for a condition to become true (never a measured duration). Generous: the machine
+# running the suite may be busy, and a gateway restart includes a Python interpreter start.
+WAIT_MS = 20_000
+SCREENSHOT = REPO / "docs" / "demo.png"
+# Chromium reports a refused WebSocket connection on the console; expected while a gateway is down.
+SOCKET_REFUSED = "WebSocket connection to"
+
+# One browser for the module (starting Chromium is the slow part), a fresh context per page.
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+# A blank page under the gateway's origin that loads the client from the gateway itself.
+BLANK = (
+    '<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>e2e</title>'
+    '<script src="/client/gateway.js"></script>'
+)
+
+# Connect and record every callback in window.rec, for the test to read.
+HARNESS = """() => {
+  window.rec = { states: [], conns: [], appErrors: [], events: [], errors: [], subscribed: [],
+                 online: null, changes: [] };
+  window.gw = PgGateway.connect("/ws", {
+    token: () => window.mintToken(),
+    onState: (state, detail) => {
+      rec.states.push(state);
+      if (state === "open") rec.conns.push(detail.conn);
+    },
+    onError: (err) => rec.appErrors.push({ code: err.code, message: err.message }),
+  });
+  // Neither helper returns the unsubscribe function: page.evaluate would call it.
+  window.unsubscribe = {};
+  window.subscribeTo = (topic) => { unsubscribe[topic] = gw.subscribe(
+    topic,
+    (e) => rec.events.push({ topic: e.topic, pos: e.pos, op: e.op, key: e.key, title: e.row && e.row.title }),
+    {
+      onSubscribed: (info) => rec.subscribed.push(info),
+      onError: (err) => rec.errors.push({ code: err.code, message: err.message, topic: err.topic }),
+    },
+  ); };
+  window.watchPresence = (topic) => { unsubscribe[topic] = gw.presence(topic, {
+    onSnapshot: (list, users) => { rec.online = [...users.keys()].sort(); },
+    onChange: (entry, users) => {
+      rec.changes.push([entry.user, entry.status]);
+      rec.online = [...users.keys()].sort();
+    },
+  }); };
+}"""
+
+
+class BrowserErrors:
+    """Console errors and uncaught exceptions of a page; any of them fails the test."""
+
+    def __init__(self, tolerate: tuple[str, ...] = ()) -> None:
+        self.tolerate = tolerate
+        self.seen: list[str] = []
+
+    def watch(self, page: Any) -> None:
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.seen.append(f"uncaught: {e}"))
+
+    def _console(self, message: Any) -> None:
+        # The /healthz document the harness pages start from makes Chromium ask for a favicon.
+        if message.location.get("url", "").endswith("/favicon.ico"):
+            return
+        if message.type == "error" and not message.text.startswith(self.tolerate):
+            self.seen.append(message.text)
+
+    def check(self) -> None:
+        assert not self.seen, f"browser errors: {self.seen}"
+
+
+@contextlib.asynccontextmanager
+async def client_page(
+    browser: Any,
+    base: str,
+    mint: Callable[[], str],
+    tolerate: tuple[str, ...] = (),
+) -> AsyncIterator[Any]:
+    """A page of its own context under ``base`` running HARNESS; tokens come from ``mint()``."""
+    context = await browser.new_context(viewport=VIEWPORT)
+    errors = BrowserErrors(tolerate)
+    try:
+        await context.expose_function("mintToken", mint)
+        page = await context.new_page()
+        errors.watch(page)
+        await page.goto(base + "/healthz")
+        await page.set_content(BLANK)
+        await page.evaluate(HARNESS)
+        await wait_for(page, "rec.states.includes('open')")
+        yield page
+    finally:
+        await context.close()
+    errors.check()
+
+
+async def wait_for(page: Any, expr: str, timeout_ms: int = WAIT_MS) -> None:
+    """Wait until the JS expression ``expr`` holds on ``page``; on timeout say which and show rec."""
+    try:
+        await page.wait_for_function(f"() => {expr}", timeout=timeout_ms)
+    except playwright_api.TimeoutError:
+        state = await page.evaluate("typeof rec === 'undefined' ? null : rec")
+        raise AssertionError(f"timed out waiting for `{expr}`; page recorded {state}") from None
+
+
+async def rec(page: Any, name: str) -> Any:
+    return await page.evaluate(f"rec.{name}")
+
+
+async def insert_items(dsn: str, owner: int, titles: list[str]) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for title in titles:
+            await conn.execute("INSERT INTO items (owner_id, title) VALUES ($1, $2)", owner, title)
+    finally:
+        await conn.close()
+
+
+def minter(user: str, *, ttl: float = 300, topics: list[str]) -> tuple[Callable[[], str], list[str]]:
+    """A token function for a page, and the list of every token it handed out."""
+    minted: list[str] = []
+
+    def mint() -> str:
+        minted.append(token(user, ttl=ttl, topics=topics))
+        return minted[-1]
+
+    return mint, minted
+
+
+# --- the demo page, as `make demo` runs it ------------------------------------------------------
+
+
+class DemoProcess(GatewayProcess):
+    """``python -m gateway demo`` on an existing database (no throwaway cluster)."""
+
+    async def start(self) -> DemoProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "demo"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        try:
+            await self.wait_ready(30)
+        except AssertionError:
+            self.kill()
+            raise AssertionError(
+                f"gateway demo did not start:\n{self.log_path.read_text()[-3000:]}"
+            ) from None
+        return self
+
+
+async def open_demo(browser: Any, base: str, name: str, errors: BrowserErrors) -> tuple[Any, Any]:
+    context = await browser.new_context(viewport=VIEWPORT)
+    # The page takes its user name from sessionStorage: a fixed one per context.
+    await context.add_init_script(f"sessionStorage.setItem('demo-name', {name!r})")
+    page = await context.new_page()
+    errors.watch(page)
+    await page.goto(base + "/demo")
+    await page.wait_for_selector("#badge.open", timeout=WAIT_MS)
+    return context, page
+
+
+async def test_demo_page_shows_committed_rows_and_who_is_online(
+    browser: Any, dsn: str, tmp_path: Path
+) -> None:
+    demo = DemoProcess(dsn, tmp_path / "demo.log", presence="true", presence_grace="0.5")
+    await demo.start()
+    errors = BrowserErrors()
+    contexts = []
+    try:
+        context, alice = await open_demo(browser, demo.base, "alice", errors)
+        contexts.append(context)
+        assert await alice.text_content("#badge") == "live as alice"
+
+        title = "Ship the browser test"  # the activity generator never makes this title
+        conn = await asyncpg.connect(dsn)
+        try:
+            row_id = await conn.fetchval(
+                "INSERT INTO public.demo_tasks (title, assignee) VALUES ($1, 'ada') RETURNING id", title
+            )
+        finally:
+            await conn.close()
+        card = await alice.wait_for_selector(f".card[data-key='{row_id}']", timeout=WAIT_MS)
+        assert title in (await card.text_content() or "")
+
+        context, bob = await open_demo(browser, demo.base, "bob", errors)
+        contexts.append(context)
+        for page in (alice, bob):
+            for name in ("alice", "bob"):
+                await page.wait_for_selector(f"#users li:has-text('{name}')", timeout=WAIT_MS)
+
+        # As `make demo` looks with a second tab open: live rows, two users online, and a few
+        # changes from the demo's activity generator in the log.
+        await alice.wait_for_function("document.querySelectorAll('#log li').length >= 4", timeout=WAIT_MS)
+        shot = tmp_path / "demo.png"
+        await alice.screenshot(path=str(shot))
+        if os.environ.get("UPDATE_DEMO_SCREENSHOT") == "1":
+            shutil.copyfile(shot, SCREENSHOT)
+        assert await alice.text_content("#error") == ""
+    finally:
+        for context in contexts:
+            await context.close()
+        await demo.stop()
+    errors.check()
+
+
+# --- nothing lost or doubled across a gateway restart -------------------------------------------
+
+
+async def test_every_row_arrives_once_across_a_gateway_restart(
+    browser: Any, dsn: str, tmp_path: Path
+) -> None:
+    await make_items_table(dsn, "'room:' || owner_id")
+    gateway = GatewayProcess(dsn, tmp_path / "gateway.log", tables="public.items", drain_timeout="2")
+    await gateway.start()
+    mint, _ = minter("alice", topics=["room:1"])
+    committed: list[str] = []
+    try:
+        async with client_page(browser, gateway.base, mint, tolerate=(SOCKET_REFUSED,)) as page:
+            await page.evaluate("subscribeTo('room:1')")
+            await wait_for(page, "rec.subscribed.length === 1")
+
+            writes_before_stop = asyncio.Event()
+            restarted = asyncio.Event()
+
+            async def writer() -> None:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    n = 0
+
+                    async def commit() -> None:
+                        nonlocal n
+                        n += 1
+                        title = f"row {n:03d}"
+                        await conn.execute("INSERT INTO items (owner_id, title) VALUES (1, $1)", title)
+                        committed.append(title)
+                        await asyncio.sleep(0.05)
+
+                    for _ in range(10):  # while the gateway runs
+                        await commit()
+                    writes_before_stop.set()
+                    while not restarted.is_set():  # while it drains, is down and starts again
+                        await commit()
+                    for _ in range(10):  # after it is back
+                        await commit()
+                finally:
+                    await conn.close()
+
+            async def restarter() -> None:
+                await writes_before_stop.wait()
+                gateway.signal(signal.SIGTERM)  # a deploy: drain (close 1012), then exit
+                assert await gateway.wait_exit() == 0, gateway.log_path.read_text()[-3000:]
+                gateway._close_log()
+                count = len(committed)
+                while len(committed) < count + 5:  # some rows are committed while it is down
+                    await asyncio.sleep(0.02)
+                await gateway.start()
+                restarted.set()
+
+            await asyncio.gather(writer(), restarter())
+
+            await wait_for(page, f"rec.events.length >= {len(committed)}")
+            events = await rec(page, "events")
+            titles = [e["title"] for e in events]
+            assert titles == committed, f"missing {set(committed) - set(titles)}, got {titles}"
+            positions = [e["pos"] for e in events]
+            assert positions == sorted(set(positions)), positions
+            assert all(e["op"] == "insert" for e in events)
+
+            # The client saw the restart and resumed where it was, with nothing to reload.
+            states = await rec(page, "states")
+            assert "reconnecting" in states
+            subscribed = await rec(page, "subscribed")
+            assert len(subscribed) >= 2
+            assert subscribed[-1]["recovered"] is True
+            assert await rec(page, "appErrors") == []
+    finally:
+        await gateway.stop()
+
+
+# --- a token about to expire is refreshed in band -----------------------------------------------
+
+
+async def test_short_lived_token_is_refreshed_on_the_same_connection(browser: Any, dsn: str) -> None:
+    await make_items_table(dsn, "'room:' || owner_id")
+    async with running_gateway(dsn, tables="public.items", expiry_grace="0.5") as gw:
+        mint, minted = minter("alice", ttl=3, topics=["room:1"])
+        async with client_page(browser, gw.base, mint) as page:
+            await page.evaluate("subscribeTo('room:1')")
+            await wait_for(page, "rec.subscribed.length === 1")
+            [conn_id] = await rec(page, "conns")
+
+            # Several token lifetimes: without an in-band refresh the gateway closes the socket
+            # (4005) half a second after each token expires.
+            await asyncio.sleep(8)
+            await insert_items(dsn, 1, ["after the refreshes"])
+            await wait_for(page, "rec.events.length === 1")
+
+            assert (await rec(page, "events"))[0]["title"] == "after the refreshes"
+            registry = gw.state.ctx.registry
+            expired = registry.closed_by_code[p.CloseCode.TOKEN_EXPIRED]
+            assert expired == 0, (
+                f"the gateway closed {expired} connection(s) with 4005 (token expired): the client "
+                f"did not refresh in time; {len(minted)} token(s) minted"
+            )
+            assert await rec(page, "states") == ["connecting", "open"]
+            assert await page.evaluate("gw.conn") == conn_id
+            assert conn_id in registry.sessions
+            assert len(minted) >= 3, "the first token and at least two refreshes"
+            assert await rec(page, "appErrors") == []
+
+
+# --- a forbidden topic is reported once, never retried ------------------------------------------
+
+
+async def test_forbidden_topic_is_reported_once_and_not_retried(browser: Any, dsn: str) -> None:
+    await make_items_table(dsn, "'room:' || owner_id")
+    async with running_gateway(dsn, tables="public.items") as gw:
+        mint, _ = minter("alice", topics=["room:1"])
+        async with client_page(browser, gw.base, mint) as page:
+            # The forbidden topic first: after a reconnect the client resubscribes in this
+            # order and the gateway answers one frame at a time, so had room:2 been sent again,
+            # its error would arrive before room:1's second "subscribed".
+            await page.evaluate("subscribeTo('room:2'); subscribeTo('room:1')")
+            await wait_for(page, "rec.errors.length === 1 && rec.subscribed.length === 1")
+            [error] = await rec(page, "errors")
+            assert error["code"] == "forbidden"
+            assert error["topic"] == "room:2"
+            assert "room:2" in error["message"]
+
+            ctx = gw.state.ctx
+            assert ctx is not None
+            for session in list(ctx.registry.sessions.values()):
+                await session.close(p.CloseCode.SERVICE_RESTART, "test: reconnect")
+            await wait_for(page, "rec.conns.length === 2 && rec.subscribed.length === 2")
+            assert [s["topic"] for s in await rec(page, "subscribed")] == ["room:1", "room:1"]
+
+            # A row on the allowed topic still arrives; nothing about room:2 came back.
+            await insert_items(dsn, 1, ["allowed"])
+            await wait_for(page, "rec.events.length === 1")
+            assert await rec(page, "errors") == [error]
+            assert await rec(page, "appErrors") == []
+            assert [s.topics for s in ctx.registry.sessions.values()] == [{"room:1"}]
+
+
+# --- presence across two browsers ---------------------------------------------------------------
+
+
+async def test_two_users_see_each_other_online_then_offline(browser: Any, dsn: str) -> None:
+    async with running_gateway(dsn, presence="true", presence_grace="0.5") as gw:
+        mint_alice, _ = minter("alice", topics=["presence:*"])
+        mint_bob, _ = minter("bob", topics=["presence:*"])
+        async with client_page(browser, gw.base, mint_alice) as alice:
+            await alice.evaluate("watchPresence('presence:global')")
+            await wait_for(alice, "rec.online !== null && rec.online.includes('alice')")
+
+            async with client_page(browser, gw.base, mint_bob) as bob:
+                await bob.evaluate("watchPresence('presence:global')")
+                both = "JSON.stringify(rec.online) === JSON.stringify(['alice', 'bob'])"
+                await wait_for(bob, both)
+                await wait_for(alice, both)
+
+            # Bob's browser is gone: after the grace, alice sees him offline.
+            await wait_for(alice, "JSON.stringify(rec.online) === JSON.stringify(['alice'])")
+            changes = await rec(alice, "changes")
+            assert ["bob", "online"] in changes
+            assert changes[-1] == ["bob", "offline"]
+            assert await rec(alice, "appErrors") == []
