@@ -181,7 +181,9 @@ async def _run(settings: Settings) -> None:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(
         f"\n  Demo running: open http://{host}:{settings.port}/demo\n"
-        f"  (open a second tab with another name to see presence; Ctrl-C stops everything)\n",
+        f"  Open a second tab with another name to see presence. Commit a change yourself:\n"
+        f"    psql '{mask_dsn(settings.database_url)}' -c \"UPDATE demo_tasks SET status = 'done' WHERE id = 1\"\n"
+        f"  Ctrl-C stops everything.\n",
         flush=True,
     )
     try:
