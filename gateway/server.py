@@ -55,6 +55,7 @@ class State:
     ctx: SessionContext | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     pending_upgrades: int = 0
+    open_sockets: int = 0  # upgraded sockets, authenticated or still waiting for auth
 
 
 STATE = web.AppKey("state", State)
@@ -249,7 +250,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
         compress=s.compression,
-        max_msg_size=s.max_frame_bytes,
+        # aiohttp refuses frames of max_msg_size bytes or more; the setting is the largest accepted.
+        max_msg_size=s.max_frame_bytes + 1,
         heartbeat=30.0,
     )
     if not ws.can_prepare(request).ok:
@@ -258,7 +260,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         return _http_error(503, "draining", "this replica is shutting down; connect again")
     if not origin_allowed(request.headers.get("Origin"), request.host, s.allowed_origins):
         return _http_error(403, "origin_not_allowed", "this Origin may not open a WebSocket here")
-    if len(ctx.registry.sessions) + state.pending_upgrades >= s.max_connections:
+    if state.open_sockets + state.pending_upgrades >= s.max_connections:
         resp = _http_error(503, "too_many_connections", "this replica is full; try again later")
         resp.headers["Retry-After"] = "5"
         return resp
@@ -278,7 +280,11 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     if transport is None:
         return ws
     session = Session(ctx, ws, transport, ctx.registry.new_id(), identity)
-    await session.run()
+    state.open_sockets += 1
+    try:
+        await session.run()
+    finally:
+        state.open_sockets -= 1
     return ws
 
 

@@ -196,6 +196,11 @@ class Session:
                 if msg.type == WSMsgType.TEXT:
                     await self._on_text(msg.data)
                 elif msg.type == WSMsgType.BINARY:
+                    if not await self._within_rate():
+                        if self.closed:
+                            break
+                        self.error(p.ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+                        continue
                     self.error(
                         p.ErrorCode.BINARY_FRAME, "binary frames are not part of the protocol; send JSON text"
                     )
@@ -274,15 +279,22 @@ class Session:
     def _expired(self) -> None:
         self._spawn(self.close(p.CloseCode.TOKEN_EXPIRED, "token expired; reconnect with a fresh token"))
 
+    async def _within_rate(self) -> bool:
+        """Take a token for one client frame. A frame over the rate adds a strike, a frame within
+        it removes one: a client that keeps sending faster than its rate piles up strikes (even
+        though the refilling bucket lets a frame through now and then) and is closed."""
+        if self._messages.take():
+            self._dropped = max(0, self._dropped - 1)
+            return True
+        self._dropped += 1
+        if self._dropped > 4 * self.ctx.settings.message_rate:
+            await self.close(p.CloseCode.RATE_LIMITED, "too many messages")
+        return False
+
     async def _on_text(self, data: str) -> None:
-        limited = not self._messages.take()
-        if limited:
-            self._dropped += 1
-            if self._dropped > 4 * self.ctx.settings.message_rate:
-                await self.close(p.CloseCode.RATE_LIMITED, "too many messages")
-                return
-        else:
-            self._dropped = 0
+        limited = not await self._within_rate()
+        if self.closed:
+            return
         try:
             msg = p.decoder.decode(data)  # bounded by max_frame_bytes, so cheap even in a flood
         except msgspec.DecodeError as exc:
