@@ -1,0 +1,369 @@
+"""Every per-connection and per-process limit, against the real gateway.
+
+Limits are set low through the same settings an operator uses (``GATEWAY_MAX_FRAME_BYTES`` and
+friends). Rates are token buckets (``rate`` per second, bursts of ``2 * rate``), so the tests
+count replies rather than measure time: a burst sent at once is bigger than the bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from gateway import protocol as p
+
+from .gwtest import Client, running_gateway, token
+from .test_protocol import (  # noqa: F401 - close_clients is an autouse fixture
+    WAIT,
+    assert_alive,
+    close_clients,
+    close_code,
+    emit,
+    expect_error,
+    open_raw,
+)
+
+
+async def send_until_closed(c: Client, frames: list[str]) -> int:
+    """Send ``frames`` without reading; how many went out before the socket closed."""
+    assert c.ws is not None
+    sent = 0
+    for frame in frames:
+        if c.ws.closed:
+            break
+        try:
+            await c.ws.send_str(frame)
+        except (ConnectionError, aiohttp.ClientError):
+            break
+        sent += 1
+    return sent
+
+
+async def replies(c: Client, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` frames (fails if the socket closes first)."""
+    return [await c.recv(WAIT) for _ in range(n)]
+
+
+# --- frame size ---------------------------------------------------------------------------------
+
+
+def padded_ping(size: int, req: int = 1) -> str:
+    """A valid ping frame of exactly ``size`` bytes (JSON allows trailing whitespace)."""
+    text = json.dumps({"type": "ping", "id": req})
+    assert len(text) <= size
+    return text + " " * (size - len(text))
+
+
+async def test_frame_at_the_limit_is_accepted_one_byte_more_closes_1009(dsn: str) -> None:
+    async with running_gateway(dsn, max_frame_bytes=1024) as gw:
+        c = await gw.connect("1")
+        await c.send(padded_ping(1000, 1))
+        assert await c.recv() == {"type": "pong", "id": 1}
+        # GATEWAY_MAX_FRAME_BYTES is "the largest client frame accepted".
+        await c.send(padded_ping(1024, 2))
+        assert await c.recv() == {"type": "pong", "id": 2}, "a frame of exactly the limit must pass"
+        await c.send(padded_ping(1025, 3))
+        assert await close_code(c) == p.CloseCode.MESSAGE_TOO_BIG
+        await c.close()
+
+
+async def test_oversized_frame_closes_1009_before_auth_too(dsn: str) -> None:
+    async with running_gateway(dsn, max_frame_bytes=1024) as gw:
+        c = await open_raw(gw)
+        # An oversized auth frame: the token inside never reaches the verifier.
+        await c.send(json.dumps({"type": "auth", "token": "x" * 5000}))
+        assert await close_code(c) == p.CloseCode.MESSAGE_TOO_BIG
+        await c.close()
+        assert not gw.state.ctx.registry.sessions
+
+
+# --- subscriptions ------------------------------------------------------------------------------
+
+
+async def test_too_many_subscriptions(dsn: str) -> None:
+    async with running_gateway(dsn, max_subscriptions=3) as gw:
+        c = await open_raw(gw)
+        await c.auth(token("1", topics=["room:*"]))
+        for topic in ("user:1", "room:1", "room:2"):
+            await c.subscribe(topic)
+        await c.send({"type": "subscribe", "topic": "room:3", "id": 40})
+        error = await expect_error(c, "too_many_subscriptions", id=40, topic="room:3")
+        assert "3" in error["message"]
+        await assert_alive(c)
+        # The limit counts live subscriptions: after an unsubscribe there is room again.
+        await c.send({"type": "unsubscribe", "topic": "room:1"})
+        await c.expect("unsubscribed")
+        await c.subscribe("room:3")
+        # A refused subscribe is not a subscription: room:4's events never arrive.
+        await c.send({"type": "subscribe", "topic": "room:4", "id": 41})
+        await expect_error(c, "too_many_subscriptions", id=41, topic="room:4")
+        db = await asyncpg.connect(dsn)
+        await emit(db, "room:4", {"refused": True})
+        marker = await emit(db, "room:3", {"marker": True})
+        (event,) = await c.events(1)
+        assert (event["topic"], event["pos"]) == ("room:3", marker)
+        await db.close()
+        await c.close()
+
+
+# --- rates --------------------------------------------------------------------------------------
+
+
+async def test_message_rate_drops_frames_with_rate_limited(dsn: str) -> None:
+    rate = 5  # burst 10
+    async with running_gateway(dsn, message_rate=rate) as gw:
+        c = await gw.connect("1")
+        n = 4 * rate  # sent at once: more than the burst, fewer than the flood threshold
+        for req in range(n):
+            await c.send({"type": "ping", "id": req})
+        got = await replies(c, n)
+        pongs = [f for f in got if f["type"] == "pong"]
+        limited = [f for f in got if f["type"] == "error"]
+        # Exactly one reply per frame: a pong, or an error saying the frame was dropped.
+        assert len(pongs) + len(limited) == n, got
+        assert {f["code"] for f in limited} == {"rate_limited"}, limited
+        assert len(pongs) >= 2 * rate, "the burst allowance is 2x the rate"
+        assert limited, "a burst of 4x the rate must be limited"
+        # The pongs answered are the first ones sent, in order.
+        assert [f["id"] for f in pongs] == sorted(f["id"] for f in pongs)
+        # The bucket refills: the connection is usable again.
+        await asyncio.sleep(1.0)
+        await assert_alive(c)
+        await c.close()
+
+
+async def test_flooding_as_fast_as_possible_closes_4029(dsn: str) -> None:
+    rate = 5
+    async with running_gateway(dsn, message_rate=rate) as gw:
+        c = await gw.connect("1")
+        await send_until_closed(c, [json.dumps({"type": "ping", "id": i}) for i in range(2000)])
+        assert await close_code(c) == p.CloseCode.RATE_LIMITED
+        await c.close()
+
+
+async def test_sustained_flooding_at_ten_times_the_rate_closes_4029(dsn: str) -> None:
+    """A client that keeps sending 10x its rate is flooding, even though a frame gets through now
+    and then as the bucket refills. The gateway must cut it off rather than answer ~9 of 10 frames
+    with rate_limited forever."""
+    rate = 5
+    async with running_gateway(dsn, message_rate=rate) as gw:
+        c = await gw.connect("1")
+        assert c.ws is not None
+
+        async def flood() -> None:
+            i = 0
+            while not c.ws.closed:  # type: ignore[union-attr]
+                try:
+                    await c.ws.send_str(json.dumps({"type": "ping", "id": i}))  # type: ignore[union-attr]
+                except (ConnectionError, aiohttp.ClientError):
+                    return
+                i += 1
+                await asyncio.sleep(1 / (10 * rate))
+
+        sender = asyncio.create_task(flood())
+        try:
+            # 5 s of flooding at 10x is 45x the rate in dropped frames; the threshold is 4x.
+            code = await close_code(c, timeout=5.0)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        assert code == p.CloseCode.RATE_LIMITED
+        await c.close()
+
+
+async def test_binary_frames_count_towards_the_message_rate(dsn: str) -> None:
+    """Every client frame costs the same to receive and answer: a flood of binary frames is a
+    flood like any other and must end in 4029, not in one binary_frame error per frame forever."""
+    rate = 5
+    async with running_gateway(dsn, message_rate=rate) as gw:
+        c = await gw.connect("1")
+        assert c.ws is not None
+        for _ in range(2000):
+            if c.ws.closed:
+                break
+            try:
+                await c.ws.send_bytes(b"\x00" * 16)
+            except (ConnectionError, aiohttp.ClientError):
+                break
+        assert await close_code(c, timeout=5.0) == p.CloseCode.RATE_LIMITED
+        await c.close()
+
+
+async def test_subscribe_rate(dsn: str) -> None:
+    rate = 2  # burst 4
+    async with running_gateway(dsn, subscribe_rate=rate, message_rate=1000) as gw:
+        c = await open_raw(gw)
+        await c.auth(token("1", topics=["room:*"]))
+        n = 12
+        for i in range(n):
+            await c.send({"type": "subscribe", "topic": f"room:{i}", "id": i})
+        got = await replies(c, n)
+        ok = [f for f in got if f["type"] == "subscribed"]
+        limited = [f for f in got if f["type"] == "error"]
+        assert len(ok) + len(limited) == n, got
+        assert {f["code"] for f in limited} == {"rate_limited"}, limited
+        # Each refusal names the subscribe it refused.
+        assert all(f["topic"] == f"room:{f['id']}" for f in limited), limited
+        assert len(ok) >= 2 * rate and limited
+        # Other messages are not subscribes: pings still pass.
+        await assert_alive(c)
+        # A rate-limited subscribe did not subscribe: it can be sent again later.
+        await asyncio.sleep(1.0)
+        await c.subscribe(limited[0]["topic"])
+        await c.close()
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+async def test_connections_per_user_close_1013(dsn: str) -> None:
+    async with running_gateway(dsn, max_connections_per_user=2) as gw:
+        first = await gw.connect("1")
+        second = await gw.connect("1")
+        third = await open_raw(gw)
+        await third.send({"type": "auth", "token": token("1")})
+        assert await close_code(third) == p.CloseCode.TRY_AGAIN_LATER
+        await third.close()
+        # Header auth is counted the same way.
+        fourth = await open_raw(gw, headers={"Authorization": f"Bearer {token('1')}"})
+        assert await close_code(fourth) == p.CloseCode.TRY_AGAIN_LATER
+        await fourth.close()
+        # Other users are not affected; the first two still work.
+        other = await gw.connect("2")
+        await assert_alive(first)
+        await assert_alive(second)
+        # A freed slot can be used again.
+        await first.close()
+        for _ in range(200):
+            if gw.state.ctx.registry.user_count("1") < 2:
+                break
+            await asyncio.sleep(0.01)
+        again = await gw.connect("1")
+        await assert_alive(again)
+        for c in (second, other, again):
+            await c.close()
+
+
+async def _handshake_status(url: str, **kw: Any) -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await s.ws_connect(url, **kw)
+    headers = dict(info.value.headers or {})
+    return info.value.status, headers
+
+
+async def test_max_connections_is_http_503_before_upgrade(dsn: str) -> None:
+    async with running_gateway(dsn, max_connections=2) as gw:
+        a = await gw.connect("1")
+        b = await gw.connect("2")
+        status, headers = await _handshake_status(
+            gw.ws_url, headers={"Authorization": f"Bearer {token('3')}"}
+        )
+        assert status == 503
+        assert "Retry-After" in headers
+        status, _ = await _handshake_status(gw.ws_url)
+        assert status == 503
+        await assert_alive(a)
+        await b.close()
+        for _ in range(200):
+            if len(gw.state.ctx.registry.sessions) < 2:
+                break
+            await asyncio.sleep(0.01)
+        c = await gw.connect("3")
+        await assert_alive(c)
+        await a.close()
+        await c.close()
+
+
+async def test_sockets_waiting_for_auth_count_towards_max_connections(dsn: str) -> None:
+    """An unauthenticated socket holds a connection as much as an authenticated one: without
+    counting it, anyone could open unlimited sockets, each kept for GATEWAY_AUTH_TIMEOUT."""
+    async with running_gateway(dsn, max_connections=2) as gw:
+        idle = [await open_raw(gw), await open_raw(gw)]
+        status, _ = await _handshake_status(gw.ws_url)
+        assert status == 503
+        for c in idle:
+            await c.close()
+
+
+# --- Origin ----------------------------------------------------------------------------------------
+
+
+async def test_origin_allow_list(dsn: str) -> None:
+    allowed = "https://app.example.com"
+    async with running_gateway(dsn, allowed_origins=f"{allowed},https://admin.example.com") as gw:
+        for origin in ("https://evil.example.com", "http://app.example.com", "null", gw.base):
+            status, _ = await _handshake_status(gw.ws_url, headers={"Origin": origin})
+            assert status == 403, origin
+            # Refused before the token is looked at: a valid token does not help.
+            status, _ = await _handshake_status(
+                gw.ws_url, headers={"Origin": origin, "Authorization": f"Bearer {token('1')}"}
+            )
+            assert status == 403, origin
+        for origin in (allowed, "https://admin.example.com"):
+            c = await open_raw(gw, headers={"Origin": origin})
+            await c.auth(token("1"))
+            await c.close()
+        # No Origin: not a browser, so no cross-site risk; the token still decides.
+        c = await open_raw(gw)
+        await c.auth(token("1"))
+        await c.close()
+
+
+async def test_origin_default_is_same_origin_only(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw, headers={"Origin": gw.base})  # http://127.0.0.1:<port>
+        await c.auth(token("1"))
+        await c.close()
+        for origin in ("https://evil.example.com", "null", "http://127.0.0.1:1", "http://localhost"):
+            status, _ = await _handshake_status(gw.ws_url, headers={"Origin": origin})
+            assert status == 403, origin
+        c = await open_raw(gw)
+        await c.auth(token("1"))
+        await c.close()
+
+
+# --- isolation ------------------------------------------------------------------------------------
+
+
+async def test_other_clients_unaffected_while_one_misbehaves(dsn: str) -> None:
+    async with running_gateway(dsn, message_rate=5, max_frame_bytes=1024) as gw:
+        victim = await gw.connect("2")
+        await victim.subscribe("user:2")
+        db = await asyncpg.connect(dsn)
+
+        async def misbehave(kind: int) -> int | None:
+            bad = await gw.connect("1")
+            if kind == 0:
+                await send_until_closed(bad, ["{garbage"] * 2000)
+            elif kind == 1:
+                await send_until_closed(bad, ["x" * 5000])
+            else:
+                await send_until_closed(bad, ['{"type": "subscribe", "topic": "user:2"}'] * 2000)
+            try:
+                return await close_code(bad)
+            finally:
+                await bad.close()
+
+        async def write() -> list[int]:
+            return [await emit(db, "user:2", {"n": i}) for i in range(50)]
+
+        codes, positions = await asyncio.gather(
+            asyncio.gather(misbehave(0), misbehave(1), misbehave(2)), write()
+        )
+        assert list(codes) == [
+            p.CloseCode.RATE_LIMITED,
+            p.CloseCode.MESSAGE_TOO_BIG,
+            p.CloseCode.RATE_LIMITED,
+        ]
+        events = await victim.events(50)
+        assert [e["pos"] for e in events] == positions
+        assert [e["data"]["n"] for e in events] == list(range(50))
+        await assert_alive(victim)
+        await db.close()
+        await victim.close()

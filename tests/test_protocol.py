@@ -1,0 +1,576 @@
+"""The WebSocket protocol against the real gateway: authentication, per-user scoping, every error.
+
+Each test runs the real aiohttp app on a 127.0.0.1 socket (``running_gateway``) with a fresh
+migrated database, and talks to it with ``Client``. Events come from real commits
+(``gateway.emit`` or a published table). Every error reply is followed by a ping, to prove the
+connection survived it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import jwt
+import pytest
+
+from gateway import protocol as p
+
+from .gwtest import SECRET, Client, Closed, Gateway, running_gateway, token
+
+WAIT = 10.0  # upper bound for something to happen; never a measured duration
+_ids = itertools.count(1000)
+
+
+# --- helpers (shared with the other protocol test modules) -----------------------------------
+
+
+@pytest.fixture(autouse=True)
+async def close_clients(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Close every Client a test opened, also when it fails half-way: a session left open would
+    warn (an error under pytest) in whichever later test the garbage collector happens to run."""
+    opened: list[Client] = []
+    original = Client.open
+
+    async def open_and_track(self: Client, *args: Any, **kw: Any) -> None:
+        opened.append(self)
+        await original(self, *args, **kw)
+
+    monkeypatch.setattr(Client, "open", open_and_track)
+    yield
+    for c in opened:
+        with contextlib.suppress(Exception):
+            await c.close()
+
+
+async def assert_alive(c: Client) -> None:
+    """The connection still works: a ping gets its pong (skipping events in between)."""
+    req = next(_ids)
+    await c.send({"type": "ping", "id": req})
+    while True:
+        frame = await c.recv(WAIT)
+        if frame["type"] == "event":
+            continue
+        assert frame == {"type": "pong", "id": req}, frame
+        return
+
+
+async def expect_error(c: Client, code: str, **fields: Any) -> dict[str, Any]:
+    """The next frame is an error with ``code`` (and ``fields``); its message is never empty."""
+    frame = await c.recv(WAIT)
+    assert frame["type"] == "error", f"expected error {code}, got {frame}"
+    assert frame["code"] == code, f"expected error {code}, got {frame}"
+    assert frame["code"] in p.ERROR_CODES
+    assert isinstance(frame["message"], str) and frame["message"].strip(), frame
+    for key, value in fields.items():
+        assert frame.get(key) == value, f"{key}: expected {value!r} in {frame}"
+    return frame
+
+
+async def close_code(c: Client, timeout: float = WAIT) -> int | None:
+    """Read until the server closes the socket; the close code it sent."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            last = await c.recv(remaining)
+        except Closed as exc:
+            return exc.code
+        except TimeoutError:
+            raise AssertionError(
+                f"the server did not close the connection within {timeout} s; last frame: {last}"
+            ) from None
+
+
+async def open_raw(gw: Gateway, **kw: Any) -> Client:
+    """A connected socket that has not authenticated (yet)."""
+    c = Client(gw.ws_url)
+    await c.open(**kw)
+    return c
+
+
+async def emit(db: asyncpg.Connection, topic: str, data: Any) -> int:
+    pos: int = await db.fetchval("SELECT gateway.emit($1, $2::jsonb)", topic, json.dumps(data))
+    return pos
+
+
+def b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def claims(user: str = "1", **extra: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": user, "iat": now, "exp": now + 300, **extra}
+
+
+# --- authentication ---------------------------------------------------------------------------
+
+
+async def test_first_frame_auth_welcome_names_user_conn_and_expiry(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        tok = token("alice", ttl=300)
+        exp = jwt.decode(tok, options={"verify_signature": False})["exp"]
+        welcome = await c.auth(tok)
+        assert welcome["user"] == "alice"
+        assert isinstance(welcome["conn"], str) and welcome["conn"]
+        assert welcome["expires"] == exp
+        other = await open_raw(gw)
+        second = await other.auth(token("alice"))
+        assert second["conn"] != welcome["conn"]  # ids tell a user's connections apart
+        await assert_alive(c)
+        await c.close()
+        await other.close()
+
+
+async def test_auth_by_authorization_header(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw, headers={"Authorization": f"Bearer {token('bob')}"})
+        welcome = await c.expect("welcome")
+        assert welcome["user"] == "bob"
+        # The socket is authenticated: sending auth again is a mistake, not a second login.
+        await c.send({"type": "auth", "token": token("bob")})
+        await expect_error(c, "already_authenticated")
+        await c.subscribe("user:bob")
+        await assert_alive(c)
+        await c.close()
+
+
+async def test_auth_by_bearer_subprotocol_selects_gateway_v1(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        tok = token("carol")
+        c = await open_raw(gw, protocols=("gateway.v1", f"bearer.{tok}"))
+        assert c.ws is not None
+        # The server selects the protocol name, never echoes the credential back.
+        assert c.ws.protocol == "gateway.v1"
+        welcome = await c.expect("welcome")
+        assert welcome["user"] == "carol"
+        await assert_alive(c)
+        await c.close()
+
+
+BAD_UPGRADE_TOKENS: list[tuple[str, Any]] = [
+    ("expired", lambda: token("x", ttl=-120)),
+    ("forged", lambda: jwt.encode(claims(), "another-secret-0123456789-abcdefghijk")),
+    ("garbage", lambda: "not-a-jwt"),
+]
+
+
+async def test_bad_token_before_upgrade_is_http_401(dsn: str) -> None:
+    async with running_gateway(dsn) as gw, aiohttp.ClientSession() as s:
+        for what, bad in BAD_UPGRADE_TOKENS:
+            tok = bad()
+            for kw in (
+                {"headers": {"Authorization": f"Bearer {tok}"}},
+                {"protocols": ("gateway.v1", f"bearer.{tok}")},
+            ):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                    await s.ws_connect(gw.ws_url, **kw)
+                assert info.value.status == 401, (what, kw)
+        # Nothing was upgraded, nothing registered.
+        assert not gw.state.ctx.registry.sessions
+
+
+async def test_token_in_url_is_never_accepted(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        tok = token("dave")
+        c = Client(f"{gw.ws_url}?token={tok}&access_token={tok}")
+        await c.open()
+        await c.send({"type": "ping", "id": 1})
+        await expect_error(c, "not_authenticated")
+        await c.close()
+
+
+def _alg_none() -> str:
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims())}."
+
+
+def _alg_none_upper() -> str:
+    return f"{b64({'alg': 'None', 'typ': 'JWT'})}.{b64(claims())}."
+
+
+BAD_FIRST_FRAME_TOKENS: list[tuple[str, Any]] = [
+    ("expired", lambda: token("1", ttl=-120, aud="gateway-tests")),
+    ("forged", lambda: jwt.encode(claims(aud="gateway-tests"), "another-secret-0123456789-abcdefghijk")),
+    ("alg none", _alg_none),
+    ("alg None", _alg_none_upper),
+    ("wrong audience", lambda: token("1", aud="someone-else")),
+    ("no audience", lambda: token("1")),
+    ("no exp", lambda: jwt.encode({"sub": "1", "aud": "gateway-tests"}, SECRET)),
+    ("not yet valid", lambda: token("1", aud="gateway-tests", nbf=int(time.time()) + 3600)),
+    ("empty", lambda: ""),
+    ("garbage", lambda: "a.b.c"),
+]
+
+
+async def test_bad_token_in_first_frame_closes_4001(dsn: str) -> None:
+    async with running_gateway(dsn, jwt_audience="gateway-tests") as gw:
+        for what, bad in BAD_FIRST_FRAME_TOKENS:
+            c = await open_raw(gw)
+            await c.send({"type": "auth", "token": bad()})
+            assert await close_code(c) == p.CloseCode.UNAUTHORIZED, what
+            await c.close()
+        # The audience is checked, not merely tolerated: the right one gets in.
+        ok = await open_raw(gw)
+        await ok.auth(token("1", aud="gateway-tests"))
+        await assert_alive(ok)
+        await ok.close()
+
+
+async def test_no_auth_frame_within_deadline_closes_4004(dsn: str) -> None:
+    async with running_gateway(dsn, auth_timeout="0.5s") as gw:
+        c = await open_raw(gw)
+        assert await close_code(c) == p.CloseCode.AUTH_TIMEOUT
+        await c.close()
+
+
+async def test_frames_before_auth_get_not_authenticated_and_the_deadline_still_holds(dsn: str) -> None:
+    async with running_gateway(dsn, auth_timeout="0.5s") as gw:
+        c = await open_raw(gw)
+        for frame in (
+            {"type": "ping", "id": 1},
+            {"type": "subscribe", "topic": "user:1"},
+            {"type": "refresh", "token": token("1")},
+        ):
+            await c.send(frame)
+            await expect_error(c, "not_authenticated")
+        # Errors do not extend the deadline: the socket is closed without an auth frame.
+        assert await close_code(c) == p.CloseCode.AUTH_TIMEOUT
+        await c.close()
+
+
+async def test_auth_after_a_rejected_frame_still_succeeds(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        await c.send({"type": "ping", "id": 1})
+        await expect_error(c, "not_authenticated")
+        await c.send("{not json")
+        await expect_error(c, "bad_json")
+        await c.auth(token("1"))
+        await assert_alive(c)
+        await c.close()
+
+
+# --- token expiry and refresh ---------------------------------------------------------------
+
+
+async def test_token_expiry_closes_4005_after_grace(dsn: str) -> None:
+    async with running_gateway(dsn, expiry_grace="0.5s") as gw:
+        c = await open_raw(gw)
+        welcome = await c.auth(token("1", ttl=2))
+        assert welcome["expires"] <= time.time() + 2
+        await c.subscribe("user:1")
+        assert await close_code(c) == p.CloseCode.TOKEN_EXPIRED
+        # The connection is gone from the registry (and from the topic's subscribers).
+        for _ in range(100):
+            if not gw.state.ctx.registry.sessions:
+                break
+            await asyncio.sleep(0.02)
+        assert not gw.state.ctx.registry.sessions
+        assert not gw.state.pipeline.hub.has("user:1")
+        await c.close()
+
+
+async def test_refresh_before_expiry_keeps_the_connection_open(dsn: str) -> None:
+    async with running_gateway(dsn, expiry_grace="0.5s") as gw:
+        c = await open_raw(gw)
+        old = await c.auth(token("1", ttl=2))
+        await c.subscribe("user:1")
+        fresh = token("1", ttl=300)
+        await c.send({"type": "refresh", "token": fresh})
+        refreshed = await c.expect("refreshed")
+        assert refreshed["expires"] == jwt.decode(fresh, options={"verify_signature": False})["exp"]
+        assert refreshed["expires"] > old["expires"]
+        # Well past the old expiry plus grace, the socket and its subscription still work.
+        while time.time() < old["expires"] + 1.5:
+            await assert_alive(c)
+            await asyncio.sleep(0.25)
+        db = await asyncpg.connect(dsn)
+        pos = await emit(db, "user:1", {"n": 1})
+        (event,) = await c.events(1)
+        assert event["pos"] == pos and event["data"] == {"n": 1}
+        await db.close()
+        await c.close()
+
+
+async def test_refresh_for_another_user_is_refused(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await gw.connect("1")
+        await c.send({"type": "refresh", "token": token("2")})
+        await expect_error(c, "token_user_changed")
+        await assert_alive(c)
+        # The identity did not change: user 2's topic is still forbidden.
+        await c.send({"type": "subscribe", "topic": "user:2", "id": 5})
+        await expect_error(c, "forbidden", id=5, topic="user:2")
+        await c.close()
+
+
+async def test_refresh_with_a_bad_token_is_refused_and_the_old_one_stays(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await gw.connect("1")
+        for bad in (token("1", ttl=-120), "garbage", _alg_none()):
+            await c.send({"type": "refresh", "token": bad})
+            await expect_error(c, "bad_token")
+            await assert_alive(c)
+        await c.close()
+
+
+async def test_refresh_that_loses_a_grant_drops_that_subscription(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        await c.auth(token("1", topics=["room:1", "room:2"]))
+        await c.subscribe("room:1")
+        await c.subscribe("room:2")
+        await c.subscribe("user:1")
+        await c.send({"type": "refresh", "token": token("1", topics=["room:2"])})
+        await expect_error(c, "forbidden", topic="room:1")
+        await c.expect("refreshed")
+        db = await asyncpg.connect(dsn)
+        await emit(db, "room:1", {"lost": True})
+        await emit(db, "room:2", {"kept": True})
+        await emit(db, "user:1", {"own": True})
+        events = await c.events(2)
+        assert [(e["topic"], e["data"]) for e in events] == [
+            ("room:2", {"kept": True}),
+            ("user:1", {"own": True}),
+        ]
+        # Dropped means dropped: unsubscribing again says so; subscribing again is forbidden.
+        await c.send({"type": "unsubscribe", "topic": "room:1"})
+        await expect_error(c, "not_subscribed", topic="room:1")
+        await c.send({"type": "subscribe", "topic": "room:1"})
+        await expect_error(c, "forbidden", topic="room:1")
+        await db.close()
+        await c.close()
+
+
+# --- requests and replies -------------------------------------------------------------------
+
+
+async def test_ping_pong_echoes_the_id(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await gw.connect("1")
+        for req in (0, 1, 2**53, -5):
+            await c.send({"type": "ping", "id": req})
+            assert await c.recv() == {"type": "pong", "id": req}
+        await c.send({"type": "ping"})
+        assert await c.recv() == {"type": "pong"}
+        await c.close()
+
+
+async def test_subscribe_unsubscribe_and_no_events_after(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        await c.auth(token("1", topics=["room:9"]))
+        ack = await c.subscribe("room:9")
+        assert ack["topic"] == "room:9" and ack["id"] == 1 and ack["epoch"] and ack["pos"] == 0
+        await c.subscribe("user:1")
+        db = await asyncpg.connect(dsn)
+        await emit(db, "room:9", {"n": 1})
+        (event,) = await c.events(1)
+        assert event["topic"] == "room:9" and event["op"] == "message"
+        await c.send({"type": "unsubscribe", "topic": "room:9", "id": 77})
+        assert await c.recv() == {"type": "unsubscribed", "topic": "room:9", "id": 77}
+        await emit(db, "room:9", {"n": 2})
+        marker = await emit(db, "user:1", {"marker": True})
+        (event,) = await c.events(1)
+        assert (event["topic"], event["pos"]) == ("user:1", marker)
+        await c.send({"type": "unsubscribe", "topic": "room:9", "id": 78})
+        await expect_error(c, "not_subscribed", id=78, topic="room:9")
+        await c.send({"type": "unsubscribe", "topic": "room:never"})
+        await expect_error(c, "not_subscribed", topic="room:never")
+        await assert_alive(c)
+        await db.close()
+        await c.close()
+
+
+async def test_double_subscribe_is_already_subscribed(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await gw.connect("1")
+        await c.subscribe("user:1")
+        await c.send({"type": "subscribe", "topic": "user:1", "id": 9})
+        await expect_error(c, "already_subscribed", id=9, topic="user:1")
+        # Still exactly one subscription: one event arrives once.
+        db = await asyncpg.connect(dsn)
+        await emit(db, "user:1", {"n": 1})
+        await emit(db, "user:1", {"n": 2})
+        events = await c.events(2)
+        assert [e["data"]["n"] for e in events] == [1, 2]
+        await assert_alive(c)
+        await db.close()
+        await c.close()
+
+
+async def test_topics_granted_by_own_id_and_token_claims(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        # Malformed grants (a bare *, a wildcard without kind:, a number) are ignored.
+        grants: list[Any] = ["room:7", "doc:*", "*", "bogus*", 42]
+        await c.auth(token("7", topics=grants))
+        for topic in ("user:7", "room:7", "doc:1", "doc:anything-at-all"):
+            await c.subscribe(topic)
+        # Not granted: another user's topic, another room, a kind the pattern does not cover,
+        # and the pattern's own bare prefix. A bare `*` grant grants nothing.
+        for topic in ("user:8", "room:8", "docs:1", "room:70", "presence:global"):
+            await c.send({"type": "subscribe", "topic": topic, "id": 3})
+            await expect_error(c, "forbidden", id=3, topic=topic)
+        await assert_alive(c)
+        await c.close()
+
+
+async def test_sql_authorization_function_grants_topics(dsn: str) -> None:
+    db = await asyncpg.connect(dsn)
+    await db.execute(
+        "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
+        "RETURNS boolean LANGUAGE sql STABLE AS $$ "
+        "SELECT topic = 'team:' || user_id OR (claims ->> 'role') = 'admin' AND topic LIKE 'audit:%' $$"
+    )
+    async with running_gateway(dsn) as gw:
+        alice = await gw.connect("alice")
+        await alice.subscribe("team:alice")
+        for topic in ("team:bob", "audit:1"):
+            await alice.send({"type": "subscribe", "topic": topic})
+            await expect_error(alice, "forbidden", topic=topic)
+        admin = await open_raw(gw)
+        await admin.auth(token("root", role="admin"))
+        await admin.subscribe("audit:1")
+        pos = await emit(db, "team:alice", {"hello": "team"})
+        (event,) = await alice.events(1)
+        assert (event["topic"], event["pos"], event["data"]) == ("team:alice", pos, {"hello": "team"})
+        await alice.close()
+        await admin.close()
+    await db.close()
+
+
+BAD_TOPICS = [
+    "",
+    "nocolon",
+    "room:",
+    ":7",
+    "room:a b",
+    "room:*",
+    "room:\u00e9",
+    "room:\x00",
+    "room:" + "x" * 200,
+]
+
+
+async def test_bad_topic_names(dsn: str) -> None:
+    async with running_gateway(dsn, subscribe_rate=1000) as gw:
+        c = await gw.connect("1")
+        for n, topic in enumerate(BAD_TOPICS):
+            await c.send({"type": "subscribe", "topic": topic, "id": n})
+            await expect_error(c, "bad_topic", id=n, topic=topic)
+            await assert_alive(c)
+        await c.close()
+
+
+# --- malformed frames -----------------------------------------------------------------------
+
+BAD_JSON = ["{not json", "", "{", '{"type": "ping"', "\u00e9", "[1, 2,]", "nul", '{"type": "ping"} x']
+
+# (frame, a word the error message must contain to name the problem)
+BAD_MESSAGES: list[tuple[Any, str]] = [
+    ({"type": "frobnicate"}, "frobnicate"),
+    ({"kind": "ping"}, "type"),
+    ({"type": 7}, "type"),
+    ({"type": "subscribe"}, "topic"),
+    ({"type": "subscribe", "topic": 7}, "topic"),
+    ({"type": "subscribe", "topic": "user:1", "id": "one"}, "id"),
+    ({"type": "subscribe", "topic": "user:1", "id": 1.5}, "id"),
+    ({"type": "subscribe", "topic": "user:1", "id": True}, "id"),
+    ({"type": "subscribe", "topic": "user:1", "since": {"pos": "x", "epoch": "e"}}, "since"),
+    ({"type": "subscribe", "topic": "user:1", "since": {"pos": 1}}, "epoch"),
+    ({"type": "subscribe", "topic": "user:1", "since": {"pos": 1, "epoch": "e", "x": 1}}, "x"),
+    ({"type": "ping", "extra": 1}, "extra"),
+    ({"type": "status", "status": "busy"}, "status"),
+    ({"type": "refresh"}, "token"),
+    ({"type": "auth", "token": None}, "token"),
+    ({"type": "unsubscribe", "topic": ["user:1"]}, "topic"),
+    ([{"type": "ping"}], "object"),
+    ("ping", "object"),
+    (None, "object"),
+    (42, "object"),
+]
+
+
+async def test_malformed_json_is_bad_json(dsn: str) -> None:
+    async with running_gateway(dsn, message_rate=1000) as gw:
+        c = await gw.connect("1")
+        for text in BAD_JSON:
+            await c.send(text)
+            frame = await expect_error(c, "bad_json")
+            assert "JSON" in frame["message"], frame
+            await assert_alive(c)
+        await c.close()
+
+
+async def test_well_formed_json_but_wrong_message_is_bad_message(dsn: str) -> None:
+    async with running_gateway(dsn, message_rate=1000) as gw:
+        c = await gw.connect("1")
+        for frame, names in BAD_MESSAGES:
+            await c.send(json.dumps(frame))
+            error = await expect_error(c, "bad_message")
+            assert names in error["message"], f"{frame}: the message should name {names!r}: {error}"
+            await assert_alive(c)
+        await c.close()
+
+
+async def test_binary_frame_is_refused_before_and_after_auth(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        assert c.ws is not None
+        await c.ws.send_bytes(b'{"type": "auth"}')
+        await expect_error(c, "binary_frame")
+        await c.auth(token("1"))
+        await c.ws.send_bytes(b'{"type": "ping", "id": 1}')
+        await expect_error(c, "binary_frame")
+        await assert_alive(c)
+        await c.close()
+
+
+# --- the subscribe-ack guarantee ------------------------------------------------------------
+
+
+async def test_commit_right_after_subscribed_is_always_delivered(dsn: str) -> None:
+    """A row committed the moment ``subscribed`` arrives (no sleep) is never lost.
+
+    The gateway reads the topic's head before it sends the ack and adds the subscriber in
+    the same step, so any later commit is above the head. Half the rounds use a table row
+    (inline doorbell), half ``gateway.emit`` (range doorbell read from the log); some topics
+    already have history, so the head is not 0.
+    """
+    db = await asyncpg.connect(dsn)
+    await db.execute(
+        "CREATE TABLE acks (id bigserial PRIMARY KEY, topic text NOT NULL, n int);"
+        "SELECT gateway.publish('acks', $$topic$$)"
+    )
+    async with running_gateway(dsn, tables="public.acks", subscribe_rate=1000, message_rate=1000) as gw:
+        c = await open_raw(gw)
+        await c.auth(token("1", topics=["room:*"]))
+        for i in range(24):
+            topic = f"room:ack{i % 8}"
+            if i % 3 == 0:
+                await emit(db, topic, {"history": i})  # before the subscription: not delivered
+            ack = await c.subscribe(topic)
+            if i % 2:
+                await db.execute("INSERT INTO acks (topic, n) VALUES ($1, $2)", topic, i)
+            else:
+                await emit(db, topic, {"n": i})
+            (event,) = await c.events(1)
+            assert event["topic"] == topic and event["pos"] == ack["pos"] + 1, (ack, event)
+            assert (event["row"] if i % 2 else event["data"])["n"] == i
+            await c.send({"type": "unsubscribe", "topic": topic})
+            await c.expect("unsubscribed")
+        await c.close()
+    await db.close()
