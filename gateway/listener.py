@@ -70,7 +70,7 @@ class Listener:
             lost = asyncio.Event()
             try:
                 conn = await asyncpg.connect(self._dsn, timeout=max(self._probe_timeout, 5.0))
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever it is, the listener must come back
                 error = f"{type(exc).__name__}: {exc}"
                 # Log each distinct failure once, not once per retry.
                 if error != last_error:
@@ -102,6 +102,11 @@ class Listener:
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if not self._stopping:
                     log.warning("listener connection failed: %s: %s", type(exc).__name__, exc)
+            except Exception:
+                # Not a connection problem we know: log it whole, then reconnect anyway,
+                # because a listener that stays down loses nothing but delays everything.
+                if not self._stopping:
+                    log.exception("listener failed unexpectedly; reconnecting")
             finally:
                 self.connected = False
                 self._conn = None

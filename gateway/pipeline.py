@@ -190,7 +190,7 @@ class Pipeline:
                 if joins:
                     await self._join(joins)
                 if failing:
-                    log.info("database reachable again; all topics caught up")
+                    log.info("recovered: every topic caught up from the log")
                 failing = False
             except _DB_ERRORS as exc:
                 if not failing:
@@ -201,6 +201,17 @@ class Pipeline:
                 for j in joins:
                     if not j.future.done():
                         j.future.set_exception(Unavailable(str(exc)))
+                await asyncio.sleep(0.5)
+                if self._queue.empty():
+                    self._queue.put_nowait(_RESYNC)
+            except Exception as exc:
+                # A bug must not stop delivery for good: log it whole, fail the joins of this
+                # batch, and catch every topic up from the log on the next round.
+                log.exception("pipeline batch failed; catching up from the log")
+                for j in joins:
+                    if not j.future.done():
+                        j.future.set_exception(Unavailable(f"internal error: {type(exc).__name__}"))
+                failing = True
                 await asyncio.sleep(0.5)
                 if self._queue.empty():
                     self._queue.put_nowait(_RESYNC)
