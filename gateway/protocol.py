@@ -176,7 +176,6 @@ class CloseCode:
     SERVICE_RESTART = 1012  # draining for a deploy; reconnect now, another replica takes over
     TRY_AGAIN_LATER = 1013  # connection limit reached on this replica; reconnect with backoff
     UNAUTHORIZED = 4001  # no valid token; do not reconnect with the same token
-    FORBIDDEN = 4003  # the user lost a right it needs (token refresh revoked it); do not retry
     AUTH_TIMEOUT = 4004  # no auth frame within the deadline; reconnect
     TOKEN_EXPIRED = 4005  # the token expired and no refresh came; reconnect with a fresh token
     SLOW_CONSUMER = 4008  # the client read too slowly and its send queue overflowed; reconnect

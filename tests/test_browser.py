@@ -405,9 +405,7 @@ async def test_forbidden_subscribe_is_reported_and_not_retried(page: Any, site: 
     assert gw.conns[1].of(p.Subscribe) == []
 
 
-@pytest.mark.parametrize(
-    "code", [p.CloseCode.UNAUTHORIZED, p.CloseCode.FORBIDDEN, p.CloseCode.MESSAGE_TOO_BIG]
-)
+@pytest.mark.parametrize("code", [p.CloseCode.UNAUTHORIZED, p.CloseCode.MESSAGE_TOO_BIG])
 async def test_close_codes_that_retrying_cannot_fix_end_the_client(page: Any, site: Site, code: int) -> None:
     gw = site.gateway
     await start(page, site)

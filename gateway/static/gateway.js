@@ -11,7 +11,7 @@
   // RECONNECT_AFTER in gateway/protocol.py. The gateway's other codes (FINAL) mean "do not come
   // back as you are"; a close it did not choose (1006 network drop, a proxy's) is retried.
   const RECONNECT_AFTER = [1001, 1012, 1013, 4004, 4005, 4008, 4029];
-  const FINAL = { 1000: "closed by the server", 1009: "a frame was too big", 4001: "unauthorized", 4003: "forbidden" };
+  const FINAL = { 1000: "closed by the server", 1009: "a frame was too big", 4001: "unauthorized" };
   // Subscribe errors that may clear up; any other (forbidden, bad_topic...) is final.
   const RETRYABLE = ["unavailable", "rate_limited"];
 
