@@ -32,6 +32,8 @@ import asyncpg
 from gateway.auth import Identity
 from gateway.config import ConfigError, Settings
 
+from .db import DB_ERRORS
+
 log = logging.getLogger(__name__)
 
 MAX_TOPIC_CHARS = 200
@@ -170,7 +172,7 @@ class Authorizer:
                 answer = await self._pool.fetchval(
                     self._sql, key[0], key[1], json.dumps(dict(claims), default=str)
                 )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except DB_ERRORS as exc:
             cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if not self._failing:
                 # Once per outage, not once per subscribe: a storm of failures says nothing new.

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from .auth import mint_token
 from .config import ConfigError, Settings, mask_dsn
+from .db import DB_ERRORS
 from .server import STATIC, build_app, serve
 
 log = logging.getLogger("gateway.demo")
@@ -113,7 +114,7 @@ async def activity(dsn: str, interval: float = 1.5) -> None:
                     "WHERE id = (SELECT id FROM public.demo_tasks WHERE status <> 'done' ORDER BY random() LIMIT 1)",
                     random.choice(PEOPLE[:-1]),
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("activity generator: %s", exc)
             conn = None
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import asyncpg
 
 from .config import mask_dsn
+from .db import DB_ERRORS
 
 log = logging.getLogger("gateway.listener")
 
@@ -99,7 +100,7 @@ class Listener:
                 cause = await self._watch(conn, lost)
                 if not self._stopping:
                     log.warning("listener connection lost: %s", cause)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 if not self._stopping:
                     log.warning("listener connection failed: %s: %s", type(exc).__name__, exc)
             except Exception:
@@ -129,7 +130,7 @@ class Listener:
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), self._probe_timeout)
             except TimeoutError:
                 return f"probe got no answer within {self._probe_timeout:g}s"
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 return f"probe failed: {type(exc).__name__}: {exc}"
         return "stopping"
 
@@ -145,5 +146,5 @@ class Listener:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), 2.0)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except DB_ERRORS:
                 conn.terminate()

@@ -44,16 +44,21 @@ class EventLog:
     async def heads(self, topics: list[str], *, create: bool = False) -> dict[str, Head]:
         """Epoch and last position of each topic. With ``create``, topics without a row get one
         (position 0, a new epoch), so a subscriber learns the epoch its first event will carry."""
+        select = "SELECT topic, epoch, pos FROM gateway.topics WHERE topic = ANY($1::text[])"
         async with self._pool.acquire() as conn:
-            if create:
+            heads = {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, topics)}
+            missing = [t for t in topics if t not in heads]
+            if create and missing:
+                # Only topics that have no row: INSERT .. ON CONFLICT on a row a writer holds
+                # locked would wait for that writer's transaction, and the pipeline with it.
                 await conn.execute(
                     "INSERT INTO gateway.topics (topic) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
-                    topics,
+                    missing,
                 )
-            rows = await conn.fetch(
-                "SELECT topic, epoch, pos FROM gateway.topics WHERE topic = ANY($1::text[])", topics
-            )
-        return {r["topic"]: Head(r["epoch"], r["pos"]) for r in rows}
+                heads.update(
+                    {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, missing)}
+                )
+        return heads
 
     async def read(self, ranges: list[tuple[str, int, int]]) -> list[LogEvent]:
         """Events with ``lo <= pos <= hi`` for each (topic, lo, hi), ordered by topic and position."""

@@ -15,11 +15,12 @@ import resource
 import time
 from collections.abc import Iterator
 
-import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .db import DB_ERRORS
 
 log = logging.getLogger("gateway.metrics")
 
@@ -53,7 +54,9 @@ class GatewayCollector(Collector):
         )
         yield CounterMetricFamily("gateway_deliveries", "frames handed to subscribers", value=hub.delivered)
         yield CounterMetricFamily(
-            "gateway_gaps_filled", "position gaps filled from the log", value=pipeline.gaps_filled
+            "gateway_log_reads",
+            "position ranges read from the log (large statements, gaps, catch-ups)",
+            value=pipeline.log_reads,
         )
         yield CounterMetricFamily(
             "gateway_not_recovered",
@@ -136,7 +139,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
         try:
             async with asyncio.timeout(1.0):
                 collector.queue_usage = float(await pool.fetchval("SELECT pg_notification_queue_usage()"))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DB_ERRORS:
             pass
         if collector.queue_usage > QUEUE_WARN:
             log.warning("PostgreSQL notification queue is %.0f%% full", collector.queue_usage * 100)

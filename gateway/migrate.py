@@ -30,6 +30,8 @@ import asyncpg
 
 from gateway.config import mask_dsn
 
+from .db import DB_ERRORS
+
 log = logging.getLogger("gateway.migrate")
 
 # pg_advisory_lock key held while migrating; any fixed bigint works, as long as it never
@@ -126,12 +128,16 @@ def pending(migrations: Iterable[Migration], applied: Collection[int]) -> list[M
     return sorted((m for m in migrations if m.version not in applied), key=lambda m: m.version)
 
 
+# asyncpg raises ValueError for a malformed DSN.
+_CONNECT_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
+
+
 async def _connect(dsn: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(
             dsn, timeout=_CONNECT_TIMEOUT, server_settings={"application_name": "gateway-migrate"}
         )
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+    except _CONNECT_ERRORS as e:
         raise MigrationError(f"cannot connect to {mask_dsn(dsn)} to migrate: {e}") from e
 
 
@@ -140,7 +146,7 @@ async def _close(conn: asyncpg.Connection) -> None:
     # without masking the error that broke it.
     try:
         await asyncio.wait_for(conn.close(), 5)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except DB_ERRORS:
         conn.terminate()
 
 
@@ -187,7 +193,7 @@ async def _apply(conn: asyncpg.Connection, m: Migration) -> None:
         try:
             # Without arguments asyncpg uses the simple query protocol: the whole file, many statements.
             await conn.execute(m.sql)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+        except DB_ERRORS as e:
             raise MigrationError(_describe(m, e)) from e
         if not conn.is_in_transaction():
             raise MigrationError(

@@ -36,11 +36,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
-import asyncpg
 import msgspec
 
+from .db import DB_ERRORS
 from .hub import Hub, text_frame
-from .log import EventLog, Head, LogEvent
+from .log import EventLog, Head
 from .protocol import Event, Presence, Since, Subscribed, encode
 from .resolver import Resolver
 from .stats import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
@@ -108,7 +108,6 @@ class Unavailable(Exception):
 
 
 _RESYNC = object()
-_DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class Pipeline:
@@ -134,7 +133,7 @@ class Pipeline:
         # counters for metrics
         self.received = 0
         self.resolved = 0
-        self.gaps_filled = 0
+        self.log_reads = 0  # ranges read from the log: large statements, gaps, catch-ups
         self.not_recovered = 0
         self.batch_size = Histogram(BATCH_BOUNDS)
         self.batch_seconds = Histogram(LATENCY_BOUNDS)
@@ -192,7 +191,7 @@ class Pipeline:
                 if failing:
                     log.info("recovered: every topic caught up from the log")
                 failing = False
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
                 if not failing:
                     log.warning(
                         "pipeline cannot reach the database (%s: %s); will catch up", type(exc).__name__, exc
@@ -235,14 +234,8 @@ class Pipeline:
         """Deliver everything the doorbells name (and, with ``resync``, everything up to each
         topic's head) for topics with local subscribers, in order, filling gaps from the log."""
         inline: dict[str, dict[int, Pending]] = {}
-        targets: dict[str, tuple[str, int]] = {}  # topic -> (epoch, highest position named)
+        marks: list[tuple[str, str, int]] = []  # (topic, epoch, a position known to exist)
         has = self.hub.has
-
-        def target(topic: str, epoch: str, pos: int) -> None:
-            cur = targets.get(topic)
-            if cur is None or cur[0] != epoch or pos > cur[1]:
-                targets[topic] = (epoch, pos)
-
         for payload in doorbells:
             try:
                 bell = _decode_doorbell(payload)
@@ -259,55 +252,76 @@ class Pipeline:
             for topic, epoch, pos, op, key in bell.ev or ():
                 if has(topic):
                     inline.setdefault(topic, {})[pos] = Pending(topic, epoch, pos, op, bell.tb, key)
-                    target(topic, epoch, pos)
+                    marks.append((topic, epoch, pos))
             for topic, epoch, _lo, hi in bell.rg or ():
                 if has(topic):
-                    target(topic, epoch, hi)
-
+                    marks.append((topic, epoch, hi))
         if resync:
             topics = self.hub.topics()
             if topics:
-                for topic, head in (await self._log.heads(topics)).items():
-                    target(topic, head.epoch, head.pos)
-
-        if targets:
-            await self._deliver_up_to(targets, inline)
+                marks.extend((t, h.epoch, h.pos) for t, h in (await self._log.heads(topics)).items())
+        if marks:
+            await self._deliver_up_to(marks, inline)
 
     async def _deliver_up_to(
-        self, targets: dict[str, tuple[str, int]], inline: dict[str, dict[int, Pending]] | None = None
+        self, marks: Iterable[tuple[str, str, int]], inline: dict[str, dict[int, Pending]] | None = None
     ) -> None:
+        """Bring each marked topic's stream up to the highest position marked for it."""
         inline = inline or {}
-        plan: list[tuple[str, list[Pending]]] = []
-        to_read: list[tuple[str, int, int]] = []
-        for topic, (epoch, upto) in targets.items():
+        targets: dict[str, int] = {}
+        other_epoch: set[str] = set()
+        for topic, epoch, pos in marks:
             stream = self._streams.get(topic)
             if stream is None:
                 continue  # joined topics always have a stream; nobody here wants this one
             if epoch != stream.epoch:
-                # The topic was reset (gateway.reset_topic): a new stream starting at 1.
-                self._not_recovered(topic, Head(epoch, 0), "the topic's stream was reset")
-                stream.epoch, stream.pos = epoch, 0
+                other_epoch.add(topic)
+            elif pos > targets.get(topic, stream.pos):
+                targets[topic] = pos
+        if other_epoch:
+            # Another epoch: the topic was reset (gateway.reset_topic), or this is a late
+            # doorbell from before a reset we already followed. Only the head can tell.
+            heads = await self._log.heads(sorted(other_epoch))
+            for topic in other_epoch:
+                head = heads.get(topic)
+                stream = self._streams.get(topic)
+                if stream is None or head is None or head.epoch == stream.epoch:
+                    continue  # stale: the current stream's marks (if any) stand
+                self._not_recovered(topic, Head(head.epoch, 0), "the topic's stream was reset")
+                stream.epoch, stream.pos = head.epoch, 0
+                targets[topic] = head.pos  # everything of the new stream
+        plan: list[tuple[str, list[Pending]]] = []
+        to_read: list[tuple[str, int, int]] = []
+        for topic, upto in targets.items():
+            stream = self._streams[topic]
+            stream = self._streams.get(topic)
+            if stream is None:
+                continue  # joined topics always have a stream; nobody here wants this one
             if upto <= stream.pos:
                 continue  # duplicates only
-            have = inline.get(topic, {})
+            # Inline events of another epoch (a doorbell from before a reset) do not count.
+            have = {pos: p for pos, p in inline.get(topic, {}).items() if p.epoch == stream.epoch}
             wanted = range(stream.pos + 1, upto + 1)
             if all(p in have for p in wanted):
                 plan.append((topic, [have[p] for p in wanted]))
             else:
                 to_read.append((topic, stream.pos + 1, upto))
         if to_read:
+            epochs = {topic: self._streams[topic].epoch for topic, _, _ in to_read}
             by_topic: dict[str, list[Pending]] = {}
             for e in await self._log.read(to_read):
-                by_topic.setdefault(e.topic, []).append(self._from_log(e))
+                by_topic.setdefault(e.topic, []).append(
+                    Pending(e.topic, epochs[e.topic], e.pos, e.op, e.tbl, e.key, e.data, e.ts)
+                )
             for topic, lo, hi in to_read:
                 got = by_topic.get(topic, [])
                 if len(got) != hi - lo + 1:
                     # Some positions are gone from the log (pruned): say so and skip to the
                     # head rather than deliver a stream with a hole in it.
-                    self._not_recovered(topic, Head(self._streams[topic].epoch, hi), "events were pruned")
+                    self._not_recovered(topic, Head(epochs[topic], hi), "events were pruned")
                     got = []
                 else:
-                    self.gaps_filled += 1
+                    self.log_reads += 1
                 plan.append((topic, got))
         if not plan:
             return
@@ -325,10 +339,7 @@ class Pipeline:
                     stream.pos = p.pos
                     if p.ts is not None:
                         observe(now - p.ts)
-            stream.pos = max(stream.pos, targets[topic][1])
-
-    def _from_log(self, e: LogEvent) -> Pending:
-        return Pending(e.topic, self._streams[e.topic].epoch, e.pos, e.op, e.tbl, e.key, e.data, e.ts)
+            stream.pos = max(stream.pos, targets[topic])
 
     def _not_recovered(self, topic: str, head: Head, why: str) -> None:
         self.not_recovered += 1
@@ -383,14 +394,14 @@ class Pipeline:
         topics = sorted({j.topic for j in joins})
         heads = await self._log.heads(topics, create=True)
         # Bring streams that already have subscribers up to the head first.
-        catch_up: dict[str, tuple[str, int]] = {}
+        catch_up: list[tuple[str, str, int]] = []
         for topic in topics:
             head = heads[topic]
             stream = self._streams.get(topic)
             if stream is None or not self.hub.has(topic):
                 self._streams[topic] = Stream(head.epoch, head.pos)
             else:
-                catch_up[topic] = (head.epoch, head.pos)
+                catch_up.append((topic, head.epoch, head.pos))
         if catch_up:
             await self._deliver_up_to(catch_up)
 

@@ -43,6 +43,7 @@ import asyncpg
 
 from . import protocol as p
 from .config import ConfigError, Settings
+from .db import DB_ERRORS
 from .hub import Hub
 from .pipeline import Unavailable
 
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.presence")
 
-_DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # A grace check fires this much after the grace, so the database clock has surely passed it.
 GRACE_SLACK = 0.05
@@ -109,7 +109,7 @@ class Presence:
                 "IS NOT NULL",
                 timeout=CALL_TIMEOUT,
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._down("checking the presence tables", exc)
             ok = True  # cannot tell; the writer keeps trying to register
         if not ok:
@@ -147,7 +147,7 @@ class Presence:
             await self._pool.fetchval(
                 "SELECT gateway.presence_unregister($1)", self.replica_id, timeout=CALL_TIMEOUT
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             log.warning(
                 "presence: could not remove replica %s (%s: %s); another replica's sweep removes its "
                 "connections after GATEWAY_HEARTBEAT_TTL",
@@ -205,7 +205,7 @@ class Presence:
                         "SELECT epoch, pos FROM gateway.topics WHERE topic = $1", topic, timeout=CALL_TIMEOUT
                     )
                     rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
         if head is None:
             raise Unavailable(f"topic {topic} was reset while subscribing; subscribe again")
@@ -269,7 +269,7 @@ class Presence:
                 True,
                 timeout=CALL_TIMEOUT,
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._down("registering this replica", exc)
             return False
         self._up()
@@ -295,7 +295,7 @@ class Presence:
                 False,
                 timeout=CALL_TIMEOUT,
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             # Whether it committed is unknown (a timeout): register the full set again.
             self._down("writing connection changes", exc)
             self._resync()
@@ -338,7 +338,7 @@ class Presence:
                 users,
                 timeout=CALL_TIMEOUT,
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._down("ending the grace of users who left", exc)
             self._resync()
             return  # the periodic sweep of any replica ends it
@@ -356,7 +356,7 @@ class Presence:
                 alive = await self._pool.fetchval(
                     "SELECT gateway.presence_heartbeat($1)", self.replica_id, timeout=CALL_TIMEOUT
                 )
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
                 self._down("heartbeat", exc)
                 self._resync()
                 continue
@@ -379,7 +379,7 @@ class Presence:
                 changed = await self._pool.fetchval(
                     "SELECT gateway.presence_sweep($1, $2)", self._ttl, self._grace, timeout=CALL_TIMEOUT
                 )
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
                 self._down("sweep", exc)
                 self._resync()
             else:

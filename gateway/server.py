@@ -30,6 +30,7 @@ from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
 from .config import ConfigError, Settings, mask_dsn
+from .db import DB_ERRORS
 from .hub import Hub
 from .listener import Listener
 from .log import EventLog
@@ -96,7 +97,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     s = state.settings
     try:
         pool = await asyncpg.create_pool(s.database_url, min_size=1, max_size=s.pool_size, timeout=10)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DB_ERRORS as exc:
         raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
     assert pool is not None
     state.pool = pool
@@ -173,7 +174,7 @@ async def _retention(state: State, event_log: EventLog) -> None:
         await asyncio.sleep(s.retention_interval)
         try:
             deleted = await event_log.prune(s.retention_max_events, s.retention_max_age)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("retention skipped: %s: %s", type(exc).__name__, exc)
             continue
         if deleted:
@@ -202,11 +203,12 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("draining")
     if state.listener is None or not state.listener.connected:
         problems.append("listener not connected")
+    problems.extend(f"{t.get_name()} task stopped" for t in state.tasks if t.done())
     if state.pool is not None:
         try:
             async with asyncio.timeout(1.0):
                 await state.pool.fetchval("SELECT 1")
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             problems.append(f"database unreachable: {type(exc).__name__}")
     if problems:
         return web.json_response({"ready": False, "problems": problems}, status=503)
