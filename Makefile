@@ -42,5 +42,8 @@ test: check unit
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtest $(ARGS)
 
+loadtest-smoke: $(STAMP)
+	$(BIN)/python -m loadtest --smoke --out /tmp/loadtest-smoke
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,291 @@
+"""The database side: schema, writers at a target rate, the bare LISTEN ceiling, the writer cost."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from gateway.migrate import migrate
+
+# ~200-byte event frames: the row is {"id":..,"topic":..,"sent_at":..,"body":"<BODY>"}.
+BODY = "x" * 24
+COST_ROWS = 1000
+COST_TOPICS = 100
+
+SCHEMA = f"""
+DROP TABLE IF EXISTS lt_items, lt_cost_plain, lt_cost_gateway, lt_cost_naive;
+CREATE TABLE lt_items (
+    id bigserial PRIMARY KEY,
+    topic text NOT NULL,
+    sent_at double precision NOT NULL,  -- the writer's time.time() when it sent the commit
+    body text NOT NULL
+);
+SELECT gateway.publish('public.lt_items', $$'t:' || topic$$);
+
+-- Writer cost: the same single-row UPDATE on three identical tables.
+CREATE TABLE lt_cost_plain (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
+CREATE TABLE lt_cost_gateway (LIKE lt_cost_plain INCLUDING ALL);
+CREATE TABLE lt_cost_naive (LIKE lt_cost_plain INCLUDING ALL);
+INSERT INTO lt_cost_plain (id) SELECT generate_series(1, {COST_ROWS});
+INSERT INTO lt_cost_gateway (id) SELECT generate_series(1, {COST_ROWS});
+INSERT INTO lt_cost_naive (id) SELECT generate_series(1, {COST_ROWS});
+-- The gateway's capture trigger; rows spread over {COST_TOPICS} topics like per-user topics.
+SELECT gateway.publish('public.lt_cost_gateway', $$'c:' || (id % {COST_TOPICS})$$);
+-- The seed tutorial's trigger: one NOTIFY per row carrying the whole row as JSON.
+CREATE OR REPLACE FUNCTION lt_naive_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('lt_naive', row_to_json(NEW)::text);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER lt_naive AFTER INSERT OR UPDATE ON lt_cost_naive FOR EACH ROW EXECUTE FUNCTION lt_naive_notify();
+"""
+
+
+async def prepare(dsn: str) -> str:
+    """Migrate and create the benchmark tables; returns the server version."""
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(SCHEMA)
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+async def heads(dsn: str, topics: list[str]) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT topic, pos FROM gateway.topics WHERE topic = ANY($1::text[])", topics)
+        return {r["topic"]: r["pos"] for r in rows}
+    finally:
+        await conn.close()
+
+
+# --- writers ------------------------------------------------------------------------------
+
+
+@dataclass
+class WriteResult:
+    commits: int = 0
+    seconds: float = 0.0
+    commit_times: array[float] = field(default_factory=lambda: array("d"))  # when each commit returned
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.commits / self.seconds if self.seconds else 0.0
+
+
+class Writers:
+    """``n`` asyncpg connections inserting rows into lt_items through the real trigger path."""
+
+    def __init__(self, dsn: str, n: int) -> None:
+        self.dsn = dsn
+        self.n = n
+        self.conns: list[asyncpg.Connection] = []
+        self.committed = 0  # for progress
+
+    async def open(self) -> None:
+        self.conns = [await asyncpg.connect(self.dsn) for _ in range(self.n)]
+
+    async def close(self) -> None:
+        for c in self.conns:
+            await c.close(timeout=5)
+        self.conns = []
+
+    async def run(self, topics: list[str], rate: float | None, seconds: float) -> WriteResult:
+        """Commit rows round-robin over ``topics`` at ``rate`` per second (None: as fast as possible)
+        for ``seconds``. A writer that falls behind its schedule does not sleep, so the achieved
+        rate shows saturation rather than hiding it."""
+        result = WriteResult()
+        start = time.monotonic()
+        end = start + seconds
+        interval = self.n / rate if rate else 0.0
+        names = [t.removeprefix("t:") for t in topics]
+
+        async def one(i: int, conn: asyncpg.Connection) -> None:
+            k = 0
+            stmt = await conn.prepare("INSERT INTO lt_items (topic, sent_at, body) VALUES ($1, $2, $3)")
+            while True:
+                slot = start + (i / self.n) * interval + k * interval
+                now = time.monotonic()
+                if slot >= end or now >= end:
+                    return
+                if slot > now:
+                    await asyncio.sleep(slot - now)
+                topic = names[(k * self.n + i) % len(names)]
+                k += 1
+                try:
+                    await stmt.fetch(topic, time.time(), BODY)
+                except (asyncpg.PostgresError, OSError) as exc:
+                    result.errors.append(f"{type(exc).__name__}: {exc}")
+                    if len(result.errors) > 100:
+                        return
+                    continue
+                result.commits += 1
+                self.committed += 1
+                result.commit_times.append(time.time())
+
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(self.conns)))
+        result.seconds = time.monotonic() - start
+        return result
+
+
+# --- baseline (a): the rate one bare LISTEN connection keeps up with ------------------------
+
+
+async def bare_listen_ceiling(dsn: str, writers: int, seconds: float) -> dict[str, Any]:
+    """``writers`` connections NOTIFY as fast as they can for ``seconds``; one bare asyncpg
+    listener counts what it receives. The payload has the size of a one-event doorbell."""
+    listener = await asyncpg.connect(dsn)
+    received = 0
+    last_at = 0.0
+
+    def on_notify(*_: object) -> None:
+        nonlocal received, last_at
+        received += 1
+        last_at = time.monotonic()
+
+    await listener.add_listener("lt_bare", on_notify)
+    payload = '{"v":1,"tb":"public.lt_items","ev":[["t:u123","0a1b2c3d",123456,"i","123456"]]}'
+    conns = [await asyncpg.connect(dsn) for _ in range(writers)]
+    sent = 0
+    start = time.monotonic()
+    end = start + seconds
+
+    async def one(conn: asyncpg.Connection) -> None:
+        nonlocal sent
+        stmt = await conn.prepare("SELECT pg_notify('lt_bare', $1)")
+        while time.monotonic() < end:
+            await stmt.fetch(payload)
+            sent += 1
+
+    try:
+        await asyncio.gather(*(one(c) for c in conns))
+        sent_seconds = time.monotonic() - start
+        deadline = time.monotonic() + 10
+        while received < sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        for c in conns:
+            await c.close()
+        await listener.close()
+    span = (last_at - start) if last_at > start else sent_seconds
+    return {
+        "writers": writers,
+        "seconds": round(sent_seconds, 2),
+        "sent": sent,
+        "received": received,
+        "sent_per_s": round(sent / sent_seconds, 1),
+        "received_per_s": round(received / max(span, sent_seconds), 1),
+        "drain_lag_s": round(max(0.0, span - sent_seconds), 3),
+    }
+
+
+# --- writer cost -----------------------------------------------------------------------------
+
+_TPS = re.compile(r"tps = ([0-9.]+) \((?:without initial connection time|excluding connections establishing)")
+
+
+def _pgbench(pgbench: str, dsn: str, table: str, clients: int, seconds: int) -> float:
+    parts = urlsplit(dsn)
+    script = f"\\set id random(1, {COST_ROWS})\nUPDATE {table} SET n = n + 1 WHERE id = :id;\n"
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+        path = f.name
+    try:
+        cmd = [
+            pgbench,
+            "-n",
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, 2)),
+            "-T",
+            str(seconds),
+            "-f",
+            path,
+            "-h",
+            parts.hostname or "127.0.0.1",
+            "-p",
+            str(parts.port or 5432),
+            "-U",
+            parts.username or "postgres",
+            parts.path.lstrip("/"),
+        ]
+        env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+        if parts.password:
+            env["PGPASSWORD"] = parts.password
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env, check=False)
+    finally:
+        Path(path).unlink(missing_ok=True)
+    m = _TPS.search(out.stdout)
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"pgbench on {table} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return float(m.group(1))
+
+
+async def _asyncpg_tps(dsn: str, table: str, clients: int, seconds: float) -> float:
+    conns = [await asyncpg.connect(dsn) for _ in range(clients)]
+    count = 0
+    end = time.monotonic() + seconds
+
+    async def one(i: int, conn: asyncpg.Connection) -> None:
+        nonlocal count
+        stmt = await conn.prepare(f"UPDATE {table} SET n = n + 1 WHERE id = $1")
+        k = i
+        while time.monotonic() < end:
+            await stmt.fetch(k % COST_ROWS + 1)
+            k += 7919
+            count += 1
+
+    start = time.monotonic()
+    try:
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(conns)))
+    finally:
+        for c in conns:
+            await c.close()
+    return count / (time.monotonic() - start)
+
+
+async def writer_cost(
+    dsn: str, pgbench: str | None, clients: int, seconds: int, rounds: int, progress: Any
+) -> dict[str, Any]:
+    """Commits/s of a single-row UPDATE without a trigger, with the gateway's capture trigger and
+    with the naive per-row pg_notify(row_to_json(NEW)) trigger. Rounds interleave the three
+    tables, so drift in the machine's load hits all of them alike."""
+    tables = {"plain": "lt_cost_plain", "gateway": "lt_cost_gateway", "naive": "lt_cost_naive"}
+    runs: dict[str, list[float]] = {k: [] for k in tables}
+    tool = "pgbench" if pgbench else "asyncpg"
+    for r in range(rounds):
+        for name, table in tables.items():
+            progress(f"writer cost round {r + 1}/{rounds}: {name} ({tool}, {clients} clients, {seconds}s)")
+            if pgbench:
+                tps = await asyncio.to_thread(_pgbench, pgbench, dsn, table, clients, seconds)
+            else:
+                tps = await _asyncpg_tps(dsn, table, clients, seconds)
+            runs[name].append(tps)
+    # The median of the interleaved rounds: one round disturbed by a neighbour does not decide.
+    mean = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "tool": tool,
+        "clients": clients,
+        "seconds_per_run": seconds,
+        "rounds": rounds,
+        "statement": "UPDATE <table> SET n = n + 1 WHERE id = random(1, 1000)",
+        "tps": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+        "tps_median": {k: round(v, 1) for k, v in mean.items()},
+        "ratio_gateway": round(mean["gateway"] / mean["plain"], 3) if mean["plain"] else 0.0,
+        "ratio_naive": round(mean["naive"] / mean["plain"], 3) if mean["plain"] else 0.0,
+    }
