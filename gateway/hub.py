@@ -12,7 +12,7 @@ Every event is turned into one complete WebSocket frame (header + JSON) once, an
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 
@@ -36,18 +36,26 @@ def text_frame(payload: bytes) -> bytes:
 class Hub:
     def __init__(self) -> None:
         self._topics: dict[str, set[Subscriber]] = {}
-        self.delivered = 0  # frames handed to subscribers, for metrics
+        # Per topic, the subscribers' bound ``deliver`` methods, rebuilt only when membership
+        # changes: fan-out is then one call per subscriber and nothing else.
+        self._targets: dict[str, tuple[Callable[[bytes], None], ...]] = {}
+        self.delivered = 0  # events handed to subscribers, for metrics
 
     def add(self, topic: str, subscriber: Subscriber) -> None:
-        self._topics.setdefault(topic, set()).add(subscriber)
+        subs = self._topics.setdefault(topic, set())
+        subs.add(subscriber)
+        self._targets[topic] = tuple(s.deliver for s in subs)
 
     def remove(self, topic: str, subscriber: Subscriber) -> None:
         subs = self._topics.get(topic)
         if subs is None:
             return
         subs.discard(subscriber)
-        if not subs:
+        if subs:
+            self._targets[topic] = tuple(s.deliver for s in subs)
+        else:
             del self._topics[topic]
+            del self._targets[topic]
 
     def has(self, topic: str) -> bool:
         return topic in self._topics
@@ -64,14 +72,12 @@ class Hub:
     def subscription_count(self) -> int:
         return sum(len(s) for s in self._topics.values())
 
-    def publish(self, topic: str, frame: bytes) -> int:
-        """Hand ``frame`` to every subscriber of ``topic``; returns how many got it."""
-        subs = self._topics.get(topic)
-        if not subs:
-            return 0
-        # A subscriber may remove itself (slow consumer) while we iterate: copy first.
-        targets = tuple(subs)
-        for sub in targets:
-            sub.deliver(frame)
-        self.delivered += len(targets)
+    def publish(self, topic: str, frame: bytes, events: int = 1) -> int:
+        """Hand ``frame`` (``events`` complete frames back to back) to every subscriber of ``topic``."""
+        # The tuple is replaced, never mutated, so a subscriber that removes itself while
+        # we iterate (a slow consumer) does not disturb this loop.
+        targets = self._targets.get(topic, ())
+        for deliver in targets:
+            deliver(frame)
+        self.delivered += len(targets) * events
         return len(targets)

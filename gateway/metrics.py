@@ -52,7 +52,7 @@ class GatewayCollector(Collector):
         yield CounterMetricFamily(
             "gateway_events_resolved", "events resolved and encoded", value=pipeline.resolved
         )
-        yield CounterMetricFamily("gateway_deliveries", "frames handed to subscribers", value=hub.delivered)
+        yield CounterMetricFamily("gateway_deliveries", "events handed to subscribers", value=hub.delivered)
         yield CounterMetricFamily(
             "gateway_log_reads",
             "position ranges read from the log (large statements, gaps, catch-ups)",

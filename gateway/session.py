@@ -113,6 +113,25 @@ class Registry:
 
 
 class Session:
+    # Slots, not a __dict__: there are tens of thousands of these per process.
+    __slots__ = (
+        "_dropped",
+        "_expiry",
+        "_limit",
+        "_messages",
+        "_registered",
+        "_subscribes",
+        "_transport",
+        "closed",
+        "conn_id",
+        "ctx",
+        "identity",
+        "presence_topics",
+        "status",
+        "topics",
+        "ws",
+    )
+
     def __init__(
         self,
         ctx: SessionContext,
@@ -125,8 +144,6 @@ class Session:
         self.ws = ws
         self.conn_id = conn_id
         self.identity = identity
-        # Every line about this connection carries its id (a field in JSON logs).
-        self.log = logging.LoggerAdapter(log, {"conn": conn_id})
         self.topics: set[str] = set()
         self.presence_topics: set[str] = set()
         self.status = "online"
@@ -139,12 +156,19 @@ class Session:
         self._expiry: asyncio.TimerHandle | None = None
         self._registered = False
 
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        # Every line about this connection carries its id (a field in JSON logs).
+        return logging.LoggerAdapter(log, {"conn": self.conn_id})
+
     # --- outgoing -----------------------------------------------------------------------
 
     def deliver(self, frame: bytes) -> None:
-        t = self._transport
-        if self.closed or t.is_closing():
+        # The hot path of fan-out: no await, no allocation. A transport that already closed
+        # just drops the bytes; the handler's cleanup removes this session from the hub.
+        if self.closed:
             return
+        t = self._transport
         if t.get_write_buffer_size() > self._limit:
             self._evict_slow()
             return
