@@ -24,7 +24,7 @@ from .scenarios import Plan, Progress, Runner
 from .sysinfo import describe, loadavg, pgbench_path, raise_nofile
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("fanout", "scoped", "ramp", "idle", "churn")
+SCENARIOS = ("notify", "fanout", "scoped", "ramp", "idle", "churn")
 
 FULL = Plan(
     clients=1000,

@@ -104,10 +104,11 @@ class Writers:
             await c.close(timeout=5)
         self.conns = []
 
-    async def run(self, topics: list[str], rate: float | None, seconds: float) -> WriteResult:
-        """Commit rows round-robin over ``topics`` at ``rate`` per second (None: as fast as possible)
-        for ``seconds``. A writer that falls behind its schedule does not sleep, so the achieved
-        rate shows saturation rather than hiding it."""
+    async def run(self, topics: list[str], rate: float | None, seconds: float, rows: int = 1) -> WriteResult:
+        """Commit statements round-robin over ``topics`` at ``rate`` per second (None: as fast as
+        possible) for ``seconds``, each inserting ``rows`` rows into one topic. A writer that falls
+        behind its schedule does not sleep, so the achieved rate shows saturation rather than
+        hiding it."""
         result = WriteResult()
         start = time.monotonic()
         end = start + seconds
@@ -116,7 +117,11 @@ class Writers:
 
         async def one(i: int, conn: asyncpg.Connection) -> None:
             k = 0
-            stmt = await conn.prepare("INSERT INTO lt_items (topic, sent_at, body) VALUES ($1, $2, $3)")
+            stmt = await conn.prepare(
+                "INSERT INTO lt_items (topic, sent_at, body) VALUES ($1, $2, $3)"
+                if rows == 1
+                else f"INSERT INTO lt_items (topic, sent_at, body) SELECT $1, $2, $3 FROM generate_series(1, {int(rows)})"
+            )
             while True:
                 slot = start + (i / self.n) * interval + k * interval
                 now = time.monotonic()

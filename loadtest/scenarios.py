@@ -51,6 +51,7 @@ class Plan:
     procs: int  # client processes for live scenarios
     idle_procs: int
     sync_timeout: float
+    notify_rows: int = 20  # rows per statement in the notify scenario
 
 
 class Progress:
@@ -82,15 +83,16 @@ class Runner:
         self.out = out
         self.progress = progress
         self.writers = db.Writers(dsn, plan.writers)
+        self.ceiling: float | None = None  # notifications/s of the bare LISTEN baseline
 
     def _gateway(self, name: str) -> GatewayProcess:
         return GatewayProcess(self.dsn, self.plan.workers, self.out / f"gateway-{name}.log")
 
     async def _write(
-        self, name: str, fleet: Fleet, topics: list[str], rate: float | None, seconds: float
+        self, name: str, fleet: Fleet, topics: list[str], rate: float | None, seconds: float, rows: int = 1
     ) -> db.WriteResult:
         """Run the writers while printing progress once a second."""
-        task = asyncio.create_task(self.writers.run(topics, rate, seconds))
+        task = asyncio.create_task(self.writers.run(topics, rate, seconds, rows))
         start = time.monotonic()
         c0, r0 = self.writers.committed, fleet.received
         while not task.done():
@@ -112,6 +114,7 @@ class Runner:
         rate: float,
         mode: str = "live",
         write_topics: list[str] | None = None,
+        rows_per_statement: int = 1,
     ) -> dict[str, Any]:
         p = self.plan
         topics = sorted({t for _, t in clients})
@@ -127,7 +130,9 @@ class Runner:
                 rss1 = gw.rss_kb()
                 load0 = loadavg()
                 cpu0, ccpu0, t0 = gw.cpu(), fleet.cpu(), time.time()
-                w = await self._write(name, fleet, write_topics or topics, rate, p.duration)
+                w = await self._write(
+                    name, fleet, write_topics or topics, rate, p.duration, rows_per_statement
+                )
                 heads = await db.heads(self.dsn, topics)
                 behind = await fleet.sync(heads, p.sync_timeout)
                 cpu1, ccpu1, t1 = gw.cpu(), fleet.cpu(), time.time()
@@ -196,6 +201,19 @@ class Runner:
         p = self.plan
         clients = [(f"f{i}", "t:fan") for i in range(p.clients)]
         return await self.live("fanout", clients, p.fanout_rate)
+
+    async def notify(self) -> dict[str, Any]:
+        """The notify path at the bare LISTEN ceiling: one subscribed client; writers produce
+        events at the rate a bare listener received notifications, through the real trigger.
+        Durable single-row commits cannot reach that rate on this machine (each NOTIFYing
+        commit waits for its own WAL flush), so each statement inserts ``notify_rows`` rows:
+        ``ceiling / notify_rows`` statements per second, ``ceiling`` events per second."""
+        p = self.plan
+        ceiling = self.ceiling or 1000.0
+        rate = ceiling / p.notify_rows
+        result = await self.live("notify", [("n0", "t:notify")], rate, rows_per_statement=p.notify_rows)
+        result.update(rows_per_statement=p.notify_rows, target_events_per_s=round(ceiling, 1))
+        return result
 
     async def scoped(self) -> dict[str, Any]:
         p = self.plan
@@ -361,6 +379,7 @@ class Runner:
         )
         r = await db.bare_listen_ceiling(self.dsn, self.plan.writers, self.plan.bare_seconds)
         r["loadavg"] = loadavg()
+        self.ceiling = float(r["received_per_s"])
         return r
 
     async def floor(self, rate: float) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("fanout", "scoped", "ramp", "idle", "churn")
+SCENARIOS = ("notify", "fanout", "scoped", "ramp", "idle", "churn")
 
 
 @pytest.mark.timeout(180)
@@ -50,7 +50,7 @@ def test_smoke_run_reports_every_scenario_with_nothing_lost(tmp_path: Path) -> N
         assert scenario["lost"] == 0, (name, scenario.get("client_errors"))
         assert scenario["duplicated"] == 0, (name, scenario.get("client_errors"))
     # Events really flowed, so zero lost means something.
-    for name in ("fanout", "scoped", "churn"):
+    for name in ("notify", "fanout", "scoped", "churn"):
         s = report["scenarios"][name]
         assert s["commits"] > 0 and s["deliveries"] == s["expected_deliveries"] > 0, (name, s)
     assert report["scenarios"]["churn"]["reconnects"] > 0
