@@ -365,11 +365,13 @@ class Pipeline:
             op: Op = OPS.get(p.op, "message")
             row = None
             if p.op in ("i", "u") and p.tbl in wanted:
-                text = rows.get((p.tbl, p.key or ""))
-                if text is None:
-                    op = "delete"  # deleted before we could read it: a delete carrying its key
+                got = rows.get((p.tbl, p.key or ""))
+                if got is None or got[1] != p.topic:
+                    # Deleted, or moved to another topic, before we could read it: to this
+                    # topic it is gone, so a delete carrying its key (never another topic's row).
+                    op = "delete"
                 else:
-                    row = msgspec.Raw(text.encode())
+                    row = msgspec.Raw(got[0].encode())
             if p.op == "m" and p.data is not None and p.topic.startswith(PRESENCE_PREFIX):
                 # Presence changes are published through the log like any event, but a
                 # client wants them as presence frames (docs/presence.md).

@@ -103,15 +103,19 @@ class Resolver:
                 missing = [c for c in spec.columns if c not in cols]
                 if missing:
                     raise ConfigError(f"GATEWAY_TABLES: {spec.name} has no column {missing[0]!r}")
-                key = await conn.fetchval(
-                    "SELECT string_agg(a.attname, ',') FROM pg_index i JOIN pg_attribute a "
-                    "ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
-                    "WHERE i.indrelid = $1::regclass AND i.indisprimary",
-                    oid,
+                published = await conn.fetchrow(
+                    "SELECT key_column, row_topic FROM gateway.published WHERE tbl = $1::regclass", oid
                 )
-                if not key or "," in key:
+                if published is None:
                     raise ConfigError(
-                        f"GATEWAY_TABLES: {spec.name} needs a single-column primary key to resolve rows by"
+                        f"GATEWAY_TABLES lists {spec.name}, but it is not published: run "
+                        f"SELECT gateway.publish('{spec.name}', <topic expression>) first"
+                    )
+                key, row_topic = published["key_column"], published["row_topic"]
+                if not _IDENT.match(key) or not _IDENT.match(row_topic):
+                    raise ConfigError(
+                        f"GATEWAY_TABLES: {spec.name} is published with key column {key!r}, which the "
+                        "gateway cannot quote safely: use letters, digits and _ only"
                     )
                 qtable = f"{quote_ident(schema)}.{quote_ident(table)}"
                 qkey = quote_ident(key)
@@ -123,8 +127,10 @@ class Resolver:
                     )
                 else:
                     body = "row_to_json(t)"
+                # The row's topic now: a row may have moved to another topic since its event
+                # was written, and must then not be sent to the event's (old) topic.
                 select = (
-                    f"SELECT {qkey}::text, {body}::text FROM {qtable} AS t "
+                    f"SELECT {qkey}::text, {body}::text, gateway.{quote_ident(row_topic)}(t) FROM {qtable} AS t "
                     f"WHERE {qkey} = ANY($1::text[]::{cols[key]}[])"
                 )
                 checked[spec.name] = TableSpec(spec.name, spec.columns, key, cols[key], select)
@@ -141,9 +147,10 @@ class Resolver:
             )
         return False
 
-    async def fetch(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], str]:
-        """Current rows as JSON text, keyed by (table, key). Keys with no row are absent."""
-        out: dict[tuple[str, str], str] = {}
+    async def fetch(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[str, str | None]]:
+        """Current rows as (JSON text, the row's topic now), keyed by (table, key).
+        Keys with no row are absent."""
+        out: dict[tuple[str, str], tuple[str, str | None]] = {}
         if not wanted:
             return out
         async with self._pool.acquire() as conn:
@@ -151,6 +158,6 @@ class Resolver:
                 spec = self._tables.get(table)
                 if spec is None or not keys:
                     continue
-                for key, row in await conn.fetch(spec.select, list(keys)):
-                    out[(table, key)] = row
+                for key, row, topic in await conn.fetch(spec.select, list(keys)):
+                    out[(table, key)] = (row, topic)
         return out

@@ -23,7 +23,7 @@
 -- transaction that held those locks before, so the last writer always derives from the
 -- complete set of connections: concurrent connects and disconnects of one user on several
 -- replicas can never leave a wrong status. Lock order everywhere: the replica row, then
--- user rows, then (inside gateway.append) topic rows, so transitions cannot deadlock.
+-- user rows, then (inside gateway.emit_many) topic rows, so transitions cannot deadlock.
 -- Row locks rather than advisory locks: a sweep of a dead replica with 50 000 users would
 -- otherwise need 50 000 entries in the shared lock table.
 --
@@ -128,7 +128,7 @@ LANGUAGE sql AS $$
     ORDER BY upd.topic, upd.user_id
 $$;
 
--- Append status changes to their topics' logs: one gateway.append, so one doorbell.
+-- Append status changes to their topics' logs: one gateway.emit_many, so one doorbell.
 CREATE OR REPLACE FUNCTION gateway.presence_publish(p_topics text[], p_data jsonb[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -137,8 +137,7 @@ BEGIN
     IF n = 0 THEN
         RETURN 0;  -- nothing changed: no event, no doorbell
     END IF;
-    PERFORM gateway.append(NULL, array_fill('m'::"char", ARRAY[n]), p_topics,
-                           array_fill(NULL::text, ARRAY[n]), p_data);
+    PERFORM gateway.emit_many(p_topics, p_data);
     RETURN n;
 END
 $$;

@@ -100,7 +100,7 @@ async def test_bad_configuration_fails_at_startup_with_a_clear_message(dsn: str)
         ),
         (
             {"GATEWAY_DATABASE_URL": dsn, "GATEWAY_TABLES": "public.keyless"},
-            "needs a single-column primary key",
+            "public.keyless, but it is not published",
         ),
         (
             {"GATEWAY_DATABASE_URL": dsn, "GATEWAY_TABLES": "public.keyless(a,nope)"},

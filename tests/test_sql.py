@@ -1,0 +1,443 @@
+"""The event log and capture triggers of sql/001_event_log.sql, against a real PostgreSQL.
+
+Each test gets a fresh migrated database (``dsn``). Doorbells are read with LISTEN on a
+separate connection. To know that *all* notifications of what was committed so far have
+arrived, without waiting for a timeout, the writer commits a marker notification last:
+PostgreSQL delivers notifications in commit order, so everything before the marker is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+MIGRATION = Path(__file__).resolve().parent.parent / "sql" / "001_event_log.sql"
+NOTIFY_LIMIT = 8000  # PostgreSQL rejects payloads of 8000 bytes or more
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Doorbells:
+    """LISTEN gateway on its own connection; ``collect`` returns what arrived up to now."""
+
+    def __init__(self, listener: asyncpg.Connection) -> None:
+        self.listener = listener
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.markers = 0
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.queue.put_nowait(payload)
+
+    async def start(self) -> None:
+        await self.listener.add_listener("gateway", self._on_notify)
+
+    async def collect(self, writer: asyncpg.Connection) -> list[dict[str, Any]]:
+        """Every doorbell committed before now, decoded, in commit order."""
+        self.markers += 1
+        marker = json.dumps({"marker": self.markers})
+        await writer.execute("SELECT pg_notify('gateway', $1)", marker)
+        got: list[dict[str, Any]] = []
+        while True:
+            payload = await asyncio.wait_for(self.queue.get(), 30)
+            if payload == marker:
+                return got
+            assert len(payload.encode()) < NOTIFY_LIMIT
+            got.append(json.loads(payload))
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def bells(dsn: str) -> AsyncIterator[Doorbells]:
+    listener = await asyncpg.connect(dsn)
+    try:
+        d = Doorbells(listener)
+        await d.start()
+        yield d
+    finally:
+        await listener.close()
+
+
+async def make_items(db: asyncpg.Connection, name: str = "items") -> None:
+    """A published table: topic 'user:<owner>', key id."""
+    await db.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, owner int, body text)")
+    await db.execute(f"SELECT gateway.publish('{name}', $$'user:' || owner$$)")
+
+
+async def events(db: asyncpg.Connection, topic: str | None = None) -> list[tuple[Any, ...]]:
+    rows = await db.fetch(
+        "SELECT topic, pos, op::text, tbl, key FROM gateway.events WHERE $1::text IS NULL OR topic = $1 "
+        "ORDER BY topic, pos",
+        topic,
+    )
+    return [tuple(r) for r in rows]
+
+
+async def epoch_of(db: asyncpg.Connection, topic: str) -> str:
+    epoch = await db.fetchval("SELECT epoch FROM gateway.topics WHERE topic = $1", topic)
+    assert isinstance(epoch, str)
+    return epoch
+
+
+async def test_insert_update_delete_log_events_and_ring_doorbells(
+    db: asyncpg.Connection, bells: Doorbells
+) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items VALUES (1, 7, 'a')")
+    await db.execute("UPDATE items SET body = 'b' WHERE id = 1")
+    await db.execute("DELETE FROM items WHERE id = 1")
+    assert await events(db) == [
+        ("user:7", 1, "i", "public.items", "1"),
+        ("user:7", 2, "u", "public.items", "1"),
+        ("user:7", 3, "d", "public.items", "1"),
+    ]
+    epoch = await epoch_of(db, "user:7")
+    assert len(epoch) == 8
+    assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'user:7'") == 3
+    assert await bells.collect(db) == [
+        {"v": 1, "tb": "public.items", "ev": [["user:7", epoch, 1, "i", "1"]]},
+        {"v": 1, "tb": "public.items", "ev": [["user:7", epoch, 2, "u", "1"]]},
+        {"v": 1, "tb": "public.items", "ev": [["user:7", epoch, 3, "d", "1"]]},
+    ]
+
+
+async def test_statement_with_some_rows_rings_once_naming_each_event(
+    db: asyncpg.Connection, bells: Doorbells
+) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items SELECT g, g % 3, 'x' FROM generate_series(1, 12) g")
+    [bell] = await bells.collect(db)
+    assert bell["tb"] == "public.items"
+    named = sorted((t, p, op, k) for t, _e, p, op, k in bell["ev"])
+    assert named == sorted((t, p, op, k) for t, p, op, _tbl, k in await events(db))
+    assert len(named) == 12
+    # A row whose topic is NULL is not published; nor is a statement that changes no row.
+    await db.execute("INSERT INTO items VALUES (100, NULL, 'hidden')")
+    await db.execute("UPDATE items SET body = 'y' WHERE id = 100")
+    await db.execute("UPDATE items SET body = 'y' WHERE id = -1")
+    assert await bells.collect(db) == []
+    assert len(await events(db)) == 12
+
+
+async def test_rolled_back_transaction_leaves_no_event_no_hole_no_doorbell(
+    db: asyncpg.Connection, bells: Doorbells
+) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items VALUES (1, 1, 'kept')")
+    tr = db.transaction()
+    await tr.start()
+    await db.execute("INSERT INTO items VALUES (2, 1, 'gone')")
+    await db.execute("UPDATE items SET body = 'gone' WHERE id = 1")
+    await tr.rollback()
+    # A savepoint rolled back inside a committed transaction leaves nothing either.
+    async with db.transaction():
+        await db.execute("INSERT INTO items VALUES (3, 1, 'kept')")
+        with contextlib.suppress(asyncpg.UniqueViolationError):
+            async with db.transaction():
+                await db.execute("UPDATE items SET body = 'gone' WHERE id = 1")
+                await db.execute("INSERT INTO items VALUES (3, 1, 'duplicate')")
+    await db.execute("DELETE FROM items WHERE id = 3")
+    assert [(p, op, k) for _t, p, op, _tbl, k in await events(db)] == [
+        (1, "i", "1"),
+        (2, "i", "3"),
+        (3, "d", "3"),
+    ]
+    bellz = await bells.collect(db)
+    assert [[(p, op) for _t, _e, p, op, _k in b["ev"]] for b in bellz] == [[(1, "i")], [(2, "i")], [(3, "d")]]
+
+
+async def test_thousand_row_update_queues_one_doorbell_and_a_thousand_events(
+    db: asyncpg.Connection, bells: Doorbells
+) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items SELECT g, g % 10, 'x' FROM generate_series(1, 1000) g")
+    await db.execute("UPDATE items SET body = 'y'")
+    insert_bell, update_bell = await bells.collect(db)
+    # Too many events to name one by one: each topic's range of positions instead.
+    for bell, first, last in ((insert_bell, 1, 100), (update_bell, 101, 200)):
+        assert set(bell) == {"v", "rg"}
+        ranges = {t: (e, lo, hi) for t, e, lo, hi in bell["rg"]}
+        assert ranges == {f"user:{o}": (await epoch_of(db, f"user:{o}"), first, last) for o in range(10)}
+    updates = await db.fetchval(
+        "SELECT count(*) FROM gateway.events WHERE op = 'u' AND pos BETWEEN 101 AND 200"
+    )
+    assert updates == 1000
+    assert await db.fetchval("SELECT count(DISTINCT key) FROM gateway.events WHERE op = 'u'") == 1000
+
+
+async def test_statement_over_too_many_topics_rings_sync(db: asyncpg.Connection, bells: Doorbells) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items SELECT g, g, 'x' FROM generate_series(1, 1000) g")
+    assert await bells.collect(db) == [{"v": 1, "sync": True}]
+    assert await db.fetchval("SELECT count(*) FROM gateway.events") == 1000
+    assert await db.fetchval("SELECT count(*) FROM gateway.topics WHERE pos = 1") == 1000
+
+
+async def test_key_or_topic_too_long_for_the_event_list(db: asyncpg.Connection, bells: Doorbells) -> None:
+    await db.execute("CREATE TABLE docs (name text PRIMARY KEY, room text)")
+    await db.execute("SELECT gateway.publish('docs', 'room')")
+    long_name = "n" * 9000
+    await db.execute("INSERT INTO docs VALUES ($1, 'r')", long_name)
+    epoch = await epoch_of(db, "r")
+    assert await bells.collect(db) == [{"v": 1, "rg": [["r", epoch, 1, 1]]}]
+    assert await db.fetchval("SELECT key FROM gateway.events WHERE topic = 'r'") == long_name
+    await db.execute("INSERT INTO docs VALUES ('short', $1)", "t" * 9000)
+    assert await bells.collect(db) == [{"v": 1, "sync": True}]
+
+
+async def test_row_moved_between_topics(db: asyncpg.Connection, bells: Doorbells) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a')")
+    await bells.collect(db)
+    await db.execute("UPDATE items SET owner = 2 WHERE id = 1")
+    e1, e2 = await epoch_of(db, "user:1"), await epoch_of(db, "user:2")
+    assert await bells.collect(db) == [
+        {"v": 1, "tb": "public.items", "ev": [["user:1", e1, 2, "d", "1"], ["user:2", e2, 1, "u", "1"]]}
+    ]
+    # Out of every topic: a delete on the old one only. Back in: an update on the new one.
+    await db.execute("UPDATE items SET owner = NULL WHERE id = 1")
+    await db.execute("UPDATE items SET owner = 3 WHERE id = 1")
+    # A new key on the same topic: a delete of the old key, an update of the new.
+    await db.execute("UPDATE items SET id = 10 WHERE id = 1")
+    assert await events(db) == [
+        ("user:1", 1, "i", "public.items", "1"),
+        ("user:1", 2, "d", "public.items", "1"),
+        ("user:2", 1, "u", "public.items", "1"),
+        ("user:2", 2, "d", "public.items", "1"),
+        ("user:3", 1, "u", "public.items", "1"),
+        ("user:3", 2, "d", "public.items", "1"),
+        ("user:3", 3, "u", "public.items", "10"),
+    ]
+    assert [[(t, p, op, k) for t, _e, p, op, k in b["ev"]] for b in await bells.collect(db)] == [
+        [("user:2", 2, "d", "1")],
+        [("user:3", 1, "u", "1")],
+        [("user:3", 2, "d", "1"), ("user:3", 3, "u", "10")],
+    ]
+
+
+async def test_each_table_of_one_statement_rings_its_own_doorbell(
+    db: asyncpg.Connection, bells: Doorbells
+) -> None:
+    await make_items(db, "a")
+    await make_items(db, "b")
+    await db.execute("WITH x AS (INSERT INTO a VALUES (1, 1, 'x')) INSERT INTO b VALUES (2, 2, 'y')")
+    got = await bells.collect(db)
+    assert sorted((b["tb"], [(t, p, k) for t, _e, p, _op, k in b["ev"]]) for b in got) == [
+        ("public.a", [("user:1", 1, "1")]),
+        ("public.b", [("user:2", 1, "2")]),
+    ]
+
+
+async def test_emit_large_data(db: asyncpg.Connection, bells: Doorbells) -> None:
+    data = {"text": "x" * 20000, "n": 1}
+    assert await db.fetchval("SELECT gateway.emit('room:1', $1::jsonb)", json.dumps(data)) == 1
+    assert await db.fetchval("SELECT gateway.emit('room:1', '{}')") == 2
+    row = await db.fetchrow(
+        "SELECT op::text AS op, tbl, key, data FROM gateway.events WHERE topic = 'room:1' AND pos = 1"
+    )
+    assert (row["op"], row["tbl"], row["key"], json.loads(row["data"])) == ("m", None, None, data)
+    epoch = await epoch_of(db, "room:1")
+    assert await bells.collect(db) == [
+        {"v": 1, "rg": [["room:1", epoch, 1, 1]]},
+        {"v": 1, "rg": [["room:1", epoch, 2, 2]]},
+    ]
+    for bad in ("NULL", "''"):
+        with pytest.raises(asyncpg.RaiseError, match="topic must be a non-empty text"):
+            await db.execute(f"SELECT gateway.emit({bad}, '{{}}')")
+
+
+@pytest.mark.parametrize(
+    ("ddl", "args", "message"),
+    [
+        ("CREATE TABLE t (a int, b int)", "'a::text'", "public.t has no primary key"),
+        (
+            "CREATE TABLE t (a int, b int, PRIMARY KEY (a, b))",
+            "'a::text'",
+            "public.t has a composite primary key",
+        ),
+        ("CREATE TABLE t (a int PRIMARY KEY)", "'a::text', 'nope'", "public.t has no column nope"),
+        (
+            "CREATE TABLE t (a int PRIMARY KEY)",
+            "$$'x:' || nope$$",
+            "topic expression .* does not work on public.t",
+        ),
+        ("CREATE TABLE t (a int PRIMARY KEY)", "'a +'", "topic expression .* does not work on public.t"),
+        ("CREATE TABLE t (a int PRIMARY KEY)", "''", "the topic expression for public.t is empty"),
+        ("CREATE VIEW t AS SELECT 1 AS a", "'a::text'", "public.t is not a table"),
+    ],
+)
+async def test_publish_errors_name_the_table(
+    db: asyncpg.Connection, ddl: str, args: str, message: str
+) -> None:
+    await db.execute(ddl)
+    with pytest.raises(asyncpg.RaiseError, match=message):
+        await db.execute(f"SELECT gateway.publish('t', {args})")
+    assert await db.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass") == 0
+
+
+async def test_publish_again_replaces_and_unpublish_stops(db: asyncpg.Connection, bells: Doorbells) -> None:
+    await make_items(db)
+    await db.execute("SELECT gateway.publish('items', $$'user:' || owner$$)")
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a')")
+    # Another expression and an explicit key column (unique, not the primary key).
+    await db.execute("ALTER TABLE items ADD COLUMN code text UNIQUE")
+    await db.execute("UPDATE items SET code = 'c1'")
+    await db.execute("SELECT gateway.publish('public.items', $$'room:' || upper(body)$$, 'code')")
+    await db.execute("UPDATE items SET owner = 2")
+    assert [(t, p, op, k) for t, p, op, _tbl, k in await events(db)] == [
+        ("room:A", 1, "u", "c1"),
+        ("user:1", 1, "i", "1"),
+        ("user:1", 2, "u", "1"),
+    ]
+    await bells.collect(db)
+    await db.execute("SELECT gateway.unpublish('items')")
+    await db.execute("UPDATE items SET owner = 3")
+    assert len(await events(db)) == 3
+    assert await bells.collect(db) == []
+    functions = await db.fetchval(
+        "SELECT count(*) FROM pg_proc WHERE pronamespace = 'gateway'::regnamespace AND proname ~ 'items'"
+    )
+    assert functions == 0
+
+
+async def test_reset_topic_starts_a_new_epoch_at_one(db: asyncpg.Connection, bells: Doorbells) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a'), (2, 1, 'b')")
+    old_epoch = await epoch_of(db, "user:1")
+    await db.execute("SELECT gateway.reset_topic('user:1')")
+    assert await events(db) == []
+    await db.execute("UPDATE items SET body = 'c' WHERE id = 1")
+    new_epoch = await epoch_of(db, "user:1")
+    assert new_epoch != old_epoch
+    assert await events(db) == [("user:1", 1, "u", "public.items", "1")]
+    assert (await bells.collect(db))[-1] == {
+        "v": 1,
+        "tb": "public.items",
+        "ev": [["user:1", new_epoch, 1, "u", "1"]],
+    }
+
+
+async def test_migration_twice_is_harmless(db: asyncpg.Connection, bells: Doorbells) -> None:
+    await make_items(db)
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a')")
+    await db.execute(
+        "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
+        "RETURNS boolean LANGUAGE sql STABLE AS 'SELECT true'"
+    )
+    sql = MIGRATION.read_text()
+    await db.execute(sql)
+    await db.execute(sql)
+    assert await db.fetchval("SELECT gateway.authorize('u', 't', '{}')") is True  # kept
+    await db.execute("UPDATE items SET body = 'b'")
+    assert [(p, op) for _t, p, op, _tbl, _k in await events(db)] == [(1, "i"), (2, "u")]
+    assert len(await bells.collect(db)) == 2
+
+
+async def test_positions_follow_commit_order_not_start_order(dsn: str, db: asyncpg.Connection) -> None:
+    await make_items(db)
+    first, second = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        # `first` starts first (it has an xid), but `second` appends and commits first.
+        t1, t2 = first.transaction(), second.transaction()
+        await t1.start()
+        await first.execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1)")
+        await t2.start()
+        await second.execute("INSERT INTO items VALUES (2, 1, 'second')")
+        # `first` appends now: it waits for the topic, held by `second` until it commits.
+        waiting = asyncio.ensure_future(first.execute("INSERT INTO items VALUES (1, 1, 'first')"))
+        await wait_until_blocked(db, first)
+        await t2.commit()
+        await waiting
+        await t1.commit()
+        assert [(p, k) for _t, p, _op, _tbl, k in await events(db)] == [(1, "2"), (2, "1")]
+
+        # The holder rolls back: the waiter takes its position, no hole.
+        t1, t2 = first.transaction(), second.transaction()
+        await t1.start()
+        await first.execute("INSERT INTO items VALUES (3, 1, 'rolled back')")
+        await t2.start()
+        waiting = asyncio.ensure_future(second.execute("INSERT INTO items VALUES (4, 1, 'kept')"))
+        await wait_until_blocked(db, second)
+        await t1.rollback()
+        await waiting
+        await t2.commit()
+        assert [(p, k) for _t, p, _op, _tbl, k in await events(db)] == [(1, "2"), (2, "1"), (3, "4")]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def wait_until_blocked(db: asyncpg.Connection, conn: asyncpg.Connection) -> None:
+    """Until `conn`'s backend waits for a lock (its statement has reached the topic)."""
+    pid = conn.get_server_pid()
+    for _ in range(3000):
+        if await db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for a lock")
+
+
+async def test_many_concurrent_writers_one_topic_gap_free_in_commit_order(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    """Writers that hold their transaction open for different times, some rolling back,
+    while a reader checks that the committed positions are always exactly 1..n: a later
+    position is never visible before an earlier one (commit order), and none is missing."""
+    await make_items(db)
+    writers, per_writer = 8, 12
+    conns = [await asyncpg.connect(dsn) for _ in range(writers)]
+    committed: list[int] = []
+    done = asyncio.Event()
+
+    async def write(w: int, conn: asyncpg.Connection) -> None:
+        for i in range(per_writer):
+            key = w * 1000 + i
+            tr = conn.transaction()
+            await tr.start()
+            # Start the transactions in one order, append and commit in another.
+            await conn.execute("SELECT pg_sleep($1)", ((w * 7 + i * 3) % 5) / 1000)
+            await conn.execute("INSERT INTO items VALUES ($1, 1, 'x')", key)
+            await conn.execute("SELECT pg_sleep($1)", ((w * 3 + i) % 4) / 1000)
+            if (w + i) % 5 == 0:
+                await tr.rollback()
+            else:
+                await tr.commit()
+                committed.append(key)
+
+    async def read() -> int:
+        checks = 0
+        while not done.is_set():
+            positions = await db.fetchval(
+                "SELECT coalesce(array_agg(pos ORDER BY pos), '{}') FROM gateway.events WHERE topic = 'user:1'"
+            )
+            assert positions == list(range(1, len(positions) + 1)), positions
+            checks += 1
+            await asyncio.sleep(0)
+        return checks
+
+    reader = asyncio.ensure_future(read())
+    try:
+        await asyncio.gather(*(write(w, c) for w, c in enumerate(conns)))
+    finally:
+        done.set()
+        for c in conns:
+            await c.close()
+    assert await reader > 0
+    rows = await db.fetch("SELECT pos, key::int FROM gateway.events WHERE topic = 'user:1' ORDER BY pos")
+    assert [r["pos"] for r in rows] == list(range(1, len(committed) + 1))
+    assert sorted(r["key"] for r in rows) == sorted(committed)
+    assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'user:1'") == len(committed)
