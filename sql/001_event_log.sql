@@ -284,6 +284,24 @@ BEGIN
 END
 $$;
 
+-- Lock the heads of every topic a statement will append to, in sorted order, creating the
+-- missing ones. The row triggers call it at a statement's first row when the statement
+-- touches several topics: the heads are then locked in one global order, so two statements
+-- writing the same topics in different row orders cannot deadlock on them. (Transactions of
+-- several statements still lock statement by statement, as with any row locks.)
+CREATE OR REPLACE FUNCTION gateway.lock_topics(p_topics text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT count(DISTINCT t) FROM unnest(p_topics) AS t) < 2 THEN
+        RETURN;  -- one topic: its row trigger locks it, nothing to order
+    END IF;
+    INSERT INTO gateway.topics (topic)
+    SELECT DISTINCT t FROM unnest(p_topics) AS t WHERE t IS NOT NULL ORDER BY 1
+    ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM gateway.topics WHERE topic = ANY (p_topics) ORDER BY topic FOR UPDATE;
+END
+$$;
+
 -- Attach the capture triggers to a table:
 --   SELECT gateway.publish('public.items', $$'user:' || owner_id$$);
 -- `p_topic` is an SQL expression over the row's columns giving its topic (rows where it
@@ -333,6 +351,8 @@ DECLARE
     new_args text;
     old_args text;
     row_args text;
+    plain_args text;
+    multi text;
     probe text;
     -- The part shared by the three row triggers: append the event, collect the doorbell.
     -- %1$s: 'i'/'u'/'d'; %2$s: NEW/OLD; %3$L: table name; %4$I: key column; %5$L: setting.
@@ -364,6 +384,10 @@ DECLARE
             gw_pos bigint;
             gw_acc text;
         BEGIN
+            -- First row of the statement: order the topic locks if it touches several.
+            IF coalesce(current_setting(%4$L, true), '') = '' AND %5$s THEN
+                PERFORM gateway.lock_topics(ARRAY(%6$s));
+            END IF;
     $h$;
 BEGIN
     IF p_table IS NULL THEN
@@ -413,8 +437,9 @@ BEGIN
     SELECT string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum),
            string_agg(format('NEW.%I', a.attname), ', ' ORDER BY a.attnum),
            string_agg(format('OLD.%I', a.attname), ', ' ORDER BY a.attnum),
-           string_agg(format('($1).%I', a.attname), ', ' ORDER BY a.attnum)
-    INTO params, new_args, old_args, row_args
+           string_agg(format('($1).%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum)
+    INTO params, new_args, old_args, row_args, plain_args
     FROM pg_attribute a
     WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attnum IN (
         SELECT d.refobjsubid FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
@@ -441,11 +466,22 @@ BEGIN
     INSERT INTO gateway.published (tbl, key_column, topic, row_topic)
     VALUES (p_table, p_key, p_topic, gateway.capture_name(p_table, 'row_topic'));
 
-    EXECUTE format(head, gateway.capture_name(p_table, 'capture_insert'), topic_fn, coalesce(new_args, ''))
+    -- Whether the statement changed more than one row (a quick look at the transition table).
+    multi := '(SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 2) AS x) > 1';
+    EXECUTE format(head, gateway.capture_name(p_table, 'capture_insert'), topic_fn, coalesce(new_args, ''), bell,
+                   format(multi, 'gateway_new'),
+                   format('SELECT %s(%s) FROM gateway_new', topic_fn, coalesce(plain_args, '')))
             || format(tail, 'i', 'NEW', tbl_name, p_key, bell) || '$body$';
-    EXECUTE format(head, gateway.capture_name(p_table, 'capture_delete'), topic_fn, coalesce(old_args, ''))
+    EXECUTE format(head, gateway.capture_name(p_table, 'capture_delete'), topic_fn, coalesce(old_args, ''), bell,
+                   format(multi, 'gateway_old'),
+                   format('SELECT %s(%s) FROM gateway_old', topic_fn, coalesce(plain_args, '')))
             || format(tail, 'd', 'OLD', tbl_name, p_key, bell) || '$body$';
-    EXECUTE format(head, gateway.capture_name(p_table, 'capture_update'), topic_fn, coalesce(new_args, ''))
+    -- An UPDATE also touches two topics with one row when the row moves.
+    EXECUTE format(head, gateway.capture_name(p_table, 'capture_update'), topic_fn, coalesce(new_args, ''), bell,
+                   format('(%s OR %s(%s) IS DISTINCT FROM gw_topic)', format(multi, 'gateway_new'), topic_fn,
+                          coalesce(old_args, '')),
+                   format('SELECT %1$s(%2$s) FROM gateway_new UNION ALL SELECT %1$s(%2$s) FROM gateway_old',
+                          topic_fn, coalesce(plain_args, '')))
             || format($u$
             -- A row that moved to another topic (or got another key) is deleted where it was.
             IF %1$s OR %2$s(%3$s) IS DISTINCT FROM gw_topic THEN
@@ -474,11 +510,15 @@ BEGIN
         $body$
     $f$, gateway.capture_name(p_table, 'doorbell'), bell, '{"v":1,"tb":' || to_json(tbl_name)::text || ',"ev":[');
 
-    EXECUTE format('CREATE TRIGGER gateway_capture_insert AFTER INSERT ON %s FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+    EXECUTE format('CREATE TRIGGER gateway_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS gateway_new '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
                    p_table, gateway.capture_name(p_table, 'capture_insert'));
-    EXECUTE format('CREATE TRIGGER gateway_capture_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+    EXECUTE format('CREATE TRIGGER gateway_capture_update AFTER UPDATE ON %s '
+                   'REFERENCING OLD TABLE AS gateway_old NEW TABLE AS gateway_new '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
                    p_table, gateway.capture_name(p_table, 'capture_update'));
-    EXECUTE format('CREATE TRIGGER gateway_capture_delete AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+    EXECUTE format('CREATE TRIGGER gateway_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS gateway_old '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
                    p_table, gateway.capture_name(p_table, 'capture_delete'));
     EXECUTE format('CREATE TRIGGER gateway_doorbell AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH STATEMENT EXECUTE FUNCTION gateway.%I()', p_table, gateway.capture_name(p_table, 'doorbell'));

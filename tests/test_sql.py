@@ -441,3 +441,31 @@ async def test_many_concurrent_writers_one_topic_gap_free_in_commit_order(
     assert [r["pos"] for r in rows] == list(range(1, len(committed) + 1))
     assert sorted(r["key"] for r in rows) == sorted(committed)
     assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'user:1'") == len(committed)
+
+
+async def test_statements_writing_the_same_topics_in_opposite_row_orders_do_not_deadlock(dsn: str) -> None:
+    """Each row trigger locks its topic's head; a statement touching several topics locks them
+    all in sorted order first. A slow topic expression forces the interleaving that would
+    deadlock if the heads were locked in row order: T1 rows (b, a), T2 rows (a, b)."""
+    setup = await asyncpg.connect(dsn)
+    await setup.execute(
+        """
+        CREATE FUNCTION slow_topic(t text) RETURNS text LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(0.1); RETURN t; END $$;
+        CREATE TABLE pair (id bigserial PRIMARY KEY, topic text NOT NULL);
+        SELECT gateway.publish('pair', 'slow_topic(topic)');
+        """
+    )
+    writers = [await asyncpg.connect(dsn) for _ in range(2)]
+    try:
+        for _ in range(3):
+            await asyncio.gather(
+                writers[0].execute("INSERT INTO pair (topic) SELECT unnest(ARRAY['t:b', 't:a'])"),
+                writers[1].execute("INSERT INTO pair (topic) SELECT unnest(ARRAY['t:a', 't:b'])"),
+            )
+        heads = dict(await setup.fetch("SELECT topic, pos FROM gateway.topics WHERE topic IN ('t:a', 't:b')"))
+        assert heads == {"t:a": 6, "t:b": 6}
+    finally:
+        for w in writers:
+            await w.close()
+        await setup.close()
