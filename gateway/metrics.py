@@ -64,6 +64,9 @@ class GatewayCollector(Collector):
             value=pipeline.not_recovered,
         )
         yield CounterMetricFamily(
+            "gateway_deliveries_dropped", "frames not sent: client closing or too slow", value=reg.dropped
+        )
+        yield CounterMetricFamily(
             "gateway_clients_evicted_slow", "slow consumers cut off", value=reg.evicted_slow
         )
         closed = CounterMetricFamily("gateway_closes", "connections closed by the gateway", labels=["code"])

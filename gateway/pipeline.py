@@ -70,6 +70,7 @@ class Doorbell(msgspec.Struct):
     ev: list[tuple[str, str, int, str, str | None]] | None = None
     rg: list[tuple[str, str, int, int]] | None = None
     sync: bool = False
+    ts: float | None = None  # when the statement ended (unix seconds), with "ev"
 
 
 _decode_doorbell = msgspec.json.Decoder(Doorbell).decode
@@ -251,7 +252,9 @@ class Pipeline:
                 resync = True
             for topic, epoch, pos, op, key in bell.ev or ():
                 if has(topic):
-                    inline.setdefault(topic, {})[pos] = Pending(topic, epoch, pos, op, bell.tb, key)
+                    inline.setdefault(topic, {})[pos] = Pending(
+                        topic, epoch, pos, op, bell.tb, key, None, bell.ts
+                    )
                     marks.append((topic, epoch, pos))
             for topic, epoch, _lo, hi in bell.rg or ():
                 if has(topic):

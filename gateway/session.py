@@ -80,6 +80,7 @@ class Registry:
         self._by_user: defaultdict[str, int] = defaultdict(int)
         self._next = 0
         self.evicted_slow = 0
+        self.dropped = 0  # frames not sent: the client was being closed or was too slow
         self.closed_by_code: defaultdict[int, int] = defaultdict(int)
 
     def new_id(self) -> str:
@@ -167,9 +168,11 @@ class Session:
         # The hot path of fan-out: no await, no allocation. A transport that already closed
         # just drops the bytes; the handler's cleanup removes this session from the hub.
         if self.closed:
+            self.ctx.registry.dropped += 1
             return
         t = self._transport
         if t.get_write_buffer_size() > self._limit:
+            self.ctx.registry.dropped += 1
             self._evict_slow()
             return
         t.write(frame)

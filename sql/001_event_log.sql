@@ -500,7 +500,8 @@ BEGIN
                 done := set_config(%2$L, '', true);
                 -- 7600 bytes and the table's name (at most 2 x 63 bytes, escaped) fit 8000.
                 IF octet_length(acc) < 7600 THEN
-                    done := pg_notify('gateway', %3$L || acc || ']}');
+                    -- ts: when the statement ended, just before its commit (for latency metrics).
+                    done := pg_notify('gateway', %3$L || acc || '],"ts":' || extract(epoch FROM clock_timestamp()) || '}');
                 ELSE
                     done := pg_notify('gateway', gateway.big_doorbell(acc));
                 END IF;

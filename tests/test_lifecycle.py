@@ -66,6 +66,7 @@ async def test_metrics_count_connections_and_deliveries(dsn: str) -> None:
         assert "gateway_deliveries_total 1.0" in text
         assert "gateway_listener_connected 1.0" in text
         assert "gateway_notification_queue_usage" in text
+        assert "gateway_commit_to_send_seconds_count 1.0" in text
         await db.close()
         await client.close()
 

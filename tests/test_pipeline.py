@@ -43,6 +43,8 @@ async def test_insert_update_delete_arrive_once_in_commit_order_with_current_row
         await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'marker')")
         (marker,) = await alice.events(1)
         assert marker["row"]["title"] == "marker" and marker["pos"] == 4
+        # Small statements' doorbells carry their time: commit-to-send is measured for each.
+        assert gw.state.pipeline.commit_to_send.count == 4
         await db.close()
         await alice.close()
 
@@ -177,6 +179,7 @@ async def test_slow_consumer_is_closed_while_others_keep_receiving(items: str) -
             code = exc.code
         assert code == CloseCode.SLOW_CONSUMER
         assert gw.state.ctx.registry.evicted_slow == 1
+        assert gw.state.ctx.registry.dropped >= 1
         await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'still flowing')")
         (event,) = await fast.events(1)
         assert event["row"]["title"] == "still flowing"
