@@ -46,7 +46,7 @@ import concurrent.futures
 import os
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import asyncpg
@@ -200,3 +200,12 @@ def pg_restart(pg: Postgres) -> Iterator[PgRestart]:
         yield control
     finally:
         control.up()
+
+
+@pytest.fixture(autouse=True)
+async def _close_leftover_clients() -> AsyncIterator[None]:
+    """Close the protocol clients and connections a test left open (tests/gwtest.py)."""
+    yield
+    from .gwtest import close_leftovers
+
+    await close_leftovers()

@@ -185,6 +185,30 @@ class Closed(Exception):
         self.reason = reason
 
 
+# Clients and connections a test opened and has not closed: conftest.py closes them after
+# every test, also one that failed halfway, so a failure does not leave sockets whose
+# ResourceWarnings would be blamed on a later test.
+_open_clients: set[Client] = set()
+_connections: list[asyncpg.Connection] = []
+
+
+async def pg_connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect, remembered so the connection is closed even if the test fails."""
+    conn = await asyncpg.connect(dsn, **kwargs)
+    _connections.append(conn)
+    return conn
+
+
+async def close_leftovers() -> None:
+    for c in list(_open_clients):
+        with contextlib.suppress(Exception):
+            await c.close()
+    while _connections:
+        conn = _connections.pop()
+        if not conn.is_closed():
+            conn.terminate()
+
+
 class Client:
     """A protocol client. ``recv`` returns decoded frames; ``Closed`` is raised on close."""
 
@@ -199,6 +223,7 @@ class Client:
         self, headers: dict[str, str] | None = None, protocols: tuple[str, ...] = (), **_: Any
     ) -> None:
         self._session = aiohttp.ClientSession()
+        _open_clients.add(self)
         try:
             self.ws = await self._session.ws_connect(
                 self.url, headers=headers, protocols=protocols, max_msg_size=0
@@ -266,6 +291,7 @@ class Client:
         return out
 
     async def close(self) -> None:
+        _open_clients.discard(self)
         if self.ws is not None:
             await self.ws.close()
         if self._session is not None:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -31,24 +29,6 @@ _ids = itertools.count(1000)
 
 
 # --- helpers (shared with the other protocol test modules) -----------------------------------
-
-
-@pytest.fixture(autouse=True)
-async def close_clients(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
-    """Close every Client a test opened, also when it fails half-way: a session left open would
-    warn (an error under pytest) in whichever later test the garbage collector happens to run."""
-    opened: list[Client] = []
-    original = Client.open
-
-    async def open_and_track(self: Client, *args: Any, **kw: Any) -> None:
-        opened.append(self)
-        await original(self, *args, **kw)
-
-    monkeypatch.setattr(Client, "open", open_and_track)
-    yield
-    for c in opened:
-        with contextlib.suppress(Exception):
-            await c.close()
 
 
 async def assert_alive(c: Client) -> None:

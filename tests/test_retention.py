@@ -14,42 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 
 from gateway.log import RETENTION_LOCK, EventLog
 
-from .gwtest import Client, make_items_table, running_gateway
-
-
-@pytest.fixture(autouse=True)
-async def close_clients(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
-    """Close every client a test opened, even when it failed halfway (see test_no_loss.py)."""
-    opened: list[Client] = []
-    open_ = Client.open
-
-    async def open_and_track(self: Client, *args: Any, **kwargs: Any) -> None:
-        opened.append(self)
-        await open_(self, *args, **kwargs)
-
-    monkeypatch.setattr(Client, "open", open_and_track)
-    yield
-    for c in opened:
-        with contextlib.suppress(Exception):
-            await c.close()
-    while _connections:
-        conn = _connections.pop()
-        if not conn.is_closed():
-            conn.terminate()
-
-
-_connections: list[asyncpg.Connection] = []
-
-
-async def pg_connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    """asyncpg.connect, remembered so the connection is closed even if the test fails."""
-    conn = await asyncpg.connect(dsn, **kwargs)
-    _connections.append(conn)
-    return conn
+from .gwtest import make_items_table, pg_connect, running_gateway
 
 
 @contextlib.asynccontextmanager
