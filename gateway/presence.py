@@ -37,6 +37,7 @@ import random
 import secrets
 import socket
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -256,19 +257,9 @@ class Presence:
         left = {user for user, status in self._pending.values() if status is None}
         self._pending.clear()
         live = dict(self._live)
-        conns = list(live)
         asked = self._sync_asked
         try:
-            changed = await self._pool.fetchval(
-                _APPLY,
-                self.replica_id,
-                self._topics,
-                conns,
-                [live[c][0] for c in conns],
-                [live[c][1] for c in conns],
-                True,
-                timeout=CALL_TIMEOUT,
-            )
+            changed = await self._call_apply(live, full=True)
         except DB_ERRORS as exc:
             self._down("registering this replica", exc)
             return False
@@ -282,19 +273,24 @@ class Presence:
             self._schedule_grace_check(user)
         return True
 
+    async def _call_apply(self, conns: Mapping[str, tuple[str, str | None]], *, full: bool) -> int:
+        """One gateway.presence_apply call for these connections (id -> (user, status))."""
+        ids = list(conns)
+        changed: int = await self._pool.fetchval(
+            _APPLY,
+            self.replica_id,
+            self._topics,
+            ids,
+            [conns[c][0] for c in ids],
+            [conns[c][1] for c in ids],
+            full,
+            timeout=CALL_TIMEOUT,
+        )
+        return changed
+
     async def _apply(self, batch: dict[str, tuple[str, str | None]]) -> None:
-        conns = list(batch)
         try:
-            changed = await self._pool.fetchval(
-                _APPLY,
-                self.replica_id,
-                self._topics,
-                conns,
-                [batch[c][0] for c in conns],
-                [batch[c][1] for c in conns],
-                False,
-                timeout=CALL_TIMEOUT,
-            )
+            changed = await self._call_apply(batch, full=False)
         except DB_ERRORS as exc:
             # Whether it committed is unknown (a timeout): register the full set again.
             self._down("writing connection changes", exc)
