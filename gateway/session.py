@@ -190,6 +190,7 @@ class Session:
         task.add_done_callback(_background.discard)
 
     def _evict_slow(self) -> None:
+        self.closed = True  # nothing more is written, not even an error reply
         self.ctx.registry.evicted_slow += 1
         self.log.warning("slow consumer: more than %d bytes unsent, closing", self._limit)
         self._leave_all()

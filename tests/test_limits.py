@@ -18,10 +18,9 @@ import pytest
 from gateway import protocol as p
 
 from .gwtest import Client, running_gateway, token
-from .test_protocol import (  # noqa: F401 - close_clients is an autouse fixture
+from .test_protocol import (
     WAIT,
     assert_alive,
-    close_clients,
     close_code,
     emit,
     expect_error,

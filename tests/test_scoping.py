@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from .gwtest import Client, running_gateway, token
-from .test_protocol import close_clients, expect_error, open_raw  # noqa: F401 - autouse fixture
+from .test_protocol import expect_error, open_raw
 
 USERS = [f"u{i}" for i in range(20)]
 ROOMS = [f"room:r{i}" for i in range(6)]
