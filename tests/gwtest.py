@@ -29,6 +29,18 @@ from gateway.auth import mint_token
 from gateway.server import STATE, build_app
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
+# Debian's Chromium, driven by Playwright (never a downloaded browser); the flags keep it
+# from reaching for the network this machine does not have.
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,19 +28,11 @@ from aiohttp import WSMsgType, web
 
 from gateway import protocol as p
 
+from .gwtest import CHROMIUM, CHROMIUM_ARGS
+
 playwright_api = pytest.importorskip("playwright.async_api")
 
 STATIC = Path(__file__).resolve().parent.parent / "gateway" / "static"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 EPOCH = "ab12cd34"
 WAIT = 10.0  # upper bound for a condition to become true; never a measured duration
 

@@ -37,20 +37,10 @@ import pytest_asyncio
 
 from gateway import protocol as p
 
-from .gwtest import REPO, GatewayProcess, make_items_table, running_gateway, token
+from .gwtest import CHROMIUM, CHROMIUM_ARGS, REPO, GatewayProcess, make_items_table, running_gateway, token
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 VIEWPORT = {"width": 1200, "height": 800}
 # Upper bound for a condition to become true (never a measured duration). Generous: the machine
 # running the suite may be busy, and a gateway restart includes a Python interpreter start.
