@@ -47,10 +47,11 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+import pytest_asyncio
 
 from gateway.config import mask_dsn
 from gateway.migrate import migrate
@@ -209,3 +210,18 @@ async def _close_leftover_clients() -> AsyncIterator[None]:
     from .gwtest import close_leftovers
 
     await close_leftovers()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Any]:
+    """Debian's Chromium through Playwright, one per test module (tests/gwtest.py has the flags)."""
+    from playwright.async_api import async_playwright
+
+    from .gwtest import CHROMIUM, CHROMIUM_ARGS
+
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()

@@ -28,7 +28,7 @@ from aiohttp import WSMsgType, web
 
 from gateway import protocol as p
 
-from .gwtest import CHROMIUM, CHROMIUM_ARGS
+from .gwtest import CHROMIUM
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -239,16 +239,6 @@ async def site() -> AsyncIterator[Site]:
         yield Site(f"http://127.0.0.1:{port}", gw)
     finally:
         await runner.cleanup()
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with playwright_api.async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

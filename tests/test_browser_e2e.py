@@ -33,11 +33,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from gateway import protocol as p
 
-from .gwtest import CHROMIUM, CHROMIUM_ARGS, REPO, GatewayProcess, make_items_table, running_gateway, token
+from .gwtest import CHROMIUM, REPO, GatewayProcess, make_items_table, running_gateway, token
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -54,16 +53,6 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
     pytest.mark.asyncio(loop_scope="module"),
 ]
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with playwright_api.async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 # A blank page under the gateway's origin that loads the client from the gateway itself.
