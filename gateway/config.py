@@ -201,6 +201,28 @@ class Settings:
         10.0, "cap of the listener's reconnect backoff", parse_duration, minimum=0.1
     )
     batch_max: int = _setting(1000, "notifications resolved together in one batch", parse_int, minimum=1)
+    # Relay (sql/003, gateway/relay.py): one replica rings the doorbells of committed events
+    relay_poll_interval: float = _setting(
+        0.005,
+        "how often the relay reads new events while writes are frequent (writers then send no NOTIFY)",
+        parse_duration,
+        minimum=0.001,
+    )
+    relay_wake_rate: int = _setting(
+        200,
+        "events per second from which the relay polls on its own instead of being rung by each writer",
+        parse_int,
+        minimum=1,
+    )
+    relay_idle_poll: float = _setting(
+        1.0, "how often a quiet relay reads new events anyway (a safety net)", parse_duration, minimum=0.01
+    )
+    relay_lease: float = _setting(
+        3.0,
+        "the relay's lease; if its replica dies another one takes over within this time",
+        parse_duration,
+        minimum=0.5,
+    )
     # Event log
     replay_max_events: int = _setting(
         10000, "most events replayed on resume; older positions get recovered=false", parse_int, minimum=0

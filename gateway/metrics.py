@@ -97,6 +97,23 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "gateway_seconds_since_last_notification", "-1 before the first notification", value=since
         )
+        relay = state.relay
+        if relay is not None:
+            yield GaugeMetricFamily(
+                "gateway_relay_leader",
+                "1 if this replica is the relay (rings the doorbells)",
+                value=int(relay.leader),
+            )
+            yield GaugeMetricFamily(
+                "gateway_relay_busy",
+                "1 while the relay polls on its own (writers send no NOTIFY)",
+                value=int(relay.awake),
+            )
+            yield CounterMetricFamily("gateway_relay_polls", "log reads by the relay", value=relay.polls)
+            yield CounterMetricFamily("gateway_relay_events_rung", "events the relay rang", value=relay.rung)
+            yield CounterMetricFamily(
+                "gateway_relay_notifications", "NOTIFYs the relay sent", value=relay.notifications
+            )
         yield GaugeMetricFamily(
             "gateway_notification_queue_usage", "pg_notification_queue_usage() (0..1)", value=self.queue_usage
         )

@@ -2,7 +2,7 @@
 
 Each resource's start is paired with its teardown in one cleanup context, in order:
 pool -> resolver check -> authenticator -> pipeline task -> presence -> listener task ->
-retention task. Stopping runs them backwards.
+relay task -> retention task. Stopping runs them backwards.
 
 Authentication happens before the upgrade when the token comes with the request
 (``Authorization: Bearer`` for non-browser clients, or the ``bearer.<token>`` WebSocket
@@ -35,6 +35,7 @@ from .hub import Hub
 from .listener import Listener
 from .log import EventLog
 from .pipeline import Pipeline
+from .relay import Relay
 from .resolver import Resolver, parse_tables
 from .session import Registry, Session, SessionContext
 
@@ -52,6 +53,7 @@ class State:
     started: float = field(default_factory=time.time)
     pool: asyncpg.Pool | None = None
     listener: Listener | None = None
+    relay: Relay | None = None
     pipeline: Pipeline | None = None
     ctx: SessionContext | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -143,10 +145,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         probe_timeout=s.probe_timeout,
         max_delay=s.reconnect_max_delay,
     )
-    state.listener, state.pipeline, state.ctx = listener, pipeline, ctx
+    relay = Relay(
+        s.database_url,
+        poll_interval=s.relay_poll_interval,
+        idle_poll=s.relay_idle_poll,
+        wake_rate=s.relay_wake_rate,
+        lease=s.relay_lease,
+        max_delay=s.reconnect_max_delay,
+    )
+    state.listener, state.pipeline, state.ctx, state.relay = listener, pipeline, ctx, relay
     state.tasks = [
         asyncio.create_task(pipeline.run(), name="pipeline"),
         asyncio.create_task(listener.run(), name="listener"),
+        asyncio.create_task(relay.run(), name="relay"),
         asyncio.create_task(_retention(state, EventLog(pool)), name="retention"),
     ]
     for task in state.tasks:
@@ -155,6 +166,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await relay.stop()
         await listener.stop()
         for task in state.tasks:
             task.cancel()

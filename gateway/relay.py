@@ -1,0 +1,332 @@
+"""The relay: one replica at a time rings the doorbells of committed events (sql/003).
+
+Why: a writer that NOTIFYs inside its own transaction makes PostgreSQL serialize its commit
+with every other notifying commit (a cluster-wide lock held across the WAL flush), so under
+load writers wait on each other. Instead, the capture triggers only append to the log; the
+relay finds events committed since it last looked, by their ``seq`` number, and NOTIFYs the
+usual doorbells (``{"v":1,"tb":..,"ev":[..]}``, ``{"v":1,"rg":[..]}``) on channel
+``gateway`` from its own transaction, many events per notification. Every replica's listener
+and pipeline work exactly as before.
+
+Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing statement
+sends when the relay is not polling, and then polls once (plus once every ``idle_poll`` as a
+safety net). Busy (``wake_rate`` events per second or more): the relay polls every
+``poll_interval`` and keeps ``gateway.relay_awake_until`` a few seconds in the future, and
+writers send nothing at all.
+
+Why no committed event is missed (the approach of PgQ):
+
+* Each event records its writer's transaction id. Each poll takes a snapshot S and reads the
+  events of transactions visible in S but not in the previous poll's snapshot P. A commit
+  becomes visible in exactly one such step, so each transaction's events are rung once, in
+  full, whatever order transactions commit in. Only ids from P's xmin up can qualify
+  (anything older was visible in P), so the read is one index range.
+* Going quiet: the relay sets the flag to 0, then takes a transaction id X of its own, and
+  keeps polling until a snapshot's xmin passes X. A writer that saw the flag still set had
+  its id before X (the statement trigger runs after the rows are written), so it has ended
+  by then and its events were in that poll; every later writer sees the flag cleared and
+  rings ``gateway_poll``.
+* Takeover: the lease row stores P. A relay that dies (or stalls past its lease) is replaced
+  by another replica within ``lease`` seconds, which continues from that snapshot, in busy
+  mode (the dead relay's flag may still be set). Events rung again are harmless: the gateway
+  delivers each position once.
+* A poll that finds more than ``batch`` events (a relay back after a long outage) rings
+  ``sync`` instead: every replica re-reads the heads of its topics from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Iterable
+
+import asyncpg
+import msgspec
+
+from .config import mask_dsn
+from .db import DB_ERRORS
+
+log = logging.getLogger("gateway.relay")
+
+POLL_CHANNEL = "gateway_poll"
+CHANNEL = "gateway"
+# A doorbell's payload stays under PostgreSQL's 8000-byte NOTIFY limit with room to spare.
+PAYLOAD_MAX = 7000
+
+_TAKE_LEASE = """
+UPDATE gateway.relay
+SET holder = $1, lease_until = now() + make_interval(secs => $2),
+    snapshot = coalesce(snapshot, pg_current_snapshot())
+WHERE lease_until < now() OR holder = $1
+RETURNING snapshot::text
+"""
+_RENEW_LEASE = """
+UPDATE gateway.relay SET lease_until = now() + make_interval(secs => $2), snapshot = $3::text::pg_snapshot
+WHERE holder = $1 AND lease_until > now()
+RETURNING 1
+"""
+_RELEASE_LEASE = "UPDATE gateway.relay SET lease_until = '-infinity' WHERE holder = $1"
+# One statement, one snapshot (cur): the events of transactions that committed since $1.
+_POLL = """
+WITH cur AS MATERIALIZED (SELECT pg_current_snapshot() AS s)
+SELECT (SELECT s::text FROM cur),
+       (SELECT coalesce(json_agg(json_build_array(e.topic, t.epoch, e.pos, e.op, e.tbl, e.key,
+                                                  extract(epoch FROM e.created_at)::float8)), '[]')::text
+        FROM (SELECT ev.* FROM gateway.events AS ev, cur
+              WHERE ev.xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                AND pg_visible_in_snapshot(ev.xid, cur.s)
+                AND NOT pg_visible_in_snapshot(ev.xid, $1::text::pg_snapshot)
+              LIMIT $2) AS e
+        LEFT JOIN gateway.topics AS t ON t.topic = e.topic)
+"""
+_OWN_XID = "SELECT pg_current_xact_id()::text::bigint"
+_SET_FLAG = "SELECT setval('gateway.relay_awake_until', $1)"
+_NOTIFY = "SELECT count(pg_notify('gateway', p)) FROM unnest($1::text[]) AS p"
+
+# topic, epoch (None: the topic was reset since), pos, op, tbl, key, created_at
+Row = tuple[str, str | None, int, str, str | None, str | None, float]
+_decode_rows = msgspec.json.Decoder(list[Row]).decode
+_encode = msgspec.json.encode
+
+
+def doorbells(rows: Iterable[Row]) -> list[str]:
+    """The doorbell payloads naming ``rows`` (the events of one poll), each under 7000 bytes.
+
+    Row events are listed per table (the gateway resolves them by key) when the list fits one
+    payload. Otherwise, and for hand-published events (their data is in the log), each topic's
+    range of positions is named: the events of one topic that one poll finds have consecutive
+    positions (positions are taken in commit order), so the range is exact and the gateway
+    reads it from the log. A topic name too long even for that asks for a ``sync``."""
+    by_table: dict[str, list[bytes]] = {}
+    topics_of: dict[str, set[str]] = {}
+    ts: dict[str, float] = {}
+    ranges: dict[str, list[int]] = {}  # topic -> [first, last]
+    epochs: dict[str, str] = {}
+    unlisted: set[str] = set()  # topics with an event no list names
+    for topic, epoch, pos, op, tbl, key, created in rows:
+        if epoch is None:
+            continue  # reset (gateway.reset_topic) since: nothing left to deliver
+        if tbl is None:
+            unlisted.add(topic)
+        else:
+            by_table.setdefault(tbl, []).append(_encode([topic, epoch, pos, op, key]))
+            topics_of.setdefault(tbl, set()).add(topic)
+            ts[tbl] = max(ts.get(tbl, 0.0), created)
+        r = ranges.get(topic)
+        if r is None:
+            ranges[topic], epochs[topic] = [pos, pos], epoch
+        else:
+            r[0], r[1] = min(r[0], pos), max(r[1], pos)
+    out: list[str] = []
+    for tbl, entries in by_table.items():
+        head = b'{"v":1,"tb":' + _encode(tbl) + b',"ts":' + _encode(ts[tbl]) + b',"ev":['
+        if len(head) + sum(len(e) + 1 for e in entries) + 2 <= PAYLOAD_MAX:
+            out.append((head + b",".join(entries) + b"]}").decode())
+        else:
+            unlisted |= topics_of[tbl]
+    # A range may also cover listed positions: the gateway delivers each position once.
+    rest = [_encode([t, epochs[t], *ranges[t]]) for t in ranges if t in unlisted]
+    if rest:
+        out.extend(_chunks(b'{"v":1,"rg":[', rest))
+    return out
+
+
+def _chunks(head: bytes, entries: list[bytes]) -> list[str]:
+    out: list[str] = []
+    part: list[bytes] = []
+    size = len(head) + 2
+    for entry in entries:
+        if len(head) + len(entry) + 2 > PAYLOAD_MAX:
+            if '{"v":1,"sync":true}' not in out:
+                out.append('{"v":1,"sync":true}')  # a name too long for any doorbell: re-read heads
+            continue
+        if part and size + len(entry) + 1 > PAYLOAD_MAX:
+            out.append((head + b",".join(part) + b"]}").decode())
+            part, size = [], len(head) + 2
+        part.append(entry)
+        size += len(entry) + 1
+    if part:
+        out.append((head + b",".join(part) + b"]}").decode())
+    return out
+
+
+def _xmin(snapshot: str) -> int:
+    """The xmin of a pg_snapshot in its text form ``xmin:xmax:xip,...``."""
+    return int(snapshot.split(":", 1)[0])
+
+
+class Relay:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        poll_interval: float = 0.005,
+        idle_poll: float = 1.0,
+        wake_rate: int = 200,
+        lease: float = 3.0,
+        batch: int = 5000,
+        max_delay: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        # Who holds the lease, for an operator reading gateway.relay: host, pid, and a random
+        # part so a restarted process never renews its predecessor's lease.
+        self.replica_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._poll_interval = poll_interval
+        self._idle_poll = idle_poll
+        self._wake_rate = wake_rate
+        self._lease = lease
+        self._batch = batch
+        self._max_delay = max_delay
+        self._poke = asyncio.Event()
+        self._done = asyncio.Event()
+        self._stopping = False
+        self._conn: asyncpg.Connection | None = None
+        self._snapshot = ""  # of the last poll: every transaction visible in it has been rung
+        # state, read by metrics and tests
+        self.leader = False
+        self.awake = False
+        self.polls = 0
+        self.rung = 0  # events rung
+        self.notifications = 0  # NOTIFYs sent
+        self.takeovers = 0
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        attempt = 0
+        last_error = ""
+        while not self._stopping:
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+            except Exception as exc:  # whatever it is, the relay must come back
+                error = f"{type(exc).__name__}: {exc}"
+                if error != last_error:
+                    log.warning("relay cannot connect to %s: %s", mask_dsn(self._dsn), error)
+                    last_error = error
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            self._conn = conn
+            attempt, last_error = 0, ""
+            try:
+                while not self._stopping:
+                    snapshot = await conn.fetchval(_TAKE_LEASE, self.replica_id, self._lease)
+                    if snapshot is None:
+                        await self._nap(self._lease / 3 * random.uniform(0.8, 1.2))
+                        continue
+                    await self._lead(conn, snapshot)
+                    if self._stopping:
+                        # Hand over at once instead of making the others wait for the lease.
+                        await asyncio.wait_for(conn.execute(_RELEASE_LEASE, self.replica_id), 2.0)
+            except DB_ERRORS as exc:
+                if not self._stopping:
+                    log.warning("relay connection failed: %s: %s", type(exc).__name__, exc)
+            except Exception:
+                if not self._stopping:
+                    log.exception("relay failed unexpectedly; reconnecting")
+            finally:
+                self.leader = self.awake = False
+                self._conn = None
+                conn.terminate()
+            if not self._stopping:
+                await self._backoff(attempt)
+                attempt += 1
+        self._done.set()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, unless poked (a writer's NOTIFY, or stop())."""
+        self._poke.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._poke.wait(), seconds)
+
+    async def stop(self) -> None:
+        """Let the run loop finish (a leader hands its lease over on the way out)."""
+        self._stopping = True
+        self._poke.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._done.wait(), 3.0)
+
+    async def _backoff(self, attempt: int) -> None:
+        await asyncio.sleep(random.uniform(0, min(self._max_delay, 0.1 * (2**attempt))))
+
+    # --- leading ----------------------------------------------------------------------
+
+    def _on_poke(self, *_: object) -> None:
+        self._poke.set()
+
+    async def _lead(self, conn: asyncpg.Connection, snapshot: str) -> None:
+        self.leader = True
+        self.takeovers += 1
+        log.info("relay: this replica rings the doorbells now")
+        self._snapshot = snapshot
+        await conn.add_listener(POLL_CHANNEL, self._on_poke)
+        # Start busy: a relay that died may have left the flag set, so writers may be silent.
+        self.awake = True
+        flag_renewed = 0.0
+        lease_renewed = time.monotonic()
+        window_start, window_events = time.monotonic(), 0
+        quiet_after: int | None = None  # going quiet: poll until a snapshot's xmin passes this
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                if now - lease_renewed >= self._lease / 3:
+                    renewed = await conn.fetchval(_RENEW_LEASE, self.replica_id, self._lease, self._snapshot)
+                    if renewed is None:
+                        log.warning("relay: lease lost to another replica")
+                        return
+                    lease_renewed = now
+                if self.awake and quiet_after is None and now - flag_renewed >= 0.5:
+                    await conn.execute(_SET_FLAG, int(time.time() * 1000 + max(2.0, self._lease) * 1000))
+                    flag_renewed = now
+                window_events += await self._poll(conn)
+                now = time.monotonic()
+                if now - window_start >= 1.0:
+                    rate = window_events / (now - window_start)
+                    window_start, window_events = now, 0
+                    if (not self.awake or quiet_after is not None) and rate >= self._wake_rate:
+                        self.awake, quiet_after = True, None
+                        flag_renewed = 0.0
+                        log.debug("relay: busy (%.0f events/s): polling every %gs", rate, self._poll_interval)
+                    elif self.awake and quiet_after is None and rate < self._wake_rate / 2:
+                        await conn.execute(_SET_FLAG, 0)
+                        quiet_after = await conn.fetchval(_OWN_XID)
+                if quiet_after is not None and _xmin(self._snapshot) > quiet_after:
+                    self.awake, quiet_after = False, None
+                    log.debug("relay: quiet: polling when writers ring")
+                if self.awake:
+                    await asyncio.sleep(self._poll_interval)
+                else:
+                    await self._nap(min(self._idle_poll, self._lease / 3))
+        finally:
+            self.leader = self.awake = False
+            if not conn.is_closed():
+                await conn.remove_listener(POLL_CHANNEL, self._on_poke)
+
+    async def _poll(self, conn: asyncpg.Connection) -> int:
+        """Ring the events of every transaction committed since the last poll; return how many."""
+        current, text = await conn.fetchrow(_POLL, self._snapshot, self._batch + 1)
+        self.polls += 1
+        self._snapshot = current
+        rows = _decode_rows(text)
+        if not rows:
+            return 0
+        if len(rows) > self._batch:
+            log.warning(
+                "relay: more than %d events committed since the last poll: asking for a sync", self._batch
+            )
+            payloads = ['{"v":1,"sync":true}']
+        else:
+            payloads = doorbells(rows)
+        await conn.fetchval(_NOTIFY, payloads)
+        self.notifications += len(payloads)
+        self.rung += len(rows)
+        return len(rows)
+
+    def describe(self) -> dict[str, object]:
+        return {"leader": self.leader, "awake": self.awake, "rung": self.rung}
