@@ -1,0 +1,192 @@
+"""The relay (gateway/relay.py, sql/003_relay.sql) against a real PostgreSQL: writers ring it
+only when it is quiet, it rings every committed event across its busy/quiet switches, and
+another replica's relay takes over, losing nothing, when the leader's connection dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.relay import Relay
+
+from .gwtest import pg_connect
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextlib.asynccontextmanager
+async def relay_running(dsn: str, **kwargs: Any) -> AsyncIterator[Relay]:
+    relay = Relay(dsn, **kwargs)
+    task = asyncio.ensure_future(relay.run())
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class Rung:
+    """Positions named by the doorbells on channel `gateway`, per topic."""
+
+    def __init__(self) -> None:
+        self.positions: dict[str, list[int]] = {}
+        self.payloads = 0
+
+    def __call__(self, _c: object, _pid: int, _channel: str, payload: str) -> None:
+        self.payloads += 1
+        bell = json.loads(payload)
+        for topic, _epoch, pos, _op, _key in bell.get("ev", ()):
+            self.positions.setdefault(topic, []).append(pos)
+        for topic, _epoch, lo, hi in bell.get("rg", ()):
+            self.positions.setdefault(topic, []).extend(range(lo, hi + 1))
+
+    def distinct(self, topic: str) -> list[int]:
+        return sorted(set(self.positions.get(topic, [])))
+
+    async def wait_for(self, topic: str, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.distinct(topic) != list(range(1, n + 1)):
+            if time.monotonic() > deadline:
+                have = self.distinct(topic)
+                missing = sorted(set(range(1, n + 1)) - set(have))
+                raise AssertionError(f"{topic}: {len(have)} of {n} rung; missing {missing[:20]}")
+            await asyncio.sleep(0.01)
+
+
+async def listen(dsn: str, channel: str, callback: Any) -> asyncpg.Connection:
+    conn = await pg_connect(dsn)
+    await conn.add_listener(channel, callback)
+    return conn
+
+
+async def make_table(dsn: str) -> None:
+    conn = await pg_connect(dsn)
+    await conn.execute("CREATE TABLE msgs (id bigserial PRIMARY KEY, room text NOT NULL)")
+    await conn.execute("SELECT gateway.publish('msgs', $$'room:' || room$$)")
+    await conn.close()
+
+
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_writers_ring_the_relay_once_per_statement_when_quiet_and_never_when_busy(dsn: str) -> None:
+    await make_table(dsn)
+    pokes: list[str] = []
+    listener = await listen(dsn, "gateway_poll", lambda *a: pokes.append(a[3]))
+    db = await pg_connect(dsn)
+
+    async def count_pokes() -> int:
+        """Pokes committed so far (a marker committed last arrives last)."""
+        await db.execute("SELECT pg_notify('gateway_poll', 'marker')")
+        await wait_until(lambda: "marker" in pokes, 10, "the marker")
+        n = pokes.index("marker")
+        del pokes[: n + 1]
+        return n
+
+    await db.execute("SELECT setval('gateway.relay_awake_until', 0)")
+    await db.execute("INSERT INTO msgs (room) SELECT 'r' || g FROM generate_series(1, 12) g")
+    assert await count_pokes() == 1
+    async with db.transaction():  # three statements, one commit: PostgreSQL folds the three
+        for _ in range(3):
+            await db.execute("INSERT INTO msgs (room) VALUES ('a')")
+    await db.execute("SELECT gateway.emit('room:x', '{}')")
+    assert await count_pokes() == 2
+    await db.execute("UPDATE msgs SET room = room WHERE id < 0")  # no row: no event, no poke
+    assert await count_pokes() == 0
+
+    # The relay says it is polling anyway: writers send nothing.
+    await db.execute("SELECT setval('gateway.relay_awake_until', $1)", int(time.time() * 1000) + 60_000)
+    await db.execute("INSERT INTO msgs (room) SELECT 'r' || g FROM generate_series(1, 12) g")
+    await db.execute("SELECT gateway.emit('room:x', '{}')")
+    assert await count_pokes() == 0
+    assert await db.fetchval("SELECT count(*) FROM gateway.events") == 12 + 3 + 1 + 12 + 1
+    await listener.close()
+    await db.close()
+
+
+async def test_a_writer_that_saw_the_relay_busy_is_rung_after_it_went_quiet(dsn: str) -> None:
+    """The switch from busy to quiet: a REPEATABLE READ transaction writes while the relay is
+    busy (so it sends no NOTIFY) and commits only after the load has stopped. The relay must
+    not go quiet before that transaction ended, and must ring its event."""
+    await make_table(dsn)
+    rung = Rung()
+    listener = await listen(dsn, "gateway", rung)
+    db = await pg_connect(dsn)
+    slow = await pg_connect(dsn)
+    # idle_poll 30 s: in quiet mode only a writer's NOTIFY would make the relay look.
+    async with relay_running(dsn, wake_rate=50, idle_poll=30.0, poll_interval=0.005) as relay:
+        await wait_until(lambda: relay.leader, 10, "leadership")
+        load_done = asyncio.Event()
+
+        async def load() -> int:
+            n = 0
+            while not load_done.is_set():
+                await db.execute("INSERT INTO msgs (room) VALUES ('load')")
+                n += 1
+                await asyncio.sleep(0.002)
+            return n
+
+        loader = asyncio.ensure_future(load())
+        await asyncio.sleep(2.5)  # more than a rate window at ~300 events/s: busy
+        assert relay.awake
+        tr = slow.transaction(isolation="repeatable_read")
+        await tr.start()
+        await slow.execute("INSERT INTO msgs (room) VALUES ('slow')")  # flag set: no NOTIFY
+        load_done.set()
+        loads = await loader
+        await asyncio.sleep(2.5)  # the rate drops: the relay starts going quiet
+        assert relay.awake, "went quiet while a writer that saw it busy was still open"
+        await tr.commit()
+        await rung.wait_for("room:slow", 1, timeout=5)
+        await wait_until(lambda: not relay.awake, 10, "the relay to go quiet")
+        await rung.wait_for("room:load", loads, timeout=5)
+        # Quiet now: a new writer rings the relay itself.
+        await db.execute("INSERT INTO msgs (room) VALUES ('later')")
+        await rung.wait_for("room:later", 1, timeout=5)
+    await listener.close()
+
+
+async def test_another_replica_takes_over_when_the_relay_connection_dies(dsn: str) -> None:
+    await make_table(dsn)
+    rung = Rung()
+    listener = await listen(dsn, "gateway", rung)
+    db = await pg_connect(dsn)
+    admin = await pg_connect(dsn)
+    async with (
+        relay_running(dsn, lease=1.0, wake_rate=50) as one,
+        relay_running(dsn, lease=1.0, wake_rate=50) as two,
+    ):
+        await wait_until(lambda: one.leader or two.leader, 10, "a leader")
+        leader, other = (one, two) if one.leader else (two, one)
+        assert not other.leader
+        holder = await db.fetchval("SELECT holder FROM gateway.relay")
+        assert holder == leader.replica_id
+        written = 0
+        for round_ in range(3):
+            for _ in range(100):
+                await db.execute("INSERT INTO msgs (room) VALUES ('a')")
+                written += 1
+                await asyncio.sleep(0.001)
+            if round_ == 0:
+                # Kill the leader's backend mid-stream; writes go on.
+                conn = leader._conn
+                assert conn is not None
+                await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        await rung.wait_for("room:a", written, timeout=15)
+        await wait_until(lambda: one.leader or two.leader, 10, "a leader after the kill")
+        assert rung.payloads < written  # many events per NOTIFY
+    await listener.close()
