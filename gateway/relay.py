@@ -203,7 +203,19 @@ class Relay:
         last_error = ""
         while not self._stopping:
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=10)
+                # synchronous_commit off: the relay's transactions only NOTIFY, and a doorbell
+                # lost in a crash is caught up from the log anyway, so none of them needs to
+                # wait for a WAL flush (hundreds of flushes a second, otherwise).
+                # No sequential scans on this connection: the poll runs every few milliseconds
+                # and must always be an index range on gateway.events.xid, but the table grows
+                # faster than autovacuum refreshes its statistics, and with stale ones the
+                # planner scans it whole (measured: 30 ms per poll at 70,000 events, 0.06 ms
+                # through the index).
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=10,
+                    server_settings={"enable_seqscan": "off", "synchronous_commit": "off"},
+                )
             except Exception as exc:  # whatever it is, the relay must come back
                 error = f"{type(exc).__name__}: {exc}"
                 if error != last_error:

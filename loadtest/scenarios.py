@@ -447,9 +447,18 @@ class Runner:
         }
 
     async def writer_cost(self, pgbench: str | None) -> dict[str, Any]:
+        """Measured with a gateway running, as in production: its relay is what spares
+        writers the NOTIFY under load (sql/003), and its CPU counts against the writers'."""
         p = self.plan
-        r = await db.writer_cost(
-            self.dsn, pgbench, p.cost_clients, p.cost_seconds, p.cost_rounds, self.progress
-        )
+        gw = self._gateway("writer-cost")
+        self.progress("[writer_cost] starting gateway")
+        await gw.start()
+        try:
+            r = await db.writer_cost(
+                self.dsn, pgbench, p.cost_clients, p.cost_seconds, p.cost_rounds, self.progress
+            )
+        finally:
+            await gw.stop()
+        r["gateway_running"] = True
         r["loadavg"] = loadavg()
         return r
