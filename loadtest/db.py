@@ -203,7 +203,7 @@ async def bare_listen_ceiling(dsn: str, writers: int, seconds: float) -> dict[st
 _TPS = re.compile(r"tps = ([0-9.]+) \((?:without initial connection time|excluding connections establishing)")
 
 
-def _pgbench(pgbench: str, dsn: str, table: str, clients: int, seconds: int) -> float:
+def _pgbench(pgbench: str, dsn: str, table: str, clients: int, seconds: int, options: str = "") -> float:
     parts = urlsplit(dsn)
     script = f"\\set id random(1, {COST_ROWS})\nUPDATE {table} SET n = n + 1 WHERE id = :id;\n"
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
@@ -232,6 +232,8 @@ def _pgbench(pgbench: str, dsn: str, table: str, clients: int, seconds: int) -> 
         env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
         if parts.password:
             env["PGPASSWORD"] = parts.password
+        if options:
+            env["PGOPTIONS"] = options
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env, check=False)
     finally:
         Path(path).unlink(missing_ok=True)
@@ -265,11 +267,22 @@ async def _asyncpg_tps(dsn: str, table: str, clients: int, seconds: float) -> fl
 
 
 async def writer_cost(
-    dsn: str, pgbench: str | None, clients: int, seconds: int, rounds: int, progress: Any
+    dsn: str,
+    pgbench: str | None,
+    clients: int,
+    seconds: int,
+    rounds: int,
+    progress: Any,
+    flush_delay_us: int = 0,
 ) -> dict[str, Any]:
     """Commits/s of a single-row UPDATE without a trigger, with the gateway's capture trigger and
     with the naive per-row pg_notify(row_to_json(NEW)) trigger. Rounds interleave the three
-    tables, so drift in the machine's load hits all of them alike."""
+    tables, so drift in the machine's load hits all of them alike.
+
+    ``flush_delay_us`` makes every commit's WAL flush take that much longer (PostgreSQL's
+    commit_delay, set for pgbench's sessions), as on a disk slower than this machine's: that
+    is where notifying transactions, which commit one at a time, fall behind the others."""
+    options = f"-c commit_delay={flush_delay_us} -c commit_siblings=1" if flush_delay_us else ""
     tables = {"plain": "lt_cost_plain", "gateway": "lt_cost_gateway", "naive": "lt_cost_naive"}
     runs: dict[str, list[float]] = {k: [] for k in tables}
     tool = "pgbench" if pgbench else "asyncpg"
@@ -277,7 +290,7 @@ async def writer_cost(
         for name, table in tables.items():
             progress(f"writer cost round {r + 1}/{rounds}: {name} ({tool}, {clients} clients, {seconds}s)")
             if pgbench:
-                tps = await asyncio.to_thread(_pgbench, pgbench, dsn, table, clients, seconds)
+                tps = await asyncio.to_thread(_pgbench, pgbench, dsn, table, clients, seconds, options)
             else:
                 tps = await _asyncpg_tps(dsn, table, clients, seconds)
             runs[name].append(tps)
@@ -285,6 +298,7 @@ async def writer_cost(
     mean = {k: statistics.median(v) for k, v in runs.items()}
     return {
         "tool": tool,
+        "flush_delay_us": flush_delay_us,
         "clients": clients,
         "seconds_per_run": seconds,
         "rounds": rounds,

@@ -457,6 +457,11 @@ class Runner:
             r = await db.writer_cost(
                 self.dsn, pgbench, p.cost_clients, p.cost_seconds, p.cost_rounds, self.progress
             )
+            if pgbench:  # commit_delay needs pgbench's sessions (PGOPTIONS)
+                self.progress("[writer_cost] again with 1 ms commit flushes")
+                r["slow_flush"] = await db.writer_cost(
+                    self.dsn, pgbench, p.cost_clients * 2, p.cost_seconds, p.cost_rounds, self.progress, 1000
+                )
         finally:
             await gw.stop()
         r["gateway_running"] = True
