@@ -230,6 +230,7 @@ class Relay:
                 while not self._stopping:
                     snapshot = await conn.fetchval(_TAKE_LEASE, self.replica_id, self._lease)
                     if snapshot is None:
+                        self._poke.clear()
                         await self._nap(self._lease / 3 * random.uniform(0.8, 1.2))
                         continue
                     await self._lead(conn, snapshot)
@@ -252,8 +253,7 @@ class Relay:
         self._done.set()
 
     async def _nap(self, seconds: float) -> None:
-        """Sleep, unless poked (a writer's NOTIFY, or stop())."""
-        self._poke.clear()
+        """Sleep, unless poked (a writer's NOTIFY, or stop()) since the poke was last cleared."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._poke.wait(), seconds)
 
@@ -296,6 +296,9 @@ class Relay:
                 if self.awake and quiet_after is None and now - flag_renewed >= 0.5:
                     await conn.execute(_SET_FLAG, int(time.time() * 1000 + max(2.0, self._lease) * 1000))
                     flag_renewed = now
+                # Cleared before the poll, not after: a writer that rings while the poll runs
+                # may have committed too late for it, and must get a poll of its own.
+                self._poke.clear()
                 window_events += await self._poll(conn)
                 now = time.monotonic()
                 if now - window_start >= 1.0:

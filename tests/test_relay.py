@@ -190,3 +190,24 @@ async def test_another_replica_takes_over_when_the_relay_connection_dies(dsn: st
         await wait_until(lambda: one.leader or two.leader, 10, "a leader after the kill")
         assert rung.payloads < written  # many events per NOTIFY
     await listener.close()
+
+
+async def test_quiet_relay_rings_every_commit_without_waiting_for_its_safety_poll(dsn: str) -> None:
+    """Writers ring while a poll is running: each ring must still get a poll that sees its
+    commit. With the safety-net poll 30 s away, a lost ring would show as a stuck event."""
+    await make_table(dsn)
+    rung = Rung()
+    listener = await listen(dsn, "gateway", rung)
+    writers = [await pg_connect(dsn) for _ in range(4)]
+    # Quiet for good (wake_rate), and the next poll of its own (idle_poll, lease/3) 20 s away.
+    async with relay_running(dsn, wake_rate=1_000_000, idle_poll=30.0, lease=60.0) as relay:
+        await wait_until(lambda: relay.leader and not relay.awake, 15, "a quiet leader")
+        # Each round: one commit rings, and three more commit while the poll it caused runs.
+        total = 0
+        for _ in range(20):
+            await writers[0].execute("INSERT INTO msgs (room) VALUES ('q')")
+            await asyncio.gather(*(w.execute("INSERT INTO msgs (room) VALUES ('q')") for w in writers[1:]))
+            total += len(writers)
+            await rung.wait_for("room:q", total, timeout=2)
+        assert not relay.awake
+    await listener.close()
