@@ -72,19 +72,8 @@ WHERE holder = $1 AND lease_until > now()
 RETURNING 1
 """
 _RELEASE_LEASE = "UPDATE gateway.relay SET lease_until = '-infinity' WHERE holder = $1"
-# One statement, one snapshot (cur): the events of transactions that committed since $1.
-_POLL = """
-WITH cur AS MATERIALIZED (SELECT pg_current_snapshot() AS s)
-SELECT (SELECT s::text FROM cur),
-       (SELECT coalesce(json_agg(json_build_array(e.topic, t.epoch, e.pos, e.op, e.tbl, e.key,
-                                                  extract(epoch FROM e.created_at)::float8)), '[]')::text
-        FROM (SELECT ev.* FROM gateway.events AS ev, cur
-              WHERE ev.xid >= pg_snapshot_xmin($1::text::pg_snapshot)
-                AND pg_visible_in_snapshot(ev.xid, cur.s)
-                AND NOT pg_visible_in_snapshot(ev.xid, $1::text::pg_snapshot)
-              LIMIT $2) AS e
-        LEFT JOIN gateway.topics AS t ON t.topic = e.topic)
-"""
+# The snapshot now and the events of transactions committed since $1 (sql/003_relay.sql).
+_POLL = "SELECT snapshot, events FROM gateway.relay_poll($1, $2)"
 _OWN_XID = "SELECT pg_current_xact_id()::text::bigint"
 _SET_FLAG = "SELECT setval('gateway.relay_awake_until', $1)"
 _NOTIFY = "SELECT count(pg_notify('gateway', p)) FROM unnest($1::text[]) AS p"
@@ -203,18 +192,11 @@ class Relay:
         last_error = ""
         while not self._stopping:
             try:
-                # synchronous_commit off: the relay's transactions only NOTIFY, and a doorbell
-                # lost in a crash is caught up from the log anyway, so none of them needs to
-                # wait for a WAL flush (hundreds of flushes a second, otherwise).
-                # No sequential scans on this connection: the poll runs every few milliseconds
-                # and must always be an index range on gateway.events.xid, but the table grows
-                # faster than autovacuum refreshes its statistics, and with stale ones the
-                # planner scans it whole (measured: 30 ms per poll at 70,000 events, 0.06 ms
-                # through the index).
+                # synchronous_commit off: the relay's transactions only NOTIFY and renew its
+                # lease, and a doorbell lost in a crash is caught up from the log anyway, so
+                # none of them needs to wait for a WAL flush (hundreds a second, otherwise).
                 conn = await asyncpg.connect(
-                    self._dsn,
-                    timeout=10,
-                    server_settings={"enable_seqscan": "off", "synchronous_commit": "off"},
+                    self._dsn, timeout=10, server_settings={"synchronous_commit": "off"}
                 )
             except Exception as exc:  # whatever it is, the relay must come back
                 error = f"{type(exc).__name__}: {exc}"

@@ -42,6 +42,29 @@ CREATE TABLE IF NOT EXISTS gateway.relay (
 );
 INSERT INTO gateway.relay DEFAULT VALUES ON CONFLICT DO NOTHING;
 
+-- The relay's read (gateway/relay.py): the snapshot now, and the events of every transaction
+-- visible in it but not in p_since (at most p_limit of them), as a JSON array of
+-- [topic, epoch, pos, op, tbl, key, created_at]. One statement, so one snapshot for both.
+-- Sequential scans are off inside it: it runs every few milliseconds and must be an index
+-- range on events.xid, but gateway.events grows faster than autovacuum refreshes its
+-- statistics, and with stale ones the planner scans the table whole (measured: 30 ms at
+-- 70,000 events, against 0.06 ms through the index).
+CREATE OR REPLACE FUNCTION gateway.relay_poll(p_since text, p_limit integer, OUT snapshot text, OUT events text)
+LANGUAGE sql
+SET enable_seqscan = off
+AS $$
+    WITH cur AS MATERIALIZED (SELECT pg_current_snapshot() AS s)
+    SELECT (SELECT s::text FROM cur),
+           (SELECT coalesce(json_agg(json_build_array(e.topic, t.epoch, e.pos, e.op, e.tbl, e.key,
+                                                      extract(epoch FROM e.created_at)::float8)), '[]')::text
+            FROM (SELECT ev.* FROM gateway.events AS ev, cur
+                  WHERE ev.xid >= pg_snapshot_xmin(p_since::pg_snapshot)
+                    AND pg_visible_in_snapshot(ev.xid, cur.s)
+                    AND NOT pg_visible_in_snapshot(ev.xid, p_since::pg_snapshot)
+                  LIMIT p_limit) AS e
+            LEFT JOIN gateway.topics AS t ON t.topic = e.topic)
+$$;
+
 -- Ring for the events this transaction wrote, unless the relay is polling anyway.
 CREATE OR REPLACE FUNCTION gateway.ring() RETURNS void
 LANGUAGE plpgsql AS $$
