@@ -255,13 +255,13 @@ class Relay:
         self._poke.set()
 
     async def _lead(self, conn: asyncpg.Connection, snapshot: str) -> None:
-        self.leader = True
+        # Start busy: a relay that died may have left the flag set, so writers may be silent.
+        # (Both set before any await, so nobody sees a leader that is not yet busy.)
+        self.awake = self.leader = True
         self.takeovers += 1
         log.info("relay: this replica rings the doorbells now")
         self._snapshot = snapshot
         await conn.add_listener(POLL_CHANNEL, self._on_poke)
-        # Start busy: a relay that died may have left the flag set, so writers may be silent.
-        self.awake = True
         flag_renewed = 0.0
         lease_renewed = time.monotonic()
         window_start, window_events = time.monotonic(), 0
