@@ -26,6 +26,7 @@ from aiohttp import web
 
 from gateway import config
 from gateway.auth import mint_token
+from gateway.relay import Relay
 from gateway.server import STATE, build_app
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -319,3 +320,17 @@ async def make_items_table(dsn: str, topic_expr: str = "'user:' || owner_id", na
         )
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def relay_running(dsn: str, **kwargs: Any) -> AsyncIterator[Relay]:
+    """A relay (gateway/relay.py) running in this event loop, stopped on the way out."""
+    relay = Relay(dsn, **kwargs)
+    task = asyncio.ensure_future(relay.run())
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -5,33 +5,16 @@ another replica's relay takes over, losing nothing, when the leader's connection
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from gateway.relay import Relay
-
-from .gwtest import pg_connect
+from .gwtest import pg_connect, relay_running
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@contextlib.asynccontextmanager
-async def relay_running(dsn: str, **kwargs: Any) -> AsyncIterator[Relay]:
-    relay = Relay(dsn, **kwargs)
-    task = asyncio.ensure_future(relay.run())
-    try:
-        yield relay
-    finally:
-        await relay.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class Rung:

@@ -23,6 +23,8 @@ import pytest
 
 from gateway.relay import Relay
 
+from .gwtest import relay_running
+
 MIGRATIONS = sorted((Path(__file__).resolve().parent.parent / "sql").glob("[0-9][0-9][0-9]_*.sql"))
 NOTIFY_LIMIT = 8000  # PostgreSQL rejects payloads of 8000 bytes or more
 
@@ -80,17 +82,12 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def bells(dsn: str) -> AsyncIterator[Doorbells]:
     listener = await asyncpg.connect(dsn)
-    relay = Relay(dsn, idle_poll=0.05)
-    task = asyncio.ensure_future(relay.run())
     try:
-        d = Doorbells(listener, relay)
-        await d.start()
-        yield d
+        async with relay_running(dsn, idle_poll=0.05) as relay:
+            d = Doorbells(listener, relay)
+            await d.start()
+            yield d
     finally:
-        await relay.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await listener.close()
 
 
