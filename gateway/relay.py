@@ -183,7 +183,6 @@ class Relay:
         self.polls = 0
         self.rung = 0  # events rung
         self.notifications = 0  # NOTIFYs sent
-        self.takeovers = 0
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -258,7 +257,6 @@ class Relay:
         # Start busy: a relay that died may have left the flag set, so writers may be silent.
         # (Both set before any await, so nobody sees a leader that is not yet busy.)
         self.awake = self.leader = True
-        self.takeovers += 1
         log.info("relay: this replica rings the doorbells now")
         self._snapshot = snapshot
         await conn.add_listener(POLL_CHANNEL, self._on_poke)
@@ -324,6 +322,3 @@ class Relay:
         self.notifications += len(payloads)
         self.rung += len(rows)
         return len(rows)
-
-    def describe(self) -> dict[str, object]:
-        return {"leader": self.leader, "awake": self.awake, "rung": self.rung}
