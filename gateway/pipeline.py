@@ -70,7 +70,7 @@ class Doorbell(msgspec.Struct):
     ev: list[tuple[str, str, int, str, str | None]] | None = None
     rg: list[tuple[str, str, int, int]] | None = None
     sync: bool = False
-    ts: float | None = None  # when the statement ended (unix seconds), with "ev"
+    ts: float | None = None  # when the newest listed transaction began (unix seconds), with "ev"
 
 
 _decode_doorbell = msgspec.json.Decoder(Doorbell).decode
@@ -138,7 +138,8 @@ class Pipeline:
         self.not_recovered = 0
         self.batch_size = Histogram(BATCH_BOUNDS)
         self.batch_seconds = Histogram(LATENCY_BOUNDS)
-        # Commit (as written by the trigger) to the moment the frame is handed to sockets.
+        # From about the commit (the start of the newest transaction the doorbell lists, as
+        # the relay reports it) to the moment the frame is handed to sockets.
         self.commit_to_send = Histogram(LATENCY_BOUNDS)
 
     # --- called from elsewhere (never await the database) --------------------------
