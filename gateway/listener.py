@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
 
 import asyncpg
 
 from .config import mask_dsn
-from .db import DB_ERRORS
+from .db import DB_ERRORS, reconnect_pause
 
 log = logging.getLogger("gateway.listener")
 
@@ -77,7 +76,7 @@ class Listener:
                 if error != last_error:
                     log.warning("listener cannot connect to %s: %s", mask_dsn(self._dsn), error)
                     last_error = error
-                await self._backoff(attempt)
+                await reconnect_pause(attempt, self._max_delay, self._base_delay)
                 attempt += 1
                 continue
             try:
@@ -113,7 +112,7 @@ class Listener:
                 self._conn = None
                 conn.terminate()
             if not self._stopping:
-                await self._backoff(attempt)
+                await reconnect_pause(attempt, self._max_delay, self._base_delay)
                 attempt += 1
 
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> str:
@@ -133,12 +132,6 @@ class Listener:
             except DB_ERRORS as exc:
                 return f"probe failed: {type(exc).__name__}: {exc}"
         return "stopping"
-
-    async def _backoff(self, attempt: int) -> None:
-        # Capped exponential backoff with full jitter: replicas that lost the database
-        # together do not all come back at the same instant.
-        delay = random.uniform(0, min(self._max_delay, self._base_delay * (2**attempt)))
-        await asyncio.sleep(delay)
 
     async def stop(self) -> None:
         self._stopping = True

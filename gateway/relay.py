@@ -50,7 +50,7 @@ import asyncpg
 import msgspec
 
 from .config import mask_dsn
-from .db import DB_ERRORS
+from .db import DB_ERRORS, reconnect_pause
 
 log = logging.getLogger("gateway.relay")
 
@@ -202,7 +202,7 @@ class Relay:
                 if error != last_error:
                     log.warning("relay cannot connect to %s: %s", mask_dsn(self._dsn), error)
                     last_error = error
-                await self._backoff(attempt)
+                await reconnect_pause(attempt, self._max_delay)
                 attempt += 1
                 continue
             self._conn = conn
@@ -229,7 +229,7 @@ class Relay:
                 self._conn = None
                 conn.terminate()
             if not self._stopping:
-                await self._backoff(attempt)
+                await reconnect_pause(attempt, self._max_delay)
                 attempt += 1
         self._done.set()
 
@@ -244,9 +244,6 @@ class Relay:
         self._poke.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._done.wait(), 3.0)
-
-    async def _backoff(self, attempt: int) -> None:
-        await asyncio.sleep(random.uniform(0, min(self._max_delay, 0.1 * (2**attempt))))
 
     # --- leading ----------------------------------------------------------------------
 
