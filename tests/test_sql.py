@@ -502,3 +502,37 @@ async def test_statements_writing_the_same_topics_in_opposite_row_orders_do_not_
         for w in writers:
             await w.close()
         await setup.close()
+
+
+async def test_each_statement_of_a_transaction_locks_its_topics_in_sorted_order(dsn: str) -> None:
+    """The first row of a multi-row statement locks the statement's topics and counts its rows
+    down; the next statement of the same transaction must start over, or it would lock in row
+    order and the two writers below would deadlock (40P01) on t:a and t:b."""
+    setup = await asyncpg.connect(dsn)
+    await setup.execute(
+        """
+        CREATE FUNCTION slow_topic(t text) RETURNS text LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(0.1); RETURN t; END $$;
+        CREATE TABLE pair (id bigserial PRIMARY KEY, topic text NOT NULL);
+        SELECT gateway.publish('pair', 'slow_topic(topic)');
+        """
+    )
+    writers = [await asyncpg.connect(dsn) for _ in range(2)]
+
+    async def write(conn: asyncpg.Connection, first: list[str], second: list[str]) -> None:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO pair (topic) SELECT unnest($1::text[])", first)
+            await conn.execute("UPDATE pair SET topic = topic WHERE topic = ANY($1::text[])", first)
+            await conn.execute("INSERT INTO pair (topic) SELECT unnest($1::text[])", second)
+
+    try:
+        await asyncio.gather(
+            write(writers[0], ["x:1", "x:2"], ["t:b", "t:a"]),
+            write(writers[1], ["y:1", "y:2"], ["t:a", "t:b"]),
+        )
+        heads = dict(await setup.fetch("SELECT topic, pos FROM gateway.topics"))
+        assert heads == {"x:1": 2, "x:2": 2, "y:1": 2, "y:2": 2, "t:a": 2, "t:b": 2}
+    finally:
+        for w in writers:
+            await w.close()
+        await setup.close()
