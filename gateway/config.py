@@ -205,7 +205,7 @@ class Settings:
     relay_poll_interval: float = _setting(
         0.005,
         "how often the relay reads new events while writes are frequent (writers then send no NOTIFY);"
-        " up to 3 times longer above 2,000 events/s",
+        " up to 4 times longer above 1,000 events/s",
         parse_duration,
         minimum=0.001,
     )

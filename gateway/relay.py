@@ -11,7 +11,7 @@ and pipeline work exactly as before.
 Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing
 transaction sends (once, however many rows it writes) when the relay is not polling, and then
 polls once (plus once every ``idle_poll`` as a safety net). Busy (``wake_rate`` events per
-second or more): the relay polls every ``poll_interval`` (stretched up to 3 times above 2,000
+second or more): the relay polls every ``poll_interval`` (stretched up to 4 times above 1,000
 events/s) and keeps ``gateway.relay_awake_until`` a few seconds in the future, and writers
 send nothing at all.
 
@@ -63,8 +63,8 @@ PAYLOAD_MAX = 7000
 # it finds. Above STRETCH_RATE events/s the busy relay spaces its polls out in proportion
 # (up to MAX_STRETCH times poll_interval), so each carries more events: under heavy writes
 # the gateway's share of the database's CPU stops growing, for a few milliseconds of latency.
-STRETCH_RATE = 2000.0
-MAX_STRETCH = 3.0
+STRETCH_RATE = 1000.0
+MAX_STRETCH = 4.0
 
 _TAKE_LEASE = """
 UPDATE gateway.relay
