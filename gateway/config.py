@@ -220,7 +220,8 @@ class Settings:
     )
     relay_lease: float = _setting(
         3.0,
-        "the relay's lease; if its replica dies another one takes over within this time",
+        "the relay's lease: if the replica relaying stalls, another takes over within this time "
+        "(within about a second if the replica's process died)",
         parse_duration,
         minimum=0.5,
     )

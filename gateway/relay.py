@@ -27,10 +27,11 @@ Why no committed event is missed (the approach of PgQ):
   its id before X (each row trigger reads the flag after writing its event), so it has
   ended by then and its events were in that poll; every later writer sees the flag cleared
   and rings ``gateway_poll``.
-* Takeover: the lease row stores P. A relay that dies (or stalls past its lease) is replaced
-  by another replica within ``lease`` seconds, which continues from that snapshot, in busy
-  mode (the dead relay's flag may still be set). Events rung again are harmless: the gateway
-  delivers each position once.
+* Takeover: the lease row stores P. A relay whose process dies loses its database session,
+  and another replica takes over at its next try (every second, or ``lease``/3); one that
+  stalls past its lease is replaced within ``lease`` seconds. The new relay continues from
+  that snapshot, in busy mode (the dead relay's flag may still be set). Events rung again are
+  harmless: the gateway delivers each position once.
 * A poll that finds more than ``batch`` events (a relay back after a long outage) rings
   ``sync`` instead: every replica re-reads the heads of its topics from the log.
 """
@@ -66,12 +67,14 @@ PAYLOAD_MAX = 7000
 STRETCH_RATE = 1000.0
 MAX_STRETCH = 4.0
 
+# Free when it ran out, or when its holder's session is gone (sql/005_relay_takeover.sql).
 _TAKE_LEASE = """
-UPDATE gateway.relay
-SET holder = $1, lease_until = now() + make_interval(secs => $2),
-    snapshot = coalesce(snapshot, pg_current_snapshot())
-WHERE lease_until < now() OR holder = $1
-RETURNING snapshot::text
+UPDATE gateway.relay AS r
+SET holder = $1, lease_until = now() + make_interval(secs => $2), backend_pid = pg_backend_pid(),
+    snapshot = coalesce(r.snapshot, pg_current_snapshot())
+WHERE r.lease_until < now() OR r.holder = $1
+   OR (r.backend_pid IS NOT NULL AND NOT EXISTS (SELECT FROM pg_stat_get_activity(r.backend_pid)))
+RETURNING r.snapshot::text
 """
 _RENEW_LEASE = """
 UPDATE gateway.relay SET lease_until = now() + make_interval(secs => $2), snapshot = $3::text::pg_snapshot
@@ -218,8 +221,9 @@ class Relay:
                 while not self._stopping:
                     snapshot = await conn.fetchval(_TAKE_LEASE, self.replica_id, self._lease)
                     if snapshot is None:
+                        # Try again soon: a holder whose session ended is replaced at once.
                         self._poke.clear()
-                        await self._nap(self._lease / 3 * random.uniform(0.8, 1.2))
+                        await self._nap(min(1.0, self._lease / 3) * random.uniform(0.8, 1.2))
                         continue
                     await self._lead(conn, snapshot)
                     if self._stopping:

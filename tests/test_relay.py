@@ -5,12 +5,15 @@ another replica's relay takes over, losing nothing, when the leader's connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
 
 import asyncpg
 import pytest
+
+from gateway.relay import Relay
 
 from .gwtest import pg_connect, relay_running
 
@@ -172,6 +175,35 @@ async def test_another_replica_takes_over_when_the_relay_connection_dies(dsn: st
         await rung.wait_for("room:a", written, timeout=15)
         await wait_until(lambda: one.leader or two.leader, 10, "a leader after the kill")
         assert rung.payloads < written  # many events per NOTIFY
+    await listener.close()
+
+
+async def test_a_relay_whose_process_died_is_replaced_long_before_its_lease_runs_out(dsn: str) -> None:
+    await make_table(dsn)
+    rung = Rung()
+    listener = await listen(dsn, "gateway", rung)
+    db = await pg_connect(dsn)
+    first = Relay(dsn, lease=30.0, wake_rate=1_000_000)
+    crashed = asyncio.ensure_future(first.run())
+    try:
+        await wait_until(lambda: first.leader, 10, "the first relay leading")
+        async with relay_running(dsn, lease=30.0, wake_rate=1_000_000) as second:
+            for _ in range(10):
+                await db.execute("INSERT INTO msgs (room) VALUES ('a')")
+            await rung.wait_for("room:a", 10, timeout=5)
+            # The first relay's process dies: its connection closes and its lease, 30 s long
+            # and just renewed, is not released (as after kill -9).
+            crashed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await crashed
+            for _ in range(10):
+                await db.execute("INSERT INTO msgs (room) VALUES ('a')")
+            await wait_until(lambda: second.leader, 10, "the second relay taking over")
+            await rung.wait_for("room:a", 20, timeout=5)
+            holder, left = await db.fetchrow("SELECT holder, lease_until - now() FROM gateway.relay")
+            assert holder == second.replica_id and left.total_seconds() > 20
+    finally:
+        crashed.cancel()
     await listener.close()
 
 
