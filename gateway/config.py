@@ -211,7 +211,8 @@ class Settings:
     )
     relay_wake_rate: int = _setting(
         200,
-        "events per second from which the relay polls on its own instead of being rung by each writer",
+        "events per second from which the relay polls on its own instead of being rung by each writer "
+        "(judged over 0.1 s; it goes back to being rung after a second below half of it)",
         parse_int,
         minimum=1,
     )

@@ -11,9 +11,9 @@ and pipeline work exactly as before.
 Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing
 transaction sends (once, however many rows it writes) when the relay is not polling, and then
 polls once (plus once every ``idle_poll`` as a safety net). Busy (``wake_rate`` events per
-second or more): the relay polls every ``poll_interval`` (stretched up to 4 times above 1,000
-events/s) and keeps ``gateway.relay_awake_until`` a few seconds in the future, and writers
-send nothing at all.
+second or more, judged over 0.1 s when quiet, over 1 s to go quiet again): the relay polls
+every ``poll_interval`` (stretched up to 4 times above 1,000 events/s) and keeps
+``gateway.relay_awake_until`` a few seconds in the future, and writers send nothing at all.
 
 Why no committed event is missed (the approach of PgQ):
 
@@ -290,7 +290,11 @@ class Relay:
                 self._poke.clear()
                 window_events += await self._poll(conn)
                 now = time.monotonic()
-                if now - window_start >= 1.0:
+                # Quiet, the rate is judged over a tenth of a second: at the start of a burst
+                # every writing transaction NOTIFYs, which is what busy mode spares writers.
+                # Busy, over a second, so a lull of a few hundred ms does not end it.
+                window = 1.0 if self.awake and quiet_after is None else 0.1
+                if now - window_start >= window:
                     rate = window_events / (now - window_start)
                     window_start, window_events = now, 0
                     interval = self._poll_interval * min(MAX_STRETCH, max(1.0, rate / STRETCH_RATE))

@@ -104,6 +104,31 @@ async def test_writers_ring_the_relay_once_per_statement_when_quiet_and_never_wh
     await db.close()
 
 
+async def test_a_burst_of_writes_makes_the_quiet_relay_busy_within_a_fraction_of_a_second(dsn: str) -> None:
+    """While the relay is quiet every writing transaction NOTIFYs it, which is what costs
+    writers most (each such commit is serialized with the others). So a burst must turn it
+    busy after a tenth of a second, not after a whole second of NOTIFYs."""
+    await make_table(dsn)
+    pokes: list[str] = []
+    listener = await listen(dsn, "gateway_poll", lambda *a: pokes.append(a[3]))
+    db = await pg_connect(dsn)
+    async with relay_running(dsn, wake_rate=100) as relay:
+        await wait_until(lambda: relay.leader and not relay.awake, 10, "a quiet leader")
+        await asyncio.sleep(0.3)
+        written, start = 0, time.monotonic()
+        while time.monotonic() - start < 0.8:  # a burst of single-row transactions, ~1000/s
+            await db.execute("INSERT INTO msgs (room) VALUES ('a')")
+            written += 1
+            await asyncio.sleep(0.001)
+        assert relay.awake
+    await db.execute("SELECT pg_notify('gateway_poll', 'marker')")
+    await wait_until(lambda: "marker" in pokes, 10, "the marker")
+    rung = pokes.index("marker")
+    # Busy after ~0.1 s of the 0.8 s burst: the later transactions saw the flag and kept quiet.
+    assert written > 150 and rung < written / 2, (written, rung)
+    await listener.close()
+
+
 async def test_a_writer_that_saw_the_relay_busy_is_rung_after_it_went_quiet(dsn: str) -> None:
     """The switch from busy to quiet: a REPEATABLE READ transaction writes while the relay is
     busy (so it sends no NOTIFY) and commits only after the load has stopped. The relay must
