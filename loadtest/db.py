@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import statistics
 import subprocess
@@ -266,6 +267,24 @@ async def _asyncpg_tps(dsn: str, table: str, clients: int, seconds: float) -> fl
     return count / (time.monotonic() - start)
 
 
+async def _settle(dsn: str) -> None:
+    """Start every writer-cost run from the same state. The runs before leave dead rows, which
+    autovacuum would otherwise clean up during some later run, slowing that one alone; and the
+    first change to each page after a checkpoint also writes the whole page to the WAL, so a
+    run that a timed checkpoint happens to precede pays more than the others."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "VACUUM lt_cost_plain, lt_cost_gateway, lt_cost_naive, gateway.topics, gateway.events"
+        )
+        # Superusers and (PostgreSQL 15+) members of pg_checkpoint only; without it the runs
+        # are merely noisier.
+        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
 async def writer_cost(
     dsn: str,
     pgbench: str | None,
@@ -289,6 +308,7 @@ async def writer_cost(
     for r in range(rounds):
         for name, table in tables.items():
             progress(f"writer cost round {r + 1}/{rounds}: {name} ({tool}, {clients} clients, {seconds}s)")
+            await _settle(dsn)
             if pgbench:
                 tps = await asyncio.to_thread(_pgbench, pgbench, dsn, table, clients, seconds, options)
             else:
