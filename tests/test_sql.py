@@ -476,19 +476,22 @@ async def test_many_concurrent_writers_one_topic_gap_free_in_commit_order(
     assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'user:1'") == len(committed)
 
 
+# A published table whose topic expression sleeps 0.1 s per row: two writers' row triggers
+# then interleave, as they must for a lock-order deadlock to show.
+SLOW_PAIR = """
+CREATE FUNCTION slow_topic(t text) RETURNS text LANGUAGE plpgsql AS
+$$ BEGIN PERFORM pg_sleep(0.1); RETURN t; END $$;
+CREATE TABLE pair (id bigserial PRIMARY KEY, topic text NOT NULL);
+SELECT gateway.publish('pair', 'slow_topic(topic)');
+"""
+
+
 async def test_statements_writing_the_same_topics_in_opposite_row_orders_do_not_deadlock(dsn: str) -> None:
     """Each row trigger locks its topic's head; a statement touching several topics locks them
     all in sorted order first. A slow topic expression forces the interleaving that would
     deadlock if the heads were locked in row order: T1 rows (b, a), T2 rows (a, b)."""
     setup = await asyncpg.connect(dsn)
-    await setup.execute(
-        """
-        CREATE FUNCTION slow_topic(t text) RETURNS text LANGUAGE plpgsql AS
-        $$ BEGIN PERFORM pg_sleep(0.1); RETURN t; END $$;
-        CREATE TABLE pair (id bigserial PRIMARY KEY, topic text NOT NULL);
-        SELECT gateway.publish('pair', 'slow_topic(topic)');
-        """
-    )
+    await setup.execute(SLOW_PAIR)
     writers = [await asyncpg.connect(dsn) for _ in range(2)]
     try:
         for _ in range(3):
@@ -509,14 +512,7 @@ async def test_each_statement_of_a_transaction_locks_its_topics_in_sorted_order(
     down; the next statement of the same transaction must start over, or it would lock in row
     order and the two writers below would deadlock (40P01) on t:a and t:b."""
     setup = await asyncpg.connect(dsn)
-    await setup.execute(
-        """
-        CREATE FUNCTION slow_topic(t text) RETURNS text LANGUAGE plpgsql AS
-        $$ BEGIN PERFORM pg_sleep(0.1); RETURN t; END $$;
-        CREATE TABLE pair (id bigserial PRIMARY KEY, topic text NOT NULL);
-        SELECT gateway.publish('pair', 'slow_topic(topic)');
-        """
-    )
+    await setup.execute(SLOW_PAIR)
     writers = [await asyncpg.connect(dsn) for _ in range(2)]
 
     async def write(conn: asyncpg.Connection, first: list[str], second: list[str]) -> None:
