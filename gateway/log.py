@@ -94,6 +94,10 @@ class EventLog:
 
         Returns how many were deleted, or None if another replica holds the pruning lock.
         Deletes go in batches so no statement holds locks or bloats WAL for long.
+
+        By age, the log is walked from its oldest transaction id up and the walk stops at the
+        first batch holding an event still inside the window (sql/006_no_age_index.sql): an
+        event is pruned once it and every event of a lower transaction id are past ``max_age``.
         """
         deleted = 0
         async with self._pool.acquire() as conn:
@@ -101,18 +105,9 @@ class EventLog:
                 return None
             try:
                 for sql, arg in (
-                    (
-                        "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
-                        "SELECT ctid FROM gateway.events WHERE created_at < now() - make_interval(secs => $1) "
-                        "LIMIT $2))",
-                        max_age,
-                    ),
-                    (
-                        "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
-                        "SELECT e.ctid FROM gateway.topics t JOIN gateway.events e "
-                        "ON e.topic = t.topic AND e.pos <= t.pos - $1 LIMIT $2))",
-                        max_events,
-                    ),
+                    (_PRUNE_OLD, max_age),
+                    (_PRUNE_OLD_UNTRACKED, max_age),
+                    (_PRUNE_MANY, max_events),
                 ):
                     while True:
                         status = await conn.execute(sql, arg, batch)
@@ -123,3 +118,24 @@ class EventLog:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
         return deleted
+
+
+# The oldest $2 events by transaction id (the index events_xid), those of them older than $1
+# seconds. Fewer than $2 deleted means a younger event was among them: the walk stops there.
+_PRUNE_OLD = (
+    "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
+    "SELECT o.ctid FROM (SELECT ctid, created_at FROM gateway.events WHERE xid IS NOT NULL ORDER BY xid LIMIT $2) AS o "
+    "WHERE o.created_at < now() - make_interval(secs => $1)))"
+)
+# Events written before sql/003 recorded transaction ids.
+_PRUNE_OLD_UNTRACKED = (
+    "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
+    "SELECT ctid FROM gateway.events WHERE xid IS NULL AND created_at < now() - make_interval(secs => $1) "
+    "LIMIT $2))"
+)
+# Each topic's events more than $1 positions behind its head.
+_PRUNE_MANY = (
+    "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
+    "SELECT e.ctid FROM gateway.topics t JOIN gateway.events e "
+    "ON e.topic = t.topic AND e.pos <= t.pos - $1 LIMIT $2))"
+)

@@ -55,11 +55,12 @@ async def age(db: asyncpg.Connection, topic: str, upto: int) -> None:
 
 async def test_prune_by_count_and_age_keeps_heads_and_positions_continue(dsn: str) -> None:
     db = await pg_connect(dsn)
-    await emit(db, "room:a", 30)
-    await emit(db, "room:b", 5)
+    # Written oldest first: pruning by age goes in the order events were written.
     await emit(db, "room:c", 3)
-    await age(db, "room:b", 2)
+    await emit(db, "room:b", 5)
+    await emit(db, "room:a", 30)
     await age(db, "room:c", 3)  # every event of room:c is old
+    await age(db, "room:b", 2)
     before = await heads(db)
     async with event_log(dsn) as log:
         # A small batch, so the batching loop runs several times.
@@ -79,6 +80,30 @@ async def test_prune_by_count_and_age_keeps_heads_and_positions_continue(dsn: st
         assert await log.prune(max_events=10, max_age=3600) == 1  # room:a pos 21
         assert await positions(db, "room:a") == list(range(22, 32))
         assert await log.prune(max_events=10, max_age=3600) == 0
+    await db.close()
+
+
+async def test_pruning_by_age_stops_at_the_first_event_inside_the_window(dsn: str) -> None:
+    """Pruning by age walks the log in transaction order (sql/006_no_age_index.sql): an old
+    event written after a young one waits for that one, and then goes with it."""
+    db = await pg_connect(dsn)
+    await emit(db, "room:a", 3)
+    await emit(db, "room:b", 3)
+    await emit(db, "room:c", 2)
+    await age(db, "room:a", 2)
+    await age(db, "room:b", 3)
+    async with event_log(dsn) as log:
+        # room:a 3 is young, so room:b's old events behind it stay (batch 1: one at a time).
+        assert await log.prune(max_events=100, max_age=3600, batch=1) == 2
+        assert (await positions(db, "room:a"), await positions(db, "room:b")) == ([3], [1, 2, 3])
+        await age(db, "room:a", 3)
+        assert await log.prune(max_events=100, max_age=3600, batch=2) == 4
+        assert [await positions(db, t) for t in ("room:a", "room:b", "room:c")] == [[], [], [1, 2]]
+        # Events from before sql/003 have no transaction id; they are pruned by age alone.
+        await db.execute("UPDATE gateway.events SET xid = NULL WHERE topic = 'room:c' AND pos = 1")
+        await age(db, "room:c", 1)
+        assert await log.prune(max_events=100, max_age=3600) == 1
+        assert await positions(db, "room:c") == [2]
     await db.close()
 
 

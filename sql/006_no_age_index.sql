@@ -1,0 +1,15 @@
+-- 006: no BRIN index on gateway.events.created_at.
+--
+-- Every event INSERT, so every captured row change, paid for that index (7.5k instructions
+-- of the capture trigger's ~370k under callgrind), while only pruning by age read it, once a
+-- minute. And it would not have stayed useful: pruning frees space at the front of the
+-- table, new events fill it, and then every block range spans old to new times, so an age
+-- query through the index visits most of the table.
+--
+-- Pruning by age (gateway/log.py) now walks the log from its oldest transaction id up,
+-- through the index on events.xid that the relay reads anyway, and stops at the first event
+-- still inside the window. Transaction ids are taken at a transaction's first write, so that
+-- order is the age order (created_at is the transaction's start) except where a transaction
+-- began before an older one's first write: its events are pruned with the one in front.
+-- Idempotent.
+DROP INDEX IF EXISTS gateway.events_created_at_brin;
