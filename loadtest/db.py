@@ -295,8 +295,13 @@ async def writer_cost(
     flush_delay_us: int = 0,
 ) -> dict[str, Any]:
     """Commits/s of a single-row UPDATE without a trigger, with the gateway's capture trigger and
-    with the naive per-row pg_notify(row_to_json(NEW)) trigger. Rounds interleave the three
-    tables, so drift in the machine's load hits all of them alike.
+    with the naive per-row pg_notify(row_to_json(NEW)) trigger.
+
+    This machine's speed drifts by a fifth from second to second (other tenants of the host),
+    more than the differences measured. So each round runs the three tables back to back, in
+    alternating order (plain, gateway, naive; then naive, gateway, plain), each ratio is taken
+    within its round, where the three ran under about the same conditions, and the result is
+    the median of the rounds' ratios: a round disturbed by a neighbour does not decide.
 
     ``flush_delay_us`` makes every commit's WAL flush take that much longer (PostgreSQL's
     commit_delay, set for pgbench's sessions), as on a disk slower than this machine's: that
@@ -306,16 +311,18 @@ async def writer_cost(
     runs: dict[str, list[float]] = {k: [] for k in tables}
     tool = "pgbench" if pgbench else "asyncpg"
     for r in range(rounds):
-        for name, table in tables.items():
+        for name in list(tables)[:: 1 if r % 2 == 0 else -1]:
             progress(f"writer cost round {r + 1}/{rounds}: {name} ({tool}, {clients} clients, {seconds}s)")
             await _settle(dsn)
             if pgbench:
-                tps = await asyncio.to_thread(_pgbench, pgbench, dsn, table, clients, seconds, options)
+                tps = await asyncio.to_thread(_pgbench, pgbench, dsn, tables[name], clients, seconds, options)
             else:
-                tps = await _asyncpg_tps(dsn, table, clients, seconds)
+                tps = await _asyncpg_tps(dsn, tables[name], clients, seconds)
             runs[name].append(tps)
-    # The median of the interleaved rounds: one round disturbed by a neighbour does not decide.
-    mean = {k: statistics.median(v) for k, v in runs.items()}
+    ratios = {
+        k: [round(x / p, 3) if p else 0.0 for x, p in zip(runs[k], runs["plain"], strict=True)]
+        for k in ("gateway", "naive")
+    }
     return {
         "tool": tool,
         "flush_delay_us": flush_delay_us,
@@ -324,7 +331,8 @@ async def writer_cost(
         "rounds": rounds,
         "statement": "UPDATE <table> SET n = n + 1 WHERE id = random(1, 1000)",
         "tps": {k: [round(x, 1) for x in v] for k, v in runs.items()},
-        "tps_median": {k: round(v, 1) for k, v in mean.items()},
-        "ratio_gateway": round(mean["gateway"] / mean["plain"], 3) if mean["plain"] else 0.0,
-        "ratio_naive": round(mean["naive"] / mean["plain"], 3) if mean["plain"] else 0.0,
+        "tps_median": {k: round(statistics.median(v), 1) for k, v in runs.items()},
+        "ratios": ratios,
+        "ratio_gateway": statistics.median(ratios["gateway"]),
+        "ratio_naive": statistics.median(ratios["naive"]),
     }

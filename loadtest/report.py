@@ -103,13 +103,15 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
     wc = _get(base, "writer_cost", "ratio_gateway")
     if wc is not None:
         m = base["writer_cost"]["tps_median"]
+        rounds = base["writer_cost"].get("ratios", {}).get("gateway", [])
         line(
-            "writer cost (commits/s with trigger / without)",
+            "writer cost (commits/s with trigger / without, median of rounds)",
             wc,
             ">= 0.5",
             wc >= 0.5,
-            f"{m['gateway']:.0f} vs {m['plain']:.0f} commits/s; naive per-row pg_notify: "
-            f"{m['naive']:.0f} ({base['writer_cost']['ratio_naive']})",
+            f"{m['gateway']:.0f} vs {m['plain']:.0f} commits/s"
+            + (f"; rounds {min(rounds):.2f}-{max(rounds):.2f}" if rounds else "")
+            + f"; naive per-row pg_notify: {m['naive']:.0f} ({base['writer_cost']['ratio_naive']})",
         )
         slow = base["writer_cost"].get("slow_flush")
         if slow:
