@@ -322,6 +322,15 @@ async def make_items_table(dsn: str, topic_expr: str = "'user:' || owner_id", na
         await conn.close()
 
 
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 10 ms until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
 async def relay_running(dsn: str, **kwargs: Any) -> AsyncIterator[Relay]:
     """A relay (gateway/relay.py) running in this event loop, stopped on the way out."""

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.relay import Relay
 
-from .gwtest import pg_connect, relay_running
+from .gwtest import pg_connect, relay_running, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,14 +59,6 @@ async def make_table(dsn: str) -> None:
     await conn.execute("CREATE TABLE msgs (id bigserial PRIMARY KEY, room text NOT NULL)")
     await conn.execute("SELECT gateway.publish('msgs', $$'room:' || room$$)")
     await conn.close()
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_writers_ring_the_relay_once_per_statement_when_quiet_and_never_when_busy(dsn: str) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from gateway.relay import Relay
 
-from .gwtest import relay_running
+from .gwtest import relay_running, wait_until
 
 MIGRATIONS = sorted((Path(__file__).resolve().parent.parent / "sql").glob("[0-9][0-9][0-9]_*.sql"))
 NOTIFY_LIMIT = 8000  # PostgreSQL rejects payloads of 8000 bytes or more
@@ -86,10 +86,7 @@ async def bells(dsn: str) -> AsyncIterator[Doorbells]:
         async with relay_running(dsn, idle_poll=0.05) as relay:
             # A relay's first lease starts from the snapshot it is taken in: events committed
             # before that are in the log, but never rung (docs/guarantees.md).
-            deadline = time.monotonic() + 10
-            while not relay.leader:
-                assert time.monotonic() < deadline, "the relay never took the lease"
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: relay.leader, 10, "the relay's lease")
             d = Doorbells(listener, relay)
             await d.start()
             yield d
