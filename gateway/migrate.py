@@ -9,7 +9,9 @@
 - An applied migration whose file has changed since is logged as a warning and not re-run
   (development edits happen; write a new migration to change a deployed database).
 
-The directory is ``GATEWAY_SQL_DIR`` when set, else ``sql/`` at the repository root.
+The directory is ``GATEWAY_SQL_DIR`` when set; else ``sql/`` at the repository root when
+running from a checkout (or an editable install); else the copy an installed package carries
+in ``<prefix>/share/pg-ws-gateway/sql`` (pyproject.toml's data-files).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import sysconfig
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,17 +81,25 @@ class MigrationStatus:
 
 
 def sql_dir() -> Path:
-    """The migrations directory: GATEWAY_SQL_DIR, else sql/ at the repository root."""
+    """The migrations directory: GATEWAY_SQL_DIR, else the checkout's sql/, else the installed copy."""
     configured = os.environ.get(SQL_DIR_ENV, "").strip()
-    directory = Path(configured) if configured else Path(__file__).resolve().parent.parent / "sql"
-    if not directory.is_dir():
-        where = (
-            f"{SQL_DIR_ENV}={configured}"
-            if configured
-            else f"{directory} (set {SQL_DIR_ENV} to its location)"
-        )
-        raise MigrationError(f"migrations directory not found: {where}")
-    return directory
+    if configured:
+        if not Path(configured).is_dir():
+            raise MigrationError(f"migrations directory not found: {SQL_DIR_ENV}={configured}")
+        return Path(configured)
+    candidates = [Path(__file__).resolve().parent.parent / "sql", installed_sql_dir()]
+    for directory in candidates:
+        if directory.is_dir():
+            return directory
+    raise MigrationError(
+        f"migrations directory not found: looked in {' and '.join(map(str, candidates))} "
+        f"(set {SQL_DIR_ENV} to the directory holding the gateway's NNN_name.sql files)"
+    )
+
+
+def installed_sql_dir() -> Path:
+    """Where a (non-editable) install of the package puts sql/: see pyproject.toml."""
+    return Path(sysconfig.get_path("data")) / "share" / "pg-ws-gateway" / "sql"
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:

@@ -7,6 +7,9 @@ import collections
 import hashlib
 import logging
 import shutil
+import subprocess
+import sys
+import sysconfig
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -222,6 +225,62 @@ def test_missing_directory_names_the_variable(tmp_path: Path, monkeypatch: pytes
         sql_dir()
     monkeypatch.delenv("GATEWAY_SQL_DIR")
     assert sql_dir() == REPO_SQL
+
+
+def test_an_installed_package_migrates_with_the_sql_it_carries(blank_dsn: str, tmp_path: Path) -> None:
+    """`pip install .` (not editable, as a deployment does it): the package is copied into
+    site-packages, away from the checkout's sql/, and `gateway migrate` must still find the
+    migrations. The wheel is built from this checkout and installed into an empty virtual
+    environment; the dependencies come from the test environment's site-packages."""
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    repo = REPO_SQL.parent
+    build = subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(wheels), str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    shutil.rmtree(repo / "build", ignore_errors=True)  # setuptools' scratch directory
+    (wheel,) = wheels.glob("*.whl")
+    venv_python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [*pip, "--python", str(venv_python), "install", "--no-deps", str(wheel)],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": sysconfig.get_path("purelib"),  # aiohttp, asyncpg, ...: not the package
+        "GATEWAY_DATABASE_URL": blank_dsn,
+    }
+    out = subprocess.run(
+        [str(venv / "bin" / "gateway"), "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    applied = asyncio.run(recorded(blank_dsn))
+    assert [name for _, name, _ in applied] == REPO_FILES
+    where = subprocess.run(
+        [str(venv_python), "-c", "from gateway.migrate import sql_dir; print(sql_dir())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout.strip()
+    assert Path(where) == venv / "share" / "pg-ws-gateway" / "sql"
 
 
 # --- the fixtures of conftest.py ------------------------------------------------------
