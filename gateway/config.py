@@ -9,6 +9,7 @@ validation errors, which name the variable and what it expects.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -53,6 +54,16 @@ def parse_int(text: str) -> int:
         return int(text.strip().replace("_", ""))
     except ValueError:
         raise ValueError("a whole number") from None
+
+
+def parse_number(text: str) -> float:
+    try:
+        value = float(text.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError("a number such as 20 or 0.5") from None
+    if not math.isfinite(value):  # float() takes "nan" and "inf", which no rate means
+        raise ValueError("a finite number such as 20 or 0.5")
+    return value
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -142,10 +153,12 @@ class Settings:
         False, "permessage-deflate WebSocket compression (costs CPU and memory)", parse_bool
     )
     # Authentication
-    jwt_secret: str = _setting("", "shared secret for HS256 tokens", secret=True)
+    jwt_secret: str = _setting("", "shared secret for HS256 (HS384, HS512) tokens", secret=True)
     jwt_jwks_url: str = _setting("", "URL of a JWKS document with the public keys for RS256/ES256 tokens")
     jwt_algorithms: tuple[str, ...] = _setting(
-        (), "accepted algorithms; default HS256 with a secret, RS256,ES256 with a JWKS URL", parse_list
+        (),
+        "accepted algorithms; default: with a secret, HS256 plus HS384/HS512 when it is 48/64 bytes or longer; with a JWKS URL, RS256,ES256",
+        parse_list,
     )
     jwt_audience: str = _setting("", "required `aud` claim (empty: not checked)")
     jwt_issuer: str = _setting("", "required `iss` claim (empty: not checked)")
@@ -182,10 +195,10 @@ class Settings:
     max_connections: int = _setting(20000, "connections per process", parse_int, minimum=1)
     max_connections_per_user: int = _setting(20, "connections per user on one process", parse_int, minimum=1)
     message_rate: float = _setting(
-        20.0, "client frames per second per connection (burst: 2x)", float, minimum=0.1
+        20.0, "client frames per second per connection (burst: 2x)", parse_number, minimum=0.1
     )
     subscribe_rate: float = _setting(
-        10.0, "subscribes per second per connection (burst: 2x)", float, minimum=0.1
+        10.0, "subscribes per second per connection (burst: 2x)", parse_number, minimum=0.1
     )
     send_queue_bytes: int = _setting(
         1 << 20, "bytes queued to one client before it is cut off as a slow consumer", parse_int, minimum=1024
@@ -269,7 +282,6 @@ class Settings:
         "info", "debug, info, warning or error", parse_choice("debug", "info", "warning", "error")
     )
     metrics: bool = _setting(True, "serve Prometheus metrics at /metrics", parse_bool)
-    static_demo: bool = _setting(True, "serve the demo page at /demo", parse_bool)
 
     def masked(self) -> dict[str, str]:
         """Every setting as text, secrets masked: safe to log."""

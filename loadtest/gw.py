@@ -43,7 +43,6 @@ class GatewayProcess:
             GATEWAY_MAX_CONNECTIONS="100000",
             GATEWAY_MAX_CONNECTIONS_PER_USER="100000",
             GATEWAY_LOG_LEVEL="warning",
-            GATEWAY_STATIC_DEMO="false",
         )
         self.env.pop("DATABASE_URL", None)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -45,6 +45,14 @@ def test_values_are_parsed_and_flags_win() -> None:
             "GATEWAY_COMPRESSION='maybe' is not valid: expected true or false",
         ),
         ({"GATEWAY_POOL_SIZE": "0"}, "GATEWAY_POOL_SIZE='0' is not valid: expected at least 1"),
+        (
+            {"GATEWAY_MESSAGE_RATE": "fast"},
+            "GATEWAY_MESSAGE_RATE='fast' is not valid: expected a number such as 20",
+        ),
+        (
+            {"GATEWAY_SUBSCRIBE_RATE": "nan"},
+            "GATEWAY_SUBSCRIBE_RATE='nan' is not valid: expected a finite number",
+        ),
         ({"GATEWAY_LOG_FORMAT": "xml"}, "expected one of text, json"),
         ({"GATEWAY_PORTT": "1"}, "unknown setting GATEWAY_PORTT"),
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL=*** is not valid: expected a PostgreSQL URL"),
@@ -68,8 +76,12 @@ def test_secrets_are_masked() -> None:
     assert shown["GATEWAY_DATABASE_URL"] == "postgresql://u:***@h/db"
 
 
-def test_configuration_page_lists_every_setting() -> None:
-    assert config.markdown_table() in DOCS.read_text(), "regenerate with: gateway config --markdown"
+def test_configuration_page_lists_every_setting_and_nothing_else() -> None:
+    # Row for row: a setting removed from the code must leave the page too.
+    documented = [line for line in DOCS.read_text().splitlines() if line.startswith("| `GATEWAY_")]
+    generated = [line for line in config.markdown_table().splitlines() if line.startswith("| `GATEWAY_")]
+    assert documented == generated, "regenerate with: gateway config --markdown"
+    assert config.markdown_table() in DOCS.read_text()
 
 
 def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
