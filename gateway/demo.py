@@ -180,10 +180,13 @@ async def _run(settings: Settings) -> None:
     add_demo_routes(app, settings)
     generator = asyncio.create_task(activity(settings.database_url))
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    # The password is never printed; where there is one, the line says what *** stands for.
+    masked = mask_dsn(settings.database_url)
+    hint = "  (*** is the database password)" if masked != settings.database_url else ""
     print(
         f"\n  Demo running: open http://{host}:{settings.port}/demo\n"
         f"  Open a second tab with another name to see presence. Commit a change yourself:\n"
-        f"    psql '{mask_dsn(settings.database_url)}' -c \"UPDATE demo_tasks SET status = 'done' WHERE id = 1\"\n"
+        f"    psql '{masked}' -c \"UPDATE demo_tasks SET status = 'done' WHERE id = 1\"{hint}\n"
         f"  Ctrl-C stops everything.\n",
         flush=True,
     )
