@@ -252,6 +252,8 @@ class Authenticator:
             raise TokenError("missing", "no token was given")
         if len(token) > MAX_TOKEN_CHARS:
             raise TokenError("malformed", f"the token is longer than {MAX_TOKEN_CHARS} characters")
+        if not token.isascii():  # a JWT is base64url and dots; aiohttp maps stray bytes to surrogates
+            raise TokenError("malformed", "the token has characters no JWT contains")
         header = _unverified_header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:

@@ -177,7 +177,7 @@ class Settings:
     )
     expiry_grace: float = _setting(
         10.0,
-        "how long past token expiry a connection may stay open awaiting a refresh",
+        "how long past token expiry (plus the JWT leeway) a connection may stay open awaiting a refresh",
         parse_duration,
         minimum=0,
     )

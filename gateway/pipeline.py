@@ -12,7 +12,10 @@ Invariants (what makes "no lost events" hold):
   listener reconnect, a batch out of order), and the missing ones are read from the log
   before anything later is delivered.
 * A join reads the topic's head (epoch, pos) *after* the topic is known to be wanted, and
-  it runs in this same task, between batches. Before the new subscriber is added, the
+  it runs in this same task, between batches. A resume's replay (up to
+  ``GATEWAY_REPLAY_MAX_EVENTS`` events to read, resolve and encode) is done before that,
+  outside this task, up to the head as it was then: one client's long replay must not hold
+  up delivery to everyone else. The join here then reads only what committed since. Before the new subscriber is added, the
   stream is brought up to that head for the existing subscribers, so all subscribers of a
   topic share one position. The replay (if resuming), then the ``subscribed`` frame, then
   every later event are written in that order; nothing can slip in between because all of
@@ -94,18 +97,33 @@ class Stream:
 
 
 @dataclass
+class Prefetched:
+    """A resume's replay, read and encoded before its join reaches the pipeline task."""
+
+    recovered: bool
+    epoch: str
+    pos: int  # the last position the frames cover (the head when they were read)
+    frames: list[bytes]
+
+
+@dataclass
 class JoinRequest:
     topic: str
     member: Member
     since: Since | None
     id: int | None
+    prefetched: Prefetched | None = None
     future: asyncio.Future[Subscribed] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
 
 class Unavailable(Exception):
-    """The database could not be reached to complete a join."""
+    """The database could not be reached to complete a join. The message goes to the client,
+    so it names no host, port or SQL error: the cause is logged where it is caught."""
+
+
+UNREACHABLE = "the database is unreachable; subscribe again later"
 
 
 _RESYNC = object()
@@ -121,6 +139,7 @@ class Pipeline:
         batch_max: int = 1000,
         replay_max_events: int = 10000,
         replay_max_age: float = 86400.0,
+        replay_concurrency: int = 2,
     ) -> None:
         self.hub = hub
         self._log = event_log
@@ -128,6 +147,9 @@ class Pipeline:
         self._batch_max = batch_max
         self._replay_max_events = replay_max_events
         self._replay_max_age = replay_max_age
+        # Replays read ahead at once: each holds a pool connection while it reads, and the
+        # pipeline task needs the others.
+        self._replay_slots = asyncio.Semaphore(max(1, replay_concurrency))
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._streams: dict[str, Stream] = {}
         self._bad_doorbells = 0
@@ -154,9 +176,28 @@ class Pipeline:
         self._queue.put_nowait(_RESYNC)
 
     async def join(self, topic: str, member: Member, since: Since | None, req_id: int | None) -> Subscribed:
-        req = JoinRequest(topic, member, since, req_id)
+        prefetched = await self._prefetch(topic, since) if since is not None else None
+        req = JoinRequest(topic, member, since, req_id, prefetched)
         self._queue.put_nowait(req)
         return await req.future
+
+    async def _prefetch(self, topic: str, since: Since) -> Prefetched | None:
+        """The replay after ``since`` up to the topic's head now, encoded; None if the topic has
+        no head yet (the join then answers). Runs in the caller's task, not the pipeline's."""
+        async with self._replay_slots:
+            try:
+                head = (await self._log.heads([topic])).get(topic)
+                if head is None:
+                    return None
+                recovered, events = await self._replay(topic, since, head)
+                frames = await self._frames(events)
+            except DB_ERRORS as exc:
+                log.warning("replay of %s: database unreachable (%s: %s)", topic, type(exc).__name__, exc)
+                raise Unavailable(UNREACHABLE) from exc
+            except Exception as exc:
+                log.exception("replay of %s failed", topic)
+                raise Unavailable("internal error; subscribe again later") from exc
+        return Prefetched(recovered, head.epoch, head.pos, [frames[(e.topic, e.pos)] for e in events])
 
     def leave(self, topic: str, member: Member) -> None:
         self.hub.remove(topic, member)
@@ -201,17 +242,17 @@ class Pipeline:
                 failing = True
                 for j in joins:
                     if not j.future.done():
-                        j.future.set_exception(Unavailable(str(exc)))
+                        j.future.set_exception(Unavailable(UNREACHABLE))
                 await asyncio.sleep(0.5)
                 if self._queue.empty():
                     self._queue.put_nowait(_RESYNC)
-            except Exception as exc:
+            except Exception:
                 # A bug must not stop delivery for good: log it whole, fail the joins of this
                 # batch, and catch every topic up from the log on the next round.
                 log.exception("pipeline batch failed; catching up from the log")
                 for j in joins:
                     if not j.future.done():
-                        j.future.set_exception(Unavailable(f"internal error: {type(exc).__name__}"))
+                        j.future.set_exception(Unavailable("internal error; subscribe again later"))
                 failing = True
                 await asyncio.sleep(0.5)
                 if self._queue.empty():
@@ -415,17 +456,25 @@ class Pipeline:
         if catch_up:
             await self._deliver_up_to(catch_up)
 
-        # Replays: read and resolve everything first, then write with no await in between.
-        replays: list[tuple[JoinRequest, bool | None, list[Pending]]] = []
+        # Replays: read and resolve everything first, then write with no await in between. A
+        # resume brings most of its replay read ahead (join()); what committed since is read here.
+        replays: list[tuple[JoinRequest, bool | None, list[bytes], list[Pending]]] = []
         for j in joins:
             recovered: bool | None = None
+            early: list[bytes] = []
             events: list[Pending] = []
-            if j.since is not None:
-                recovered, events = await self._replay(j.topic, j.since, heads[j.topic])
-            replays.append((j, recovered, events))
-        frames = await self._frames(p for _, _, events in replays for p in events)
+            ahead = j.prefetched
+            if ahead is not None and not ahead.recovered:
+                recovered = False  # too old or another epoch then: still so now
+            elif j.since is not None:
+                since = j.since if ahead is None else Since(pos=ahead.pos, epoch=ahead.epoch)
+                recovered, events = await self._replay(j.topic, since, heads[j.topic])
+                if recovered and ahead is not None:
+                    early = ahead.frames
+            replays.append((j, recovered, early, events))
+        frames = await self._frames(p for _, _, _, events in replays for p in events)
 
-        for j, recovered, events in replays:
+        for j, recovered, early, events in replays:
             stream = self._streams.get(j.topic)
             if stream is None:  # the last subscriber left while we were reading
                 stream = self._streams[j.topic] = Stream(heads[j.topic].epoch, heads[j.topic].pos)
@@ -437,12 +486,14 @@ class Pipeline:
                 pos=stream.pos,
                 id=j.id,
                 recovered=recovered,
-                replayed=len(events),
+                replayed=len(early) + len(events),
             )
             if j.member.closed:
                 if not j.future.done():
                     j.future.set_result(ack)
                 continue
+            for frame in early:
+                j.member.deliver(frame)
             for p in events:
                 j.member.deliver(frames[(p.topic, p.pos)])
             j.member.deliver(text_frame(encode(ack)))

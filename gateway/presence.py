@@ -46,7 +46,7 @@ from . import protocol as p
 from .config import ConfigError, Settings
 from .db import DB_ERRORS
 from .hub import Hub
-from .pipeline import Unavailable
+from .pipeline import UNREACHABLE, Unavailable
 
 if TYPE_CHECKING:
     from .session import Session
@@ -207,7 +207,10 @@ class Presence:
                     )
                     rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
         except DB_ERRORS as exc:
-            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+            log.warning(
+                "presence subscribe to %s: database unreachable (%s: %s)", topic, type(exc).__name__, exc
+            )
+            raise Unavailable(UNREACHABLE) from exc
         if head is None:
             raise Unavailable(f"topic {topic} was reset while subscribing; subscribe again")
         if session.closed or topic not in session.presence_topics:

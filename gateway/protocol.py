@@ -172,6 +172,9 @@ class CloseCode:
 
     NORMAL = 1000
     GOING_AWAY = 1001  # the gateway is stopping; reconnect (with backoff)
+    # Sent by aiohttp itself, for frames the WebSocket layer refuses; listed so clients know them.
+    PROTOCOL_ERROR = 1002  # a malformed WebSocket frame; a client bug, reconnecting repeats it
+    INVALID_PAYLOAD = 1007  # a text frame that is not valid UTF-8; fix the client
     MESSAGE_TOO_BIG = 1009  # a frame over the size limit; reconnect only after fixing the client
     SERVICE_RESTART = 1012  # draining for a deploy; reconnect now, another replica takes over
     TRY_AGAIN_LATER = 1013  # connection limit reached on this replica; reconnect with backoff
@@ -207,10 +210,43 @@ def encode(message: ServerMessage) -> bytes:
     return encoder.encode(message)
 
 
+# The values of "type" a client may send, for the error that names them.
+CLIENT_TYPES: tuple[str, ...] = tuple(
+    str(t.__struct_config__.tag) for t in (Auth, Refresh, Subscribe, Unsubscribe, Ping, SetStatus)
+)
+_TOO_DEEP = "the frame's JSON is nested too deeply"
+
+
+class BadFrame(Exception):
+    """A client frame that is not a valid message: ``code`` and ``message`` for its error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def decode_frame(data: bytes | str) -> ClientMessage:
+    """Decode one client frame, or raise :class:`BadFrame` saying what was wrong with it.
+
+    msgspec raises RecursionError, not DecodeError, for JSON nested deeper than it recurses
+    (a 16 KB frame can nest thousands of levels); that is a bad frame like any other."""
+    try:
+        return decoder.decode(data)
+    except RecursionError:
+        raise BadFrame(ErrorCode.BAD_JSON, _TOO_DEEP) from None
+    except msgspec.DecodeError as exc:
+        raise BadFrame(*describe_decode_error(data, exc)) from None
+
+
 def describe_decode_error(data: bytes | str, exc: msgspec.DecodeError) -> tuple[str, str]:
     """Turn a decode failure into (error code, message naming what was wrong)."""
     try:
         msgspec.json.decode(data)
+    except RecursionError:
+        return ErrorCode.BAD_JSON, _TOO_DEEP
     except msgspec.DecodeError:
         return ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}"
-    return ErrorCode.BAD_MESSAGE, str(exc)
+    text = str(exc)
+    if text.startswith("Invalid value") and text.endswith("at `$.type`"):
+        return ErrorCode.BAD_MESSAGE, f"{text}: the type must be one of {', '.join(CLIENT_TYPES)}"
+    return ErrorCode.BAD_MESSAGE, text

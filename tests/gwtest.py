@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -281,6 +282,10 @@ class Client:
         await self.send(msg)
         if not expect:
             return {}
+        return await self.subscribe_ack()
+
+    async def subscribe_ack(self) -> dict[str, Any]:
+        """The events replayed, then the ``subscribed`` ack they precede (``ack["events"]``)."""
         replayed = []
         while True:
             frame = await self.recv()
@@ -323,9 +328,15 @@ async def make_items_table(dsn: str, topic_expr: str = "'user:' || owner_id", na
 
 
 async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Poll ``predicate`` every 10 ms until it is true; fail naming ``what`` after ``timeout`` s."""
+    """Poll ``predicate`` every 10 ms until it is true; fail naming ``what`` after ``timeout`` s.
+    ``predicate`` may return an awaitable (a query), which is awaited."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)

@@ -331,7 +331,7 @@ async def test_every_row_arrives_once_across_a_gateway_restart(
 
 async def test_short_lived_token_is_refreshed_on_the_same_connection(browser: Any, dsn: str) -> None:
     await make_items_table(dsn, "'room:' || owner_id")
-    async with running_gateway(dsn, tables="public.items", expiry_grace="0.5") as gw:
+    async with running_gateway(dsn, tables="public.items", expiry_grace="0.5", jwt_leeway="0") as gw:
         mint, minted = minter("alice", ttl=3, topics=["room:1"])
         async with client_page(browser, gw.base, mint) as page:
             await page.evaluate("subscribeTo('room:1')")

@@ -126,7 +126,8 @@ async def test_message_rate_drops_frames_with_rate_limited(dsn: str) -> None:
         # Exactly one reply per frame: a pong, or an error saying the frame was dropped.
         assert len(pongs) + len(limited) == n, got
         assert {f["code"] for f in limited} == {"rate_limited"}, limited
-        assert len(pongs) >= 2 * rate, "the burst allowance is 2x the rate"
+        # The burst allowance is 2x the rate, and the auth frame took one of it.
+        assert len(pongs) >= 2 * rate - 1, "the burst allowance is 2x the rate"
         assert limited, "a burst of 4x the rate must be limited"
         # The pongs answered are the first ones sent, in order.
         assert [f["id"] for f in pongs] == sorted(f["id"] for f in pongs)

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.protocol import CloseCode
 
-from .gwtest import Closed, make_items_table, running_gateway
+from .gwtest import Closed, make_items_table, running_gateway, wait_until
 
 
 @pytest.fixture
@@ -186,3 +186,52 @@ async def test_slow_consumer_is_closed_while_others_keep_receiving(items: str) -
         await db.close()
         await fast.close()
         await slow.close()
+
+
+async def test_a_long_replay_does_not_hold_up_delivery_to_others(dsn: str) -> None:
+    """A resume's replay is read outside the task that delivers live events. The replay is held
+    (its rows' table locked), and meanwhile another user's event must still arrive; with the
+    replay inside the delivery task it would wait for the lock like everything behind it."""
+    await make_items_table(dsn, name="items")
+    await make_items_table(dsn, name="notes")
+    async with running_gateway(dsn, tables="public.items;public.notes") as gw:
+        db = await asyncpg.connect(dsn)
+        locker = await asyncpg.connect(dsn)
+        try:
+            resumer = await gw.connect("1")
+            ack = await resumer.subscribe("user:1")
+            await db.execute(
+                "INSERT INTO items (owner_id, title) SELECT 1, 'old ' || g FROM generate_series(1, 50) g"
+            )
+            await resumer.events(50)
+            await resumer.close()
+            other = await gw.connect("2")
+            await other.subscribe("user:2")
+
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+            back = await gw.connect("1")
+            await back.subscribe("user:1", since=(ack["epoch"], 0), expect=False)
+            # The replay is now waiting for the lock, reading the rows of its 50 events.
+            await wait_until(
+                lambda: db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%items%'"
+                ),
+                10,
+                "the replay to wait for the locked table",
+            )
+            await db.execute("INSERT INTO notes (owner_id, title) VALUES (2, 'live')")
+            (live,) = await other.events(1, timeout=10)
+            assert live["row"]["title"] == "live"
+            await tx.commit()
+
+            resumed = await back.subscribe_ack()
+            assert resumed["recovered"] is True and resumed["replayed"] == 50
+            assert [e["pos"] for e in resumed["events"]] == list(range(1, 51))
+            await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'new')")
+            (new,) = await back.events(1)
+            assert new["pos"] == 51 and new["row"]["title"] == "new"
+        finally:
+            await locker.close()
+            await db.close()

@@ -162,6 +162,30 @@ async def test_bad_token_before_upgrade_is_http_401(dsn: str) -> None:
         assert not gw.state.ctx.registry.sessions
 
 
+async def _raw_upgrade(gw: Gateway, header: bytes) -> bytes:
+    """An upgrade request written by hand (a header with raw bytes in it): the status line."""
+    host, port = gw.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() + b"\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" + header + b"\r\n\r\n"
+        )
+        await writer.drain()
+        return (await asyncio.wait_for(reader.read(4096), WAIT)).split(b"\r\n", 1)[0]
+    finally:
+        writer.close()
+
+
+async def test_a_token_with_a_byte_no_jwt_has_is_http_401(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        bad = token("1").encode() + b"\xff"
+        for header in (b"Authorization: Bearer ", b"Sec-WebSocket-Protocol: gateway.v1, bearer."):
+            status = await _raw_upgrade(gw, header + bad)
+            assert status.startswith(b"HTTP/1.1 401 "), (header, status)
+
+
 async def test_token_in_url_is_never_accepted(dsn: str) -> None:
     async with running_gateway(dsn) as gw:
         tok = token("dave")
@@ -230,6 +254,56 @@ async def test_frames_before_auth_get_not_authenticated_and_the_deadline_still_h
         await c.close()
 
 
+async def test_deeply_nested_json_before_auth_is_bad_json(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        for text in DEEP_JSON:
+            await c.send(text)
+            await expect_error(c, "bad_json")
+        await c.auth(token("1"))
+        await assert_alive(c)
+        await c.close()
+
+
+async def test_frames_before_auth_are_rate_limited_too(dsn: str) -> None:
+    # An unauthenticated socket may not make the gateway decode an endless stream either.
+    async with running_gateway(dsn, message_rate=1, auth_timeout="10s") as gw:
+        c = await open_raw(gw)
+        for i in range(40):
+            await c.send({"type": "ping", "id": i})
+        codes: list[str] = []
+        with pytest.raises(Closed) as closed:
+            while True:
+                codes.append((await c.recv(WAIT))["code"])
+        assert closed.value.code == p.CloseCode.RATE_LIMITED
+        # The burst (2 x the rate) is answered; the rest is dropped, each with rate_limited.
+        assert codes.count("not_authenticated") <= 2, codes
+        assert set(codes) == {"not_authenticated", "rate_limited"}, codes
+        await c.close()
+
+
+async def test_a_token_let_in_by_the_leeway_is_not_closed_at_once(dsn: str) -> None:
+    # GATEWAY_JWT_LEEWAY (30 s by default) accepts a token 20 s past its exp; the connection
+    # then has the leeway too, and lives until exp + leeway + GATEWAY_EXPIRY_GRACE.
+    async with running_gateway(dsn, expiry_grace="0.5s") as gw:
+        c = await open_raw(gw)
+        await c.auth(token("1", ttl=-20))
+        for _ in range(4):
+            await assert_alive(c)
+            await asyncio.sleep(0.5)
+        await c.close()
+
+
+async def test_a_frame_that_is_not_utf8_closes_with_a_documented_code(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await gw.connect("1")
+        assert c.ws is not None
+        await c.ws.send_frame(b'{"type": "ping", "id": 1, "x": "\xff"}', aiohttp.WSMsgType.TEXT)
+        code = await close_code(c)
+        assert code == p.CloseCode.INVALID_PAYLOAD and code not in p.RECONNECT_AFTER
+        await c.close()
+
+
 async def test_auth_after_a_rejected_frame_still_succeeds(dsn: str) -> None:
     async with running_gateway(dsn) as gw:
         c = await open_raw(gw)
@@ -246,7 +320,7 @@ async def test_auth_after_a_rejected_frame_still_succeeds(dsn: str) -> None:
 
 
 async def test_token_expiry_closes_4005_after_grace(dsn: str) -> None:
-    async with running_gateway(dsn, expiry_grace="0.5s") as gw:
+    async with running_gateway(dsn, expiry_grace="0.5s", jwt_leeway="0") as gw:
         c = await open_raw(gw)
         welcome = await c.auth(token("1", ttl=2))
         assert welcome["expires"] <= time.time() + 2
@@ -263,7 +337,7 @@ async def test_token_expiry_closes_4005_after_grace(dsn: str) -> None:
 
 
 async def test_refresh_before_expiry_keeps_the_connection_open(dsn: str) -> None:
-    async with running_gateway(dsn, expiry_grace="0.5s") as gw:
+    async with running_gateway(dsn, expiry_grace="0.5s", jwt_leeway="0") as gw:
         c = await open_raw(gw)
         old = await c.auth(token("1", ttl=2))
         await c.subscribe("user:1")
@@ -457,11 +531,24 @@ async def test_bad_topic_names(dsn: str) -> None:
 
 # --- malformed frames -----------------------------------------------------------------------
 
-BAD_JSON = ["{not json", "", "{", '{"type": "ping"', "\u00e9", "[1, 2,]", "nul", '{"type": "ping"} x']
+# The last two nest deeper than the decoder recurses, under the default 16 KiB frame limit.
+DEEP_JSON = ['{"a":' * 3000, '{"type": "ping", "id": ' + "[" * 5000]
+BAD_JSON = [
+    "{not json",
+    "",
+    "{",
+    '{"type": "ping"',
+    "\u00e9",
+    "[1, 2,]",
+    "nul",
+    '{"type": "ping"} x',
+    *DEEP_JSON,
+]
 
 # (frame, a word the error message must contain to name the problem)
 BAD_MESSAGES: list[tuple[Any, str]] = [
     ({"type": "frobnicate"}, "frobnicate"),
+    ({"type": "subscibe", "topic": "user:1"}, "subscribe"),  # a typo: the error lists the types
     ({"kind": "ping"}, "type"),
     ({"type": 7}, "type"),
     ({"type": "subscribe"}, "topic"),
@@ -554,3 +641,22 @@ async def test_commit_right_after_subscribed_is_always_delivered(dsn: str) -> No
             await c.expect("unsubscribed")
         await c.close()
     await db.close()
+
+
+# --- outages ------------------------------------------------------------------------------------
+
+
+async def test_subscribe_during_an_outage_is_unavailable_without_database_details(
+    dsn: str, pg_restart: Any
+) -> None:
+    # The cause of an outage (host, port, the driver's message) goes to the log, not to clients.
+    async with running_gateway(dsn) as gw:
+        c = await gw.connect("1")
+        await pg_restart.adown()
+        try:
+            await c.send({"type": "subscribe", "topic": "user:1", "id": 1})
+            error = await expect_error(c, "unavailable", id=1, topic="user:1")
+        finally:
+            await pg_restart.aup()
+        assert error["message"] == "the database is unreachable; subscribe again later", error
+        await c.close()

@@ -8,10 +8,10 @@
 (function (root) {
   "use strict";
 
-  // RECONNECT_AFTER in gateway/protocol.py. The gateway's other codes (FINAL) mean "do not come
-  // back as you are"; a close it did not choose (1006 network drop, a proxy's) is retried.
+  // RECONNECT_AFTER in gateway/protocol.py. Its other codes (FINAL) mean "do not come back as
+  // you are"; other closes (1006 network drop, a proxy's) are retried.
   const RECONNECT_AFTER = [1001, 1012, 1013, 4004, 4005, 4008, 4029];
-  const FINAL = { 1000: "closed by the server", 1009: "a frame was too big", 4001: "unauthorized" };
+  const FINAL = { 1000: "closed", 1002: "protocol error", 1007: "not UTF-8", 1009: "frame too big", 4001: "unauthorized" };
   // Subscribe errors that may clear up; any other (forbidden, bad_topic...) is final.
   const RETRYABLE = ["unavailable", "rate_limited"];
 
