@@ -41,9 +41,14 @@ class EventLog:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def heads(self, topics: list[str], *, create: bool = False) -> dict[str, Head]:
+    async def heads(
+        self, topics: list[str], *, create: bool = False, lock_timeout: float | None = None
+    ) -> dict[str, Head]:
         """Epoch and last position of each topic. With ``create``, topics without a row get one
-        (position 0, a new epoch), so a subscriber learns the epoch its first event will carry."""
+        (position 0, a new epoch), so a subscriber learns the epoch its first event will carry.
+
+        Creating a row waits for a writer whose open transaction is creating the same row; with
+        ``lock_timeout`` (seconds) that wait raises asyncpg.LockNotAvailableError instead."""
         select = "SELECT topic, epoch, pos FROM gateway.topics WHERE topic = ANY($1::text[])"
         async with self._pool.acquire() as conn:
             heads = {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, topics)}
@@ -51,10 +56,13 @@ class EventLog:
             if create and missing:
                 # Only topics that have no row: INSERT .. ON CONFLICT on a row a writer holds
                 # locked would wait for that writer's transaction, and the pipeline with it.
-                await conn.execute(
-                    "INSERT INTO gateway.topics (topic) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
-                    missing,
-                )
+                async with conn.transaction():
+                    if lock_timeout is not None:
+                        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}")
+                    await conn.execute(
+                        "INSERT INTO gateway.topics (topic) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
+                        missing,
+                    )
                 heads.update(
                     {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, missing)}
                 )

@@ -176,27 +176,32 @@ class Pipeline:
         self._queue.put_nowait(_RESYNC)
 
     async def join(self, topic: str, member: Member, since: Since | None, req_id: int | None) -> Subscribed:
-        prefetched = await self._prefetch(topic, since) if since is not None else None
+        """Subscribe ``member``; its replay, then the ack, then every later event.
+
+        The slow parts run here, in the caller's task, before the join is queued for the
+        pipeline task: creating the topic's row (which waits for a writer whose open
+        transaction is creating it too) and a resume's replay. They hold up this subscriber
+        only; in the pipeline task they would hold up every topic's delivery."""
+        try:
+            head = (await self._log.heads([topic], create=True))[topic]
+            prefetched = None
+            if since is not None:
+                async with self._replay_slots:
+                    prefetched = await self._prefetch(topic, since, head)
+        except DB_ERRORS as exc:
+            log.warning("subscribe to %s: database unreachable (%s: %s)", topic, type(exc).__name__, exc)
+            raise Unavailable(UNREACHABLE) from exc
+        except Exception as exc:
+            log.exception("subscribe to %s failed", topic)
+            raise Unavailable("internal error; subscribe again later") from exc
         req = JoinRequest(topic, member, since, req_id, prefetched)
         self._queue.put_nowait(req)
         return await req.future
 
-    async def _prefetch(self, topic: str, since: Since) -> Prefetched | None:
-        """The replay after ``since`` up to the topic's head now, encoded; None if the topic has
-        no head yet (the join then answers). Runs in the caller's task, not the pipeline's."""
-        async with self._replay_slots:
-            try:
-                head = (await self._log.heads([topic])).get(topic)
-                if head is None:
-                    return None
-                recovered, events = await self._replay(topic, since, head)
-                frames = await self._frames(events)
-            except DB_ERRORS as exc:
-                log.warning("replay of %s: database unreachable (%s: %s)", topic, type(exc).__name__, exc)
-                raise Unavailable(UNREACHABLE) from exc
-            except Exception as exc:
-                log.exception("replay of %s failed", topic)
-                raise Unavailable("internal error; subscribe again later") from exc
+    async def _prefetch(self, topic: str, since: Since, head: Head) -> Prefetched:
+        """The replay after ``since`` up to ``head``, encoded."""
+        recovered, events = await self._replay(topic, since, head)
+        frames = await self._frames(events)
         return Prefetched(recovered, head.epoch, head.pos, [frames[(e.topic, e.pos)] for e in events])
 
     def leave(self, topic: str, member: Member) -> None:
@@ -443,7 +448,9 @@ class Pipeline:
 
     async def _join(self, joins: list[JoinRequest]) -> None:
         topics = sorted({j.topic for j in joins})
-        heads = await self._log.heads(topics, create=True)
+        # join() created the rows; one deleted since (gateway.reset_topic) is created again,
+        # but never by waiting here for a writer's transaction: that would stop every topic.
+        heads = await self._log.heads(topics, create=True, lock_timeout=0.5)
         # Bring streams that already have subscribers up to the head first.
         catch_up: list[tuple[str, str, int]] = []
         for topic in topics:

@@ -424,6 +424,9 @@ class Session:
                 self.ctx.pipeline.leave(topic, self)
         except Unavailable as exc:
             self.topics.discard(topic)
+            # The join may have failed after the pipeline set up the topic's stream: free it
+            # unless somebody else subscribes (one per topic whose join failed, otherwise).
+            self.ctx.pipeline.leave(topic, self)
             self.error(p.ErrorCode.UNAVAILABLE, str(exc), req_id, topic)
 
     def _unsubscribe(self, msg: p.Unsubscribe) -> None:

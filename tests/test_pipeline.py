@@ -235,3 +235,74 @@ async def test_a_long_replay_does_not_hold_up_delivery_to_others(dsn: str) -> No
         finally:
             await locker.close()
             await db.close()
+
+
+async def test_joining_a_topic_an_open_transaction_is_creating_holds_up_no_other_topic(dsn: str) -> None:
+    """A writer's open transaction is creating the topic's row (its first event); a subscribe to
+    that topic must wait for it alone, not stop delivery on every other topic meanwhile."""
+    await make_items_table(dsn)
+    async with running_gateway(dsn, tables="public.items") as gw:
+        db = await asyncpg.connect(dsn)
+        holder = await asyncpg.connect(dsn)
+        try:
+            other = await gw.connect("2")
+            await other.subscribe("user:2")
+            assert await db.fetchval("SELECT count(*) FROM gateway.topics WHERE topic = 'user:1'") == 0
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("INSERT INTO items (owner_id, title) VALUES (1, 'held open')")
+            joiner = await gw.connect("1")
+            await joiner.subscribe("user:1", expect=False)
+            await wait_until(
+                lambda: db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO gateway.topics%'"
+                ),
+                10,
+                "the subscribe to wait for the writer creating the topic",
+            )
+            await db.execute("INSERT INTO items (owner_id, title) VALUES (2, 'other topic')")
+            (event,) = await other.events(1, timeout=10)
+            assert event["row"]["title"] == "other topic"
+            await tx.commit()
+            ack = await joiner.expect("subscribed")
+            assert ack["pos"] == 1  # the writer's event is before the ack: the row had it
+        finally:
+            await holder.close()
+            await db.close()
+
+
+async def test_failed_joins_leave_no_stream_behind(dsn: str) -> None:
+    db = await asyncpg.connect(dsn)
+    try:
+        await db.execute("CREATE TABLE docs (id bigserial PRIMARY KEY, room int NOT NULL, title text)")
+        await db.execute("SELECT gateway.publish('docs', $$'room:' || room$$)")
+        n = 20
+        await db.execute("INSERT INTO docs (room, title) SELECT g, 'ok' FROM generate_series(1, $1) g", n)
+        async with running_gateway(dsn, tables="public.docs") as gw:
+            # Reading a row now fails, so replays of row events cannot be resolved.
+            fn = await db.fetchval("SELECT row_topic FROM gateway.published WHERE tbl = 'docs'::regclass")
+            await db.execute(
+                f"CREATE OR REPLACE FUNCTION gateway.{fn}(public.docs) RETURNS text LANGUAGE plpgsql "
+                "AS $$ BEGIN RAISE EXCEPTION 'cannot read rows right now'; END $$"
+            )
+            epochs = dict(await db.fetch("SELECT topic, epoch FROM gateway.topics WHERE topic LIKE 'room:%'"))
+            c = await gw.connect("u", topics=[f"room:{i}" for i in range(1, n + 1)])
+            for i in range(1, n + 1):
+                topic = f"room:{i}"
+                await c.send(
+                    {
+                        "type": "subscribe",
+                        "topic": topic,
+                        "id": i,
+                        "since": {"epoch": epochs[topic], "pos": 0},
+                    }
+                )
+                frame = await c.recv()
+                assert frame["type"] == "error" and frame["code"] == "unavailable", frame
+            await c.close()
+            assert gw.state.pipeline.hub.topics() == []
+            assert gw.state.pipeline.position("room:1") is None
+            assert not gw.state.pipeline._streams, "a stream kept for a topic nobody subscribes to"
+    finally:
+        await db.close()
