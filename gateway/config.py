@@ -129,6 +129,13 @@ class Settings:
     pool_size: int = _setting(
         4, "connections in the pool that resolves rows and replays the log", parse_int, minimum=1
     )
+    db_timeout: float = _setting(
+        10.0,
+        "longest a query of the pool may take: a connection that does not answer (a dropped NAT "
+        "flow, a partition) is given up and the gateway catches up from the log",
+        parse_duration,
+        minimum=0.1,
+    )
     tables: str = _setting(
         "",
         "allow-list of tables whose rows are sent: `schema.table` or `schema.table(col1,col2)`, "

@@ -204,8 +204,14 @@ class Relay:
                 # synchronous_commit off: the relay's transactions only NOTIFY and renew its
                 # lease, and a doorbell lost in a crash is caught up from the log anyway, so
                 # none of them needs to wait for a WAL flush (hundreds a second, otherwise).
+                # command_timeout: a connection that stops answering fails the query within the
+                # lease (after which another replica may take over anyway) instead of wedging
+                # this relay for good; it is then dropped and a new one made.
                 conn = await asyncpg.connect(
-                    self._dsn, timeout=10, server_settings={"synchronous_commit": "off"}
+                    self._dsn,
+                    timeout=10,
+                    command_timeout=self._lease,
+                    server_settings={"synchronous_commit": "off"},
                 )
             except Exception as exc:  # whatever it is, the relay must come back
                 error = f"{type(exc).__name__}: {exc}"
@@ -243,6 +249,11 @@ class Relay:
                 await reconnect_pause(attempt, self._max_delay)
                 attempt += 1
         self._done.set()
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The relay connection's PostgreSQL backend, while it has one."""
+        return self._conn.get_server_pid() if self._conn is not None else None
 
     async def _nap(self, seconds: float) -> None:
         """Sleep, unless poked (a writer's NOTIFY, or stop()) since the poke was last cleared."""

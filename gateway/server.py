@@ -98,8 +98,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     s = state.settings
     try:
+        # command_timeout: a query on a connection that stopped answering fails instead of
+        # waiting forever, and the pipeline, which awaits it, catches up from the log.
         pool = await asyncpg.create_pool(
-            s.database_url, min_size=1, max_size=s.pool_size, timeout=10, reset=_keep_session
+            s.database_url,
+            min_size=1,
+            max_size=s.pool_size,
+            timeout=10,
+            command_timeout=s.db_timeout,
+            reset=_keep_session,
         )
     except DB_ERRORS as exc:
         raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
