@@ -208,7 +208,11 @@ class Settings:
         10.0, "subscribes per second per connection (burst: 2x)", parse_number, minimum=0.1
     )
     send_queue_bytes: int = _setting(
-        1 << 20, "bytes queued to one client before it is cut off as a slow consumer", parse_int, minimum=1024
+        1 << 20,
+        "bytes queued to one client before it is cut off as a slow consumer; a resume whose "
+        "replay is more than half of it gets recovered=false",
+        parse_int,
+        minimum=1024,
     )
     # Listener and pipeline
     probe_interval: float = _setting(

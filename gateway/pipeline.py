@@ -140,6 +140,7 @@ class Pipeline:
         replay_max_events: int = 10000,
         replay_max_age: float = 86400.0,
         replay_concurrency: int = 2,
+        replay_max_bytes: int = 512 * 1024,
     ) -> None:
         self.hub = hub
         self._log = event_log
@@ -150,6 +151,10 @@ class Pipeline:
         # Replays read ahead at once: each holds a pool connection while it reads, and the
         # pipeline task needs the others.
         self._replay_slots = asyncio.Semaphore(max(1, replay_concurrency))
+        # A replay is written into the subscriber's socket buffer at once (nothing may come
+        # between it and the ack), so one bigger than the client's send limit would only get
+        # it cut off as a slow consumer, again at every retry: it gets recovered=false instead.
+        self._replay_max_bytes = replay_max_bytes
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._streams: dict[str, Stream] = {}
         self._bad_doorbells = 0
@@ -202,7 +207,11 @@ class Pipeline:
         """The replay after ``since`` up to ``head``, encoded."""
         recovered, events = await self._replay(topic, since, head)
         frames = await self._frames(events)
-        return Prefetched(recovered, head.epoch, head.pos, [frames[(e.topic, e.pos)] for e in events])
+        early = [frames[(e.topic, e.pos)] for e in events]
+        if sum(map(len, early)) > self._replay_max_bytes:
+            self.not_recovered += 1
+            return Prefetched(False, head.epoch, head.pos, [])
+        return Prefetched(recovered, head.epoch, head.pos, early)
 
     def leave(self, topic: str, member: Member) -> None:
         self.hub.remove(topic, member)
@@ -480,6 +489,11 @@ class Pipeline:
                     early = ahead.frames
             replays.append((j, recovered, early, events))
         frames = await self._frames(p for _, _, _, events in replays for p in events)
+        for i, (j, recovered, early, events) in enumerate(replays):
+            size = sum(map(len, early)) + sum(len(frames[(p.topic, p.pos)]) for p in events)
+            if recovered and size > self._replay_max_bytes:
+                self.not_recovered += 1
+                replays[i] = (j, False, [], [])
 
         for j, recovered, early, events in replays:
             stream = self._streams.get(j.topic)

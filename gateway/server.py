@@ -132,6 +132,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         replay_max_events=s.replay_max_events,
         replay_max_age=s.replay_max_age,
         replay_concurrency=s.pool_size // 2,
+        replay_max_bytes=s.send_queue_bytes // 2,
     )
     registry = Registry()
     ctx = SessionContext(s, authenticator, Authorizer(s, pool), pipeline, registry)

@@ -306,3 +306,40 @@ async def test_failed_joins_leave_no_stream_behind(dsn: str) -> None:
             assert not gw.state.pipeline._streams, "a stream kept for a topic nobody subscribes to"
     finally:
         await db.close()
+
+
+async def test_a_replay_larger_than_the_send_limit_is_not_recovered_instead_of_cut_off(dsn: str) -> None:
+    """A replay is written at once, before the ack; one bigger than the client may have
+    queued (GATEWAY_SEND_QUEUE_BYTES) would get it closed as a slow consumer at every retry.
+    Past half the limit it is answered recovered=false, and the client reloads."""
+    await make_items_table(dsn)
+    async with running_gateway(dsn, tables="public.items", send_queue_bytes=64 * 1024) as gw:
+        db = await asyncpg.connect(dsn)
+        try:
+            c = await gw.connect("1")
+            ack = await c.subscribe("user:1")
+            since = (ack["epoch"], ack["pos"])
+            await c.close()
+            # About 20 KB of frames: within half the limit, replayed.
+            await db.execute(
+                "INSERT INTO items (owner_id, body) SELECT 1, repeat('x', 1000) FROM generate_series(1, 20)"
+            )
+            c = await gw.connect("1")
+            small = await c.subscribe("user:1", since=since)
+            assert small["recovered"] is True and len(small["events"]) == 20
+            await c.close()
+            # About 100 KB more: over it. Every try gets the same answer, and the socket stays.
+            await db.execute(
+                "INSERT INTO items (owner_id, body) SELECT 1, repeat('x', 1000) FROM generate_series(1, 100)"
+            )
+            for attempt in range(2):
+                c = await gw.connect("1")
+                big = await c.subscribe("user:1", since=(since[0], 20))
+                assert big["recovered"] is False and big["events"] == [] and big["pos"] == 120 + attempt
+                await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'live')")
+                (live,) = await c.events(1)
+                assert live["pos"] == big["pos"] + 1 and live["row"]["title"] == "live"
+                await c.close()
+            assert gw.state.ctx.registry.evicted_slow == 0
+        finally:
+            await db.close()
