@@ -342,6 +342,18 @@ async def wait_until(predicate: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+async def wait_for_lock_wait(db: asyncpg.Connection, query_like: str, what: str) -> None:
+    """Wait until some backend waits for a lock while running a query LIKE ``query_like``."""
+    await wait_until(
+        lambda: db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+            query_like,
+        ),
+        10,
+        what,
+    )
+
+
 @contextlib.asynccontextmanager
 async def relay_running(dsn: str, **kwargs: Any) -> AsyncIterator[Relay]:
     """A relay (gateway/relay.py) running in this event loop, stopped on the way out."""

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.protocol import CloseCode
 
-from .gwtest import Closed, make_items_table, running_gateway, wait_until
+from .gwtest import Closed, make_items_table, running_gateway, wait_for_lock_wait
 
 
 @pytest.fixture
@@ -214,13 +214,7 @@ async def test_a_long_replay_does_not_hold_up_delivery_to_others(dsn: str) -> No
             back = await gw.connect("1")
             await back.subscribe("user:1", since=(ack["epoch"], 0), expect=False)
             # The replay is now waiting for the lock, reading the rows of its 50 events.
-            await wait_until(
-                lambda: db.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%items%'"
-                ),
-                10,
-                "the replay to wait for the locked table",
-            )
+            await wait_for_lock_wait(db, "%items%", "the replay to wait for the locked table")
             await db.execute("INSERT INTO notes (owner_id, title) VALUES (2, 'live')")
             (live,) = await other.events(1, timeout=10)
             assert live["row"]["title"] == "live"
@@ -253,13 +247,8 @@ async def test_joining_a_topic_an_open_transaction_is_creating_holds_up_no_other
             await holder.execute("INSERT INTO items (owner_id, title) VALUES (1, 'held open')")
             joiner = await gw.connect("1")
             await joiner.subscribe("user:1", expect=False)
-            await wait_until(
-                lambda: db.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'INSERT INTO gateway.topics%'"
-                ),
-                10,
-                "the subscribe to wait for the writer creating the topic",
+            await wait_for_lock_wait(
+                db, "INSERT INTO gateway.topics%", "the subscribe to wait for the writer creating the topic"
             )
             await db.execute("INSERT INTO items (owner_id, title) VALUES (2, 'other topic')")
             (event,) = await other.events(1, timeout=10)

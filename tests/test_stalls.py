@@ -11,12 +11,13 @@ kind of death, the one that closes the socket.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
 from .blackhole import BlackholeProxy
-from .gwtest import make_items_table, pg_connect, running_gateway
+from .gwtest import Client, Gateway, make_items_table, pg_connect, running_gateway
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,6 +33,16 @@ async def proxy(dsn: str) -> AsyncIterator[BlackholeProxy]:
         await p.stop()
 
 
+async def _receiving(gw: Gateway, db: asyncpg.Connection) -> tuple[Client, dict[str, Any]]:
+    """A client on user:1 that got the first event: the path works before anything stalls."""
+    alice = await gw.connect("1")
+    await alice.subscribe("user:1")
+    await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'before')")
+    (first,) = await alice.events(1)
+    assert first["row"]["title"] == "before"
+    return alice, first
+
+
 async def _client_ports(db: asyncpg.Connection, pids: list[int]) -> set[int]:
     rows = await db.fetch("SELECT client_port FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids)
     return {r["client_port"] for r in rows}
@@ -40,11 +51,7 @@ async def _client_ports(db: asyncpg.Connection, pids: list[int]) -> set[int]:
 async def test_a_pool_connection_that_stops_answering_is_given_up(dsn: str, proxy: BlackholeProxy) -> None:
     async with running_gateway(proxy.dsn, tables="public.items", db_timeout="1s") as gw:
         db = await pg_connect(dsn)
-        alice = await gw.connect("1")
-        await alice.subscribe("user:1")
-        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'before')")
-        (first,) = await alice.events(1)
-        assert first["row"]["title"] == "before"
+        alice, first = await _receiving(gw, db)
 
         listener_pid = gw.state.listener.backend_pid
         relay_pid = gw.state.relay.backend_pid
@@ -70,10 +77,7 @@ async def test_a_relay_connection_that_stops_answering_is_replaced(dsn: str, pro
     # One worker: no other replica could take the lease over, so the relay must notice itself.
     async with running_gateway(proxy.dsn, tables="public.items", relay_lease="1s") as gw:
         db = await pg_connect(dsn)
-        alice = await gw.connect("1")
-        await alice.subscribe("user:1")
-        await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'before')")
-        (first,) = await alice.events(1)
+        alice, first = await _receiving(gw, db)
 
         relay = gw.state.relay
         stalled = relay.backend_pid
