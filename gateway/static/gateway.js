@@ -112,8 +112,8 @@
       return unsubscribe;
     }
 
-    _remove(sub) {
-      if (this._subs.get(sub.topic) !== sub) return; // already gone: calling twice is harmless
+    _remove(sub, again) {
+      if (!again && this._subs.get(sub.topic) !== sub) return; // already gone: calling twice is harmless
       this._subs.delete(sub.topic);
       clearTimeout(sub.timer);
       if (this._ready && sub.id != null) {
@@ -207,16 +207,17 @@
     }
 
     _subscribed(f) {
-      const sub = this._subs.get(f.topic);
-      if (!sub || sub.id !== f.id) return; // the answer to a subscription since cancelled
+      // No id: sent unasked on a live stream whose missed positions are gone (reload).
+      const sub = f.id == null ? this._live(f.topic, false) : this._subs.get(f.topic);
+      if (!sub || (f.id != null && sub.id !== f.id)) return; // the answer to a subscription since cancelled
       sub.retries = 0;
       if (!sub.presence) {
         sub.pos = f.pos;
         sub.epoch = f.epoch;
       }
       const info = { topic: f.topic, epoch: f.epoch, pos: f.pos, recovered: f.recovered, replayed: f.replayed || 0 };
-      if (sub.resumed && f.recovered === false) call(sub.opts.onNotRecovered, info);
-      call(sub.opts.onSubscribed, info);
+      if ((sub.resumed || f.id == null) && f.recovered === false) call(sub.opts.onNotRecovered, info);
+      if (f.id != null) call(sub.opts.onSubscribed, info);
     }
 
     _event(f) {
@@ -249,9 +250,16 @@
 
     _error(f) {
       const err = fail(f.code, f.message, { topic: f.topic, id: f.id });
-      if (this._unsubs.delete(f.id)) return; // unsubscribing what the server no longer had
+      if (this._unsubs.delete(f.id)) {
+        // Dropped, not done: send it again, unless the topic was subscribed again meanwhile.
+        if (f.code === "rate_limited") setTimeout(() => this._ready && !this._subs.has(f.topic) && this._remove({ topic: f.topic, id: 0 }, true), 1000);
+        return; // else: unsubscribing what the server no longer had
+      }
+      // A refresh the server refused or dropped: try again while the old token lasts.
+      if (f.id == null && f.topic == null && (f.code === "bad_token" || f.code === "rate_limited")) this._timer("refresh", () => this._refresh(), 5000);
       const sub = f.topic != null && this._subs.get(f.topic);
-      if (!sub || f.id == null || sub.id !== f.id) return this._report(err);
+      // No id on "forbidden": a refreshed token no longer grants the topic; the server dropped it.
+      if (!sub || (f.id == null ? f.code !== "forbidden" : sub.id !== f.id)) return this._report(err);
       if (RETRYABLE.includes(f.code)) {
         err.willRetry = true;
         sub.timer = setTimeout(() => this._ready && this._sendSubscribe(sub), Math.max(1000, backoff(++sub.retries)));
@@ -336,7 +344,9 @@
 
     async _token() {
       const t = this.options.token;
-      const token = typeof t === "function" ? await t() : t;
+      // A token request that never settles (browsers never time out a fetch) must not stall us.
+      const late = new Promise((_, no) => setTimeout(() => no(new Error("no answer in time")), HANDSHAKE_MS));
+      const token = typeof t === "function" ? await Promise.race([t(), late]) : t;
       if (typeof token !== "string" || !token) throw new TypeError(`options.token gave ${typeof token}, not a non-empty string`);
       return token;
     }
