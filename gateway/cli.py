@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
+
 from . import config, logs
 from .config import ConfigError, Settings
 from .migrate import MigrationError
@@ -45,21 +47,30 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: "--worker 2" would pass for --workers, and the supervisor, which
+    # strips --workers from its workers' command line, would hand it on: workers of workers.
     parser = argparse.ArgumentParser(
         prog="gateway",
+        allow_abbrev=False,
         description="PostgreSQL-to-WebSocket gateway: committed rows reach every allowed client, nothing lost.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the gateway (several worker processes with --workers)")
+    serve = sub.add_parser(
+        "serve", allow_abbrev=False, help="run the gateway (several worker processes with --workers)"
+    )
     _add_setting_flags(serve)
-    migrate = sub.add_parser("migrate", help="apply the SQL migrations in sql/ and exit")
+    migrate = sub.add_parser("migrate", allow_abbrev=False, help="apply the SQL migrations in sql/ and exit")
     migrate.add_argument("--status", action="store_true", help="list applied and pending migrations")
     _add_setting_flags(migrate)
     demo = sub.add_parser(
-        "demo", help="start a throwaway PostgreSQL (unless DATABASE_URL is set), the gateway and a demo"
+        "demo",
+        allow_abbrev=False,
+        help="start a throwaway PostgreSQL (unless DATABASE_URL is set), the gateway and a demo",
     )
     _add_setting_flags(demo)
-    cfg = sub.add_parser("config", help="print every setting with its default and meaning")
+    cfg = sub.add_parser(
+        "config", allow_abbrev=False, help="print every setting with its default and meaning"
+    )
     cfg.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/configuration.md")
     return parser
 
@@ -85,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(settings)
     except (ConfigError, MigrationError, PostgresUnavailable, ClusterError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.PostgresError as exc:
+        # Most often a missing privilege (the role may not use schema gateway, or read one of
+        # its tables): say what PostgreSQL said, not a traceback.
+        print(f"gateway: the database refused: {exc} (SQLSTATE {exc.sqlstate})", file=sys.stderr)
         return 2
 
 
@@ -130,12 +146,16 @@ def _supervise(workers: int) -> int:
     stopping = False
 
     def spawn(i: int) -> None:
+        if stopping:  # a signal came while we slept: start nothing nobody would stop
+            return
         env = dict(os.environ, GATEWAY_WORKERS="1", GATEWAY_WORKER_ID=str(i))
         cmd = [a for a in argv if not a.startswith("--workers")]
         if "--workers" in argv:
             j = argv.index("--workers")
             cmd = argv[:j] + argv[j + 2 :]
         procs[i] = subprocess.Popen(cmd, env=env)
+        if stopping:  # the signal came while it was starting, before forward() could see it
+            procs[i].send_signal(signal.SIGTERM)
         log.info("worker %d started (pid %d)", i, procs[i].pid)
 
     def forward(signum: int, _frame: object) -> None:

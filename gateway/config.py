@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 PREFIX = "GATEWAY_"
 # Variables with the prefix that are not settings: where the SQL migrations live
@@ -66,6 +66,13 @@ def parse_number(text: str) -> float:
     return value
 
 
+def parse_port(text: str) -> int:
+    port = parse_int(text)
+    if not 0 <= port <= 65535:  # uvloop would silently listen on port % 65536
+        raise ValueError("a port number from 0 to 65535")
+    return port
+
+
 def parse_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
@@ -80,13 +87,15 @@ def parse_dsn(text: str) -> str:
     return t
 
 
+_DSN_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*:).*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+
+
 def mask_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, for logs and error messages."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The DSN with its passwords replaced, for logs and error messages: the one after the user
+    name (up to the last "@", so an unescaped "#" or "/" in it is covered too) and the
+    ``password``/``sslpassword`` query parameters libpq and asyncpg also accept."""
+    return _QUERY_PASSWORD.sub(r"\1***", _DSN_PASSWORD.sub(r"\1***@", dsn))
 
 
 def parse_choice(*choices: str) -> Callable[[str], str]:
@@ -143,7 +152,7 @@ class Settings:
     )
     # HTTP
     host: str = _setting("0.0.0.0", "address to listen on")
-    port: int = _setting(8080, "TCP port to listen on", parse_int, minimum=0)
+    port: int = _setting(8080, "TCP port to listen on (0 to 65535)", parse_port)
     workers: int = _setting(
         0,
         "worker processes sharing the port (SO_REUSEPORT) for `gateway serve`; 0 = one per core",

@@ -1,0 +1,163 @@
+"""The command line as an operator meets it: bad input gives a message and exit code 2, never a
+traceback or a secret; the worker supervisor stops what it started."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+import pytest
+
+from gateway.config import mask_dsn
+
+from .gwtest import REPO, GatewayProcess, free_port, pg_connect, settings_env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def cli_env(dsn: str, **overrides: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+    env.update(settings_env(dsn, workers=1, **overrides))
+    return env
+
+
+def cli(dsn: str, *args: str, **overrides: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=cli_env(dsn, **overrides),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+# --- secrets and bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://gw:hunter2secret@db.example:5432/app",
+        "postgresql://gw@db.example:5432/app?password=hunter2secret&sslmode=require",
+        "postgresql://gw@db.example/app?sslmode=verify-full&sslpassword=hunter2secret",
+        "postgresql://gw:hunter2#secret@db.example/app",  # an unescaped '#': urlsplit sees no password
+    ],
+)
+def test_every_form_of_password_is_masked(dsn: str) -> None:
+    assert "hunter2" not in mask_dsn(dsn) and "***" in mask_dsn(dsn)
+
+
+def test_a_password_given_as_a_url_parameter_is_not_printed() -> None:
+    r = cli(f"postgresql://gw@127.0.0.1:{free_port()}/app?password=hunter2secret", "migrate")
+    assert r.returncode == 2 and "hunter2secret" not in r.stderr, r.stderr
+
+
+def test_a_port_above_65535_is_refused() -> None:
+    # uvloop would listen on port % 65536 and log the number it was given.
+    r = cli("postgresql://gw@127.0.0.1/app", "serve", port=65536 + 8080)
+    assert r.returncode == 2 and "GATEWAY_PORT" in r.stderr and "65535" in r.stderr, r.stderr
+
+
+def test_serve_with_a_malformed_port_in_the_url_says_so() -> None:
+    r = cli("postgresql://gw:pw@127.0.0.1:54x2/app", "serve")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "pw" not in r.stderr.split("***")[0], (
+        r.stderr
+    )
+
+
+async def test_a_role_without_privileges_gets_a_message_not_a_traceback(dsn: str) -> None:
+    db = await pg_connect(dsn)
+    none, usage = f"none_{uuid.uuid4().hex[:8]}", f"usage_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide
+    try:
+        await db.execute(f"CREATE ROLE {none} LOGIN PASSWORD 'pw'")
+        await db.execute(f"CREATE ROLE {usage} LOGIN PASSWORD 'pw'")
+        await db.execute(f"GRANT USAGE ON SCHEMA gateway TO {usage}")  # but no table
+        u = urlsplit(dsn)
+        bad = []
+        for user, args in ((none, ["migrate", "--status"]), (none, ["serve"]), (usage, ["migrate"])):
+            r = cli(urlunsplit(u._replace(netloc=f"{user}:pw@{u.hostname}:{u.port}")), *args, port=0)
+            if r.returncode != 2 or "Traceback" in r.stderr or "permission denied" not in r.stderr:
+                bad.append((user, args, r.returncode, r.stderr.strip().splitlines()[-1:]))
+        assert bad == []
+    finally:
+        await db.execute(f"DROP OWNED BY {usage}; DROP ROLE {none}; DROP ROLE {usage}")
+        await db.close()
+
+
+def test_an_abbreviated_flag_is_refused() -> None:
+    # "--worker 2" passing for --workers would be handed to every worker: workers of workers.
+    r = cli("postgresql://gw@127.0.0.1/app", "serve", "--worker", "2")
+    assert r.returncode == 2 and "unrecognized arguments: --worker" in r.stderr, r.stderr
+
+
+# --- the supervisor -----------------------------------------------------------------------------
+
+
+async def _children(
+    sup: psutil.Process, n: int, exclude: set[int], timeout: float = 15
+) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [k for k in sup.children() if k.pid not in exclude]
+        if len(kids) >= n:
+            return kids
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"expected {n} workers, have {sup.children()}")
+
+
+async def _wait_log(path: Path, needle: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in path.read_text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in the log:\n{path.read_text()[-2000:]}")
+        await asyncio.sleep(0.01)
+
+
+async def test_sigterm_during_a_restart_backoff_stops_every_worker(dsn: str, tmp_path: Path) -> None:
+    """A worker that crashes twice within a second makes the supervisor wait before restarting
+    it; a SIGTERM in that wait must still stop everything (no new worker nobody stops)."""
+    port = free_port()
+    logp = tmp_path / "supervisor.log"
+    with open(logp, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+            env=dict(os.environ, **settings_env(dsn, port=port)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        sup = psutil.Process(proc.pid)
+        workers = await _children(sup, 2, set())
+        gw = GatewayProcess.__new__(GatewayProcess)
+        gw.base = f"http://127.0.0.1:{port}"
+        await gw.wait_ready()
+        first = workers[0]
+        first.send_signal(signal.SIGKILL)
+        await _wait_log(logp, f"pid {first.pid}) exited with -9; restarting")
+        (second,) = [w for w in await _children(sup, 2, {first.pid}) if w.pid != workers[1].pid]
+        second.send_signal(signal.SIGKILL)  # within a second of its start: the supervisor waits
+        await _wait_log(logp, f"pid {second.pid}) exited with -9; restarting")
+        proc.send_signal(signal.SIGTERM)  # during that wait
+        try:
+            assert proc.wait(20) == 0
+        except subprocess.TimeoutExpired:
+            left = [(c.pid, c.cmdline()[-3:]) for c in sup.children()]
+            raise AssertionError(f"the supervisor still runs 20 s after SIGTERM; workers: {left}") from None
+    finally:
+        for _ in range(50):  # whatever is left of its process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        proc.wait(10)
