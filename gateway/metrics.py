@@ -82,7 +82,8 @@ class GatewayCollector(Collector):
             ),
             (
                 "gateway_commit_to_send_seconds",
-                "from commit to the frame handed to sockets",
+                "from the start of the newest transaction a doorbell names (its commit, for short "
+                "transactions; earlier for long ones) to the frame handed to sockets",
                 pipeline.commit_to_send,
             ),
         ):

@@ -83,6 +83,10 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
+# ValueError: what asyncpg raises for a malformed part of the URL (a port "54x2").
+_CONNECT_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
+
+
 def client_script(name: str) -> bytes:
     """The browser client as served: the source without its whole-line ``//`` comments. They
     are for whoever reads gateway/static/; a page embedding the script need not download them
@@ -120,7 +124,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             command_timeout=s.db_timeout,
             reset=_keep_session,
         )
-    except DB_ERRORS + (ValueError,) as exc:  # ValueError: asyncpg's word for a malformed URL part
+    except _CONNECT_ERRORS as exc:
         raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
     assert pool is not None
     state.pool = pool

@@ -40,6 +40,12 @@ log = logging.getLogger("gateway.session")
 _background: set[asyncio.Future[None]] = set()
 
 
+# Presence status changes published per second per connection (bursts of 2x); faster ones are
+# coalesced, not dropped (Session._publish_status). A person goes away and comes back far
+# less often.
+STATUS_RATE = 1.0
+
+
 class TokenBucket:
     """Allows ``rate`` per second on average, bursts up to ``2 * rate``."""
 
@@ -120,6 +126,8 @@ class Session:
         "_limit",
         "_messages",
         "_registered",
+        "_status_timer",
+        "_statuses",
         "_subscribes",
         "_transport",
         "closed",
@@ -152,6 +160,8 @@ class Session:
         self._limit = ctx.settings.send_queue_bytes
         self._messages = TokenBucket(ctx.settings.message_rate)
         self._subscribes = TokenBucket(ctx.settings.subscribe_rate)
+        self._statuses: TokenBucket | None = None  # made at the first status frame
+        self._status_timer: asyncio.TimerHandle | None = None
         self._dropped = 0
         self._expiry: asyncio.TimerHandle | None = None
         self._registered = False
@@ -181,6 +191,26 @@ class Session:
 
     def error(self, code: str, message: str, req_id: int | None = None, topic: str | None = None) -> None:
         self.send(p.Error(code=code, message=message, id=req_id, topic=topic))
+
+    async def _publish_status(self) -> None:
+        """Hand the status to presence now, or as soon as STATUS_RATE allows. Each change is a
+        transaction, a log row and a frame to every presence subscriber on every replica, so
+        a client flipping its status fast is coalesced; its latest status always gets through."""
+        if self._status_timer is not None:  # one is due, and will carry the latest status
+            return
+        if self._statuses is None:
+            self._statuses = TokenBucket(STATUS_RATE)
+        if self._statuses.take():
+            assert self.ctx.presence is not None
+            await self.ctx.presence.set_status(self, self.status)
+            return
+
+        def later() -> None:
+            self._status_timer = None
+            if not self.closed:
+                self._spawn(self._publish_status())
+
+        self._status_timer = asyncio.get_running_loop().call_later(1 / STATUS_RATE, later)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # Keep a reference so the task is not garbage-collected before it finishes.
@@ -362,7 +392,7 @@ class Session:
             case p.SetStatus(status=status):
                 self.status = status
                 if self.ctx.presence is not None:
-                    await self.ctx.presence.set_status(self, status)
+                    await self._publish_status()
             case p.Auth():
                 self.error(
                     p.ErrorCode.ALREADY_AUTHENTICATED, "already authenticated; use refresh for a new token"
@@ -480,6 +510,8 @@ class Session:
         self.closed = True
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._status_timer is not None:
+            self._status_timer.cancel()
         self._leave_all()
         if self._registered:
             self.ctx.registry.remove(self)

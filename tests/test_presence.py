@@ -627,3 +627,24 @@ async def test_presence_is_repaired_after_a_database_outage(
     log_text = (tmp_path / "gw0.log").read_text()
     assert log_text.count("presence: cannot reach the database") == 1, log_text[-3000:]
     assert "presence: database reachable again" in log_text
+
+
+async def test_a_client_flipping_its_status_is_coalesced_and_its_last_status_wins(cluster: Cluster) -> None:
+    # Every published change is a transaction, a log row and a frame to every watcher.
+    (gw,) = await cluster.start(1)
+    watcher = await cluster.watch(gw, "watch")
+    flapper = await cluster.connect(gw, "mallory")
+    await watcher.until({"mallory": "online"})
+    before = len(watcher.of("mallory"))
+    flips = ["away" if i % 2 == 0 else "online" for i in range(31)]  # ends "away"
+    for status in flips:  # 16 a second: within GATEWAY_MESSAGE_RATE, each its own write
+        await flapper.send({"type": "status", "status": status})
+        await asyncio.sleep(0.06)
+    await watcher.until({"mallory": "away"})
+    await asyncio.sleep(2.5)  # anything still due is published by now; read it
+    with contextlib.suppress(TimeoutError):
+        while True:
+            watcher._apply(await watcher.client.recv(0.5))
+    published = watcher.of("mallory")[before:]
+    assert 1 <= len(published) <= 6, f"{len(flips)} flips, {len(published)} published: {published}"
+    assert published[-1] == "away" and watcher.status["mallory"] == "away"
