@@ -21,15 +21,15 @@ from gateway import protocol as p
 from gateway.auth import mint_token
 
 from .gwtest import CHROMIUM, make_items_table, running_gateway, token
+from .test_browser_e2e import rec, wait_for
 
-playwright_api = pytest.importorskip("playwright.async_api")
+pytest.importorskip("playwright.async_api")
 
 pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
     pytest.mark.asyncio(loop_scope="module"),
 ]
 
-WAIT_MS = 20_000
 BLANK = (
     '<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>audit</title>'
     '<script src="/client/gateway.js"></script>'
@@ -82,18 +82,6 @@ async def audit_page(browser: Any, base: str, mint: Callable[[], Any]) -> AsyncI
         yield page
     finally:
         await context.close()
-
-
-async def wait_for(page: Any, expr: str, timeout_ms: int = WAIT_MS) -> None:
-    try:
-        await page.wait_for_function(f"() => {expr}", timeout=timeout_ms)
-    except playwright_api.TimeoutError:
-        state = await page.evaluate("typeof rec === 'undefined' ? null : rec")
-        raise AssertionError(f"timed out waiting for `{expr}`; page recorded {state}") from None
-
-
-async def rec(page: Any, name: str) -> Any:
-    return await page.evaluate(f"rec.{name}")
 
 
 async def sql(dsn: str, *statements: str) -> None:
