@@ -11,15 +11,16 @@ Invariants (what makes "no lost events" hold):
   and dropped; an event above ``pos + 1`` means positions were missed (a lost doorbell, a
   listener reconnect, a batch out of order), and the missing ones are read from the log
   before anything later is delivered.
-* A join reads the topic's head (epoch, pos) *after* the topic is known to be wanted, and
-  it runs in this same task, between batches. A resume's replay (up to
+* A join reads the topic's head (epoch, pos) *after* the topic is known to be wanted, and it
+  runs in this same task, between batches. A resume's replay (up to
   ``GATEWAY_REPLAY_MAX_EVENTS`` events to read, resolve and encode) is done before that,
   outside this task, up to the head as it was then: one client's long replay must not hold
-  up delivery to everyone else. The join here then reads only what committed since. Before the new subscriber is added, the
-  stream is brought up to that head for the existing subscribers, so all subscribers of a
-  topic share one position. The replay (if resuming), then the ``subscribed`` frame, then
-  every later event are written in that order; nothing can slip in between because all of
-  it happens without an ``await`` between the last read and ``hub.add``.
+  up delivery to everyone else. The join here then reads only what committed since. Before
+  the new subscriber is added, the stream is brought up to that head for the existing
+  subscribers, so all subscribers of a topic share one position. The replay (if resuming),
+  then the ``subscribed`` frame, then every later event are written in that order; nothing
+  can slip in between because all of it happens without an ``await`` between the last read
+  and ``hub.add``.
 * After the listener reconnects (or a doorbell says "sync", or the database was
   unreachable), every local topic is caught up from its head: notifications are only a
   doorbell, the log is the truth.
