@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from gateway import protocol as p
 from gateway.auth import mint_token
 
 from .gwtest import CHROMIUM, make_items_table, running_gateway, token
-from .test_browser_e2e import rec, wait_for
+from .test_browser_e2e import client_page, rec, wait_for
 
 pytest.importorskip("playwright.async_api")
 
@@ -30,10 +30,6 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
 ]
 
-BLANK = (
-    '<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>audit</title>'
-    '<script src="/client/gateway.js"></script>'
-)
 HARNESS = """() => {
   window.rec = { states: [], conns: [], appErrors: [], events: [], errors: {}, subscribed: [],
                  notRecovered: [], raw: [] };
@@ -69,19 +65,11 @@ HARNESS = """() => {
 }"""
 
 
-@contextlib.asynccontextmanager
-async def audit_page(browser: Any, base: str, mint: Callable[[], Any]) -> AsyncIterator[Any]:
-    context = await browser.new_context()
-    try:
-        await context.expose_function("mintToken", mint)
-        page = await context.new_page()
-        await page.goto(base + "/healthz")
-        await page.set_content(BLANK)
-        await page.evaluate(HARNESS)
-        await wait_for(page, "rec.states.includes('open')")
-        yield page
-    finally:
-        await context.close()
+def audit_page(
+    browser: Any, base: str, mint: Callable[[], Any]
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """test_browser_e2e's client page, with this module's harness (errors per topic, raw frames)."""
+    return client_page(browser, base, mint, harness=HARNESS)
 
 
 async def sql(dsn: str, *statements: str) -> None:

@@ -121,8 +121,9 @@ async def client_page(
     base: str,
     mint: Callable[[], str],
     tolerate: tuple[str, ...] = (),
+    harness: str = HARNESS,
 ) -> AsyncIterator[Any]:
-    """A page of its own context under ``base`` running HARNESS; tokens come from ``mint()``."""
+    """A page of its own context under ``base`` running ``harness``; tokens come from ``mint()``."""
     context = await browser.new_context(viewport=VIEWPORT)
     errors = BrowserErrors(tolerate)
     try:
@@ -131,7 +132,7 @@ async def client_page(
         errors.watch(page)
         await page.goto(base + "/healthz")
         await page.set_content(BLANK)
-        await page.evaluate(HARNESS)
+        await page.evaluate(harness)
         await wait_for(page, "rec.states.includes('open')")
         yield page
     finally:
