@@ -56,6 +56,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def bare_env() -> dict[str, str]:
+    """This process's environment without any gateway setting: a child gateway sees only what
+    the test gives it, not a GATEWAY_* or DATABASE_URL of the shell that runs the suite."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+
+
 def settings_env(dsn: str, **overrides: Any) -> dict[str, str]:
     env = {
         "GATEWAY_DATABASE_URL": dsn,

@@ -18,13 +18,13 @@ import pytest
 
 from gateway.config import mask_dsn
 
-from .gwtest import REPO, GatewayProcess, free_port, pg_connect, settings_env
+from .gwtest import REPO, GatewayProcess, bare_env, free_port, pg_connect, settings_env
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def cli_env(dsn: str, **overrides: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+    env = bare_env()
     env.update(settings_env(dsn, workers=1, **overrides))
     return env
 

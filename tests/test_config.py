@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from gateway import config
 from gateway.config import ConfigError
 
-from .gwtest import SECRET, free_port
+from .gwtest import SECRET, bare_env, free_port
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -85,7 +84,7 @@ def test_configuration_page_lists_every_setting_and_nothing_else() -> None:
 
 
 def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+    full = bare_env()
     full.update(env)
     full.update({"GATEWAY_PORT": str(free_port()), "GATEWAY_HOST": "127.0.0.1", "GATEWAY_JWT_SECRET": SECRET})
     return subprocess.run(
