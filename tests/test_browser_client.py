@@ -251,3 +251,26 @@ async def test_rate_limited_unsubscribe_does_not_break_a_later_subscribe(browser
             await asyncio.sleep(1)
             assert await rec(page, "errors['room:1']") == []
             assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
+
+
+async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_it(browser: Any, dsn: str) -> None:
+    # The server still has the old subscription until the resent unsubscribe goes through; a
+    # subscribe sent before that would be refused already_subscribed (and the subscription lost).
+    await make_items_table(dsn, "'room:' || owner_id")
+    async with running_gateway(dsn, tables="public.items", message_rate="1") as gw:
+        async with audit_page(browser, gw.base, lambda: token("alice", topics=["room:1"])) as page:
+            await page.evaluate("subscribeTo('room:1')")
+            await wait_for(page, "rec.subscribed.length === 1")
+            await asyncio.sleep(2.5)  # the bucket (burst 2) is full again
+            await page.evaluate("gw.setStatus('away'); gw.setStatus('online'); unsubscribe['room:1']()")
+            await wait_for(page, "rec.raw.some((f) => f.type === 'error' && f.code === 'rate_limited')")
+            await page.evaluate("subscribeTo('room:1')")  # before the client resends the unsubscribe
+            # (The subscribe may be rate-limited too and retried: the client says so, and retries.)
+            refused = "rec.errors['room:1'].filter((e) => e.code !== 'rate_limited')"
+            await wait_for(page, f"rec.subscribed.length === 2 || {refused}.length > 0")
+            assert await page.evaluate(refused) == []
+            assert [s.topics for s in gw.state.ctx.registry.sessions.values()] == [{"room:1"}]
+            await sql(dsn, insert("after resubscribing"))
+            await wait_for(page, "rec.events.length > 0")
+            await asyncio.sleep(0.5)
+            assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]

@@ -106,7 +106,9 @@
       if (this._subs.has(topic)) throw new Error(`already subscribed to ${topic}; call its unsubscribe function first`);
       sub.retries = 0;
       this._subs.set(topic, sub);
-      if (this._ready) this._sendSubscribe(sub);
+      // While an unsubscribe of the topic is unconfirmed the server still has the old
+      // subscription and would refuse this one (already_subscribed): send it once confirmed.
+      if (this._ready && !this._unsubbing(topic)) this._sendSubscribe(sub);
       const unsubscribe = () => this._remove(sub);
       unsubscribe.users = sub.users; // presence: user -> {user, status, last_seen}, kept current
       return unsubscribe;
@@ -116,11 +118,27 @@
       if (!again && this._subs.get(sub.topic) !== sub) return; // already gone: calling twice is harmless
       this._subs.delete(sub.topic);
       clearTimeout(sub.timer);
-      if (this._ready && sub.id != null) {
-        const id = this._nextId++;
-        this._unsubs.set(id, sub.topic);
-        this._send({ type: "unsubscribe", topic: sub.topic, id });
-      }
+      if (this._ready && sub.id != null) this._sendUnsubscribe(sub.topic);
+    }
+
+    _sendUnsubscribe(topic) {
+      const id = this._nextId++;
+      this._unsubs.set(id, topic);
+      this._send({ type: "unsubscribe", topic, id });
+    }
+
+    _unsubbing(topic) {
+      for (const t of this._unsubs.values()) if (t === topic) return true;
+      return false;
+    }
+
+    // An unsubscribe is over (done, or the server no longer had it): a subscription made
+    // meanwhile can go out now.
+    _unsubscribed(id) {
+      const topic = this._unsubs.get(id);
+      this._unsubs.delete(id);
+      const sub = this._subs.get(topic);
+      if (this._ready && sub && sub.id == null && !sub.timer && !this._unsubbing(topic)) this._sendSubscribe(sub);
     }
 
     _sendSubscribe(sub) {
@@ -134,9 +152,7 @@
     // Frames for a topic still being unsubscribed belong to the old subscription.
     _live(topic, presence) {
       const sub = this._subs.get(topic);
-      if (!sub || !sub.presence !== !presence) return null;
-      for (const t of this._unsubs.values()) if (t === topic) return null;
-      return sub;
+      return !sub || !sub.presence !== !presence || this._unsubbing(topic) ? null : sub;
     }
 
     async _connect() {
@@ -177,7 +193,7 @@
         case "welcome": return this._welcome(f);
         case "refreshed": return this._scheduleRefresh(f.expires);
         case "subscribed": return this._subscribed(f);
-        case "unsubscribed": return this._unsubs.delete(f.id);
+        case "unsubscribed": return this._unsubscribed(f.id);
         case "event": return this._event(f);
         case "presence": return this._presence(f);
         case "error": return this._error(f);
@@ -250,10 +266,16 @@
 
     _error(f) {
       const err = fail(f.code, f.message, { topic: f.topic, id: f.id });
-      if (this._unsubs.delete(f.id)) {
-        // Dropped, not done: send it again, unless the topic was subscribed again meanwhile.
-        if (f.code === "rate_limited") setTimeout(() => this._ready && !this._subs.has(f.topic) && this._remove({ topic: f.topic, id: 0 }, true), 1000);
-        return; // else: unsubscribing what the server no longer had
+      const unsub = this._unsubs.get(f.id);
+      if (unsub != null) {
+        // Dropped, not done: send it again. It stays pending meanwhile, so the old
+        // subscription's frames are ignored and a new subscription to the topic waits.
+        if (f.code === "rate_limited") {
+          return setTimeout(() => {
+            if (this._unsubs.delete(f.id) && this._ready) this._sendUnsubscribe(unsub);
+          }, 1000);
+        }
+        return this._unsubscribed(f.id); // else: unsubscribing what the server no longer had
       }
       // A refresh the server refused or dropped: try again while the old token lasts.
       if (f.id == null && f.topic == null && (f.code === "bad_token" || f.code === "rate_limited")) this._timer("refresh", () => this._refresh(), 5000);
