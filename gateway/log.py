@@ -56,16 +56,23 @@ class EventLog:
             if create and missing:
                 # Only topics that have no row: INSERT .. ON CONFLICT on a row a writer holds
                 # locked would wait for that writer's transaction, and the pipeline with it.
-                async with conn.transaction():
-                    if lock_timeout is not None:
-                        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}")
-                    await conn.execute(
-                        "INSERT INTO gateway.topics (topic) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
-                        missing,
-                    )
-                heads.update(
-                    {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, missing)}
+                insert = (
+                    "INSERT INTO gateway.topics (topic) SELECT unnest($1::text[]) ORDER BY 1 "
+                    "ON CONFLICT DO NOTHING RETURNING topic, epoch, pos"
                 )
+                if lock_timeout is None:
+                    created = await conn.fetch(insert, missing)
+                else:
+                    async with conn.transaction():
+                        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}")
+                        created = await conn.fetch(insert, missing)
+                heads.update({r["topic"]: Head(r["epoch"], r["pos"]) for r in created})
+                # Rows another session created meanwhile (skipped by ON CONFLICT) are read back.
+                raced = [t for t in missing if t not in heads]
+                if raced:
+                    heads.update(
+                        {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, raced)}
+                    )
         return heads
 
     async def read(self, ranges: list[tuple[str, int, int]]) -> list[LogEvent]:
