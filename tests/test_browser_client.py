@@ -253,7 +253,9 @@ async def test_rate_limited_unsubscribe_does_not_break_a_later_subscribe(browser
             assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
 
 
-async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_it(browser: Any, dsn: str) -> None:
+async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_it(
+    browser: Any, dsn: str
+) -> None:
     # The server still has the old subscription until the resent unsubscribe goes through; a
     # subscribe sent before that would be refused already_subscribed (and the subscription lost).
     await make_items_table(dsn, "'room:' || owner_id")
