@@ -139,11 +139,10 @@ def add_demo_routes(app: web.Application, settings: Settings) -> None:
     async def tasks(request: web.Request) -> web.Response:
         conn = await asyncpg.connect(settings.database_url)
         try:
-            await conn.execute("INSERT INTO gateway.topics (topic) VALUES ($1) ON CONFLICT DO NOTHING", TOPIC)
             # One snapshot for the rows and the position: subscribing with since=this
             # position then delivers exactly the changes after what the page shows.
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                head = await conn.fetchrow("SELECT epoch, pos FROM gateway.topics WHERE topic = $1", TOPIC)
+                head = await conn.fetchrow("SELECT epoch, pos FROM gateway.heads(ARRAY[$1::text])", TOPIC)
                 rows = await conn.fetch(
                     "SELECT row_to_json(t)::text AS j FROM public.demo_tasks t WHERE board = 'demo' ORDER BY id"
                 )

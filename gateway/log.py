@@ -41,39 +41,12 @@ class EventLog:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def heads(
-        self, topics: list[str], *, create: bool = False, lock_timeout: float | None = None
-    ) -> dict[str, Head]:
-        """Epoch and last position of each topic. With ``create``, topics without a row get one
-        (position 0, a new epoch), so a subscriber learns the epoch its first event will carry.
-
-        Creating a row waits for a writer whose open transaction is creating the same row; with
-        ``lock_timeout`` (seconds) that wait raises asyncpg.LockNotAvailableError instead."""
-        select = "SELECT topic, epoch, pos FROM gateway.topics WHERE topic = ANY($1::text[])"
+    async def heads(self, topics: list[str]) -> dict[str, Head]:
+        """Epoch and last position of each topic; (its first epoch, 0) for a topic never written
+        to, which has no row (sql/009_first_epoch.sql): reading a head never writes or waits."""
         async with self._pool.acquire() as conn:
-            heads = {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, topics)}
-            missing = [t for t in topics if t not in heads]
-            if create and missing:
-                # Only topics that have no row: INSERT .. ON CONFLICT on a row a writer holds
-                # locked would wait for that writer's transaction, and the pipeline with it.
-                insert = (
-                    "INSERT INTO gateway.topics (topic) SELECT unnest($1::text[]) ORDER BY 1 "
-                    "ON CONFLICT DO NOTHING RETURNING topic, epoch, pos"
-                )
-                if lock_timeout is None:
-                    created = await conn.fetch(insert, missing)
-                else:
-                    async with conn.transaction():
-                        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}")
-                        created = await conn.fetch(insert, missing)
-                heads.update({r["topic"]: Head(r["epoch"], r["pos"]) for r in created})
-                # Rows another session created meanwhile (skipped by ON CONFLICT) are read back.
-                raced = [t for t in missing if t not in heads]
-                if raced:
-                    heads.update(
-                        {r["topic"]: Head(r["epoch"], r["pos"]) for r in await conn.fetch(select, raced)}
-                    )
-        return heads
+            rows = await conn.fetch("SELECT topic, epoch, pos FROM gateway.heads($1::text[])", topics)
+        return {r["topic"]: Head(r["epoch"], r["pos"]) for r in rows}
 
     async def read(self, ranges: list[tuple[str, int, int]]) -> list[LogEvent]:
         """Events with ``lo <= pos <= hi`` for each (topic, lo, hi), ordered by topic and position."""

@@ -184,12 +184,11 @@ class Pipeline:
     async def join(self, topic: str, member: Member, since: Since | None, req_id: int | None) -> Subscribed:
         """Subscribe ``member``; its replay, then the ack, then every later event.
 
-        The slow parts run here, in the caller's task, before the join is queued for the
-        pipeline task: creating the topic's row (which waits for a writer whose open
-        transaction is creating it too) and a resume's replay. They hold up this subscriber
-        only; in the pipeline task they would hold up every topic's delivery."""
+        The slow part runs here, in the caller's task, before the join is queued for the
+        pipeline task: a resume's replay. It holds up this subscriber only; in the pipeline
+        task it would hold up every topic's delivery."""
         try:
-            head = (await self._log.heads([topic], create=True))[topic]
+            head = (await self._log.heads([topic]))[topic]
             prefetched = None
             if since is not None:
                 async with self._replay_slots:
@@ -343,9 +342,9 @@ class Pipeline:
             # doorbell from before a reset we already followed. Only the head can tell.
             heads = await self._log.heads(sorted(other_epoch))
             for topic in other_epoch:
-                head = heads.get(topic)
+                head = heads[topic]
                 stream = self._streams.get(topic)
-                if stream is None or head is None or head.epoch == stream.epoch:
+                if stream is None or head.epoch == stream.epoch:
                     continue  # stale: the current stream's marks (if any) stand
                 self._not_recovered(topic, Head(head.epoch, 0), "the topic's stream was reset")
                 stream.epoch, stream.pos = head.epoch, 0
@@ -458,9 +457,7 @@ class Pipeline:
 
     async def _join(self, joins: list[JoinRequest]) -> None:
         topics = sorted({j.topic for j in joins})
-        # join() created the rows; one deleted since (gateway.reset_topic) is created again,
-        # but never by waiting here for a writer's transaction: that would stop every topic.
-        heads = await self._log.heads(topics, create=True, lock_timeout=0.5)
+        heads = await self._log.heads(topics)
         # Bring streams that already have subscribers up to the head first.
         catch_up: list[tuple[str, str, int]] = []
         for topic in topics:

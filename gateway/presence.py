@@ -192,18 +192,11 @@ class Presence:
     async def subscribe(self, session: Session, topic: str, req_id: int | None) -> None:
         try:
             async with self._pool.acquire(timeout=CALL_TIMEOUT) as conn:
-                # Outside the snapshot transaction: a topic nobody published to yet gets its
-                # row (and epoch) here, so the head read below always finds one.
-                await conn.execute(
-                    "INSERT INTO gateway.topics (topic) VALUES ($1) ON CONFLICT DO NOTHING",
-                    topic,
-                    timeout=CALL_TIMEOUT,
-                )
                 # One snapshot for both reads: a change is in the rows and below the head, or
                 # in neither, and then the pipeline replays it after the head.
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     head = await conn.fetchrow(
-                        "SELECT epoch, pos FROM gateway.topics WHERE topic = $1", topic, timeout=CALL_TIMEOUT
+                        "SELECT epoch, pos FROM gateway.heads(ARRAY[$1::text])", topic, timeout=CALL_TIMEOUT
                     )
                     rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
         except DB_ERRORS as exc:
@@ -211,8 +204,6 @@ class Presence:
                 "presence subscribe to %s: database unreachable (%s: %s)", topic, type(exc).__name__, exc
             )
             raise Unavailable(UNREACHABLE) from exc
-        if head is None:
-            raise Unavailable(f"topic {topic} was reset while subscribing; subscribe again")
         if session.closed or topic not in session.presence_topics:
             return  # closed or unsubscribed while we read
         session.send(

@@ -67,7 +67,7 @@ async def prepare(dsn: str) -> str:
 async def heads(dsn: str, topics: list[str]) -> dict[str, int]:
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT topic, pos FROM gateway.topics WHERE topic = ANY($1::text[])", topics)
+        rows = await conn.fetch("SELECT topic, pos FROM gateway.heads($1::text[])", topics)
         return {r["topic"]: r["pos"] for r in rows}
     finally:
         await conn.close()

@@ -231,9 +231,10 @@ async def test_a_long_replay_does_not_hold_up_delivery_to_others(dsn: str) -> No
             await db.close()
 
 
-async def test_joining_a_topic_an_open_transaction_is_creating_holds_up_no_other_topic(dsn: str) -> None:
-    """A writer's open transaction is creating the topic's row (its first event); a subscribe to
-    that topic must wait for it alone, not stop delivery on every other topic meanwhile."""
+async def test_joining_a_topic_an_open_transaction_is_creating_waits_for_nothing(dsn: str) -> None:
+    """A writer's open transaction is creating the topic's row (its first event). Subscribing
+    to that topic reads its head without writing (sql/009_first_epoch.sql), so it is answered
+    at once with the topic's first epoch, and the writer's event continues that stream."""
     await make_items_table(dsn)
     async with running_gateway(dsn, tables="public.items") as gw:
         db = await asyncpg.connect(dsn)
@@ -246,18 +247,37 @@ async def test_joining_a_topic_an_open_transaction_is_creating_holds_up_no_other
             await tx.start()
             await holder.execute("INSERT INTO items (owner_id, title) VALUES (1, 'held open')")
             joiner = await gw.connect("1")
-            await joiner.subscribe("user:1", expect=False)
-            await wait_for_lock_wait(
-                db, "INSERT INTO gateway.topics%", "the subscribe to wait for the writer creating the topic"
-            )
+            ack = await joiner.subscribe("user:1")
+            assert ack["pos"] == 0
+            assert ack["epoch"] == await db.fetchval("SELECT gateway.first_epoch('user:1')")
             await db.execute("INSERT INTO items (owner_id, title) VALUES (2, 'other topic')")
             (event,) = await other.events(1, timeout=10)
             assert event["row"]["title"] == "other topic"
             await tx.commit()
-            ack = await joiner.expect("subscribed")
-            assert ack["pos"] == 1  # the writer's event is before the ack: the row had it
+            (first,) = await joiner.events(1, timeout=10)
+            assert (first["epoch"], first["pos"], first["row"]["title"]) == (ack["epoch"], 1, "held open")
+            assert (
+                await db.fetchval("SELECT epoch FROM gateway.topics WHERE topic = 'user:1'") == ack["epoch"]
+            )
         finally:
             await holder.close()
+            await db.close()
+
+
+async def test_subscribing_writes_no_topic_rows(dsn: str) -> None:
+    """Subscribing to topics nobody wrote to leaves gateway.topics as it was: a user allowed
+    `room:*` cannot grow it by subscribing to room:1, room:2, ..."""
+    await make_items_table(dsn)
+    async with running_gateway(dsn, tables="public.items") as gw:
+        db = await asyncpg.connect(dsn)
+        try:
+            before = await db.fetchval("SELECT count(*) FROM gateway.topics")
+            c = await gw.connect("u", topics=["room:*"])
+            acks = [await c.subscribe(f"room:{i}") for i in range(20)]
+            assert [a["pos"] for a in acks] == [0] * 20
+            assert len({a["epoch"] for a in acks}) == 20  # each topic's own first epoch
+            assert await db.fetchval("SELECT count(*) FROM gateway.topics") == before
+        finally:
             await db.close()
 
 

@@ -21,9 +21,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.migrate import migrate
 from gateway.relay import Relay
 
-from .gwtest import relay_running, wait_until
+from .gwtest import relay_running, wait_for_lock_wait, wait_until
 
 MIGRATIONS = sorted((Path(__file__).resolve().parent.parent / "sql").glob("[0-9][0-9][0-9]_*.sql"))
 NOTIFY_LIMIT = 8000  # PostgreSQL rejects payloads of 8000 bytes or more
@@ -365,6 +366,65 @@ async def test_reset_topic_starts_a_new_epoch_at_one(db: asyncpg.Connection, bel
     rung = named(await bells.collect(db))
     assert ("user:1", new_epoch, 1, "u", "1") in rung
     assert {(e[1], e[2]) for e in rung} <= {(new_epoch, 1), (old_epoch, 1), (old_epoch, 2)}
+
+
+async def test_reset_topic_waits_out_a_writer_and_leaves_none_of_its_events(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    # A writer is appending position 3 when the reset starts. Deleting the events before
+    # taking the head's lock missed that event: it stayed in the log, and the new stream's
+    # own position 3 then failed on the primary key.
+    await make_items(db)
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a'), (2, 1, 'b')")
+    writer = await asyncpg.connect(dsn)
+    resetter = await asyncpg.connect(dsn)
+    try:
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute("INSERT INTO items VALUES (3, 1, 'c')")  # position 3, not committed
+        reset = asyncio.ensure_future(resetter.execute("SELECT gateway.reset_topic('user:1')"))
+        await wait_for_lock_wait(db, "%reset_topic%", "the reset to wait for the writer")
+        await tx.commit()
+        await reset
+    finally:
+        await writer.close()
+        await resetter.close()
+    assert await events(db, "user:1") == []
+    await db.execute("INSERT INTO items SELECT g, 1, 'new' FROM generate_series(4, 7) g")
+    assert [e[1] for e in await events(db, "user:1")] == [1, 2, 3, 4]
+
+
+async def test_first_epochs_are_the_installation_s_own(dsn: str, blank_dsn: str) -> None:
+    # A database set up again from scratch must not hand out the epochs of the old one: a
+    # client resuming "after position 5 of epoch E" would be replayed another stream's events.
+    await migrate(blank_dsn)
+    firsts = []
+    for d in (dsn, blank_dsn):
+        conn = await asyncpg.connect(d)
+        try:
+            firsts.append(await conn.fetchval("SELECT epoch FROM gateway.heads(ARRAY['room:1'])"))
+            assert await conn.fetchval("SELECT count(*) FROM gateway.topics WHERE topic = 'room:1'") == 0
+        finally:
+            await conn.close()
+    assert firsts[0] != firsts[1]
+
+
+async def test_a_topic_s_first_row_starts_with_the_epoch_heads_reported(db: asyncpg.Connection) -> None:
+    await make_items(db)
+    told = await db.fetch(
+        "SELECT topic, epoch, pos FROM gateway.heads(ARRAY['user:1', 'user:2', 'user:1', NULL])"
+    )
+    assert sorted((r["topic"], r["pos"]) for r in told) == [("user:1", 0), ("user:2", 0)]
+    # Each way a row is created: a row trigger, a multi-topic statement, emit().
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a')")
+    await db.execute("INSERT INTO items VALUES (2, 2, 'b'), (3, 3, 'c')")
+    await db.execute("SELECT gateway.emit('room:9', '{}')")
+    for r in await db.fetch(
+        "SELECT topic, epoch, pos FROM gateway.heads(ARRAY['user:1', 'user:2', 'user:3', 'room:9'])"
+    ):
+        assert r["epoch"] == await db.fetchval("SELECT gateway.first_epoch($1)", r["topic"])
+        assert r["epoch"] == await epoch_of(db, r["topic"]) and r["pos"] == 1
+    assert {r["topic"]: r["epoch"] for r in told}["user:1"] == await epoch_of(db, "user:1")
 
 
 async def test_migration_twice_is_harmless(db: asyncpg.Connection, bells: Doorbells) -> None:
