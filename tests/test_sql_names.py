@@ -1,0 +1,222 @@
+"""Names in the SQL API (sql/008_publish_names.sql), against a real PostgreSQL: the functions
+gateway.publish() generates.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.migrate import migrate
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
+# The kinds of function publish() generates per table (sql/004; 'doorbell' until then).
+KINDS = ("topic", "row_topic", "capture_insert", "capture_update", "capture_delete")
+GENERATED_SQL = "^(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_"
+NAME_LIMIT = 63  # PostgreSQL's max_identifier_length, in bytes
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def generated(db: asyncpg.Connection) -> dict[str, str]:
+    """Every function in schema gateway named like a generated one: name -> its definition."""
+    rows = await db.fetch(
+        "SELECT proname::text AS name, pg_get_functiondef(oid) AS def FROM pg_proc "
+        "WHERE pronamespace = 'gateway'::regnamespace AND proname ~ $1",
+        GENERATED_SQL,
+    )
+    return {r["name"]: r["def"] for r in rows}
+
+
+async def expected_names(db: asyncpg.Connection, table: str) -> set[str]:
+    """The names capture_name() gives the functions of a table."""
+    rows = await db.fetch(
+        "SELECT gateway.capture_name($1::regclass, k) FROM unnest($2::text[]) AS k", table, KINDS
+    )
+    return {r[0] for r in rows}
+
+
+async def gateway_triggers(db: asyncpg.Connection, table: str) -> list[str]:
+    rows = await db.fetch(
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname LIKE 'gateway%' ORDER BY 1",
+        table,
+    )
+    return [r[0] for r in rows]
+
+
+async def events_of(db: asyncpg.Connection, table_name: str) -> list[tuple[Any, ...]]:
+    rows = await db.fetch(
+        "SELECT topic, pos, op::text, key FROM gateway.events WHERE tbl = $1 ORDER BY topic, pos", table_name
+    )
+    return [tuple(r) for r in rows]
+
+
+async def check_capture(db: asyncpg.Connection, table: str, table_name: str, first_id: int) -> None:
+    """An insert, an update moving the row and a delete on a published (id, owner) table log their events."""
+    before = await events_of(db, table_name)
+    await db.execute(f"INSERT INTO {table} VALUES ({first_id}, 1)")
+    await db.execute(f"UPDATE {table} SET owner = 2 WHERE id = {first_id}")
+    await db.execute(f"DELETE FROM {table} WHERE id = {first_id}")
+    new = [e for e in await events_of(db, table_name) if e not in before]
+    key = str(first_id)
+    assert sorted((t, op, k) for t, _p, op, k in new) == [
+        ("user:1", "d", key),
+        ("user:1", "i", key),
+        ("user:2", "d", key),
+        ("user:2", "u", key),
+    ]
+
+
+# Schema and table names of at most 63 bytes each (PostgreSQL would cut the table's name
+# itself otherwise), whose schema_table is far over the 36 bytes capture_name() keeps.
+LONG_NAMES = [
+    ("public", "заказы_покупателей_интернет_ма"),  # 30 Cyrillic letters: 60 bytes
+    ("склад_данных", "注文履歴テーブルの非常に長い名前です"),  # 18 CJK letters: 54 bytes
+]
+
+
+@pytest.mark.parametrize(("schema", "table"), LONG_NAMES)
+async def test_long_non_ascii_table_is_published_again_and_unpublished_without_leftovers(
+    db: asyncpg.Connection, schema: str, table: str
+) -> None:
+    qualified = f'"{schema}"."{table}"'
+    await db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    await db.execute(f"CREATE TABLE {qualified} (id int PRIMARY KEY, owner int)")
+    before = await generated(db)
+
+    await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", qualified)
+    first = await generated(db)
+    # Published twice: before sql/008 this failed, "function ... already exists".
+    await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", qualified)
+    names = await expected_names(db, qualified)
+    assert set(await generated(db)) - set(before) == names == set(first) - set(before)
+    assert all(len(n.encode()) <= NAME_LIMIT for n in names)
+    # The hash survives: the names tell this table apart from one sharing its first letters.
+    assert all(re.search(r"_[0-9a-f]{8}$", n) for n in names)
+    row_topic = await db.fetchval(
+        "SELECT row_topic FROM gateway.published WHERE tbl = $1::regclass", qualified
+    )
+    assert row_topic in names
+    await check_capture(db, qualified, f"{schema}.{table}", 1)
+
+    await db.execute("SELECT gateway.unpublish($1)", qualified)
+    assert await generated(db) == before
+    assert await gateway_triggers(db, qualified) == []
+    assert await db.fetchval("SELECT count(*) FROM gateway.published") == 0
+
+
+def migrations_dir(tmp_path: Path, name: str, below: int) -> Path:
+    """A directory holding the repository's migrations whose version is below ``below``."""
+    directory = tmp_path / name
+    directory.mkdir()
+    for path in sorted(REPO_SQL.glob("*.sql")):
+        if int(path.name.split("_", 1)[0]) < below:
+            shutil.copy(path, directory / path.name)
+    return directory
+
+
+def normalized(definition: str) -> str:
+    """A generated function's definition with the generated names left out."""
+    return re.sub(
+        r'(?<![A-Za-z0-9_])(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_[^"(\s]*',
+        r"\1_",
+        definition,
+    )
+
+
+async def test_upgrade_renames_functions_of_non_ascii_tables_and_leaves_the_triggers_as_they_were(
+    blank_dsn: str, tmp_path: Path
+) -> None:
+    """A database that published tables before sql/008, with capture_name() as it was: 008
+    re-publishes them under names that fit, dropping the old functions, with trigger bodies
+    identical but for those names (byte-identical for an ASCII table)."""
+    await migrate(blank_dsn, directory=migrations_dir(tmp_path, "before", 8))
+    db = await asyncpg.connect(blank_dsn)
+    try:
+        assert await generated(db) == {}
+        assert "left(n.nspname || '_' || c.relname, 36)" in await db.fetchval(
+            "SELECT prosrc FROM pg_proc WHERE oid = 'gateway.capture_name(regclass, text)'::regprocedure"
+        ), "this test needs capture_name() as it was before sql/008"
+        tables = {
+            "public.items": "public.items",
+            '"public"."история_покупок_клиентов_магазина"': "public.история_покупок_клиентов_магазина",
+            '"склад_данных"."注文履歴テーブルの非常に長い名前です"': "склад_данных.注文履歴テーブルの非常に長い名前です",
+        }
+        await db.execute('CREATE SCHEMA "склад_данных"')
+        for table in (*tables, '"public"."заказы_покупателей_интернет_ма"'):
+            await db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, owner int)")
+            await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", table)
+        # Unpublished before the upgrade: the old unpublish() left its functions behind.
+        await db.execute("""SELECT gateway.unpublish('"public"."заказы_покупателей_интернет_ма"')""")
+        old = await generated(db)
+        assert len(old) == 4 * len(KINDS)
+        # Over 60 bytes: cut by PostgreSQL (capture_name() means at most 60), the bug at hand.
+        assert any(len(n.encode()) > 60 for n in old)
+        items_old = {n: d for n, d in old.items() if n in await expected_names(db, "items")}
+        assert len(items_old) == len(KINDS)
+    finally:
+        await db.close()
+
+    await migrate(blank_dsn, directory=migrations_dir(tmp_path, "with_008", 9))
+    db = await asyncpg.connect(blank_dsn)
+    try:
+        new = await generated(db)
+        expected: set[str] = set()
+        for table in tables:
+            expected |= await expected_names(db, table)
+        assert all(len(n.encode()) <= NAME_LIMIT for n in expected)
+        # The published tables' old functions are gone; those the unpublished table left
+        # behind stay until it is published or unpublished again.
+        left_behind = {n for n in old if "заказы" in n}
+        assert set(new) == expected | left_behind
+        assert len(set(old) - set(new)) == 2 * len(KINDS)  # the two non-ASCII tables'
+        assert len(left_behind) == len(KINDS)
+        # The triggers run the same code: an ASCII table's functions did not even change name.
+        assert {n: new[n] for n in items_old} == items_old
+        assert sorted(normalized(d) for n, d in new.items() if n in expected) == sorted(
+            normalized(d) for n, d in old.items() if "заказы" not in n
+        )
+        for i, (table, table_name) in enumerate(tables.items()):
+            await check_capture(db, table, table_name, 10 + i)
+
+        await db.execute(
+            """SELECT gateway.publish('"public"."заказы_покупателей_интернет_ма"', 'owner::text')"""
+        )
+        for table in (*tables, '"public"."заказы_покупателей_интернет_ма"'):
+            await db.execute("SELECT gateway.unpublish($1)", table)
+            assert await gateway_triggers(db, table) == []
+        assert await generated(db) == {}
+    finally:
+        await db.close()
+
+
+async def test_unpublish_keeps_the_functions_the_topic_expression_calls(db: asyncpg.Connection) -> None:
+    """unpublish() finds the topic function by its name in the generated functions' code; a
+    function of the caller's, called by the topic expression, is not one of them, even in
+    schema gateway and named topic_..."""
+    await db.execute(
+        "CREATE FUNCTION gateway.topic_for(owner int) RETURNS text LANGUAGE sql AS $$SELECT 'user:' || owner$$"
+    )
+    await db.execute("CREATE TABLE t (id int PRIMARY KEY, owner int)")
+    before = await generated(db)
+    await db.execute("SELECT gateway.publish('t', 'gateway.topic_for(owner)')")
+    await db.execute("SELECT gateway.publish('t', 'gateway.topic_for(owner)')")
+    await check_capture(db, "t", "public.t", 1)
+    await db.execute("SELECT gateway.unpublish('t')")
+    assert await generated(db) == before
+    assert "topic_for" in before
