@@ -1,4 +1,5 @@
--- 008: names that publish() gets right.
+-- 008: names that publish() gets right: generated function names that fit whatever the
+-- table is called, and a one-column primary key whatever its name.
 --
 -- 1. Generated function names. gateway.publish() names the functions it generates after the
 --    table (capture_name(), sql/001), cutting the readable schema_table part to 36
@@ -17,6 +18,10 @@
 --      under either.
 --    * Every published table is re-published at the end: the functions of a non-ASCII table
 --      get names that fit and the old ones are dropped. The trigger bodies are unchanged.
+-- 2. The default key column. publish() took the primary key for a composite one when the list
+--    of its column names held a comma: a one-column key named "a,b" was refused, and so was
+--    any key with INCLUDE columns (they were listed too). It now counts the key columns
+--    (pg_index.indnkeyatts). publish() is restated for that; what it generates is unchanged.
 -- Every statement here is idempotent.
 
 -- The longest prefix of p_text that is at most p_bytes bytes long, cut between characters
@@ -114,6 +119,187 @@ BEGIN
     FOREACH f IN ARRAY generated LOOP
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
+END
+$$;
+
+-- Attach the capture triggers to a table:
+--   SELECT gateway.publish('public.items', $$'user:' || owner_id$$);
+-- `p_topic` is an SQL expression over the row's columns giving its topic (rows where it
+-- is NULL are not published). `p_key` is the key column (default: the primary key, which
+-- must then have a single key column). Calling it again replaces the previous settings.
+-- The version of sql/004, whose comments say what it generates and why the triggers look as
+-- they do, but for the default key: decided by the number of key columns, not by a comma in
+-- the list of their names.
+CREATE OR REPLACE FUNCTION gateway.publish(p_table regclass, p_topic text, p_key text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    tbl_name text;
+    kind "char";
+    key_type regtype;
+    key_count bigint;
+    key_list text;
+    key_same text;
+    topic_fn text;
+    mark text;
+    params text;
+    new_args text;
+    old_args text;
+    row_args text;
+    plain_args text;
+    probe text;
+    -- The part shared by the three row triggers: append the event.
+    -- %1$s: 'i'/'u'/'d'; %2$s: NEW/OLD; %3$L: table name; %4$I: key column.
+    tail text := $t$
+            IF gw_topic IS NULL THEN
+                RETURN NULL;
+            END IF;
+            UPDATE gateway.topics SET pos = pos + 1 WHERE topic = gw_topic RETURNING pos INTO gw_pos;
+            IF NOT FOUND THEN
+                INSERT INTO gateway.topics AS h (topic, pos) VALUES (gw_topic, 1)
+                ON CONFLICT (topic) DO UPDATE SET pos = h.pos + 1
+                RETURNING h.pos INTO gw_pos;
+            END IF;
+            INSERT INTO gateway.events (topic, pos, op, tbl, key) VALUES (gw_topic, gw_pos, '%1$s', %3$L, (%2$s.%4$I)::text);
+            -- gateway.ring(), inline: wake the relay unless it polls anyway.
+            IF coalesce(pg_sequence_last_value('gateway.relay_awake_until'), 0)
+               < date_part('epoch', clock_timestamp()) * 1000 THEN
+                gw_x := pg_notify('gateway_poll', '');
+            END IF;
+            RETURN NULL;
+        END
+    $t$;
+    -- %4$L: the transaction-local setting counting the rows of a multi-row statement still to
+    -- come; %5$s: the transition table (all the statement's rows are in it before the first
+    -- AFTER ROW trigger fires); %6$s: a query of the statement's topics.
+    head text := $h$
+        CREATE FUNCTION gateway.%1$I() RETURNS trigger LANGUAGE plpgsql AS $body$
+        DECLARE
+            gw_topic text := %2$s(%3$s);
+            gw_pos bigint;
+            gw_x text;
+        BEGIN
+            IF EXISTS (SELECT 1 FROM %5$s OFFSET 1) THEN
+                -- Several rows: at the first, lock all their topics in sorted order.
+                gw_x := current_setting(%4$L, true);
+                IF gw_x IS NULL OR gw_x IN ('', '0') THEN
+                    PERFORM gateway.lock_topics(ARRAY(%6$s));
+                    gw_x := (SELECT count(*) FROM %5$s)::text;
+                END IF;
+                gw_x := set_config(%4$L, (gw_x::bigint - 1)::text, true);
+            END IF;
+    $h$;
+BEGIN
+    IF p_table IS NULL THEN
+        RAISE EXCEPTION 'gateway.publish: the table must not be NULL';
+    END IF;
+    SELECT format('%s.%s', n.nspname, c.relname), c.relkind INTO tbl_name, kind
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'gateway.publish: % is not a table', tbl_name;
+    END IF;
+    IF p_topic IS NULL OR btrim(p_topic) = '' THEN
+        RAISE EXCEPTION 'gateway.publish: the topic expression for % is empty', tbl_name;
+    END IF;
+
+    IF p_key IS NULL THEN
+        -- Counted, not told apart by commas in the list of names: a name may hold a comma.
+        -- Only the first indnkeyatts columns are the key; the rest are INCLUDE columns.
+        SELECT count(*), min(a.attname::text), string_agg(quote_ident(a.attname), ', ' ORDER BY k.n)
+        INTO key_count, p_key, key_list
+        FROM pg_index i CROSS JOIN generate_series(0, i.indnkeyatts - 1) AS k(n)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[k.n]
+        WHERE i.indrelid = p_table AND i.indisprimary;
+        IF key_count = 0 THEN
+            RAISE EXCEPTION 'gateway.publish: % has no primary key; pass the key column as the third argument', tbl_name;
+        END IF;
+        IF key_count > 1 THEN
+            RAISE EXCEPTION 'gateway.publish: % has a composite primary key (%); pass one unique column as the third argument', tbl_name, key_list;
+        END IF;
+    END IF;
+    SELECT a.atttypid INTO key_type
+    FROM pg_attribute a WHERE a.attrelid = p_table AND a.attname = p_key AND a.attnum > 0 AND NOT a.attisdropped;
+    IF key_type IS NULL THEN
+        RAISE EXCEPTION 'gateway.publish: % has no column %', tbl_name, p_key;
+    END IF;
+    -- An UPDATE compares the old and new key: directly if the type has an equality, else as text.
+    BEGIN
+        EXECUTE format('SELECT NULL::%s IS DISTINCT FROM NULL::%s', key_type, key_type);
+        key_same := format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', p_key);
+    EXCEPTION WHEN OTHERS THEN
+        key_same := format('(OLD.%1$I)::text IS DISTINCT FROM (NEW.%1$I)::text', p_key);
+    END;
+
+    -- Fail now, with the table's name, if the expression does not work on this table. The
+    -- probe view also tells which columns the expression uses: those it depends on.
+    probe := 'gateway_publish_probe_' || pg_backend_pid();
+    BEGIN
+        EXECUTE format('CREATE TEMPORARY VIEW %I AS SELECT (%s)::text AS topic FROM %s', probe, p_topic, p_table);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'gateway.publish: topic expression % does not work on %: %', p_topic, tbl_name, SQLERRM;
+    END;
+    SELECT string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum),
+           string_agg(format('NEW.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('OLD.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('($1).%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum)
+    INTO params, new_args, old_args, row_args, plain_args
+    FROM pg_attribute a
+    WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attnum IN (
+        SELECT d.refobjsubid FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+        WHERE d.classid = 'pg_rewrite'::regclass AND r.ev_class = format('pg_temp.%I', probe)::regclass
+          AND d.refclassid = 'pg_class'::regclass AND d.refobjid = p_table);
+    EXECUTE format('DROP VIEW pg_temp.%I', probe);
+
+    PERFORM gateway.unpublish(p_table);
+    topic_fn := format('gateway.%I', gateway.capture_name(p_table, 'topic'));
+    mark := 'gateway.rows_left_' || p_table::oid;
+    -- Not STRICT and VOLATILE (the default): the expression keeps its meaning whatever it
+    -- calls, and an SQL function declared so is still inlined.
+    BEGIN
+        EXECUTE format('CREATE FUNCTION %s(%s) RETURNS text LANGUAGE sql AS %L',
+                       topic_fn, coalesce(params, ''), format('SELECT (%s)::text', p_topic));
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'gateway.publish: topic expression % does not work on %: %', p_topic, tbl_name, SQLERRM;
+    END;
+    -- The topic of a whole row: the gateway checks, when it reads a row to send it, that the
+    -- row still belongs to the event's topic (it may have moved since the event was written).
+    EXECUTE format('CREATE FUNCTION gateway.%I(%s) RETURNS text LANGUAGE sql AS %L',
+                   gateway.capture_name(p_table, 'row_topic'), p_table,
+                   format('SELECT %s(%s)', topic_fn, coalesce(row_args, '')));
+    INSERT INTO gateway.published (tbl, key_column, topic, row_topic)
+    VALUES (p_table, p_key, p_topic, gateway.capture_name(p_table, 'row_topic'));
+
+    EXECUTE format(head, gateway.capture_name(p_table, 'capture_insert'), topic_fn, coalesce(new_args, ''), mark,
+                   'gateway_new', format('SELECT %s(%s) FROM gateway_new', topic_fn, coalesce(plain_args, '')))
+            || format(tail, 'i', 'NEW', tbl_name, p_key) || '$body$';
+    EXECUTE format(head, gateway.capture_name(p_table, 'capture_delete'), topic_fn, coalesce(old_args, ''), mark,
+                   'gateway_old', format('SELECT %s(%s) FROM gateway_old', topic_fn, coalesce(plain_args, '')))
+            || format(tail, 'd', 'OLD', tbl_name, p_key) || '$body$';
+    EXECUTE format(head, gateway.capture_name(p_table, 'capture_update'), topic_fn, coalesce(new_args, ''), mark,
+                   'gateway_new',
+                   format('SELECT %1$s(%2$s) FROM gateway_new UNION ALL SELECT %1$s(%2$s) FROM gateway_old',
+                          topic_fn, coalesce(plain_args, '')))
+            || format($u$
+            -- A row that moved to another topic (or got another key) is deleted where it was.
+            -- It touches two topics: lock them in sorted order (a multi-row statement has).
+            IF %1$s OR %2$s(%3$s) IS DISTINCT FROM gw_topic THEN
+                PERFORM gateway.lock_topics(ARRAY[%2$s(%3$s), gw_topic]);
+                gw_pos := gateway.log_event(%4$L, 'd', %2$s(%3$s), (OLD.%5$I)::text);
+            END IF;
+            $u$, key_same, topic_fn, coalesce(old_args, ''), tbl_name, p_key)
+            || format(tail, 'u', 'NEW', tbl_name, p_key) || '$body$';
+
+    EXECUTE format('CREATE TRIGGER gateway_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS gateway_new '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+                   p_table, gateway.capture_name(p_table, 'capture_insert'));
+    EXECUTE format('CREATE TRIGGER gateway_capture_update AFTER UPDATE ON %s '
+                   'REFERENCING OLD TABLE AS gateway_old NEW TABLE AS gateway_new '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+                   p_table, gateway.capture_name(p_table, 'capture_update'));
+    EXECUTE format('CREATE TRIGGER gateway_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS gateway_old '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+                   p_table, gateway.capture_name(p_table, 'capture_delete'));
 END
 $$;
 

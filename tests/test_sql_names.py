@@ -1,5 +1,5 @@
 """Names in the SQL API (sql/008_publish_names.sql), against a real PostgreSQL: the functions
-gateway.publish() generates.
+gateway.publish() generates and the primary key it picks.
 """
 
 from __future__ import annotations
@@ -220,3 +220,26 @@ async def test_unpublish_keeps_the_functions_the_topic_expression_calls(db: asyn
     await db.execute("SELECT gateway.unpublish('t')")
     assert await generated(db) == before
     assert "topic_for" in before
+
+
+@pytest.mark.parametrize(
+    ("ddl", "key"),
+    [
+        ('CREATE TABLE t ("a,b" int PRIMARY KEY, owner int)', "a,b"),
+        ("CREATE TABLE t (id int, owner int, PRIMARY KEY (id) INCLUDE (owner))", "id"),
+    ],
+)
+async def test_one_column_primary_key_is_the_default_key(db: asyncpg.Connection, ddl: str, key: str) -> None:
+    """A primary key of one column is used whatever its name (before sql/008 a comma in it
+    read as a composite key) and whatever columns it INCLUDEs (which are not part of the key)."""
+    await db.execute(ddl)
+    await db.execute("SELECT gateway.publish('t', $$'user:' || owner$$)")
+    assert await db.fetchval("SELECT key_column FROM gateway.published WHERE tbl = 't'::regclass") == key
+    await db.execute("INSERT INTO t VALUES (7, 1)")
+    assert await events_of(db, "public.t") == [("user:1", 1, "i", "7")]
+
+
+async def test_composite_primary_key_is_refused_naming_its_columns(db: asyncpg.Connection) -> None:
+    await db.execute('CREATE TABLE t ("a,b" int, c int, PRIMARY KEY ("a,b", c))')
+    with pytest.raises(asyncpg.RaiseError, match=r'public\.t has a composite primary key \("a,b", c\)'):
+        await db.execute("SELECT gateway.publish('t', 'c::text')")
