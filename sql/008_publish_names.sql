@@ -1,5 +1,6 @@
--- 008: names that publish() gets right: generated function names that fit whatever the
--- table is called, and a one-column primary key whatever its name.
+-- 008: names that publish() and emit() get right: generated function names that fit
+-- whatever the table is called, a one-column primary key whatever its name, and only topics
+-- a client can subscribe to.
 --
 -- 1. Generated function names. gateway.publish() names the functions it generates after the
 --    table (capture_name(), sql/001), cutting the readable schema_table part to 36
@@ -22,6 +23,11 @@
 --    of its column names held a comma: a one-column key named "a,b" was refused, and so was
 --    any key with INCLUDE columns (they were listed too). It now counts the key columns
 --    (pg_index.indnkeyatts). publish() is restated for that; what it generates is unchanged.
+-- 3. Topics of emit() and emit_many(). They took any non-empty text, so events could go to
+--    topics the gateway refuses to subscribe to (bad_topic), never to be delivered. They now
+--    refuse those, saying what is wrong, by the gateway's own rule (invalid_topic_reason()).
+--    The capture triggers do not check the topics of rows: a check per row would cost every
+--    writer, and the topic expression is written once, by whoever publishes the table.
 -- Every statement here is idempotent.
 
 -- The longest prefix of p_text that is at most p_bytes bytes long, cut between characters
@@ -300,6 +306,102 @@ BEGIN
     EXECUTE format('CREATE TRIGGER gateway_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS gateway_old '
                    'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
                    p_table, gateway.capture_name(p_table, 'capture_delete'));
+END
+$$;
+
+-- Why no client could subscribe to a topic, or NULL if one can. This is the gateway's own
+-- rule for subscribe (validate_topic() in gateway/authz.py, which answers bad_topic
+-- otherwise; docs/protocol.md): kind:id, at most 200 characters, printable ASCII without
+-- spaces (! to ~), no *. The checks run in the same order, and tests/test_sql_names.py
+-- checks that both sides agree.
+CREATE OR REPLACE FUNCTION gateway.invalid_topic_reason(p_topic text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_topic IS NULL THEN 'the topic is NULL'
+        WHEN p_topic = '' THEN 'the topic is empty'
+        WHEN length(p_topic) > 200 THEN 'the topic is longer than 200 characters'
+        -- COLLATE "C": the range is by character code, whatever the database's collation.
+        WHEN p_topic COLLATE "C" !~ '^[!-~]+$'
+            THEN 'the topic may only contain printable ASCII characters without spaces'
+        WHEN strpos(p_topic, '*') > 0
+            THEN 'the topic contains ''*'': wildcards are only for grants in tokens'
+        WHEN strpos(p_topic, ':') IN (0, 1) OR strpos(p_topic, ':') = length(p_topic)
+            THEN 'the topic must look like kind:id, such as user:42 or room:7'
+    END
+$$;
+
+-- The error of emit() and emit_many() for a topic no client could subscribe to: its events
+-- would sit in the log, never delivered. p_caller names the function (and the element).
+CREATE OR REPLACE FUNCTION gateway.refuse_topic(p_caller text, p_topic text, p_problem text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '%: bad topic %: %. No client can subscribe to it: a topic is kind:id, such as room:7, of at most 200 printable ASCII characters, without spaces or *',
+        p_caller,
+        CASE WHEN length(p_topic) > 60 THEN quote_literal(left(p_topic, 60)) || '...' ELSE quote_nullable(p_topic) END,
+        p_problem;
+END
+$$;
+
+-- Publish an event by hand: `SELECT gateway.emit('room:7', '{"text": "hello"}');`
+-- Returns the event's position in the topic. As in sql/003, but the topic must be one a
+-- client can subscribe to.
+CREATE OR REPLACE FUNCTION gateway.emit(p_topic text, p_data jsonb) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_pos bigint;
+    v_problem text := gateway.invalid_topic_reason(p_topic);
+BEGIN
+    IF v_problem IS NOT NULL THEN
+        PERFORM gateway.refuse_topic('gateway.emit', p_topic, v_problem);
+    END IF;
+    SELECT a.pos INTO v_pos FROM gateway.advance(p_topic) AS a;
+    INSERT INTO gateway.events (topic, pos, op, data) VALUES (p_topic, v_pos, 'm', p_data);
+    PERFORM gateway.ring();
+    RETURN v_pos;
+END
+$$;
+
+-- Publish several events by hand in one call: element i of p_data goes to topic p_topics[i]
+-- (NULL topics are skipped). Topics are locked in sorted order, so concurrent calls cannot
+-- deadlock on each other. Used by presence (sql/002). As in sql/003, but every topic must be
+-- one a client can subscribe to: else nothing is published.
+CREATE OR REPLACE FUNCTION gateway.emit_many(p_topics text[], p_data jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count bigint;
+    v_bad record;
+BEGIN
+    SELECT u.n, u.topic, u.problem INTO v_bad
+    FROM (SELECT t.n, t.topic, gateway.invalid_topic_reason(t.topic) AS problem
+          FROM unnest(p_topics) WITH ORDINALITY AS t(topic, n)
+          WHERE t.topic IS NOT NULL) AS u
+    WHERE u.problem IS NOT NULL
+    ORDER BY u.n
+    LIMIT 1;
+    IF FOUND THEN
+        PERFORM gateway.refuse_topic(format('gateway.emit_many (element %s)', v_bad.n), v_bad.topic, v_bad.problem);
+    END IF;
+    WITH ch AS (
+        SELECT u.topic, u.data, row_number() OVER (PARTITION BY u.topic ORDER BY u.n) AS rn
+        FROM unnest(p_topics, p_data) WITH ORDINALITY AS u(topic, data, n)
+        WHERE u.topic IS NOT NULL
+    ), counts AS (
+        SELECT ch.topic, count(*) AS c FROM ch GROUP BY ch.topic
+    ), heads AS (
+        INSERT INTO gateway.topics AS h (topic, pos)
+        SELECT counts.topic, counts.c FROM counts ORDER BY counts.topic
+        ON CONFLICT (topic) DO UPDATE SET pos = h.pos + excluded.pos
+        RETURNING h.topic, h.pos
+    ), ins AS (
+        INSERT INTO gateway.events (topic, pos, op, data)
+        SELECT ch.topic, heads.pos - counts.c + ch.rn, 'm', ch.data
+        FROM ch JOIN counts USING (topic) JOIN heads USING (topic)
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_count FROM ins;
+    IF v_count > 0 THEN
+        PERFORM gateway.ring();
+    END IF;
 END
 $$;
 

@@ -1,5 +1,6 @@
 """Names in the SQL API (sql/008_publish_names.sql), against a real PostgreSQL: the functions
-gateway.publish() generates and the primary key it picks.
+gateway.publish() generates, the primary key it picks, and the topics gateway.emit() and
+gateway.emit_many() accept.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.authz import validate_topic
 from gateway.migrate import migrate
 
 pytestmark = pytest.mark.timeout(120)
@@ -243,3 +245,101 @@ async def test_composite_primary_key_is_refused_naming_its_columns(db: asyncpg.C
     await db.execute('CREATE TABLE t ("a,b" int, c int, PRIMARY KEY ("a,b", c))')
     with pytest.raises(asyncpg.RaiseError, match=r'public\.t has a composite primary key \("a,b", c\)'):
         await db.execute("SELECT gateway.publish('t', 'c::text')")
+
+
+# (topic, whether a client may subscribe to it). NUL is left out: PostgreSQL's text cannot hold it.
+TOPICS = [
+    ("user:42", True),
+    ("room:7", True),
+    ("presence:global", True),
+    ("a:b", True),
+    ("a::", True),
+    ("a:b:c", True),
+    ("~:!", True),
+    ("k:" + "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "*"), True),
+    ("x:" + "y" * 198, True),  # 200 characters
+    ("x:" + "y" * 199, False),  # 201
+    ("x:" + "é" * 198, False),  # 200 characters, not ASCII
+    ("é" * 201, False),
+    ("", False),
+    ("room", False),
+    (":7", False),
+    ("room:", False),
+    ("room 7", False),
+    ("room: 7", False),
+    (" room:7", False),
+    ("room:7 ", False),
+    ("room:\t7", False),
+    ("room:7\n", False),
+    ("room:\x01", False),
+    ("room:\x7f", False),
+    ("room:\x80", False),
+    ("room:é", False),
+    ("комната:7", False),
+    ("room:7\U0001f642", False),
+    ("room:*", False),
+    ("room:7*", False),
+    ("*", False),
+    ("*:x", False),
+]
+
+
+async def test_sql_and_the_gateway_agree_on_which_topics_can_be_subscribed_to(db: asyncpg.Connection) -> None:
+    """gateway.invalid_topic_reason() (SQL) and validate_topic() (the gateway's bad_topic check)
+    accept exactly the same topics: the examples above, and every character from U+0001 to
+    U+00FF plus a few beyond, at the start, in the middle and at the end of a topic."""
+    chars = [chr(c) for c in (*range(1, 0x100), 0x2028, 0x3000, 0xFEFF, 0x1F642)]
+    cases = [t for t, _ in TOPICS] + [f for c in chars for f in (f"{c}a:b", f"a{c}b:c", f"a:b{c}", f"a:{c}")]
+    sql = await db.fetchval(
+        "SELECT array_agg(gateway.invalid_topic_reason(t) ORDER BY n) FROM unnest($1::text[]) WITH ORDINALITY AS u(t, n)",
+        cases,
+    )
+    disagree = [
+        (t, validate_topic(t), r)
+        for t, r in zip(cases, sql, strict=True)
+        if (validate_topic(t) is None) != (r is None)
+    ]
+    assert disagree == []
+    for topic, valid in TOPICS:
+        assert (validate_topic(topic) is None) is valid, topic
+    assert await db.fetchval("SELECT gateway.invalid_topic_reason(NULL)") == "the topic is NULL"
+
+
+async def test_emit_refuses_a_topic_no_client_can_subscribe_to(db: asyncpg.Connection) -> None:
+    for topic, valid in TOPICS:
+        if valid:
+            assert await db.fetchval("SELECT gateway.emit($1, '{}')", topic) == 1
+            continue
+        reason = re.escape(str(validate_topic(topic)).split(":")[0])
+        with pytest.raises(
+            asyncpg.RaiseError, match=rf"(?s)^gateway\.emit: bad topic .*: {reason}.*No client can subscribe"
+        ):
+            await db.execute("SELECT gateway.emit($1, '{}')", topic)
+    with pytest.raises(asyncpg.RaiseError, match=r"gateway\.emit: bad topic NULL: the topic is NULL"):
+        await db.execute("SELECT gateway.emit(NULL, '{}')")
+    valid_topics = sorted(t for t, v in TOPICS if v)
+    assert [r[0] for r in await db.fetch("SELECT topic FROM gateway.events ORDER BY topic")] == valid_topics
+    assert [r[0] for r in await db.fetch("SELECT topic FROM gateway.topics ORDER BY topic")] == valid_topics
+
+
+async def test_emit_many_refuses_a_bad_topic_and_publishes_nothing(db: asyncpg.Connection) -> None:
+    with pytest.raises(
+        asyncpg.RaiseError,
+        match=r"gateway\.emit_many \(element 3\): bad topic 'room 7': the topic may only contain printable ASCII",
+    ):
+        await db.execute(
+            "SELECT gateway.emit_many(ARRAY['room:1', NULL, 'room 7', 'room:*'], ARRAY['{}', '{}', '{}', '{}']::jsonb[])"
+        )
+    assert await db.fetchval("SELECT count(*) FROM gateway.events") == 0
+    assert await db.fetchval("SELECT count(*) FROM gateway.topics") == 0
+    # NULL topics are still skipped, and presence topics are ordinary topics.
+    await db.execute(
+        "SELECT gateway.emit_many(ARRAY['room:1', NULL, 'presence:global', 'room:1'], "
+        "ARRAY['{\"n\": 1}', '{}', '{}', '{\"n\": 2}']::jsonb[])"
+    )
+    rows = await db.fetch("SELECT topic, pos, data::text FROM gateway.events ORDER BY topic, pos")
+    assert [tuple(r) for r in rows] == [
+        ("presence:global", 1, "{}"),
+        ("room:1", 1, '{"n": 1}'),
+        ("room:1", 2, '{"n": 2}'),
+    ]
