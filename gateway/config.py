@@ -397,11 +397,19 @@ def _check(s: Settings) -> None:
                 f"GATEWAY_AUTHZ_FUNCTION={s.authz_function!r} is not valid: expected a lower-case "
                 "SQL function name such as gateway.authorize"
             )
+    # Imported here: gateway.authz imports this module.
+    from gateway.authz import validate_topic
+
     for topic in s.presence_topics:
         if not topic.startswith("presence:"):
             raise ConfigError(
                 f"GATEWAY_PRESENCE_TOPICS has {topic!r}: expected names starting with presence:"
             )
+        # Presence changes go out through gateway.emit_many, which refuses a topic no client
+        # could subscribe to, and with it every change of the batch: refuse it here instead.
+        problem = validate_topic(topic)
+        if problem:
+            raise ConfigError(f"GATEWAY_PRESENCE_TOPICS has {topic!r}: {problem}")
 
 
 def describe() -> str:

@@ -60,6 +60,14 @@ def test_values_are_parsed_and_flags_win() -> None:
             {"GATEWAY_AUTHZ_FUNCTION": "x; drop table y"},
             "GATEWAY_AUTHZ_FUNCTION='x; drop table y' is not valid",
         ),
+        (
+            {"GATEWAY_PRESENCE_TOPICS": "presence:global,presence:my team"},
+            "GATEWAY_PRESENCE_TOPICS has 'presence:my team': the topic may only contain printable ASCII",
+        ),
+        (
+            {"GATEWAY_PRESENCE_TOPICS": "presence:"},
+            "GATEWAY_PRESENCE_TOPICS has 'presence:': the topic must look like kind:id",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
