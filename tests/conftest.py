@@ -160,6 +160,16 @@ def blank_dsn(pg: Postgres) -> Iterator[str]:
     yield from _fresh_database(pg, "template0")
 
 
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test's own database (``dsn``)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 class PgRestart:
     """Restart, take down or bring back the session's PostgreSQL (see the module docstring)."""
 

@@ -72,15 +72,6 @@ class Doorbells:
 
 
 @pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
 async def bells(dsn: str) -> AsyncIterator[Doorbells]:
     listener = await asyncpg.connect(dsn)
     try:

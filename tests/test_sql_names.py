@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 KINDS = ("topic", "row_topic", "capture_insert", "capture_update", "capture_delete")
 GENERATED_SQL = "^(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_"
 NAME_LIMIT = 63  # PostgreSQL's max_identifier_length, in bytes
-
-
-@pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def generated(db: asyncpg.Connection) -> dict[str, str]:
