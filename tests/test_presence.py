@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import itertools
 import json
 import random
@@ -21,7 +22,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from .gwtest import REPO, Client, GatewayProcess, token
+from gateway.heartbeat import BEAT
+
+from .gwtest import REPO, Client, GatewayProcess, pg_connect, running_gateway, token, wait_until
 
 TOPIC = "presence:global"
 WATCH = ["presence:*"]  # the grant a presence subscriber's token carries
@@ -648,3 +651,113 @@ async def test_a_client_flipping_its_status_is_coalesced_and_its_last_status_win
     published = watcher.of("mallory")[before:]
     assert 1 <= len(published) <= 6, f"{len(flips)} flips, {len(published)} published: {published}"
     assert published[-1] == "away" and watcher.status["mallory"] == "away"
+
+
+# --- the heartbeat, on a connection of its own -----------------------------------------------
+
+# In-process gateways (the test reaches into their pool): a ttl of four intervals, a pool of two.
+HEARTBEAT = {
+    "presence": "true",
+    "heartbeat_interval": "0.5",
+    "heartbeat_ttl": "2",
+    "presence_grace": "1",
+    "pool_size": "2",
+}
+TTL = datetime.timedelta(seconds=2)
+GRACE = datetime.timedelta(seconds=1)
+
+
+async def test_a_replica_whose_pool_stays_busy_longer_than_the_ttl_is_not_declared_dead(dsn: str) -> None:
+    """A reconnect storm (each presence subscribe reads a snapshot) can keep every pool
+    connection busy for longer than the ttl. The heartbeat must still arrive: otherwise the
+    other replicas' sweeps remove this live replica, and its users flicker offline."""
+    async with running_gateway(dsn, **HEARTBEAT) as gw:
+        replica = gw.state.ctx.presence.replica_id
+        await gw.connect("alice")
+        await wait_for(dsn, "SELECT status = 'online' FROM gateway.presence WHERE user_id = 'alice'")
+        pool = gw.state.pool
+        held = [await pool.acquire() for _ in range(pool.get_max_size())]
+        try:
+            with pytest.raises(TimeoutError):  # nothing else in the gateway gets a connection now
+                await pool.acquire(timeout=0.1)
+            # Another replica's sweeper, sweeping as often as it can, with this one's ttl.
+            other = await pg_connect(dsn)
+            start = await other.fetchval("SELECT now()")
+            deadline = time.monotonic() + 60
+            while True:
+                await other.fetchval("SELECT gateway.presence_sweep($1, $2)", TTL, GRACE)
+                beat = await other.fetchval(
+                    "SELECT heartbeat_at FROM gateway.replicas WHERE replica_id = $1", replica
+                )
+                assert beat is not None, "the replica was declared dead while its pool was busy"
+                if beat > start + 2 * TTL:
+                    break  # it kept beating through twice the ttl of a pool it could not use
+                assert time.monotonic() < deadline, (
+                    f"the heartbeat stopped at {beat} (pool busy since {start})"
+                )
+                await asyncio.sleep(0.1)
+            with pytest.raises(TimeoutError):  # and the pool was busy all along
+                await pool.acquire(timeout=0.1)
+        finally:
+            for conn in held:
+                await pool.release(conn)
+        assert await logged_changes(dsn) == [("alice", "online")]
+
+
+async def test_the_heartbeat_connection_is_replaced_when_it_breaks_or_stops_answering(dsn: str) -> None:
+    """Killed or stuck, the heartbeat's connection is closed and a new one made at the next
+    beat; there is never more than one left, and it closes with the gateway."""
+    admin = await pg_connect(dsn)
+
+    async def heartbeat_backends(waiting: bool = False) -> list[int]:
+        """The backends whose last query is the heartbeat's (the pool never sends it)."""
+        rows = await admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE query = $1 AND (NOT $2 OR wait_event_type = 'Lock') "
+            "ORDER BY pid",
+            BEAT,
+            waiting,
+        )
+        return [r["pid"] for r in rows]
+
+    async def beats_after(moment: datetime.datetime) -> bool:
+        beat = await admin.fetchval(
+            "SELECT heartbeat_at FROM gateway.replicas WHERE replica_id = $1", replica
+        )
+        return beat is not None and beat > moment
+
+    async def exactly(n: int) -> bool:
+        return len(await heartbeat_backends()) == n
+
+    async with running_gateway(dsn, **HEARTBEAT) as gw:
+        replica = gw.state.ctx.presence.replica_id
+        await wait_until(heartbeat_backends, 20, "the heartbeat's connection")
+        (first,) = await heartbeat_backends()
+        assert first == gw.state.ctx.presence.heartbeat.backend_pid
+
+        # Broken: the next beat connects again.
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", first)  # waits for its exit
+        killed = await admin.fetchval("SELECT now()")
+        await wait_until(lambda: beats_after(killed), 20, "a heartbeat after its connection was killed")
+        (second,) = await heartbeat_backends()
+        assert second != first
+
+        # Not answering (its UPDATE waits for a row lock the test holds): each beat is given up
+        # at its deadline and the next one tried on a new connection.
+        # (Another connection: pg_stat_activity stays as first read for a whole transaction.)
+        locker = await pg_connect(dsn)
+        async with locker.transaction():
+            await locker.execute("SELECT FROM gateway.replicas WHERE replica_id = $1 FOR UPDATE", replica)
+            seen: set[int] = set()
+
+            async def two_stuck_connections() -> bool:
+                seen.update(await heartbeat_backends(waiting=True))
+                return len(seen) >= 2
+
+            await wait_until(two_stuck_connections, 30, "the stuck heartbeat to be given up and retried")
+        released = await admin.fetchval("SELECT now()")
+        await wait_until(lambda: beats_after(released), 20, "a heartbeat once the lock was released")
+        # Given up means closed: one connection is left, not one per deadline missed.
+        await wait_until(lambda: exactly(1), 20, "one heartbeat connection")
+
+    # Stopped with the gateway.
+    await wait_until(lambda: exactly(0), 20, "the heartbeat connection to close")
