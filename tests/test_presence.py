@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from gateway.heartbeat import BEAT
+from gateway.presence import _SNAPSHOT
 
 from .gwtest import REPO, Client, GatewayProcess, pg_connect, running_gateway, token, wait_until
 
@@ -165,7 +166,8 @@ async def test_migration_is_idempotent(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
-        await conn.execute((REPO / "sql" / "002_presence.sql").read_text())
+        for name in ("002_presence.sql", "007_presence.sql"):
+            await conn.execute((REPO / "sql" / name).read_text())
         rows = await conn.fetch("SELECT user_id, status FROM gateway.presence")
         assert [tuple(r) for r in rows] == [("alice", "online")]
     finally:
@@ -398,6 +400,38 @@ async def test_concurrent_transitions_of_one_user_on_many_replicas_converge(dsn:
             assert row["left_at"] is not None  # in the grace
         else:
             assert row["status"] == derived and row["left_at"] is None
+
+
+async def test_the_snapshot_reads_no_offline_user(dsn: str) -> None:
+    """Users once seen stay in gateway.presence, offline. A subscribe's snapshot must not read
+    them: with many, a reconnect storm of subscribes keeps the pool busy (sql/007_presence.sql)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO gateway.presence (topic, user_id, status, last_seen) "
+            "SELECT $1, 'gone' || g, 'offline', now() - interval '1 day' FROM generate_series(1, 20000) g",
+            TOPIC,
+        )
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c2', 'bob', 'away')")
+        await conn.execute("ANALYZE gateway.presence")
+        # The gateway's statements are prepared: check the plan made for the value, and the
+        # generic one PostgreSQL may switch to after a few runs.
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            plan = json.loads(await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + _SNAPSHOT, TOPIC))
+            scans = [n for n in _plan_nodes(plan[0]["Plan"]) if n.get("Relation Name") == "presence"]
+            assert scans, plan
+            read = sum(n["Actual Rows"] + n.get("Rows Removed by Filter", 0) for n in scans)
+            assert read == 2, f"{mode}: the snapshot read {read} rows for 2 users online or away: {plan}"
+        rows = await conn.fetch(_SNAPSHOT, TOPIC)
+        assert [(r[0], r[1]) for r in rows] == [("alice", "online"), ("bob", "away")]
+    finally:
+        await conn.close()
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
 
 
 async def test_bad_input_is_refused_with_a_message_naming_it(dsn: str) -> None:

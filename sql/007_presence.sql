@@ -1,0 +1,17 @@
+-- 007: presence: a subscribe's snapshot reads only the users who are not offline.
+--
+-- A user once seen keeps a row in gateway.presence, offline, and the snapshot
+-- (gateway/presence.py: WHERE topic = $1 AND status <> 'offline' ORDER BY user_id) walked
+-- every row of the topic to find the few that are not: with 200 000 offline rows and 1 000
+-- users online, 35 ms a subscribe instead of 1 ms. A reconnect storm of presence subscribes
+-- then held every pool connection that long each. presence_live holds the users who are not
+-- offline, in snapshot order, and nothing else.
+--
+-- What it costs: `status` is now part of an index (its predicate), so no status change is a
+-- HOT update any more; measured with 200 000 offline rows, a batch of 1 000 connections,
+-- status changes or closes cost the same per connection, with or without it, within the
+-- noise of a shared 2-core machine (55 to 100 us each). Creating it locks gateway.presence
+-- against writes while it is built (well under a second per million rows).
+--
+-- Idempotent.
+CREATE INDEX IF NOT EXISTS presence_live ON gateway.presence (topic, user_id) WHERE status <> 'offline';
