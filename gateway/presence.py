@@ -18,6 +18,10 @@ The state lives in PostgreSQL (sql/002_presence.sql); this module feeds it and r
   ``gateway.presence_sweep`` as often; one at a time does the work (advisory lock): it removes
   replicas silent for ``heartbeat_ttl`` with their connections, and marks offline users whose
   last connection closed more than ``presence_grace`` ago.
+* A pruner task on every replica calls ``gateway.presence_prune`` every
+  ``retention_interval``; one at a time does the work (advisory lock): it deletes, in
+  batches, the rows of users offline and last seen more than ``presence_retention`` ago.
+  Nothing is published: those users were offline for every subscriber already.
 * Repair instead of failure: when any call fails (database down), or the heartbeat finds this
   replica's row gone (it was declared dead during a long stall), the writer registers the
   whole local set of live connections again (``p_full``) as soon as the database answers,
@@ -63,8 +67,14 @@ GRACE_SLACK = 0.05
 CALL_TIMEOUT = 10.0
 # Retry delays of the registration while the database is unreachable.
 RETRY_MIN, RETRY_MAX = 0.5, 10.0
+# Rows deleted per gateway.presence_prune call (one transaction, about 10 ms: presence writes
+# wait for it), and calls per run at most, so a backlog (the first run after an upgrade)
+# is spread over several runs instead of holding writes back for long.
+PRUNE_BATCH = 1000
+PRUNE_BATCHES = 50
 
 _APPLY = "SELECT gateway.presence_apply($1, $2, $3, $4, $5, $6)"
+_PRUNE = "SELECT gateway.presence_prune($1, $2)"
 _SNAPSHOT = (
     "SELECT user_id, status, extract(epoch FROM last_seen)::float8 FROM gateway.presence "
     "WHERE topic = $1 AND status <> 'offline' ORDER BY user_id"
@@ -85,6 +95,7 @@ class Presence:
         self._topics = list(settings.presence_topics)
         self._ttl = datetime.timedelta(seconds=settings.heartbeat_ttl)
         self._grace = datetime.timedelta(seconds=settings.presence_grace)
+        self._retention = datetime.timedelta(seconds=settings.presence_retention)
         # The heartbeat's deadline: half of what the ttl leaves after one interval, so a
         # connection that stopped answering is given up, and a new one tried, before the
         # other replicas may declare this one dead.
@@ -132,6 +143,7 @@ class Presence:
             asyncio.create_task(self._writer(), name="presence-writer"),
             asyncio.create_task(self._heartbeat(), name="presence-heartbeat"),
             asyncio.create_task(self._sweeper(), name="presence-sweeper"),
+            asyncio.create_task(self._pruner(), name="presence-pruner"),
         ]
         for task in self._tasks:
             task.add_done_callback(_crash_report)
@@ -414,6 +426,37 @@ class Presence:
                     self.sweeps_done += 1
                     self.changes_published += changed
             await asyncio.sleep(interval)
+
+    # --- pruning -----------------------------------------------------------------------
+
+    async def _pruner(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.retention_interval)
+            try:
+                pruned = await self.prune()
+            except DB_ERRORS as exc:
+                log.warning("presence pruning skipped: %s: %s", type(exc).__name__, exc)
+                continue
+            if pruned:
+                log.info(
+                    "presence: deleted %d row(s) of users offline and last seen more than %gs ago "
+                    "(GATEWAY_PRESENCE_RETENTION)",
+                    pruned,
+                    self.settings.presence_retention,
+                )
+
+    async def prune(self) -> int:
+        """Delete the rows of users offline and last seen more than ``presence_retention``
+        ago, in batches; returns how many. Does nothing while another replica prunes."""
+        total = 0
+        for _ in range(PRUNE_BATCHES):
+            n: int = await self._pool.fetchval(_PRUNE, self._retention, PRUNE_BATCH, timeout=CALL_TIMEOUT)
+            if n < 0:
+                break  # another replica is pruning, or presence writes held the table: next run
+            total += n
+            if n < PRUNE_BATCH:
+                break
+        return total
 
     def _resync(self) -> None:
         """After any failed call, write the full live set once the database answers again.
