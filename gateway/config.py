@@ -271,7 +271,11 @@ class Settings:
         86400.0, "age after which events are pruned from the log", parse_duration
     )
     retention_interval: float = _setting(
-        60.0, "how often one replica prunes the log", parse_duration, minimum=1
+        60.0,
+        "how often the log is pruned, and offline users past GATEWAY_PRESENCE_RETENTION deleted "
+        "(each by one replica at a time)",
+        parse_duration,
+        minimum=1,
     )
     # Presence
     presence: bool = _setting(True, "record and publish who is online", parse_bool)
@@ -280,6 +284,13 @@ class Settings:
     )
     presence_grace: float = _setting(
         5.0, "time after the last connection closes before a user is offline", parse_duration
+    )
+    presence_retention: float = _setting(
+        604800.0,
+        "how long an offline user stays in gateway.presence (with its last_seen) before it is deleted; "
+        "subscribers never see the deletion: the user is offline for them either way. 7 days = 168h",
+        parse_duration,
+        minimum=1,
     )
     heartbeat_interval: float = _setting(
         5.0,

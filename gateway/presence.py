@@ -12,10 +12,16 @@ The state lives in PostgreSQL (sql/002_presence.sql); this module feeds it and r
   Changes therefore reach subscribers on every replica through the normal pipeline, with
   positions: nothing missed or doubled, in commit order.
 * A heartbeat task renews this replica's row every ``heartbeat_interval`` (one UPDATE,
-  whatever the number of connections). A sweeper task on every replica calls
+  whatever the number of connections), on a connection of its own (gateway/heartbeat.py):
+  a pool kept busy longer than ``heartbeat_ttl`` must not get a live replica declared dead.
+  A sweeper task on every replica calls
   ``gateway.presence_sweep`` as often; one at a time does the work (advisory lock): it removes
   replicas silent for ``heartbeat_ttl`` with their connections, and marks offline users whose
   last connection closed more than ``presence_grace`` ago.
+* A pruner task on every replica calls ``gateway.presence_prune`` every
+  ``retention_interval``; one at a time does the work (advisory lock): it deletes, in
+  batches, the rows of users offline and last seen more than ``presence_retention`` ago.
+  Nothing is published: those users were offline for every subscriber already.
 * Repair instead of failure: when any call fails (database down), or the heartbeat finds this
   replica's row gone (it was declared dead during a long stall), the writer registers the
   whole local set of live connections again (``p_full``) as soon as the database answers,
@@ -45,6 +51,7 @@ import asyncpg
 from . import protocol as p
 from .config import ConfigError, Settings
 from .db import DB_ERRORS
+from .heartbeat import HeartbeatConnection
 from .hub import Hub
 from .pipeline import UNREACHABLE, Unavailable
 
@@ -60,8 +67,14 @@ GRACE_SLACK = 0.05
 CALL_TIMEOUT = 10.0
 # Retry delays of the registration while the database is unreachable.
 RETRY_MIN, RETRY_MAX = 0.5, 10.0
+# Rows deleted per gateway.presence_prune call (one transaction, about 10 ms: presence writes
+# wait for it), and calls per run at most, so a backlog (the first run after an upgrade)
+# is spread over several runs instead of holding writes back for long.
+PRUNE_BATCH = 1000
+PRUNE_BATCHES = 50
 
 _APPLY = "SELECT gateway.presence_apply($1, $2, $3, $4, $5, $6)"
+_PRUNE = "SELECT gateway.presence_prune($1, $2)"
 _SNAPSHOT = (
     "SELECT user_id, status, extract(epoch FROM last_seen)::float8 FROM gateway.presence "
     "WHERE topic = $1 AND status <> 'offline' ORDER BY user_id"
@@ -82,6 +95,14 @@ class Presence:
         self._topics = list(settings.presence_topics)
         self._ttl = datetime.timedelta(seconds=settings.heartbeat_ttl)
         self._grace = datetime.timedelta(seconds=settings.presence_grace)
+        self._retention = datetime.timedelta(seconds=settings.presence_retention)
+        # The heartbeat's deadline: half of what the ttl leaves after one interval, so a
+        # connection that stopped answering is given up, and a new one tried, before the
+        # other replicas may declare this one dead.
+        self.heartbeat = HeartbeatConnection(
+            settings.database_url,
+            min(CALL_TIMEOUT, (settings.heartbeat_ttl - settings.heartbeat_interval) / 2),
+        )
         # The truth of this replica: its live connections -> (user, status).
         self._live: dict[str, tuple[str, str]] = {}
         self._local_users: Counter[str] = Counter()
@@ -122,6 +143,7 @@ class Presence:
             asyncio.create_task(self._writer(), name="presence-writer"),
             asyncio.create_task(self._heartbeat(), name="presence-heartbeat"),
             asyncio.create_task(self._sweeper(), name="presence-sweeper"),
+            asyncio.create_task(self._pruner(), name="presence-pruner"),
         ]
         for task in self._tasks:
             task.add_done_callback(_crash_report)
@@ -142,6 +164,7 @@ class Presence:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        await self.heartbeat.close()
         # Remove our connections now rather than waiting for the ttl: their users enter the
         # grace, so one who reconnects to another replica in time never shows offline.
         try:
@@ -338,20 +361,36 @@ class Presence:
     # --- heartbeat and sweep ------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        failures = 0
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            if self._need_sync:
-                continue  # the writer is registering; that renews the heartbeat too
+            # After a first failure, at once on a new connection: a connection that broke or
+            # stopped answering is usually alone, and the next regular beat could come too
+            # late. While the database stays unreachable, once per interval.
+            if failures != 1:
+                await asyncio.sleep(self.settings.heartbeat_interval)
+            # Also while the writer is registering again (it renews the row too, but through
+            # the pool, which may be what keeps it waiting).
             try:
-                alive = await self._pool.fetchval(
-                    "SELECT gateway.presence_heartbeat($1)", self.replica_id, timeout=CALL_TIMEOUT
-                )
+                alive = await self.heartbeat.beat(self.replica_id)
             except DB_ERRORS as exc:
-                self._down("heartbeat", exc)
-                self._resync()
+                failures += 1
+                if failures == 1:
+                    why = f"{type(exc).__name__}: {exc}" if str(exc) else "no answer"
+                    log.warning(
+                        "presence heartbeat failed (%s, deadline %gs); trying again on a new connection. "
+                        "Other replicas declare this one dead if it stays silent for GATEWAY_HEARTBEAT_TTL (%gs)",
+                        why,
+                        self.heartbeat.timeout,
+                        self.settings.heartbeat_ttl,
+                    )
+                # No resync: a failed heartbeat wrote nothing, and whatever else an outage
+                # lost is repaired when the writer's or the sweeper's calls fail, or when a
+                # heartbeat that gets through finds this replica's row gone.
                 continue
-            self._up()
-            if not alive:
+            if failures:
+                log.info("presence heartbeat renewed again after %d failed attempt(s)", failures)
+                failures = 0
+            if not alive and not self._need_sync:
                 log.warning(
                     "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
                     "registering its %d connection(s) again",
@@ -378,6 +417,37 @@ class Presence:
                     self.sweeps_done += 1
                     self.changes_published += changed
             await asyncio.sleep(interval)
+
+    # --- pruning -----------------------------------------------------------------------
+
+    async def _pruner(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.retention_interval)
+            try:
+                pruned = await self.prune()
+            except DB_ERRORS as exc:
+                log.warning("presence pruning skipped: %s: %s", type(exc).__name__, exc)
+                continue
+            if pruned:
+                log.info(
+                    "presence: deleted %d row(s) of users offline and last seen more than %gs ago "
+                    "(GATEWAY_PRESENCE_RETENTION)",
+                    pruned,
+                    self.settings.presence_retention,
+                )
+
+    async def prune(self) -> int:
+        """Delete the rows of users offline and last seen more than ``presence_retention``
+        ago, in batches; returns how many. Does nothing while another replica prunes."""
+        total = 0
+        for _ in range(PRUNE_BATCHES):
+            n: int = await self._pool.fetchval(_PRUNE, self._retention, PRUNE_BATCH, timeout=CALL_TIMEOUT)
+            if n < 0:
+                break  # another replica is pruning, or presence writes held the table: next run
+            total += n
+            if n < PRUNE_BATCH:
+                break
+        return total
 
     def _resync(self) -> None:
         """After any failed call, write the full live set once the database answers again.

@@ -32,6 +32,8 @@ def test_values_are_parsed_and_flags_win() -> None:
         overrides={"port": "9001"},
     )
     assert s.port == 9001 and s.auth_timeout == 0.25 and s.allowed_origins == ("https://a", "https://b")
+    assert config.load({}).presence_retention == 7 * 86400
+    assert config.load({"GATEWAY_PRESENCE_RETENTION": "720h"}).presence_retention == 30 * 86400
 
 
 @pytest.mark.parametrize(
@@ -51,6 +53,14 @@ def test_values_are_parsed_and_flags_win() -> None:
         (
             {"GATEWAY_SUBSCRIBE_RATE": "nan"},
             "GATEWAY_SUBSCRIBE_RATE='nan' is not valid: expected a finite number",
+        ),
+        (
+            {"GATEWAY_PRESENCE_RETENTION": "a week"},
+            "GATEWAY_PRESENCE_RETENTION='a week' is not valid: expected a duration such as 5, 5s, 250ms, 2m or 1h",
+        ),
+        (
+            {"GATEWAY_PRESENCE_RETENTION": "0"},
+            "GATEWAY_PRESENCE_RETENTION='0' is not valid: expected at least 1",
         ),
         ({"GATEWAY_LOG_FORMAT": "xml"}, "expected one of text, json"),
         ({"GATEWAY_PORTT": "1"}, "unknown setting GATEWAY_PORTT"),

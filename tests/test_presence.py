@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import itertools
 import json
 import random
@@ -21,7 +22,19 @@ from typing import Any
 import asyncpg
 import pytest
 
-from .gwtest import REPO, Client, GatewayProcess, token
+from gateway.heartbeat import BEAT
+from gateway.presence import _SNAPSHOT
+
+from .gwtest import (
+    REPO,
+    Client,
+    GatewayProcess,
+    pg_connect,
+    running_gateway,
+    token,
+    wait_for_lock_wait,
+    wait_until,
+)
 
 TOPIC = "presence:global"
 WATCH = ["presence:*"]  # the grant a presence subscriber's token carries
@@ -162,7 +175,8 @@ async def test_migration_is_idempotent(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
-        await conn.execute((REPO / "sql" / "002_presence.sql").read_text())
+        for name in ("002_presence.sql", "007_presence.sql"):
+            await conn.execute((REPO / "sql" / name).read_text())
         rows = await conn.fetch("SELECT user_id, status FROM gateway.presence")
         assert [tuple(r) for r in rows] == [("alice", "online")]
     finally:
@@ -395,6 +409,165 @@ async def test_concurrent_transitions_of_one_user_on_many_replicas_converge(dsn:
             assert row["left_at"] is not None  # in the grace
         else:
             assert row["status"] == derived and row["left_at"] is None
+
+
+async def test_the_snapshot_reads_no_offline_user(dsn: str) -> None:
+    """Users once seen stay in gateway.presence, offline. A subscribe's snapshot must not read
+    them: with many, a reconnect storm of subscribes keeps the pool busy (sql/007_presence.sql)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO gateway.presence (topic, user_id, status, last_seen) "
+            "SELECT $1, 'gone' || g, 'offline', now() - interval '1 day' FROM generate_series(1, 20000) g",
+            TOPIC,
+        )
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c2', 'bob', 'away')")
+        await conn.execute("ANALYZE gateway.presence")
+        # The gateway's statements are prepared: check the plan made for the value, and the
+        # generic one PostgreSQL may switch to after a few runs.
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            plan = json.loads(await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + _SNAPSHOT, TOPIC))
+            scans = [n for n in _plan_nodes(plan[0]["Plan"]) if n.get("Relation Name") == "presence"]
+            assert scans, plan
+            read = sum(n["Actual Rows"] + n.get("Rows Removed by Filter", 0) for n in scans)
+            assert read == 2, f"{mode}: the snapshot read {read} rows for 2 users online or away: {plan}"
+        rows = await conn.fetch(_SNAPSHOT, TOPIC)
+        assert [(r[0], r[1]) for r in rows] == [("alice", "online"), ("bob", "away")]
+    finally:
+        await conn.close()
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+# b"gw_prune" read as an integer: the advisory lock of gateway.presence_prune.
+PRUNE_LOCK = 7455532644696419941
+
+
+async def _make_offline(conn: asyncpg.Connection, user: str, topics: list[str]) -> None:
+    """Connect ``user`` on ``topics``, close, and end its grace: offline, last seen now."""
+    await conn.execute("SELECT gateway.presence_connect('r0', $1, $1, 'online', $2)", user, topics)
+    await conn.execute("SELECT gateway.presence_disconnect('r0', $1)", user)
+    offline = await conn.fetchval("SELECT gateway.presence_sweep('1 min', '0 s', ARRAY[$1])", user)
+    assert offline == len(topics)  # one change per topic
+
+
+async def _last_seen(conn: asyncpg.Connection, user: str, days_ago: float) -> None:
+    await conn.execute(
+        "UPDATE gateway.presence SET last_seen = now() - $2 * interval '1 day' WHERE user_id = $1",
+        user,
+        days_ago,
+    )
+
+
+async def _offline_since(conn: asyncpg.Connection, user: str, days: float, topics: list[str]) -> None:
+    """Make ``user`` offline on ``topics``, its last connection closed ``days`` ago."""
+    await _make_offline(conn, user, topics)
+    await _last_seen(conn, user, days)
+
+
+async def test_prune_deletes_only_users_offline_longer_than_the_retention_and_publishes_nothing(
+    dsn: str,
+) -> None:
+    staff = [TOPIC, "presence:staff"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        # Gone long enough: two of them on two topics (a row each), all last seen days apart.
+        await _offline_since(conn, "dave", 8, staff)
+        await _offline_since(conn, "frank", 9, [TOPIC])
+        await _offline_since(conn, "gina", 10, staff)
+        # Offline, but not for long enough.
+        await _offline_since(conn, "erin", 6.9, [TOPIC])
+        # Online, away, and in the grace, each last seen a month ago: never pruned.
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice', 'online', $1)", staff)
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c2', 'bob', 'away')")
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c3', 'carol')")
+        await conn.execute("SELECT gateway.presence_disconnect('r1', 'c3')")
+        await conn.execute(
+            "UPDATE gateway.presence SET last_seen = now() - interval '30 days', "
+            "left_at = left_at - interval '30 days' WHERE user_id IN ('alice', 'bob', 'carol')"
+        )
+        events = await conn.fetchval("SELECT count(*) FROM gateway.events")
+        heads = await conn.fetch("SELECT topic, epoch, pos FROM gateway.topics ORDER BY topic")
+
+        # Another replica is pruning: nothing done.
+        other = await asyncpg.connect(dsn)
+        try:
+            async with other.transaction():
+                await other.execute("SELECT pg_advisory_xact_lock($1)", PRUNE_LOCK)
+                assert await conn.fetchval("SELECT gateway.presence_prune('7 days')") == -1
+        finally:
+            await other.close()
+
+        # In batches, oldest first: gina (2 rows), frank, then dave (2 rows).
+        assert await conn.fetchval("SELECT gateway.presence_prune('7 days', 3)") == 3
+        assert await val(
+            dsn,
+            "SELECT array_agg(DISTINCT user_id) FROM gateway.presence WHERE user_id IN ('dave', 'frank', 'gina')",
+        ) == ["dave"]
+        assert await conn.fetchval("SELECT gateway.presence_prune('7 days', 3)") == 2
+        assert await conn.fetchval("SELECT gateway.presence_prune('7 days', 3)") == 0
+
+        rows = await conn.fetch("SELECT topic, user_id, status FROM gateway.presence ORDER BY user_id, topic")
+        assert [tuple(r) for r in rows] == [
+            ("presence:global", "alice", "online"),
+            ("presence:staff", "alice", "online"),
+            ("presence:global", "bob", "away"),
+            ("presence:global", "carol", "online"),
+            ("presence:global", "erin", "offline"),
+        ]
+        # Nothing published: no event, no position taken, no topic reset.
+        assert await conn.fetchval("SELECT count(*) FROM gateway.events") == events
+        assert await conn.fetch("SELECT topic, epoch, pos FROM gateway.topics ORDER BY topic") == heads
+
+        # A pruned user who comes back is a new row, and online as usual.
+        await conn.execute("SELECT gateway.presence_connect('r1', 'c4', 'dave')")
+        assert await val(dsn, "SELECT status FROM gateway.presence WHERE user_id = 'dave'") == "online"
+
+        for query, message in [
+            ("SELECT gateway.presence_prune('0 s')", "age must be a positive interval"),
+            ("SELECT gateway.presence_prune(NULL)", "age must be a positive interval, not NULL"),
+            ("SELECT gateway.presence_prune('1 day', 0)", "batch size must be 1 or more"),
+        ]:
+            with pytest.raises(asyncpg.RaiseError, match=message):
+                await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+async def test_prune_never_deletes_the_row_of_a_user_who_is_connecting(dsn: str) -> None:
+    """presence_apply creates a connecting user's row (or finds it there) before it locks it.
+    A prune in between would leave the user connected without a row: online, shown to nobody.
+    The prune waits for presence writes in flight instead, and gives up after 100 ms."""
+    setup = await pg_connect(dsn)
+    await setup.execute("SELECT gateway.presence_connect('r1', 'c1', 'aaa')")
+    await _offline_since(setup, "old", 30, [TOPIC])
+    holder, connecting, pruner = [await pg_connect(dsn) for _ in range(3)]
+    # aaa's row locked, as a transition of aaa on another replica would: the connect below
+    # finds old's row, then waits at the lock of aaa's (it locks in user order).
+    async with holder.transaction():
+        await holder.execute("SELECT FROM gateway.presence WHERE user_id = 'aaa' FOR UPDATE")
+        connect = asyncio.ensure_future(
+            connecting.fetchval(
+                "SELECT gateway.presence_apply('r1', $1, ARRAY['c2', 'c3'], ARRAY['aaa', 'old'], "
+                "ARRAY['online', 'online'])",
+                [TOPIC],
+            )
+        )
+        await wait_for_lock_wait(
+            setup, "SELECT gateway.presence_apply(%", "the connect to wait for aaa's row"
+        )
+        pruned = await pruner.fetchval("SELECT gateway.presence_prune('7 days')")
+        gone = not await setup.fetchval("SELECT count(*) FROM gateway.presence WHERE user_id = 'old'")
+        assert not gone, "old's row was pruned while old was connecting"
+        assert pruned == -1  # it waited 100 ms for the connect's transaction, then gave up
+        assert not connect.done()
+    assert await connect == 1  # old came online
+    assert await val(dsn, "SELECT status FROM gateway.presence WHERE user_id = 'old'") == "online"
+    assert await pruner.fetchval("SELECT gateway.presence_prune('7 days')") == 0
 
 
 async def test_bad_input_is_refused_with_a_message_naming_it(dsn: str) -> None:
@@ -648,3 +821,151 @@ async def test_a_client_flipping_its_status_is_coalesced_and_its_last_status_win
     published = watcher.of("mallory")[before:]
     assert 1 <= len(published) <= 6, f"{len(flips)} flips, {len(published)} published: {published}"
     assert published[-1] == "away" and watcher.status["mallory"] == "away"
+
+
+async def test_a_replica_prunes_offline_users_past_the_retention(cluster: Cluster) -> None:
+    (gw,) = await cluster.start(1, retention_interval="1")
+    watcher = Watcher(await cluster.connect(gw, "watch", WATCH))
+    subscribed = await watcher.subscribe()
+    # Each change after the one at the ack's position is a frame still to come.
+    replayed = len(watcher.changes)
+    await cluster.connect(gw, "alice")
+    conn = await pg_connect(cluster.dsn)
+    for user in ("ghost1", "ghost2", "recent"):
+        await _make_offline(conn, user, [TOPIC])
+    await wait_for(cluster.dsn, "SELECT status = 'online' FROM gateway.presence WHERE user_id = 'alice'")
+    head = await conn.fetchval("SELECT pos FROM gateway.topics WHERE topic = $1", TOPIC)
+    events = await conn.fetchval("SELECT count(*) FROM gateway.events")
+
+    # Gone for long enough from here on; alice online, last seen a month ago, is kept.
+    for user, days in (("ghost1", 8), ("ghost2", 30), ("recent", 6), ("alice", 30)):
+        await _last_seen(conn, user, days)
+    await wait_for(
+        cluster.dsn, "SELECT NOT EXISTS (SELECT FROM gateway.presence WHERE user_id LIKE 'ghost%')"
+    )
+    rows = await conn.fetch("SELECT user_id, status FROM gateway.presence ORDER BY user_id")
+    assert [tuple(r) for r in rows] == [("alice", "online"), ("recent", "offline"), ("watch", "online")]
+    assert "presence: deleted 2 row(s) of users offline" in (cluster.tmp_path / "gw0.log").read_text()
+
+    # Nothing published: no event, so the subscriber gets the changes up to the head, no more.
+    assert await conn.fetchval("SELECT count(*) FROM gateway.events") == events
+    assert await conn.fetchval("SELECT pos FROM gateway.topics WHERE topic = $1", TOPIC) == head
+    deadline = time.monotonic() + 20
+    while len(watcher.changes) < replayed + head - subscribed["pos"] and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            watcher._apply(await watcher.client.recv(0.5))
+    with contextlib.suppress(TimeoutError):
+        while True:
+            watcher._apply(await watcher.client.recv(0.5))
+    assert len(watcher.changes) == replayed + head - subscribed["pos"], watcher.changes
+    assert watcher.of("ghost1") == watcher.of("ghost2") == ["online", "offline"]
+
+
+# --- the heartbeat, on a connection of its own -----------------------------------------------
+
+# In-process gateways (the test reaches into their pool): a ttl of four intervals, a pool of two.
+HEARTBEAT = {
+    "presence": "true",
+    "heartbeat_interval": "0.5",
+    "heartbeat_ttl": "2",
+    "presence_grace": "1",
+    "pool_size": "2",
+}
+TTL = datetime.timedelta(seconds=2)
+GRACE = datetime.timedelta(seconds=1)
+
+
+async def test_a_replica_whose_pool_stays_busy_longer_than_the_ttl_is_not_declared_dead(dsn: str) -> None:
+    """A reconnect storm (each presence subscribe reads a snapshot) can keep every pool
+    connection busy for longer than the ttl. The heartbeat must still arrive: otherwise the
+    other replicas' sweeps remove this live replica, and its users flicker offline."""
+    async with running_gateway(dsn, **HEARTBEAT) as gw:
+        replica = gw.state.ctx.presence.replica_id
+        await gw.connect("alice")
+        await wait_for(dsn, "SELECT status = 'online' FROM gateway.presence WHERE user_id = 'alice'")
+        pool = gw.state.pool
+        held = [await pool.acquire() for _ in range(pool.get_max_size())]
+        try:
+            with pytest.raises(TimeoutError):  # nothing else in the gateway gets a connection now
+                await pool.acquire(timeout=0.1)
+            # Another replica's sweeper, sweeping as often as it can, with this one's ttl.
+            other = await pg_connect(dsn)
+            start = await other.fetchval("SELECT now()")
+            deadline = time.monotonic() + 60
+            while True:
+                await other.fetchval("SELECT gateway.presence_sweep($1, $2)", TTL, GRACE)
+                beat = await other.fetchval(
+                    "SELECT heartbeat_at FROM gateway.replicas WHERE replica_id = $1", replica
+                )
+                assert beat is not None, "the replica was declared dead while its pool was busy"
+                if beat > start + 2 * TTL:
+                    break  # it kept beating through twice the ttl of a pool it could not use
+                assert time.monotonic() < deadline, (
+                    f"the heartbeat stopped at {beat} (pool busy since {start})"
+                )
+                await asyncio.sleep(0.1)
+            with pytest.raises(TimeoutError):  # and the pool was busy all along
+                await pool.acquire(timeout=0.1)
+        finally:
+            for conn in held:
+                await pool.release(conn)
+        assert await logged_changes(dsn) == [("alice", "online")]
+
+
+async def test_the_heartbeat_connection_is_replaced_when_it_breaks_or_stops_answering(dsn: str) -> None:
+    """Killed or stuck, the heartbeat's connection is closed and a new one made at the next
+    beat; there is never more than one left, and it closes with the gateway."""
+    admin = await pg_connect(dsn)
+
+    async def heartbeat_backends(waiting: bool = False) -> list[int]:
+        """The backends whose last query is the heartbeat's (the pool never sends it)."""
+        rows = await admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE query = $1 AND (NOT $2 OR wait_event_type = 'Lock') "
+            "ORDER BY pid",
+            BEAT,
+            waiting,
+        )
+        return [r["pid"] for r in rows]
+
+    async def beats_after(moment: datetime.datetime) -> bool:
+        beat = await admin.fetchval(
+            "SELECT heartbeat_at FROM gateway.replicas WHERE replica_id = $1", replica
+        )
+        return beat is not None and beat > moment
+
+    async def exactly(n: int) -> bool:
+        return len(await heartbeat_backends()) == n
+
+    async with running_gateway(dsn, **HEARTBEAT) as gw:
+        replica = gw.state.ctx.presence.replica_id
+        await wait_until(heartbeat_backends, 20, "the heartbeat's connection")
+        (first,) = await heartbeat_backends()
+        assert first == gw.state.ctx.presence.heartbeat.backend_pid
+
+        # Broken: the next beat connects again.
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", first)  # waits for its exit
+        killed = await admin.fetchval("SELECT now()")
+        await wait_until(lambda: beats_after(killed), 20, "a heartbeat after its connection was killed")
+        (second,) = await heartbeat_backends()
+        assert second != first
+
+        # Not answering (its UPDATE waits for a row lock the test holds): each beat is given up
+        # at its deadline and the next one tried on a new connection.
+        # (Another connection: pg_stat_activity stays as first read for a whole transaction.)
+        locker = await pg_connect(dsn)
+        async with locker.transaction():
+            await locker.execute("SELECT FROM gateway.replicas WHERE replica_id = $1 FOR UPDATE", replica)
+            seen: set[int] = set()
+
+            async def two_stuck_connections() -> bool:
+                seen.update(await heartbeat_backends(waiting=True))
+                return len(seen) >= 2
+
+            await wait_until(two_stuck_connections, 30, "the stuck heartbeat to be given up and retried")
+        released = await admin.fetchval("SELECT now()")
+        await wait_until(lambda: beats_after(released), 20, "a heartbeat once the lock was released")
+        # Given up means closed: one connection is left, not one per deadline missed.
+        await wait_until(lambda: exactly(1), 20, "one heartbeat connection")
+
+    # Stopped with the gateway.
+    await wait_until(lambda: exactly(0), 20, "the heartbeat connection to close")
