@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,40 +85,46 @@ def insert(title: str, owner: int = 1) -> str:
     return f"INSERT INTO items (owner_id, title) VALUES ({owner}, '{title}')"
 
 
+@contextlib.asynccontextmanager
+async def alice_in_room_1(browser: Any, dsn: str, **settings: str) -> AsyncIterator[tuple[Any, Any]]:
+    """The set-up most tests here share: a gateway sending rows of ``items`` on ``room:<owner>``,
+    and a page whose client is subscribed to room:1 as alice. Yields (gateway, page)."""
+    await make_items_table(dsn, "'room:' || owner_id")
+    async with running_gateway(dsn, tables="public.items", **settings) as gw:
+        async with audit_page(browser, gw.base, lambda: token("alice", topics=["room:1"])) as page:
+            await page.evaluate("subscribeTo('room:1')")
+            await wait_for(page, "rec.subscribed.length === 1")
+            yield gw, page
+
+
 # --- 1. an unsolicited "subscribed" (recovered: false) on a live subscription is ignored ----------
 
 
 async def test_live_not_recovered_frame_reaches_the_application(browser: Any, dsn: str) -> None:
-    await make_items_table(dsn, "'room:' || owner_id")
-    async with running_gateway(dsn, tables="public.items") as gw:
-        async with audit_page(browser, gw.base, lambda: token("alice", topics=["room:1"])) as page:
-            await page.evaluate("subscribeTo('room:1')")
-            await wait_for(page, "rec.subscribed.length === 1")
-            await sql(dsn, insert("first"))
-            await wait_for(page, "rec.events.length === 1")
+    async with alice_in_room_1(browser, dsn) as (_gw, page):
+        await sql(dsn, insert("first"))
+        await wait_for(page, "rec.events.length === 1")
 
-            # Positions 2..3 are gone from the log before the gateway could read them (as when
-            # retention pruned them); position 4 is a real row. The gateway cannot deliver 4
-            # without a hole, so it sends {"type": "subscribed", "recovered": false, "pos": 4}
-            # (docs/protocol.md: "reload, then continue from pos"). Then row 5.
-            await sql(
-                dsn,
-                "UPDATE gateway.topics SET pos = pos + 2 WHERE topic = 'room:1'",
-                insert("lost in the hole"),
-            )
-            await wait_for(page, "rec.raw.some((f) => f.type === 'subscribed' && f.recovered === false)")
-            await sql(dsn, insert("after the hole"))
-            await wait_for(page, "rec.events.length === 2")
+        # Positions 2..3 are gone from the log before the gateway could read them (as when
+        # retention pruned them); position 4 is a real row. The gateway cannot deliver 4
+        # without a hole, so it sends {"type": "subscribed", "recovered": false, "pos": 4}
+        # (docs/protocol.md: "reload, then continue from pos"). Then row 5.
+        await sql(
+            dsn,
+            "UPDATE gateway.topics SET pos = pos + 2 WHERE topic = 'room:1'",
+            insert("lost in the hole"),
+        )
+        await wait_for(page, "rec.raw.some((f) => f.type === 'subscribed' && f.recovered === false)")
+        await sql(dsn, insert("after the hole"))
+        await wait_for(page, "rec.events.length === 2")
 
-            raw = [
-                f for f in await rec(page, "raw") if f["type"] == "subscribed" and f.get("recovered") is False
-            ]
-            assert raw and raw[0]["pos"] == 4 and "id" not in raw[0], raw
-            events = await rec(page, "events")
-            assert [(e["pos"], e["title"]) for e in events] == [(1, "first"), (5, "after the hole")]
-            # The application was handed pos 1 then pos 5 of the same epoch, and never told that
-            # 2..4 (including the committed row "lost in the hole") are missing: a silent gap.
-            assert await rec(page, "notRecovered") != [], "onNotRecovered was never called"
+        raw = [f for f in await rec(page, "raw") if f["type"] == "subscribed" and f.get("recovered") is False]
+        assert raw and raw[0]["pos"] == 4 and "id" not in raw[0], raw
+        events = await rec(page, "events")
+        assert [(e["pos"], e["title"]) for e in events] == [(1, "first"), (5, "after the hole")]
+        # The application was handed pos 1 then pos 5 of the same epoch, and never told that
+        # 2..4 (including the committed row "lost in the hole") are missing: a silent gap.
+        assert await rec(page, "notRecovered") != [], "onNotRecovered was never called"
 
 
 # --- 2. a subscription revoked at refresh stays in the client ------------------------------------
@@ -205,52 +211,44 @@ async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any
 
 
 async def test_a_hung_token_function_does_not_stall_reconnects_forever(browser: Any, dsn: str) -> None:
-    await make_items_table(dsn, "'room:' || owner_id")
-    async with running_gateway(dsn, tables="public.items") as gw:
-        async with audit_page(browser, gw.base, lambda: token("alice", topics=["room:1"])) as page:
-            await page.evaluate("subscribeTo('room:1')")
-            await wait_for(page, "rec.subscribed.length === 1")
-            # From now on the token endpoint hangs (a stuck fetch: browsers never time it out).
-            await page.evaluate(
-                """() => {
-                  const good = gw.options.token;
-                  window.hang = true;
-                  gw.options.token = () => (window.hang ? new Promise(() => {}) : good());
-                }"""
-            )
-            for session in list(gw.state.ctx.registry.sessions.values()):
-                await session.close(p.CloseCode.SERVICE_RESTART, "test: reconnect")
-            await wait_for(page, "rec.states.filter((s) => s === 'connecting').length === 2")
-            await asyncio.sleep(12)  # longer than the client's own handshake deadline (10 s)
-            await page.evaluate("window.hang = false")  # the endpoint answers again
-            # A client that gives up on a stuck token request retries, and comes back.
-            await wait_for(page, "rec.conns.length === 2", timeout_ms=25_000)
+    async with alice_in_room_1(browser, dsn) as (gw, page):
+        # From now on the token endpoint hangs (a stuck fetch: browsers never time it out).
+        await page.evaluate(
+            """() => {
+              const good = gw.options.token;
+              window.hang = true;
+              gw.options.token = () => (window.hang ? new Promise(() => {}) : good());
+            }"""
+        )
+        for session in list(gw.state.ctx.registry.sessions.values()):
+            await session.close(p.CloseCode.SERVICE_RESTART, "test: reconnect")
+        await wait_for(page, "rec.states.filter((s) => s === 'connecting').length === 2")
+        await asyncio.sleep(12)  # longer than the client's own handshake deadline (10 s)
+        await page.evaluate("window.hang = false")  # the endpoint answers again
+        # A client that gives up on a stuck token request retries, and comes back.
+        await wait_for(page, "rec.conns.length === 2", timeout_ms=25_000)
 
 
 # --- 5. an unsubscribe the gateway rate-limited is taken as done ---------------------------------
 
 
 async def test_rate_limited_unsubscribe_does_not_break_a_later_subscribe(browser: Any, dsn: str) -> None:
-    await make_items_table(dsn, "'room:' || owner_id")
-    async with running_gateway(dsn, tables="public.items", message_rate="1") as gw:
-        async with audit_page(browser, gw.base, lambda: token("alice", topics=["room:1"])) as page:
-            assert await page.evaluate("document.visibilityState") == "visible"
-            await page.evaluate("subscribeTo('room:1')")
-            await wait_for(page, "rec.subscribed.length === 1")
-            await asyncio.sleep(2.5)  # the bucket (burst 2) is full again
-            # Two status frames use the burst; the unsubscribe right after is answered
-            # {"type": "error", "code": "rate_limited", "id": ..., "topic": "room:1"}.
-            await page.evaluate("gw.setStatus('away'); gw.setStatus('online'); unsubscribe['room:1']()")
-            await wait_for(page, "rec.raw.some((f) => f.type === 'error' && f.code === 'rate_limited')")
-            assert [s.topics for s in gw.state.ctx.registry.sessions.values()] == [{"room:1"}]
+    async with alice_in_room_1(browser, dsn, message_rate="1") as (gw, page):
+        assert await page.evaluate("document.visibilityState") == "visible"
+        await asyncio.sleep(2.5)  # the bucket (burst 2) is full again
+        # Two status frames use the burst; the unsubscribe right after is answered
+        # {"type": "error", "code": "rate_limited", "id": ..., "topic": "room:1"}.
+        await page.evaluate("gw.setStatus('away'); gw.setStatus('online'); unsubscribe['room:1']()")
+        await wait_for(page, "rec.raw.some((f) => f.type === 'error' && f.code === 'rate_limited')")
+        assert [s.topics for s in gw.state.ctx.registry.sessions.values()] == [{"room:1"}]
 
-            await asyncio.sleep(2.5)
-            await page.evaluate("subscribeTo('room:1')")
-            await wait_for(page, "rec.subscribed.length === 2 || rec.errors['room:1'].length > 0")
-            await sql(dsn, insert("after resubscribing"))
-            await asyncio.sleep(1)
-            assert await rec(page, "errors['room:1']") == []
-            assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
+        await asyncio.sleep(2.5)
+        await page.evaluate("subscribeTo('room:1')")
+        await wait_for(page, "rec.subscribed.length === 2 || rec.errors['room:1'].length > 0")
+        await sql(dsn, insert("after resubscribing"))
+        await asyncio.sleep(1)
+        assert await rec(page, "errors['room:1']") == []
+        assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
 
 
 async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_it(
@@ -258,21 +256,17 @@ async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_
 ) -> None:
     # The server still has the old subscription until the resent unsubscribe goes through; a
     # subscribe sent before that would be refused already_subscribed (and the subscription lost).
-    await make_items_table(dsn, "'room:' || owner_id")
-    async with running_gateway(dsn, tables="public.items", message_rate="1") as gw:
-        async with audit_page(browser, gw.base, lambda: token("alice", topics=["room:1"])) as page:
-            await page.evaluate("subscribeTo('room:1')")
-            await wait_for(page, "rec.subscribed.length === 1")
-            await asyncio.sleep(2.5)  # the bucket (burst 2) is full again
-            await page.evaluate("gw.setStatus('away'); gw.setStatus('online'); unsubscribe['room:1']()")
-            await wait_for(page, "rec.raw.some((f) => f.type === 'error' && f.code === 'rate_limited')")
-            await page.evaluate("subscribeTo('room:1')")  # before the client resends the unsubscribe
-            # (The subscribe may be rate-limited too and retried: the client says so, and retries.)
-            refused = "rec.errors['room:1'].filter((e) => e.code !== 'rate_limited')"
-            await wait_for(page, f"rec.subscribed.length === 2 || {refused}.length > 0")
-            assert await page.evaluate(refused) == []
-            assert [s.topics for s in gw.state.ctx.registry.sessions.values()] == [{"room:1"}]
-            await sql(dsn, insert("after resubscribing"))
-            await wait_for(page, "rec.events.length > 0")
-            await asyncio.sleep(0.5)
-            assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
+    async with alice_in_room_1(browser, dsn, message_rate="1") as (gw, page):
+        await asyncio.sleep(2.5)  # the bucket (burst 2) is full again
+        await page.evaluate("gw.setStatus('away'); gw.setStatus('online'); unsubscribe['room:1']()")
+        await wait_for(page, "rec.raw.some((f) => f.type === 'error' && f.code === 'rate_limited')")
+        await page.evaluate("subscribeTo('room:1')")  # before the client resends the unsubscribe
+        # (The subscribe may be rate-limited too and retried: the client says so, and retries.)
+        refused = "rec.errors['room:1'].filter((e) => e.code !== 'rate_limited')"
+        await wait_for(page, f"rec.subscribed.length === 2 || {refused}.length > 0")
+        assert await page.evaluate(refused) == []
+        assert [s.topics for s in gw.state.ctx.registry.sessions.values()] == [{"room:1"}]
+        await sql(dsn, insert("after resubscribing"))
+        await wait_for(page, "rec.events.length > 0")
+        await asyncio.sleep(0.5)
+        assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
