@@ -42,6 +42,7 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -72,6 +73,8 @@ RETRY_MIN, RETRY_MAX = 0.5, 10.0
 # is spread over several runs instead of holding writes back for long.
 PRUNE_BATCH = 1000
 PRUNE_BATCHES = 50
+# The ttl a sweep passes while it must not remove any replica (see _sweep_ttl).
+NO_REMOVAL = datetime.timedelta(days=36500)
 
 _APPLY = "SELECT gateway.presence_apply($1, $2, $3, $4, $5, $6)"
 _PRUNE = "SELECT gateway.presence_prune($1, $2)"
@@ -115,6 +118,9 @@ class Presence:
         self._need_sync = True  # the first write registers this replica
         self._sync_asked = 0  # bumped by every request for a sync, so none is lost during one
         self._failing = False
+        # When (monotonic) the database answered again after this replica last failed to reach
+        # it; None while it fails; -inf if it never failed.
+        self._reachable_since: float | None = float("-inf")
         self._tasks: list[asyncio.Task[None]] = []
         # counters for metrics and tests
         self.writes = 0
@@ -373,6 +379,7 @@ class Presence:
             try:
                 alive = await self.heartbeat.beat(self.replica_id)
             except DB_ERRORS as exc:
+                self._reachable_since = None
                 failures += 1
                 if failures == 1:
                     why = f"{type(exc).__name__}: {exc}" if str(exc) else "no answer"
@@ -387,6 +394,7 @@ class Presence:
                 # lost is repaired when the writer's or the sweeper's calls fail, or when a
                 # heartbeat that gets through finds this replica's row gone.
                 continue
+            self._reached()
             if failures:
                 log.info("presence heartbeat renewed again after %d failed attempt(s)", failures)
                 failures = 0
@@ -406,7 +414,10 @@ class Presence:
         while True:
             try:
                 changed = await self._pool.fetchval(
-                    "SELECT gateway.presence_sweep($1, $2)", self._ttl, self._grace, timeout=CALL_TIMEOUT
+                    "SELECT gateway.presence_sweep($1, $2)",
+                    self._sweep_ttl(),
+                    self._grace,
+                    timeout=CALL_TIMEOUT,
                 )
             except DB_ERRORS as exc:
                 self._down("sweep", exc)
@@ -417,6 +428,25 @@ class Presence:
                     self.sweeps_done += 1
                     self.changes_published += changed
             await asyncio.sleep(interval)
+
+    def _sweep_ttl(self) -> datetime.timedelta:
+        """The ttl this replica's sweep may apply now.
+
+        After an outage of the database itself, no replica could beat during it, so every
+        heartbeat is older than the ttl when it is back. The first sweep would then remove
+        the replicas that have not beaten again yet (itself included), and all their users
+        would flicker offline and back. So a replica that failed to reach the database
+        removes no replica until it has reached it again for a whole ttl: every live replica
+        has beaten by then (a heartbeat is due every interval, and the ttl is several). When
+        only this replica was cut off, the others' sweeps go on meanwhile."""
+        since = self._reachable_since
+        if since is not None and time.monotonic() - since >= self.settings.heartbeat_ttl:
+            return self._ttl
+        return NO_REMOVAL
+
+    def _reached(self) -> None:
+        if self._reachable_since is None:
+            self._reachable_since = time.monotonic()
 
     # --- pruning -----------------------------------------------------------------------
 
@@ -463,6 +493,7 @@ class Presence:
     # --- logging the database's state once per outage ------------------------------------
 
     def _down(self, what: str, exc: BaseException) -> None:
+        self._reachable_since = None
         if not self._failing:
             self._failing = True
             log.warning(
@@ -473,6 +504,7 @@ class Presence:
             )
 
     def _up(self) -> None:
+        self._reached()
         if self._failing:
             self._failing = False
             log.info("presence: database reachable again")

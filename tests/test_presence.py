@@ -802,6 +802,28 @@ async def test_presence_is_repaired_after_a_database_outage(
     assert "presence: database reachable again" in log_text
 
 
+async def test_an_outage_of_the_whole_database_longer_than_the_ttl_takes_no_one_offline(
+    cluster: Cluster, pg_restart: Any
+) -> None:
+    """When the database itself was away, no replica could beat: when it is back, whichever
+    replica sweeps first must not take the others (or itself) for dead before they have had
+    the time to beat again, which would make all their users flicker offline and back."""
+    gws = await cluster.start(3)
+    for i, gw in enumerate(gws):
+        await cluster.connect(gw, f"user{i}")
+    await wait_for(cluster.dsn, "SELECT count(*) = 3 FROM gateway.presence WHERE status = 'online'")
+    await sql(cluster.dsn, "CHECKPOINT")  # the test cluster commits asynchronously
+    await pg_restart.adown()
+    await asyncio.sleep(2 * 1.5)  # twice FAST's ttl: every heartbeat is stale when it is back
+    await pg_restart.aup()
+    back = await val(cluster.dsn, "SELECT now()")
+    # Every replica beats again, and every sweep of the next two ttls passes.
+    await wait_for(cluster.dsn, "SELECT count(*) = 3 FROM gateway.replicas WHERE heartbeat_at > $1", back)
+    await asyncio.sleep(2 * 1.5)
+    assert await val(cluster.dsn, "SELECT count(*) FROM gateway.replicas") == 3
+    assert sorted(await logged_changes(cluster.dsn)) == [(f"user{i}", "online") for i in range(3)]
+
+
 async def test_a_client_flipping_its_status_is_coalesced_and_its_last_status_wins(cluster: Cluster) -> None:
     # Every published change is a transaction, a log row and a frame to every watcher.
     (gw,) = await cluster.start(1)
