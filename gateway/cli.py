@@ -26,6 +26,11 @@ from .pgcluster import ClusterError, PostgresUnavailable
 
 log = logging.getLogger("gateway.cli")
 
+# A worker exits with this when it cannot start (bad setting, database unreachable or without
+# the gateway schema, port taken): main() maps every such error to it. Starting it again would
+# fail the same way, once a second, forever; a single-process gateway exits with it too.
+CANNOT_START = 2
+
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each also an environment variable)")
@@ -84,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.load(overrides=_overrides(args))
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return CANNOT_START
     logs.setup(settings.log_format, settings.log_level)
     try:
         if args.command == "migrate":
@@ -96,12 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(settings)
     except (ConfigError, MigrationError, PostgresUnavailable, ClusterError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
-        return 2
+        return CANNOT_START
     except asyncpg.PostgresError as exc:
         # Most often a missing privilege (the role may not use schema gateway, or read one of
         # its tables): say what PostgreSQL said, not a traceback.
         print(f"gateway: the database refused: {exc} (SQLSTATE {exc.sqlstate})", file=sys.stderr)
-        return 2
+        return CANNOT_START
 
 
 def _run(coro: Any) -> Any:
@@ -133,13 +138,19 @@ def _serve(settings: Settings) -> int:
 
         _run(serve(settings, reuse_port=os.environ.get("GATEWAY_WORKER_ID") is not None))
         return 0
+    # Caught here once, not by every worker in a restart loop.
+    if not settings.database_url:
+        raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
     return _supervise(workers)
 
 
 def _supervise(workers: int) -> int:
     """Run ``workers`` processes on one port (SO_REUSEPORT); restart any that crash.
 
-    SIGTERM/SIGINT are passed on to every worker, which drain and exit on their own.
+    SIGTERM/SIGINT are passed on to every worker, which drain and exit on their own. A worker
+    whose first start fails with CANNOT_START stops them all, and the supervisor exits with
+    it: whatever runs the gateway (systemd, Kubernetes, compose) sees the failure and applies
+    its own restart policy, as it does for ``--workers 1``.
     """
     argv = [sys.executable, "-m", "gateway", *sys.argv[1:]]
     procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -170,6 +181,7 @@ def _supervise(workers: int) -> int:
     for i in range(workers):
         spawn(i)
     restarts: dict[int, float] = {}
+    status = 0
     while procs:
         time.sleep(0.2)
         for i, proc in list(procs.items()):
@@ -179,10 +191,22 @@ def _supervise(workers: int) -> int:
             if stopping:
                 del procs[i]
                 continue
+            # Only a first start: a worker restarted after a crash may meet a database that
+            # is down for a moment, and the others are still serving, so it is retried.
+            if code == CANNOT_START and i not in restarts:
+                log.error(
+                    "worker %d (pid %d) could not start (its error is above); stopping every worker",
+                    i,
+                    proc.pid,
+                )
+                del procs[i]
+                status = CANNOT_START
+                forward(signal.SIGTERM, None)
+                continue
             log.error("worker %d (pid %d) exited with %s; restarting", i, proc.pid, code)
             # Back off a crash loop: at most one restart per second per worker.
             wait = max(0.0, 1.0 - (time.monotonic() - restarts.get(i, 0.0)))
             time.sleep(wait)
             restarts[i] = time.monotonic()
             spawn(i)
-    return 0
+    return status

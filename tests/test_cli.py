@@ -122,6 +122,51 @@ async def _wait_log(path: Path, needle: str, timeout: float = 15) -> None:
         await asyncio.sleep(0.01)
 
 
+def test_several_workers_without_a_database_url_exit_at_once() -> None:
+    env = cli_env("")
+    env.pop("DATABASE_URL", None)
+    env.pop("GATEWAY_DATABASE_URL", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2 and "DATABASE_URL" in r.stderr and "worker" not in r.stderr, r.stderr
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(dsn: str, tmp_path: Path) -> None:
+    """A setting only a worker can check (the table must exist) fails every worker's start the
+    same way: the supervisor must exit with their status, not restart them once a second."""
+    logp = tmp_path / "supervisor.log"
+    with open(logp, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+            env=dict(cli_env(dsn, port=free_port(), tables="public.no_such_table"), GATEWAY_WORKERS="2"),
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        code = proc.wait(30)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        for _ in range(50):  # whatever is left of its process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        proc.wait(10)
+    text = logp.read_text()
+    assert code == 2, text[-2000:]
+    assert "no such table" in text and "could not start" in text and "restarting" not in text, text[-2000:]
+
+
 async def test_sigterm_during_a_restart_backoff_stops_every_worker(dsn: str, tmp_path: Path) -> None:
     """A worker that crashes twice within a second makes the supervisor wait before restarting
     it; a SIGTERM in that wait must still stop everything (no new worker nobody stops)."""
