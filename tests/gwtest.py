@@ -140,6 +140,9 @@ class Gateway:
 class GatewayProcess(Gateway):
     """``python -m gateway serve`` as a child process (its log goes to ``self.log_path``)."""
 
+    command = "serve"
+    start_timeout = 15.0
+
     def __init__(self, dsn: str, log_path: Path, **overrides: Any) -> None:
         self.port = int(overrides.pop("port", 0)) or free_port()
         super().__init__(f"http://127.0.0.1:{self.port}")
@@ -150,17 +153,18 @@ class GatewayProcess(Gateway):
     async def start(self) -> GatewayProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"],
+            [sys.executable, "-m", "gateway", self.command],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         try:
-            await self.wait_ready()
+            await self.wait_ready(self.start_timeout)
         except AssertionError:
             self.kill()
             raise AssertionError(
-                f"gateway process did not start:\n{self.log_path.read_text()[-3000:]}"
+                f"gateway {self.command} did not start:\n{self.log_path.read_text()[-3000:]}"
             ) from None
         return self
 
@@ -196,6 +200,13 @@ class GatewayProcess(Gateway):
             except AssertionError:
                 self.kill()
         self._close_log()
+
+
+class DemoProcess(GatewayProcess):
+    """``python -m gateway demo`` on an existing database (no throwaway cluster)."""
+
+    command = "demo"
+    start_timeout = 30.0
 
 
 class Closed(Exception):

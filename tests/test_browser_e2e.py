@@ -25,8 +25,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import pytest
 
 from gateway import protocol as p
 
-from .gwtest import CHROMIUM, REPO, GatewayProcess, make_items_table, running_gateway, token
+from .gwtest import CHROMIUM, REPO, DemoProcess, GatewayProcess, make_items_table, running_gateway, token
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -174,28 +172,6 @@ def minter(user: str, *, ttl: float = 300, topics: list[str]) -> tuple[Callable[
 
 
 # --- the demo page, as `make demo` runs it ------------------------------------------------------
-
-
-class DemoProcess(GatewayProcess):
-    """``python -m gateway demo`` on an existing database (no throwaway cluster)."""
-
-    async def start(self) -> DemoProcess:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "demo"],
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        try:
-            await self.wait_ready(30)
-        except AssertionError:
-            self.kill()
-            raise AssertionError(
-                f"gateway demo did not start:\n{self.log_path.read_text()[-3000:]}"
-            ) from None
-        return self
 
 
 async def open_demo(browser: Any, base: str, name: str, errors: BrowserErrors) -> tuple[Any, Any]:
