@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(settings)
+            host_given = "host" in _overrides(args) or config.env_name("host") in os.environ
+            return run_demo(settings, host_given=host_given)
         return _serve(settings)
     except (ConfigError, MigrationError, PostgresUnavailable, ClusterError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)

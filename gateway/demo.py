@@ -197,7 +197,7 @@ async def _run(settings: Settings) -> None:
             await generator
 
 
-def run_demo(settings: Settings) -> int:
+def run_demo(settings: Settings, *, host_given: bool = False) -> int:
     from .cli import _run as run_loop
     from .pgcluster import PostgresUnavailable, start_throwaway
 
@@ -213,6 +213,10 @@ def run_demo(settings: Settings) -> int:
         changes["database_url"] = cluster.dsn("postgres")
     if not settings.jwt_secret:
         changes["jwt_secret"] = secrets.token_urlsafe(32)
+    if not host_given:
+        # The demo hands a token to anyone who asks and commits rows on request: only this
+        # machine may reach it unless GATEWAY_HOST (or --host) says otherwise.
+        changes["host"] = "127.0.0.1"
     tables = [t for t in settings.tables.split(";") if t.strip()]
     if not any(t.strip() in ("public.demo_tasks", "demo_tasks") for t in tables):
         changes["tables"] = ";".join([*tables, "public.demo_tasks"])

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.config import mask_dsn
 
-from .gwtest import REPO, GatewayProcess, bare_env, free_port, pg_connect, settings_env
+from .gwtest import REPO, DemoProcess, GatewayProcess, bare_env, free_port, pg_connect, settings_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -206,3 +206,24 @@ async def test_sigterm_during_a_restart_backoff_stops_every_worker(dsn: str, tmp
                 break
             time.sleep(0.05)
         proc.wait(10)
+
+
+# --- the demo ------------------------------------------------------------------------------------
+
+
+async def test_the_demo_listens_on_loopback_unless_told_otherwise(dsn: str, tmp_path: Path) -> None:
+    """The demo mints a token for any name and commits rows on request: it must not be
+    reachable from the network just because GATEWAY_HOST defaults to every interface."""
+    demo = DemoProcess(dsn, tmp_path / "demo.log")
+    del demo.env["GATEWAY_HOST"]
+    await demo.start()
+    try:
+        assert demo.proc is not None
+        listening = {
+            c.laddr.ip
+            for c in psutil.Process(demo.proc.pid).net_connections()
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert listening == {"127.0.0.1"}, listening
+    finally:
+        await demo.stop()
