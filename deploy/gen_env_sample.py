@@ -13,12 +13,10 @@ The format is the common subset of docker compose ``env_file`` and systemd ``Env
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 from gateway import config
 
@@ -46,29 +44,6 @@ HEADER = """\
 # --max-frame-bytes on the command line. `gateway config` prints this list too.
 # Durations take 250ms, 5s, 2m or 1h; lists are comma-separated.
 """
-
-
-def format_value(f: dataclasses.Field[Any], value: Any) -> str:
-    """The default as the text the gateway parses back to the same value."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return ",".join(value)
-    if f.metadata["parse"] is config.parse_duration:
-        return format_duration(float(value))
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def format_duration(seconds: float) -> str:
-    # The largest unit that keeps a whole number: 86400 reads better as 24h.
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= size and (seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
-    if (seconds * 1000).is_integer():
-        return f"{int(seconds * 1000)}ms"
-    return f"{seconds}s"
 
 
 def sections() -> dict[str, str]:
@@ -101,7 +76,7 @@ def render() -> str:
             last_heading = heading
         help_text = " ".join(str(f.metadata["help"]).split())
         if f.name in PLACEHOLDERS:
-            default = format_value(f, f.default) or "<empty>"
+            default = config.format_value(f, f.default) or "<empty>"
             lines += [
                 "",
                 f"# {help_text}",
@@ -109,7 +84,7 @@ def render() -> str:
                 f"{config.env_name(f.name)}={PLACEHOLDERS[f.name]}",
             ]
         else:
-            lines += ["", f"# {help_text}", f"{config.env_name(f.name)}={format_value(f, f.default)}"]
+            lines += ["", f"# {help_text}", f"{config.env_name(f.name)}={config.format_value(f, f.default)}"]
     return "\n".join(lines) + "\n"
 
 

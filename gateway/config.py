@@ -131,7 +131,8 @@ class Settings:
     # Database
     database_url: str = _setting(
         "",
-        "PostgreSQL URL (DATABASE_URL is read too). Empty: `gateway demo` starts a throwaway cluster.",
+        "PostgreSQL URL. DATABASE_URL is read too; when both are set this one wins. Empty: `gateway demo` "
+        "starts a throwaway cluster; `serve` and `migrate` refuse to start.",
         parse_dsn,
         secret=True,
     )
@@ -169,11 +170,18 @@ class Settings:
         False, "permessage-deflate WebSocket compression (costs CPU and memory)", parse_bool
     )
     # Authentication
-    jwt_secret: str = _setting("", "shared secret for HS256 (HS384, HS512) tokens", secret=True)
+    jwt_secret: str = _setting(
+        "",
+        "shared secret for HS256 (HS384, HS512) tokens, at least 32 characters; "
+        "empty when tokens are checked with GATEWAY_JWT_JWKS_URL only",
+        secret=True,
+    )
     jwt_jwks_url: str = _setting("", "URL of a JWKS document with the public keys for RS256/ES256 tokens")
     jwt_algorithms: tuple[str, ...] = _setting(
         (),
-        "accepted algorithms; default: with a secret, HS256 plus HS384/HS512 when it is 48/64 bytes or longer; with a JWKS URL, RS256,ES256",
+        "accepted algorithms; default: with a secret, HS256 plus HS384/HS512 when it is 48/64 bytes or longer; "
+        "with only a JWKS URL, RS256,ES256. With both, the default is the secret's alone: list every "
+        "algorithm to accept both kinds",
         parse_list,
     )
     jwt_audience: str = _setting("", "required `aud` claim (empty: not checked)")
@@ -203,7 +211,10 @@ class Settings:
         "the token; empty to disable",
     )
     authz_cache_ttl: float = _setting(
-        5.0, "how long answers of the SQL authorization function are cached", parse_duration
+        5.0,
+        "how long answers of the SQL authorization function are cached, per user and topic; 0 disables "
+        "the cache (every subscribe not granted by the token asks the database)",
+        parse_duration,
     )
     # Limits
     max_frame_bytes: int = _setting(16384, "largest client frame accepted", parse_int, minimum=256)
@@ -237,8 +248,8 @@ class Settings:
     # Relay (sql/003, gateway/relay.py): one replica rings the doorbells of committed events
     relay_poll_interval: float = _setting(
         0.005,
-        "how often the relay reads new events while writes are frequent (writers then send no NOTIFY);"
-        " up to 4 times longer above 1,000 events/s",
+        "how often the relay reads new events while writes are frequent (writers then send no NOTIFY); "
+        "above 1,000 events/s it grows in proportion to the rate, up to 4 times this (from 4,000 events/s)",
         parse_duration,
         minimum=0.001,
     )
@@ -280,7 +291,11 @@ class Settings:
     # Presence
     presence: bool = _setting(True, "record and publish who is online", parse_bool)
     presence_topics: tuple[str, ...] = _setting(
-        ("presence:global",), "presence topics every connection joins (`presence:global`)", parse_list
+        ("presence:global",),
+        "presence topics (comma-separated, each `presence:<name>`) on which every authenticated "
+        "connection's user is shown; seeing who is on one takes a subscribe that the token's topics "
+        "claim or the SQL authorization function allows",
+        parse_list,
     )
     presence_grace: float = _setting(
         5.0, "time after the last connection closes before a user is offline", parse_duration
@@ -423,12 +438,37 @@ def _check(s: Settings) -> None:
             raise ConfigError(f"GATEWAY_PRESENCE_TOPICS has {topic!r}: {problem}")
 
 
+def format_value(f: dataclasses.Field[Any], value: Any) -> str:
+    """A setting's value as the text the gateway parses back to the same value, written as a
+    person would set it: ``10s`` and ``24h`` rather than ``10.0`` and ``86400.0``, ``true``
+    rather than Python's ``True``. Used wherever defaults are shown: `gateway config`,
+    docs/configuration.md and deploy/gateway.env.sample."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if f.metadata["parse"] is parse_duration:
+        return format_duration(float(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    # The largest unit that keeps a whole number: 86400 reads better as 24h.
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    if (seconds * 1000).is_integer():
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds}s"
+
+
 def describe() -> str:
     """Every setting with its default and meaning (`gateway config`)."""
     lines = []
     for f in settings_fields():
-        default = f.default
-        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        shown = format_value(f, f.default)
         lines.append(f"{env_name(f.name)} (default: {shown or '<empty>'})\n    {f.metadata['help']}")
     return "\n".join(lines)
 
@@ -437,8 +477,9 @@ def markdown_table() -> str:
     """Every setting as a Markdown table (docs/configuration.md embeds it; a test keeps them equal)."""
     rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
     for f in settings_fields():
-        default = f.default
-        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        shown = format_value(f, f.default)
+        # An empty code span renders as two backticks: say "empty" instead.
+        default = f"`{shown}`" if shown else "*empty*"
         meaning = str(f.metadata["help"]).replace("|", "\\|")
-        rows.append(f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | `{shown}` | {meaning} |")
+        rows.append(f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | {default} | {meaning} |")
     return "\n".join(rows)

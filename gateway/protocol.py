@@ -118,7 +118,11 @@ class Event(msgspec.Struct, tag="event", omit_defaults=True):
     key: str | None = None
     row: msgspec.Raw | None = None
     data: msgspec.Raw | None = None
-    ts: float | None = None  # commit time, unix seconds
+    # Unix seconds when the writing transaction *began* (gateway.events.created_at defaults to
+    # now(), sql/001), not when it committed: PostgreSQL records no commit time unless
+    # track_commit_timestamp is on. An event listed in a row doorbell carries the doorbell's
+    # ts instead: the start of the newest transaction listed with it (relay.doorbells()).
+    ts: float | None = None
 
 
 class PresenceEntry(msgspec.Struct, array_like=False):
