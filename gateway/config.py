@@ -408,8 +408,13 @@ def _check(s: Settings) -> None:
                 f"GATEWAY_AUTHZ_FUNCTION={s.authz_function!r} is not valid: expected a lower-case "
                 "SQL function name such as gateway.authorize"
             )
-    # Imported here: gateway.authz imports this module.
+    # Imported here: gateway.authz and gateway.tables import this module.
     from gateway.authz import validate_topic
+    from gateway.tables import parse_tables
+
+    # The syntax only, so a typo is reported before the gateway connects; the catalog is
+    # checked at startup (gateway/resolver.py).
+    parse_tables(s.tables)
 
     for topic in s.presence_topics:
         if not topic.startswith("presence:"):
