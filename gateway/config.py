@@ -147,8 +147,10 @@ class Settings:
     )
     tables: str = _setting(
         "",
-        "allow-list of tables whose rows are sent: `schema.table` or `schema.table(col1,col2)`, "
-        "separated by `;`. Tables not listed are never read; empty sends no table rows.",
+        "allow-list of tables whose rows are sent: `schema.table` (`table` alone: schema public) or "
+        "`schema.table(col1,col2)` to send only those columns, separated by `;`. Names are written as "
+        'in SQL: unquoted ones are folded to lower case, others double-quoted (`public."Orders"(id,"unit price")`). '
+        "Tables not listed are never read; empty sends no table rows.",
     )
     # HTTP
     host: str = _setting("0.0.0.0", "address to listen on")
