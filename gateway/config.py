@@ -148,8 +148,10 @@ class Settings:
     )
     tables: str = _setting(
         "",
-        "allow-list of tables whose rows are sent: `schema.table` or `schema.table(col1,col2)`, "
-        "separated by `;`. Tables not listed are never read; empty sends no table rows.",
+        "allow-list of tables whose rows are sent: `schema.table` (`table` alone: schema public) or "
+        "`schema.table(col1,col2)` to send only those columns, separated by `;`. Names are written as "
+        'in SQL: unquoted ones are folded to lower case, others double-quoted (`public."Orders"(id,"unit price")`). '
+        "Tables not listed are never read; empty sends no table rows.",
     )
     # HTTP
     host: str = _setting("0.0.0.0", "address to listen on")
@@ -423,8 +425,13 @@ def _check(s: Settings) -> None:
                 f"GATEWAY_AUTHZ_FUNCTION={s.authz_function!r} is not valid: expected a lower-case "
                 "SQL function name such as gateway.authorize"
             )
-    # Imported here: gateway.authz imports this module.
+    # Imported here: gateway.authz and gateway.tables import this module.
     from gateway.authz import validate_topic
+    from gateway.tables import parse_tables
+
+    # The syntax only, so a typo is reported before the gateway connects; the catalog is
+    # checked at startup (gateway/resolver.py).
+    parse_tables(s.tables)
 
     for topic in s.presence_topics:
         if not topic.startswith("presence:"):

@@ -31,6 +31,7 @@ from .auth import mint_token
 from .config import ConfigError, Settings, mask_dsn
 from .db import DB_ERRORS
 from .server import STATIC, build_app, serve
+from .tables import parse_tables
 
 log = logging.getLogger("gateway.demo")
 
@@ -197,6 +198,16 @@ async def _run(settings: Settings) -> None:
             await generator
 
 
+def with_demo_table(tables: str) -> str:
+    """GATEWAY_TABLES with the demo's table added unless it is listed. Parsed, not split on
+    ";" and compared as text: an entry may be quoted or in another case
+    (`"public".DEMO_TASKS`), and a ";" may stand inside a quoted name."""
+    listed = parse_tables(tables)
+    if any((e.schema, e.table) == ("public", "demo_tasks") for e in listed):
+        return tables
+    return f"{tables};public.demo_tasks" if listed else "public.demo_tasks"
+
+
 def run_demo(settings: Settings, *, host_given: bool = False) -> int:
     from .cli import _run as run_loop
     from .pgcluster import PostgresUnavailable, start_throwaway
@@ -217,9 +228,11 @@ def run_demo(settings: Settings, *, host_given: bool = False) -> int:
         # The demo hands a token to anyone who asks and commits rows on request: only this
         # machine may reach it unless GATEWAY_HOST (or --host) says otherwise.
         changes["host"] = "127.0.0.1"
-    tables = [t for t in settings.tables.split(";") if t.strip()]
-    if not any(t.strip() in ("public.demo_tasks", "demo_tasks") for t in tables):
-        changes["tables"] = ";".join([*tables, "public.demo_tasks"])
+    try:
+        changes["tables"] = with_demo_table(settings.tables)
+    except ConfigError as exc:
+        print(f"gateway demo: {exc}", file=sys.stderr)
+        return 2
     settings = dataclasses.replace(settings, **changes)
     log.info("demo database: %s", mask_dsn(settings.database_url))
     try:

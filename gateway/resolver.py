@@ -1,9 +1,10 @@
 """Row resolution: which tables and columns are exposed, and batched SELECTs of changed rows.
 
-The allow-list (``GATEWAY_TABLES``) is parsed and every identifier is checked against a
-strict pattern, then against the catalog at startup; only then is it quoted into SQL.
-Nothing a client sends ever becomes part of a query: table names come from the
-allow-list and keys are passed as parameters.
+The allow-list (``GATEWAY_TABLES``, parsed by gateway/tables.py) is checked against the catalog
+at startup, and each table's SELECT is built then, once. Every name in it, the allow-list's
+and the catalog's (key column, row_topic function), is a quoted identifier: there are no
+string literals in it, so no name can break out, whatever ``standard_conforming_strings``
+says. Nothing a client sends ever becomes part of a query: keys are passed as parameters.
 
 One SELECT per table per batch (``WHERE key = ANY($1)``); PostgreSQL returns each row as
 JSON text, which is embedded as-is into the event frame (msgspec.Raw): no decode and
@@ -13,128 +14,162 @@ re-encode in Python.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import asyncpg
 
 from .config import ConfigError
+from .tables import TableEntry, display_ident, quote_ident
 
 log = logging.getLogger("gateway.resolver")
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_ENTRY = re.compile(r"^\s*([^()\s]+)\s*(?:\(([^()]*)\))?\s*$")
+# Tables and their names as the capture triggers write them in events (sql/008, publish()).
+_PUBLISHED = (
+    "SELECT c.oid, n.nspname, c.relname FROM gateway.published p "
+    "JOIN pg_class c ON c.oid = p.tbl JOIN pg_namespace n ON n.oid = c.relnamespace"
+)
 
 
 @dataclass(frozen=True)
 class TableSpec:
-    name: str  # schema.table, as the trigger names it
-    columns: tuple[str, ...]  # empty: all columns
-    key: str = ""  # filled from the catalog
-    key_type: str = ""
-    select: str = ""  # the prepared SQL text
+    entry: TableEntry
+    key: str  # the key column, from gateway.published
+    select: str  # the prepared SQL text
+
+    @property
+    def name(self) -> str:
+        return self.entry.event_name
 
 
-def quote_ident(name: str) -> str:
-    if not _IDENT.match(name):
-        raise ValueError(f"{name!r} is not a valid identifier")
-    return '"' + name.replace('"', '""') + '"'
+def build_select(entry: TableEntry, key: str, key_type: str, row_topic: str) -> str:
+    """The SELECT of rows by key: (key as text, row as JSON text, the row's topic now).
 
-
-def parse_tables(text: str) -> list[TableSpec]:
-    """Parse ``schema.table`` / ``schema.table(col1,col2)`` entries separated by ``;``."""
-    specs: list[TableSpec] = []
-    for raw in text.split(";"):
-        if not raw.strip():
-            continue
-        m = _ENTRY.match(raw)
-        if not m:
-            raise ConfigError(
-                f"GATEWAY_TABLES entry {raw.strip()!r} is not valid: expected schema.table(col1,col2)"
-            )
-        name, cols = m.group(1), m.group(2)
-        parts = name.split(".")
-        if len(parts) == 1:
-            parts = ["public", *parts]
-        if len(parts) != 2 or not all(_IDENT.match(p) for p in parts):
-            raise ConfigError(
-                f"GATEWAY_TABLES entry {name!r} is not valid: expected schema.table with letters, digits and _"
-            )
-        columns = tuple(c.strip() for c in (cols or "").split(",") if c.strip())
-        for c in columns:
-            if not _IDENT.match(c):
-                raise ConfigError(f"GATEWAY_TABLES column {c!r} of {name} is not a valid identifier")
-        full = ".".join(parts)
-        if any(s.name == full for s in specs):
-            raise ConfigError(f"GATEWAY_TABLES lists {full} twice")
-        specs.append(TableSpec(full, columns))
-    return specs
+    ``key_type`` is format_type()'s output, already SQL. A column list becomes a subquery
+    whose output columns are named by quoted identifiers, and row_to_json() takes its keys
+    from them: a column's name reaches the JSON without ever being an SQL string. ``t.*`` is
+    the whole row even if the table has a column named ``t``."""
+    qkey = "t." + quote_ident(key)
+    if entry.columns:
+        cols = ", ".join(f"t.{quote_ident(c)} AS {quote_ident(c)}" for c in entry.columns)
+        source = f"{entry.sql_name} AS t CROSS JOIN LATERAL (SELECT {cols}) AS r"
+        row = "row_to_json(r.*)"
+    else:
+        source = f"{entry.sql_name} AS t"
+        row = "row_to_json(t.*)"
+    # The row's topic now: a row may have moved to another topic since its event was
+    # written, and must then not be sent to the event's (old) topic.
+    return (
+        f"SELECT {qkey}::text, {row}::text, gateway.{quote_ident(row_topic)}(t.*) FROM {source} "
+        f"WHERE {qkey} = ANY($1::text[]::{key_type}[])"
+    )
 
 
 class Resolver:
-    def __init__(self, pool: asyncpg.Pool, specs: list[TableSpec]) -> None:
+    def __init__(self, pool: asyncpg.Pool, entries: list[TableEntry]) -> None:
         self._pool = pool
-        self._tables: dict[str, TableSpec] = {s.name: s for s in specs}
+        self._entries = entries
+        self._tables: dict[str, TableSpec] = {}  # by event name
         self._warned: set[str] = set()
 
     @property
     def tables(self) -> dict[str, TableSpec]:
+        """The checked tables by the name their events carry (empty before check())."""
         return self._tables
 
     async def check(self) -> None:
         """Validate every listed table and column against the catalog and build the SELECTs."""
         checked: dict[str, TableSpec] = {}
         async with self._pool.acquire() as conn:
-            for spec in self._tables.values():
-                schema, table = spec.name.split(".")
-                oid = await conn.fetchval(
-                    "SELECT to_regclass($1)", f"{quote_ident(schema)}.{quote_ident(table)}"
-                )
-                if oid is None:
-                    raise ConfigError(f"GATEWAY_TABLES lists {spec.name}, but no such table exists")
-                cols = {
-                    r["attname"]: r["t"]
-                    for r in await conn.fetch(
-                        "SELECT attname, format_type(atttypid, atttypmod) AS t FROM pg_attribute "
-                        "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
-                        oid,
-                    )
-                }
-                missing = [c for c in spec.columns if c not in cols]
-                if missing:
-                    raise ConfigError(f"GATEWAY_TABLES: {spec.name} has no column {missing[0]!r}")
-                published = await conn.fetchrow(
-                    "SELECT key_column, row_topic FROM gateway.published WHERE tbl = $1::regclass", oid
-                )
-                if published is None:
-                    raise ConfigError(
-                        f"GATEWAY_TABLES lists {spec.name}, but it is not published: run "
-                        f"SELECT gateway.publish('{spec.name}', <topic expression>) first"
-                    )
-                key, row_topic = published["key_column"], published["row_topic"]
-                if not _IDENT.match(key) or not _IDENT.match(row_topic):
-                    raise ConfigError(
-                        f"GATEWAY_TABLES: {spec.name} is published with key column {key!r}, which the "
-                        "gateway cannot quote safely: use letters, digits and _ only"
-                    )
-                qtable = f"{quote_ident(schema)}.{quote_ident(table)}"
-                qkey = quote_ident(key)
-                if spec.columns:
-                    body = (
-                        "json_build_object("
-                        + ", ".join(f"'{c}', {quote_ident(c)}" for c in spec.columns)
-                        + ")"
-                    )
-                else:
-                    body = "row_to_json(t)"
-                # The row's topic now: a row may have moved to another topic since its event
-                # was written, and must then not be sent to the event's (old) topic.
-                select = (
-                    f"SELECT {qkey}::text, {body}::text, gateway.{quote_ident(row_topic)}(t) FROM {qtable} AS t "
-                    f"WHERE {qkey} = ANY($1::text[]::{cols[key]}[])"
-                )
-                checked[spec.name] = TableSpec(spec.name, spec.columns, key, cols[key], select)
+            published = [
+                (r["oid"], TableEntry(r["nspname"], r["relname"])) for r in await conn.fetch(_PUBLISHED)
+            ]
+            for entry in self._entries:
+                oid = await self._find_table(conn, entry)
+                # Events name a table by schema and name joined with a dot, unquoted: "a.b".c
+                # and a."b.c" are both a.b.c. A listed table's events must be its own only,
+                # or the gateway would send one table's row for the other's change.
+                for other_oid, other in published:
+                    if other.event_name == entry.event_name and other_oid != oid:
+                        raise ConfigError(
+                            f"GATEWAY_TABLES lists {entry.display}, whose events name it "
+                            f"{entry.event_name!r}, as they name the published table {other.display}: "
+                            "the gateway could not tell their rows apart. Rename one of the two "
+                            "tables (or unpublish the other)"
+                        )
+                checked[entry.event_name] = await self._build(conn, entry, oid)
         self._tables = checked
+
+    @staticmethod
+    async def _find_table(conn: asyncpg.Connection, entry: TableEntry) -> int:
+        # By the names themselves, not a parsed text: nothing to quote, nothing to misread.
+        oid: int | None = await conn.fetchval(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = $1 AND c.relname = $2",
+            entry.schema,
+            entry.table,
+        )
+        if oid is not None:
+            return oid
+        # Unquoted names are folded to lower case: public.Orders is public.orders, which
+        # may not exist while public."Orders" does. Name the table the user meant.
+        near = await conn.fetch(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE lower(n.nspname) = lower($1) AND lower(c.relname) = lower($2) AND c.relkind IN ('r', 'p') "
+            "ORDER BY 1, 2 LIMIT 3",
+            entry.schema,
+            entry.table,
+        )
+        hint = ""
+        if near:
+            names = " or ".join(f"{display_ident(r['nspname'])}.{display_ident(r['relname'])}" for r in near)
+            hint = (
+                f" (did you mean {names}? Unquoted names are folded to lower case; "
+                'double-quote a name to keep its case, e.g. public."Orders")'
+            )
+        raise ConfigError(f"GATEWAY_TABLES lists {entry.display}, but no such table exists{hint}")
+
+    @staticmethod
+    async def _build(conn: asyncpg.Connection, entry: TableEntry, oid: int) -> TableSpec:
+        cols = {
+            r["attname"]: r["t"]
+            for r in await conn.fetch(
+                "SELECT attname, format_type(atttypid, atttypmod) AS t FROM pg_attribute "
+                "WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                oid,
+            )
+        }
+        for c in entry.columns:
+            if c not in cols:
+                near = [n for n in cols if n.lower() == c.lower()]
+                hint = (
+                    f" (it has {display_ident(near[0])}: double-quote a name to keep its case)"
+                    if near
+                    else ""
+                )
+                raise ConfigError(f"GATEWAY_TABLES: {entry.display} has no column {c!r}{hint}")
+        published = await conn.fetchrow(
+            "SELECT key_column, row_topic FROM gateway.published WHERE tbl = $1::oid::regclass", oid
+        )
+        if published is None:
+            literal = "'" + entry.display.replace("'", "''") + "'"
+            raise ConfigError(
+                f"GATEWAY_TABLES lists {entry.display}, but it is not published: run "
+                f"SELECT gateway.publish({literal}, <topic expression>) first"
+            )
+        key, row_topic = published["key_column"], published["row_topic"]
+        if key not in cols:
+            raise ConfigError(
+                f"GATEWAY_TABLES: {entry.display} is published with key column {key!r}, which it no "
+                "longer has: publish it again"
+            )
+        select = build_select(entry, key, cols[key], row_topic)
+        # Run once with no key: any error in the statement (or a missing SELECT privilege)
+        # shows now, naming the table, not at the first change of a row.
+        try:
+            await conn.fetch(select, [])
+        except asyncpg.PostgresError as exc:
+            raise ConfigError(f"GATEWAY_TABLES: cannot read rows of {entry.display}: {exc}") from None
+        return TableSpec(entry, key, select)
 
     def allowed(self, table: str) -> bool:
         if table in self._tables:

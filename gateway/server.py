@@ -36,8 +36,9 @@ from .listener import Listener
 from .log import EventLog
 from .pipeline import Pipeline
 from .relay import Relay
-from .resolver import Resolver, parse_tables
+from .resolver import Resolver
 from .session import Registry, Session, SessionContext
+from .tables import parse_tables
 
 log = logging.getLogger("gateway.server")
 
@@ -187,7 +188,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     ]
     for task in state.tasks:
         task.add_done_callback(_crash_report)
-    log.info("gateway ready: tables %s", ", ".join(resolver.tables) or "(none)")
+    log.info(
+        "gateway ready: tables %s", ", ".join(t.entry.display for t in resolver.tables.values()) or "(none)"
+    )
     try:
         yield
     finally:
