@@ -154,7 +154,7 @@ class Settings:
         "Tables not listed are never read; empty sends no table rows.",
     )
     # HTTP
-    host: str = _setting("0.0.0.0", "address to listen on")
+    host: str = _setting("0.0.0.0", "address to listen on (`gateway demo`: 127.0.0.1 unless this is set)")
     port: int = _setting(8080, "TCP port to listen on (0 to 65535)", parse_port)
     workers: int = _setting(
         0,
