@@ -104,8 +104,13 @@ def _static(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             if not (STATIC / name).exists():
                 raise web.HTTPNotFound(text=f"{name} is not installed")
             body.append(client_script(name))
+        # Allow-Origin *: a page on the application's own site imports gateway.mjs (and, through
+        # it, gateway.js) from here, and browsers fetch module scripts with CORS. The files are
+        # the same public code for everyone; who may connect is the WebSocket's Origin check.
         return web.Response(
-            body=body[0], content_type="text/javascript", headers={"Cache-Control": "public, max-age=300"}
+            body=body[0],
+            content_type="text/javascript",
+            headers={"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"},
         )
 
     return handler

@@ -31,10 +31,19 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from gateway import protocol as p
 
-from .gwtest import CHROMIUM, REPO, DemoProcess, GatewayProcess, make_items_table, running_gateway, token
+from .gwtest import (
+    CHROMIUM,
+    REPO,
+    DemoProcess,
+    GatewayProcess,
+    make_items_table,
+    running_gateway,
+    token,
+)
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -333,6 +342,67 @@ async def test_short_lived_token_is_refreshed_on_the_same_connection(browser: An
             assert conn_id in registry.sessions
             assert len(minted) >= 3, "the first token and at least two refreshes"
             assert await rec(page, "appErrors") == []
+
+
+# --- embedded in another site as an ES module --------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def app_site(pages: dict[str, str]) -> AsyncIterator[str]:
+    """Another origin (the application's own site) serving ``pages`` (path -> HTML, read at
+    each request); yields its origin."""
+    app = web.Application()
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=pages[request.path], content_type="text/html")
+
+    app.router.add_get("/{name:.*}", page)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+# The application's page: it imports the client module from the gateway (GW: its address).
+APP_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>app</title>
+<script type="module">
+  import { connect } from "GW/client/gateway.mjs";
+  window.rec = { titles: [], subscribed: 0 };
+  const gw = connect("GW/ws".replace(/^http/, "ws"), { token: () => window.mintToken() });
+  gw.subscribe("room:1", (e) => rec.titles.push(e.row.title), { onSubscribed: () => rec.subscribed++ });
+</script>"""
+
+
+async def test_a_page_of_another_origin_imports_the_module_from_the_gateway(browser: Any, dsn: str) -> None:
+    """Browsers load module scripts with CORS: without the gateway's Allow-Origin header the
+    import fails and the page never connects."""
+    await make_items_table(dsn, "'room:' || owner_id")
+    pages: dict[str, str] = {}
+    async with (
+        app_site(pages) as origin,
+        running_gateway(dsn, tables="public.items", allowed_origins=origin) as gw,
+    ):
+        pages["/"] = APP_PAGE.replace("GW", gw.base)
+        mint, _ = minter("alice", topics=["room:1"])
+        context = await browser.new_context(viewport=VIEWPORT)
+        errors = BrowserErrors()
+        try:
+            await context.expose_function("mintToken", mint)
+            page = await context.new_page()
+            errors.watch(page)
+            await page.goto(origin + "/")
+            await wait_for(page, "typeof rec !== 'undefined' && rec.subscribed === 1")
+            await insert_items(dsn, 1, ["from the app's own site"])
+            await wait_for(page, "rec.titles.length === 1")
+            assert await rec(page, "titles") == ["from the app's own site"]
+        finally:
+            await context.close()
+        errors.check()
 
 
 # --- a forbidden topic is reported once, never retried ------------------------------------------
