@@ -177,12 +177,19 @@ class Authenticator:
                         f"GATEWAY_JWT_ALGORITHMS allows {alg}, which needs a GATEWAY_JWT_SECRET of at least "
                         f"{HMAC_MIN_BYTES[alg]} bytes (RFC 7518 3.2); it has {secret_bytes}"
                     )
-        elif settings.jwt_secret:
-            # Only the HS variants the secret is long enough for (RFC 7518 3.2): a shorter
-            # secret weakens the longer hash to the secret's strength.
-            algorithms = tuple(a for a in HMAC_ALGORITHMS if secret_bytes >= HMAC_MIN_BYTES[a]) or ("HS256",)
         else:
-            algorithms = ("RS256", "ES256")
+            # Each configured key brings its algorithms: setting both accepts both kinds (the
+            # key is picked by the token's algorithm, so an HS token is only ever checked
+            # against the secret, never against a JWKS public key).
+            algorithms = ()
+            if settings.jwt_secret:
+                # Only the HS variants the secret is long enough for (RFC 7518 3.2): a shorter
+                # secret weakens the longer hash to the secret's strength.
+                algorithms = tuple(a for a in HMAC_ALGORITHMS if secret_bytes >= HMAC_MIN_BYTES[a]) or (
+                    "HS256",
+                )
+            if settings.jwt_jwks_url:
+                algorithms += ("RS256", "ES256")
         if "none" in (a.lower() for a in algorithms):
             raise ConfigError("GATEWAY_JWT_ALGORITHMS must not allow 'none': unsigned tokens prove nothing")
         if any(a in HMAC_ALGORITHMS for a in algorithms) and not settings.jwt_secret:

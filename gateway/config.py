@@ -182,8 +182,7 @@ class Settings:
     jwt_algorithms: tuple[str, ...] = _setting(
         (),
         "accepted algorithms; default: with a secret, HS256 plus HS384/HS512 when it is 48/64 bytes or longer; "
-        "with only a JWKS URL, RS256,ES256. With both, the default is the secret's alone: list every "
-        "algorithm to accept both kinds",
+        "with a JWKS URL, RS256,ES256; with both, all of these",
         parse_list,
     )
     jwt_audience: str = _setting("", "required `aud` claim (empty: not checked)")

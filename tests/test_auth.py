@@ -135,6 +135,8 @@ def test_refuses_algorithms_without_their_keys() -> None:
 def test_default_algorithms() -> None:
     assert Authenticator(Settings(jwt_secret=LONG_SECRET)).algorithms == ("HS256", "HS384", "HS512")
     assert Authenticator(Settings(jwt_jwks_url="http://127.0.0.1:1/j")).algorithms == ("RS256", "ES256")
+    both = Settings(jwt_secret=SECRET, jwt_jwks_url="http://127.0.0.1:1/j")
+    assert Authenticator(both).algorithms == ("HS256", "RS256", "ES256")
 
 
 # --- HS256 --------------------------------------------------------------------------
@@ -321,6 +323,21 @@ async def test_rs256_and_es256_from_jwks(
         await auth.close()
 
 
+async def test_a_secret_and_a_jwks_url_accept_both_kinds(
+    jwks: JwksServer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    jwks.keys = [rsa_jwk(rsa_key, "rsa-1")]
+    auth = jwks_auth(jwks, jwt_secret=SECRET)
+    await auth.start()
+    try:
+        rs = jwt.encode(claims(sub="bob"), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+        hs = jwt.encode(claims(sub="ann"), SECRET, algorithm="HS256")
+        assert (await auth.verify(rs)).user == "bob"
+        assert (await auth.verify(hs)).user == "ann"
+    finally:
+        await auth.close()
+
+
 async def test_jwks_forged_signature(
     jwks: JwksServer, rsa_key: rsa.RSAPrivateKey, rsa_key2: rsa.RSAPrivateKey
 ) -> None:
@@ -424,10 +441,9 @@ async def test_hs256_signed_with_rsa_public_key_rejected(
     finally:
         await jwks_only.close()
 
-    # With both kinds configured, HS tokens are checked against the secret only, never a JWKS key.
-    both = Authenticator(
-        Settings(jwt_secret=SECRET, jwt_jwks_url=jwks.url, jwt_algorithms=("HS256", "RS256"))
-    )
+    # With both kinds configured (both accepted by default), HS tokens are checked against the
+    # secret only, never a JWKS key.
+    both = Authenticator(Settings(jwt_secret=SECRET, jwt_jwks_url=jwks.url))
     await both.start()
     try:
         assert await reason(both, forged) == "bad_signature"
