@@ -32,6 +32,7 @@ from .authz import AuthorizationUnavailable, Authorizer, validate_topic
 from .config import Settings
 from .hub import text_frame
 from .pipeline import Pipeline, Unavailable
+from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from .presence import Presence
@@ -44,27 +45,6 @@ _background: set[asyncio.Future[None]] = set()
 # coalesced, not dropped (Session._publish_status). A person goes away and comes back far
 # less often.
 STATUS_RATE = 1.0
-
-
-class TokenBucket:
-    """Allows ``rate`` per second on average, bursts up to ``2 * rate``."""
-
-    __slots__ = ("_cap", "_last", "_rate", "_tokens")
-
-    def __init__(self, rate: float) -> None:
-        self._rate = rate
-        self._cap = 2 * rate
-        self._tokens = self._cap
-        self._last = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._cap, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
 
 
 @dataclass
