@@ -222,6 +222,14 @@ class Settings:
     max_subscriptions: int = _setting(100, "subscriptions per connection", parse_int, minimum=1)
     max_connections: int = _setting(20000, "connections per process", parse_int, minimum=1)
     max_connections_per_user: int = _setting(20, "connections per user on one process", parse_int, minimum=1)
+    connect_rate: float = _setting(
+        500.0,
+        "new WebSocket connections accepted per second per process (burst: 2x); above it an upgrade "
+        "gets HTTP 503 `too_many_connects` with Retry-After: 1 before its token is checked, so a "
+        "reconnect storm after a deploy costs little. 0 = no limit",
+        parse_number,
+        minimum=0,
+    )
     message_rate: float = _setting(
         20.0, "client frames per second per connection (burst: 2x)", parse_number, minimum=0.1
     )

@@ -42,6 +42,12 @@ class GatewayCollector(Collector):
         reg = ctx.registry
         hub = pipeline.hub
         yield GaugeMetricFamily("gateway_connections", "open WebSocket connections", value=len(reg.sessions))
+        refused = CounterMetricFamily(
+            "gateway_upgrades_refused", "WebSocket upgrades refused before the upgrade", labels=["error"]
+        )
+        for error, count in sorted(state.refused.items()):
+            refused.add_metric([error], count)
+        yield refused
         yield GaugeMetricFamily(
             "gateway_subscriptions", "topic subscriptions", value=hub.subscription_count()
         )

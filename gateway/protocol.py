@@ -1,4 +1,4 @@
-"""The WebSocket protocol: every frame, error code and close code, in one place.
+"""The WebSocket protocol: every frame, error code, close code and refused upgrade, in one place.
 
 This module is the single source of truth; ``docs/protocol.md`` describes the same
 frames for people, and ``tests/test_protocol_doc.py`` checks that the two agree.
@@ -11,7 +11,7 @@ Server frames are encoded once and the same bytes go to every subscriber.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -203,6 +203,29 @@ RECONNECT_AFTER: frozenset[int] = frozenset(
         CloseCode.RATE_LIMITED,
     }
 )
+
+# --- refusals before the upgrade -----------------------------------------------------
+# Plain HTTP answers to an upgrade request, with the JSON body {"error": ..., "message": ...}.
+
+
+class Refusal(NamedTuple):
+    status: int
+    error: str
+    retry_after: int | None = None  # seconds, sent as a Retry-After header
+
+
+class Refused:
+    """Every refusal before the upgrade, in the order the gateway checks them."""
+
+    NOT_WEBSOCKET = Refusal(400, "not_websocket")  # not a WebSocket upgrade request
+    DRAINING = Refusal(503, "draining")  # the replica is shutting down; connect again (elsewhere)
+    ORIGIN_NOT_ALLOWED = Refusal(403, "origin_not_allowed")  # GATEWAY_ALLOWED_ORIGINS
+    TOO_MANY_CONNECTS = Refusal(503, "too_many_connects", 1)  # GATEWAY_CONNECT_RATE
+    TOO_MANY_CONNECTIONS = Refusal(503, "too_many_connections", 5)  # GATEWAY_MAX_CONNECTIONS
+    BAD_TOKEN = Refusal(401, "bad_token")  # a header or subprotocol token that does not verify
+
+
+REFUSALS: tuple[Refusal, ...] = tuple(v for k, v in vars(Refused).items() if k.isupper())
 
 # --- codecs: built once, reused ---------------------------------------------------
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from .hub import Hub
 from .listener import Listener
 from .log import EventLog
 from .pipeline import Pipeline
+from .ratelimit import TokenBucket
 from .relay import Relay
 from .resolver import Resolver
 from .session import Registry, Session, SessionContext
@@ -60,6 +62,8 @@ class State:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     pending_upgrades: int = 0
     open_sockets: int = 0  # upgraded sockets, authenticated or still waiting for auth
+    connects: TokenBucket | None = None  # GATEWAY_CONNECT_RATE; None: no limit
+    refused: Counter[str] = field(default_factory=Counter)  # upgrades refused, by error code
 
 
 STATE = web.AppKey("state", State)
@@ -70,6 +74,8 @@ def build_app(settings: Settings) -> web.Application:
         raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
     app = web.Application()
     app[STATE] = State(settings)
+    if settings.connect_rate > 0:
+        app[STATE].connects = TokenBucket(settings.connect_rate)
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/ws", ws_handler)
@@ -296,8 +302,12 @@ def _token_from_request(request: web.Request) -> str | None:
     return None
 
 
-def _http_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+def _refuse(state: State, refusal: p.Refusal, message: str) -> web.Response:
+    state.refused[refusal.error] += 1
+    headers = {} if refusal.retry_after is None else {"Retry-After": str(refusal.retry_after)}
+    return web.json_response(
+        {"error": refusal.error, "message": message}, status=refusal.status, headers=headers
+    )
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
@@ -312,16 +322,19 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         max_msg_size=s.max_frame_bytes + 1,
         heartbeat=30.0,
     )
+    # In the order of p.REFUSALS (docs/protocol.md lists them so), cheapest first.
     if not ws.can_prepare(request).ok:
-        return _http_error(400, "not_websocket", "this endpoint takes WebSocket upgrades only")
+        return _refuse(state, p.Refused.NOT_WEBSOCKET, "this endpoint takes WebSocket upgrades only")
     if state.draining:
-        return _http_error(503, "draining", "this replica is shutting down; connect again")
+        return _refuse(state, p.Refused.DRAINING, "this replica is shutting down; connect again")
     if not origin_allowed(request.headers.get("Origin"), request.host, s.allowed_origins):
-        return _http_error(403, "origin_not_allowed", "this Origin may not open a WebSocket here")
+        return _refuse(state, p.Refused.ORIGIN_NOT_ALLOWED, "this Origin may not open a WebSocket here")
+    if state.connects is not None and not state.connects.take():
+        return _refuse(
+            state, p.Refused.TOO_MANY_CONNECTS, "too many new connections right now; try again shortly"
+        )
     if state.open_sockets + state.pending_upgrades >= s.max_connections:
-        resp = _http_error(503, "too_many_connections", "this replica is full; try again later")
-        resp.headers["Retry-After"] = "5"
-        return resp
+        return _refuse(state, p.Refused.TOO_MANY_CONNECTIONS, "this replica is full; try again later")
     identity = None
     token = _token_from_request(request)
     state.pending_upgrades += 1
@@ -330,7 +343,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             try:
                 identity = await ctx.authenticator.verify(token)
             except TokenError as exc:
-                return _http_error(401, "bad_token", str(exc))
+                return _refuse(state, p.Refused.BAD_TOKEN, str(exc))
         await ws.prepare(request)
     finally:
         state.pending_upgrades -= 1

@@ -8,7 +8,10 @@ count replies rather than measure time: a burst sent at once is bigger than the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import time
 from typing import Any
 
 import aiohttp
@@ -16,8 +19,9 @@ import asyncpg
 import pytest
 
 from gateway import protocol as p
+from gateway.ratelimit import TokenBucket
 
-from .gwtest import Client, running_gateway, token
+from .gwtest import Client, Gateway, running_gateway, token
 from .test_protocol import (
     WAIT,
     assert_alive,
@@ -278,6 +282,46 @@ async def test_max_connections_is_http_503_before_upgrade(dsn: str) -> None:
         await assert_alive(c)
         await a.close()
         await c.close()
+
+
+async def _upgrade_refusal(gw: Gateway, **headers: str) -> tuple[int, dict[str, str], Any]:
+    """A raw upgrade request expected to be refused: its status, headers and JSON body."""
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
+    async with aiohttp.ClientSession() as s, s.get(gw.base + "/ws", headers={**upgrade, **headers}) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+async def test_connect_rate_is_http_503_before_the_token_is_checked(dsn: str) -> None:
+    # 0.5/s: one connection, then the next is refused until two seconds have refilled a token.
+    async with running_gateway(dsn, connect_rate=0.5) as gw:
+        first = await gw.connect("1")
+        # A bad token is not even looked at: the refusal is the cheap one.
+        status, headers, body = await _upgrade_refusal(gw, Authorization="Bearer not-a-token")
+        assert (status, body["error"], headers.get("Retry-After")) == (503, "too_many_connects", "1"), body
+        await assert_alive(first)
+        async with aiohttp.ClientSession() as s, s.get(gw.base + "/metrics") as r:
+            assert 'gateway_upgrades_refused_total{error="too_many_connects"} 1.0' in await r.text()
+        deadline = time.monotonic() + 10
+        while True:  # a retry after the refill is let in
+            try:
+                second = await gw.connect("2")
+                break
+            except aiohttp.WSServerHandshakeError as exc:
+                assert exc.status == 503 and time.monotonic() < deadline, exc
+                await asyncio.sleep(0.25)
+        await assert_alive(second)
+        await first.close()
+        await second.close()
+
+
+def test_a_rate_below_one_every_two_seconds_still_lets_one_through() -> None:
+    bucket = TokenBucket(0.1)
+    assert bucket.take() and not bucket.take()
 
 
 async def test_sockets_waiting_for_auth_count_towards_max_connections(dsn: str) -> None:

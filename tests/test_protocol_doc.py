@@ -131,3 +131,15 @@ def test_close_code_table_matches_protocol(doc: str) -> None:
             f"close code {number}: the doc says reconnect={'yes' if again else 'no'}, "
             f"protocol.RECONNECT_AFTER says {'yes' if number in p.RECONNECT_AFTER else 'no'}"
         )
+
+
+def test_the_refusals_before_the_upgrade_are_the_code_s_in_its_order(doc: str) -> None:
+    m = re.search(r"^### HTTP answers before the upgrade\s*$(.*?)(?=^#)", doc, re.M | re.S)
+    assert m, "docs/protocol.md has no '### HTTP answers before the upgrade' section"
+    rows = table(m.group(1))
+    assert [(int(status), unquote(error)) for status, error, _ in rows] == [
+        (r.status, r.error) for r in p.REFUSALS
+    ]
+    for (_, _, when), refusal in zip(rows, p.REFUSALS, strict=True):
+        retry = f"Retry-After: {refusal.retry_after}"
+        assert (retry in when) == (refusal.retry_after is not None), (refusal, when)
