@@ -33,8 +33,11 @@ import msgspec
 
 CONNECT_CONCURRENCY = 32  # upgrades in flight per process: above it the listen backlog overflows
 # Progress counters each process publishes in its slot of a shared array.
-C_CONNECTED, C_RECEIVED, C_ERRORS, C_RECONNECTS = range(4)
-N_COUNTERS = 4
+C_CONNECTED, C_RECEIVED, C_ERRORS, C_RECONNECTS, C_REFUSED = range(5)
+N_COUNTERS = 5
+# How long a client keeps retrying an upgrade the gateway refuses for now (HTTP 503 with
+# Retry-After: GATEWAY_CONNECT_RATE, or a full replica), as a real client would.
+CONNECT_PATIENCE = 60.0
 
 
 class Row(msgspec.Struct):
@@ -128,9 +131,23 @@ class Worker:
         """Open the socket (token in the upgrade request), then subscribe; replays are checked too."""
         assert self.session is not None
         headers = {"Authorization": "Bearer " + self.token(c.user)} if self.spec.mode != "floor" else {}
-        ws = await self.session.ws_connect(
-            self.spec.url, headers=headers, max_msg_size=0, autoping=True, timeout=aiohttp.ClientWSTimeout(30)
-        )
+        deadline = time.monotonic() + CONNECT_PATIENCE
+        while True:
+            try:
+                ws = await self.session.ws_connect(
+                    self.spec.url,
+                    headers=headers,
+                    max_msg_size=0,
+                    autoping=True,
+                    timeout=aiohttp.ClientWSTimeout(30),
+                )
+                break
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise
+                self.count(C_REFUSED)
+                retry_after = float(exc.headers.get("Retry-After", "1")) if exc.headers else 1.0
+                await asyncio.sleep(retry_after * random.uniform(0.5, 1.5))
         c.ws = ws
         if self.spec.mode == "floor":
             return

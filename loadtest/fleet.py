@@ -10,7 +10,16 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .clients import C_CONNECTED, C_ERRORS, C_RECEIVED, C_RECONNECTS, N_COUNTERS, ProcSpec, child_main
+from .clients import (
+    C_CONNECTED,
+    C_ERRORS,
+    C_RECEIVED,
+    C_RECONNECTS,
+    C_REFUSED,
+    N_COUNTERS,
+    ProcSpec,
+    child_main,
+)
 from .sysinfo import cpu_seconds
 
 
@@ -72,6 +81,11 @@ class Fleet:
     @property
     def reconnects(self) -> int:
         return self._sum(C_RECONNECTS)
+
+    @property
+    def refused(self) -> int:
+        """Upgrades the gateway refused for now (HTTP 503) and the client retried."""
+        return self._sum(C_REFUSED)
 
     def cpu(self) -> float:
         """CPU seconds the client processes used so far: shows when the harness itself saturates."""
