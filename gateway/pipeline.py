@@ -419,11 +419,13 @@ class Pipeline:
             if p.op in ("i", "u") and p.tbl is not None and p.key is not None and allowed(p.tbl):
                 wanted.setdefault(p.tbl, set()).add(p.key)
         rows = await self._resolver.fetch(wanted) if wanted else {}
+        # A table the fetch could not read is no longer allowed: its events go without rows.
+        read = {t for t in wanted if allowed(t)}
         out: dict[tuple[str, int], bytes] = {}
         for p in events:
             op: Op = OPS.get(p.op, "message")
             row = None
-            if p.op in ("i", "u") and p.tbl in wanted:
+            if p.op in ("i", "u") and p.tbl in read:
                 got = rows.get((p.tbl, p.key or ""))
                 if got is None or got[1] != p.topic:
                     # Deleted, or moved to another topic, before we could read it: to this

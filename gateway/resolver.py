@@ -14,6 +14,7 @@ re-encode in Python.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -22,6 +23,14 @@ from .config import ConfigError
 from .tables import TableEntry, display_ident, quote_ident
 
 log = logging.getLogger("gateway.resolver")
+
+# A listed table whose SELECT fails for a reason of its own (renamed, dropped, a listed column
+# gone, SELECT revoked, a key that no longer casts): its events go out without rows, like an
+# unlisted table's, and the SELECT is tried again after this many seconds. Every other table
+# keeps its rows; treating this as "database unreachable" would stall every topic until a
+# restart.
+UNREADABLE_RETRY = 30.0
+_TABLE_ERRORS = (asyncpg.SyntaxOrAccessError, asyncpg.DataError)
 
 # Tables and their names as the capture triggers write them in events (sql/008, publish()).
 _PUBLISHED = (
@@ -70,6 +79,7 @@ class Resolver:
         self._entries = entries
         self._tables: dict[str, TableSpec] = {}  # by event name
         self._warned: set[str] = set()
+        self._unreadable: dict[str, float] = {}  # listed tables whose SELECT failed: retry time
 
     @property
     def tables(self) -> dict[str, TableSpec]:
@@ -172,8 +182,10 @@ class Resolver:
         return TableSpec(entry, key, select)
 
     def allowed(self, table: str) -> bool:
+        """Whether the events of ``table`` carry rows (listed, and readable last time)."""
         if table in self._tables:
-            return True
+            retry = self._unreadable.get(table)
+            return retry is None or time.monotonic() >= retry
         if table not in self._warned:
             self._warned.add(table)
             log.warning(
@@ -193,6 +205,26 @@ class Resolver:
                 spec = self._tables.get(table)
                 if spec is None or not keys:
                     continue
-                for key, row, topic in await conn.fetch(spec.select, list(keys)):
+                try:
+                    found = await conn.fetch(spec.select, list(keys))
+                except _TABLE_ERRORS as exc:
+                    self._cannot_read(spec, exc)
+                    continue
+                if self._unreadable.pop(table, None) is not None:
+                    log.warning("rows of %s can be read again", spec.entry.display)
+                for key, row, topic in found:
                     out[(table, key)] = (row, topic)
         return out
+
+    def _cannot_read(self, spec: TableSpec, exc: Exception) -> None:
+        if spec.name not in self._unreadable:
+            log.error(
+                "cannot read rows of %s (%s: %s): its events are sent without rows, and reading is "
+                "tried again every %g s. If it was renamed or dropped, or a listed column is gone, "
+                "correct GATEWAY_TABLES (and publish it again) and restart the gateway",
+                spec.entry.display,
+                type(exc).__name__,
+                exc,
+                UNREADABLE_RETRY,
+            )
+        self._unreadable[spec.name] = time.monotonic() + UNREADABLE_RETRY

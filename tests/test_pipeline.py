@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
+from gateway import resolver
 from gateway.protocol import CloseCode
 
 from .gwtest import Closed, make_items_table, running_gateway, wait_for_lock_wait
@@ -46,6 +47,48 @@ async def test_insert_update_delete_arrive_once_in_commit_order_with_current_row
         # Small statements' doorbells carry their time: commit-to-send is measured for each.
         assert gw.state.pipeline.commit_to_send.count == 4
         await db.close()
+        await alice.close()
+
+
+async def test_a_listed_table_that_cannot_be_read_loses_its_rows_and_nothing_else(
+    items: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Renaming (or dropping, or revoking SELECT on) a listed table while the gateway runs makes
+    its SELECT fail. That must not read as "database unreachable", which would stall every
+    topic: its events go out without rows, the other tables' with theirs."""
+    monkeypatch.setattr(resolver, "UNREADABLE_RETRY", 0.5)
+    await make_items_table(items, name="notes")
+    async with running_gateway(items, tables="public.items;public.notes") as gw:
+        alice = await gw.connect("1")
+        await alice.subscribe("user:1")
+        db = await asyncpg.connect(items)
+        try:
+            await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'before')")
+            (before,) = await alice.events(1)
+            assert before["row"]["title"] == "before"
+
+            await db.execute("ALTER TABLE items RENAME TO items_away")
+            await db.execute("INSERT INTO items_away (owner_id, title) VALUES (1, 'away')")
+            await db.execute("INSERT INTO notes (owner_id, title) VALUES (1, 'note')")
+            away, note = await alice.events(2)
+            assert (away["op"], away["table"], away["key"], "row" in away) == (
+                "insert",
+                "public.items",
+                "2",
+                False,
+            )
+            assert (note["table"], note["row"]["title"]) == ("public.notes", "note")
+            assert "cannot read rows of public.items (UndefinedTableError" in caplog.text
+
+            # Back under its listed name: rows again once the retry time has passed.
+            await db.execute("ALTER TABLE items_away RENAME TO items")
+            await asyncio.sleep(0.6)
+            await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'back')")
+            (back,) = await alice.events(1)
+            assert back["row"]["title"] == "back"
+            assert "rows of public.items can be read again" in caplog.text
+        finally:
+            await db.close()
         await alice.close()
 
 
