@@ -80,21 +80,28 @@ def settings_env(dsn: str, **overrides: Any) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(dsn: str, **overrides: Any) -> AsyncIterator[Gateway]:
-    env = settings_env(dsn, port=0, **overrides)
-    settings = config.load(env)
-    app = build_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+async def serving(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
+    """``app`` on a free loopback port, in this process; yields its base URL."""
+    runner = web.AppRunner(app, **runner_options)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    gw = Gateway(f"http://127.0.0.1:{port}", app)
     try:
-        await gw.wait_ready()
-        yield gw
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(dsn: str, **overrides: Any) -> AsyncIterator[Gateway]:
+    env = settings_env(dsn, port=0, **overrides)
+    settings = config.load(env)
+    app = build_app(settings)
+    async with serving(app, handle_signals=False, access_log=None) as base:
+        gw = Gateway(base, app)
+        await gw.wait_ready()
+        yield gw
 
 
 class Gateway:

@@ -22,6 +22,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from gateway.auth import Authenticator, Identity, TokenError, mint_token
 from gateway.config import ConfigError, Settings
 
+from .gwtest import serving
+
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
 LONG_SECRET = "a-64-byte-secret-long-enough-for-hs512-0123456789abcdefghijklmno"
 
@@ -86,16 +88,11 @@ async def jwks() -> AsyncIterator[JwksServer]:
     server = JwksServer()
     app = web.Application()
     app.router.add_get("/jwks.json", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    server.url = f"http://127.0.0.1:{port}/jwks.json"
-    yield server
-    if server.gate is not None:
-        server.gate.set()
-    await runner.cleanup()
+    async with serving(app) as base:
+        server.url = base + "/jwks.json"
+        yield server
+        if server.gate is not None:  # release requests still waiting, or cleanup waits on them
+            server.gate.set()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from aiohttp import WSMsgType, web
 
 from gateway import protocol as p
 
-from .gwtest import CHROMIUM
+from .gwtest import CHROMIUM, serving
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -230,15 +230,8 @@ async def site() -> AsyncIterator[Site]:
     app.router.add_get("/demo/token", token)
     app.router.add_get("/demo/tasks", get_tasks)
     app.router.add_post("/demo/tasks", post_task)
-    runner = web.AppRunner(app, shutdown_timeout=1)
-    await runner.setup()
-    tcp = web.TCPSite(runner, "127.0.0.1", 0)
-    await tcp.start()
-    port = tcp._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield Site(f"http://127.0.0.1:{port}", gw)
-    finally:
-        await runner.cleanup()
+    async with serving(app, shutdown_timeout=1) as url:
+        yield Site(url, gw)
 
 
 @pytest_asyncio.fixture(loop_scope="module")

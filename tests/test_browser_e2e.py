@@ -42,6 +42,7 @@ from .gwtest import (
     GatewayProcess,
     make_items_table,
     running_gateway,
+    serving,
     token,
 )
 
@@ -357,15 +358,8 @@ async def app_site(pages: dict[str, str]) -> AsyncIterator[str]:
         return web.Response(text=pages[request.path], content_type="text/html")
 
     app.router.add_get("/{name:.*}", page)
-    runner = web.AppRunner(app, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app, shutdown_timeout=1) as origin:
+        yield origin
 
 
 # The application's page: it imports the client module from the gateway (GW: its address).

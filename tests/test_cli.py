@@ -122,6 +122,17 @@ async def _wait_log(path: Path, needle: str, timeout: float = 15) -> None:
         await asyncio.sleep(0.01)
 
 
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Whatever is left of a supervisor's process group (started with start_new_session)."""
+    for _ in range(50):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    proc.wait(10)
+
+
 def test_several_workers_without_a_database_url_exit_at_once() -> None:
     env = cli_env("")
     env.pop("DATABASE_URL", None)
@@ -144,7 +155,7 @@ def test_workers_that_cannot_start_stop_the_supervisor(dsn: str, tmp_path: Path)
     with open(logp, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
-            env=dict(cli_env(dsn, port=free_port(), tables="public.no_such_table"), GATEWAY_WORKERS="2"),
+            env=cli_env(dsn, port=free_port(), tables="public.no_such_table"),
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -155,13 +166,7 @@ def test_workers_that_cannot_start_stop_the_supervisor(dsn: str, tmp_path: Path)
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        for _ in range(50):  # whatever is left of its process group
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        proc.wait(10)
+        kill_group(proc)
     text = logp.read_text()
     assert code == 2, text[-2000:]
     assert "no such table" in text and "could not start" in text and "restarting" not in text, text[-2000:]
@@ -199,13 +204,7 @@ async def test_sigterm_during_a_restart_backoff_stops_every_worker(dsn: str, tmp
             left = [(c.pid, c.cmdline()[-3:]) for c in sup.children()]
             raise AssertionError(f"the supervisor still runs 20 s after SIGTERM; workers: {left}") from None
     finally:
-        for _ in range(50):  # whatever is left of its process group
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        proc.wait(10)
+        kill_group(proc)
 
 
 # --- the demo ------------------------------------------------------------------------------------
