@@ -77,12 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         "config", allow_abbrev=False, help="print every setting with its default and meaning"
     )
     cfg.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/configuration.md")
+    cfg.add_argument(
+        "--check",
+        action="store_true",
+        help="check the settings of this environment (and flags) as `serve` does, without connecting; "
+        "print those that differ from their defaults",
+    )
+    _add_setting_flags(cfg)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "config":
+    if args.command == "config" and not args.check:
         print(config.markdown_table() if args.markdown else config.describe())
         return 0
     try:
@@ -92,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return CANNOT_START
     logs.setup(settings.log_format, settings.log_level)
     try:
+        if args.command == "config":
+            return _check(settings)
         if args.command == "migrate":
             return _migrate(settings, args.status)
         if args.command == "demo":
@@ -116,6 +125,19 @@ def _run(coro: Any) -> Any:
     except ImportError:  # not on every platform; asyncio's own loop works too
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def _check(settings: Settings) -> int:
+    """What `serve` checks before it connects: the settings, their combinations (a database
+    URL, a way to verify tokens) and the GATEWAY_TABLES syntax."""
+    from .auth import Authenticator
+    from .server import build_app
+
+    build_app(settings)
+    Authenticator(settings)  # makes no connection until started
+    print(config.describe_settings(settings))
+    print("configuration is valid (the database and the tables in it are checked when `serve` starts)")
+    return 0
 
 
 def _migrate(settings: Settings, status: bool) -> int:

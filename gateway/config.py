@@ -487,6 +487,24 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+def describe_settings(s: Settings) -> str:
+    """The settings that differ from their defaults, as they would be written in an env file;
+    secrets hidden (the database URL's password only). For `gateway config --check`."""
+    lines = []
+    for f in settings_fields():
+        value = getattr(s, f.name)
+        if value == f.default:
+            continue
+        if f.name == "database_url":
+            shown = mask_dsn(value)
+        elif f.metadata["secret"]:
+            shown = "***"
+        else:
+            shown = format_value(f, value)
+        lines.append(f"{env_name(f.name)}={shown}")
+    return "\n".join(lines) or "(every setting at its default)"
+
+
 def markdown_table() -> str:
     """Every setting as a Markdown table (docs/configuration.md embeds it; a test keeps them equal)."""
     rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]

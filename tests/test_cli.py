@@ -18,7 +18,7 @@ import pytest
 
 from gateway.config import mask_dsn
 
-from .gwtest import REPO, DemoProcess, GatewayProcess, bare_env, free_port, pg_connect, settings_env
+from .gwtest import REPO, SECRET, DemoProcess, GatewayProcess, bare_env, free_port, pg_connect, settings_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,6 +91,31 @@ async def test_a_role_without_privileges_gets_a_message_not_a_traceback(dsn: str
     finally:
         await db.execute(f"DROP OWNED BY {usage}; DROP ROLE {none}; DROP ROLE {usage}")
         await db.close()
+
+
+def test_config_check_shows_what_is_set_without_its_secrets() -> None:
+    r = cli(
+        "postgresql://gw:hunter2secret@db.example/app", "config", "--check", "--tables", 'public."Orders"'
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "GATEWAY_DATABASE_URL=postgresql://gw:***@db.example/app" in lines
+    assert "GATEWAY_JWT_SECRET=***" in lines and 'GATEWAY_TABLES=public."Orders"' in lines
+    assert "hunter2" not in r.stdout and SECRET not in r.stdout
+    assert lines[-1].startswith("configuration is valid")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"tables": "public.items(id"}, "GATEWAY_TABLES entry"),
+        ({"jwt_secret": ""}, "no way to verify tokens"),
+        ({"heartbeat_ttl": "1"}, "GATEWAY_HEARTBEAT_TTL"),
+    ],
+)
+def test_config_check_refuses_what_serve_would(overrides: dict[str, str], expected: str) -> None:
+    r = cli("postgresql://gw@db.example/app", "config", "--check", **overrides)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_an_abbreviated_flag_is_refused() -> None:
