@@ -683,3 +683,49 @@ async def test_open_writer_transaction_does_not_stall_other_topics_when_its_topi
         await other.close()
         await holder.close()
         await db.close()
+
+
+# --- TRUNCATE is a committed change like any DELETE -------------------------------------------
+
+
+async def test_truncate_of_a_published_table_delivers_a_delete_of_every_row(items: str) -> None:
+    """TRUNCATE removes every row without firing row triggers. Its subscribers must still be
+    told each row is gone, in order, and a resume from before it must replay the deletes:
+    otherwise they show the rows forever and a resume says recovered with nothing missed."""
+    async with running_gateway(items, tables=TABLES) as gw:
+        client = await gw.connect("1")
+        epoch = (await client.subscribe(TOPIC))["epoch"]
+        db = await pg_connect(items)
+        ids = [
+            str(r["id"])
+            for r in await db.fetch(
+                "INSERT INTO items (owner_id, title) VALUES (1, 'a'), (2, 'other'), (1, 'b') RETURNING id"
+            )
+        ]
+        inserted = await client.events(2)
+        assert [(e["pos"], e["op"], e["key"]) for e in inserted] == [
+            (1, "insert", ids[0]),
+            (2, "insert", ids[2]),
+        ]
+
+        await db.execute("TRUNCATE items")
+        marker = await commit_marker(items)
+        got = await client.events(marker - 2)
+        assert sorted((e["op"], e["key"]) for e in got[:-1]) == [("delete", ids[0]), ("delete", ids[2])], got
+        assert [e["pos"] for e in got] == [3, 4, 5]
+        assert got[-1]["row"]["title"] == "marker"
+        assert seq(inserted + got) == await log_seq(items)
+        # The other owner's row is deleted on its own topic.
+        assert [(op, key) for _, op, key in await log_seq(items, "user:2")] == [
+            ("insert", ids[1]),
+            ("delete", ids[1]),
+        ]
+
+        # A client that saw only the inserts resumes and is replayed the deletes.
+        late = await gw.connect("1")
+        ack = await late.subscribe(TOPIC, since=(epoch, 2))
+        assert ack["recovered"] is True
+        assert [(e["pos"], e["op"]) for e in ack["events"]] == [(3, "delete"), (4, "delete"), (5, "insert")]
+        await late.close()
+        await client.close()
+        await db.close()
