@@ -25,7 +25,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from .gwtest import Client, Closed, Gateway, GatewayProcess, make_items_table, pg_connect, running_gateway
+from .gwtest import (
+    Client,
+    Closed,
+    Gateway,
+    GatewayProcess,
+    make_items_table,
+    pg_connect,
+    running_gateway,
+    wait_for_lock_wait,
+    wait_until,
+)
 
 TABLES = "public.items"
 TOPIC = "user:1"
@@ -729,3 +739,62 @@ async def test_truncate_of_a_published_table_delivers_a_delete_of_every_row(item
         await late.close()
         await client.close()
         await db.close()
+
+
+# --- a reset racing the live path -----------------------------------------------------------
+
+
+async def test_a_doorbell_of_the_old_epoch_read_after_a_reset_never_delivers_the_new_stream_s_events(
+    items: str,
+) -> None:
+    """The relay rings room:1's position 2 of epoch E1; before the gateway reads it from the log
+    (the pipeline is busy: here it waits for a table lock while resolving the batch before),
+    the topic is reset and written again, so position 2 of the log is now E2's. The gateway
+    must not deliver E2's event as E1's position 2: a client would apply an event twice under
+    two names, or one that never existed under that name. (batch_max=1 keeps that doorbell in
+    a batch of its own, as a busy pipeline would when the reset commits during its read.)"""
+    async with running_gateway(items, tables=TABLES, batch_max=1) as gw:
+        client = await gw.connect("1", topics=["room:1"])
+        await client.subscribe(TOPIC)
+        e1 = (await client.subscribe("room:1"))["epoch"]
+        db, writer, holder = await pg_connect(items), await pg_connect(items), await pg_connect(items)
+        await db.execute("""SELECT gateway.emit('room:1', '"a"')""")
+        (a,) = await client.events(1)
+        assert (a["epoch"], a["pos"], a["data"]) == (e1, 1, "a")
+
+        # Make the pipeline wait while resolving a row of items: the lock is queued behind the
+        # writer's, so it is granted at the writer's commit, before the gateway's SELECT.
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute("INSERT INTO items (owner_id, title) VALUES (1, 'blocked')")
+        lock = holder.transaction()
+        await lock.start()
+        locking = asyncio.ensure_future(holder.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+        await wait_for_lock_wait(db, "LOCK TABLE items%", "the lock to queue behind the writer")
+        await tx.commit()
+        await locking
+        await wait_for_lock_wait(db, "SELECT %items%", "the gateway to wait for the lock")
+
+        rung = gw.state.relay.rung
+        await db.execute("""SELECT gateway.emit('room:1', '"b"')""")
+        await wait_until(lambda: gw.state.relay.rung > rung, 10, "the relay to ring E1's position 2")
+        await db.execute("SELECT gateway.reset_topic('room:1')")
+        await db.execute("""SELECT gateway.emit('room:1', '"x"'), gateway.emit('room:1', '"y"')""")
+        e2 = await db.fetchval("SELECT epoch FROM gateway.topics WHERE topic = 'room:1'")
+        await lock.rollback()
+
+        committed = {(e1, 1): "a", (e1, 2): "b", (e2, 1): "x", (e2, 2): "y"}
+        frames = []
+        while not any(f.get("data") == "y" and f["epoch"] == e2 for f in frames):
+            frame = await client.recv()
+            if frame.get("topic") == "room:1":
+                frames.append(frame)
+        for f in frames:
+            if f["type"] == "event":
+                assert committed.get((f["epoch"], f["pos"])) == f["data"], (
+                    f"got {f['data']!r} as {f['epoch']}:{f['pos']}; frames: {frames}"
+                )
+        assert [f["type"] for f in frames][-3:] == ["subscribed", "event", "event"], frames
+        for conn in (db, writer, holder):
+            await conn.close()
+        await client.close()
