@@ -48,32 +48,44 @@ class EventLog:
             rows = await conn.fetch("SELECT topic, epoch, pos FROM gateway.heads($1::text[])", topics)
         return {r["topic"]: Head(r["epoch"], r["pos"]) for r in rows}
 
-    async def read(self, ranges: list[tuple[str, int, int]]) -> list[LogEvent]:
-        """Events with ``lo <= pos <= hi`` for each (topic, lo, hi), ordered by topic and position."""
+    async def read(self, ranges: list[tuple[str, str, int, int]]) -> list[LogEvent]:
+        """Events with ``lo <= pos <= hi`` for each (topic, epoch, lo, hi), ordered by topic and
+        position; none of a topic whose epoch is no longer ``epoch``.
+
+        Events carry no epoch: positions start over when a topic is reset, so position 2 of
+        the log may be the new stream's. The head's epoch is read in the same statement (one
+        snapshot), and reset_topic() changes it and deletes the old events in one transaction:
+        the events read are those of ``epoch``, or there are none and the caller sees the gap."""
         if not ranges:
             return []
-        topics, los, his = zip(*ranges, strict=True)
+        topics, epochs, los, his = zip(*ranges, strict=True)
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT {_EVENT_COLUMNS} FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS r(topic, lo, hi) "
+                f"SELECT {_EVENT_COLUMNS} "
+                "FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS r(topic, epoch, lo, hi) "
+                "JOIN gateway.topics t ON t.topic = r.topic AND t.epoch = r.epoch "
                 "JOIN gateway.events e ON e.topic = r.topic AND e.pos BETWEEN r.lo AND r.hi "
                 "ORDER BY e.topic, e.pos",
                 list(topics),
+                list(epochs),
                 list(los),
                 list(his),
             )
         return [LogEvent(*r) for r in rows]
 
-    async def window(self, topic: str, after: int, upto: int, max_age: float) -> list[LogEvent]:
-        """Events ``after < pos <= upto`` no older than ``max_age`` seconds."""
+    async def window(self, topic: str, epoch: str, after: int, upto: int, max_age: float) -> list[LogEvent]:
+        """Events ``after < pos <= upto`` of ``epoch`` no older than ``max_age`` seconds (none if
+        the topic's epoch is another by now: see read())."""
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 f"SELECT {_EVENT_COLUMNS} FROM gateway.events e WHERE e.topic = $1 AND e.pos > $2 AND e.pos <= $3 "
-                "AND e.created_at >= now() - make_interval(secs => $4) ORDER BY e.pos",
+                "AND e.created_at >= now() - make_interval(secs => $4) "
+                "AND EXISTS (SELECT FROM gateway.topics t WHERE t.topic = $1 AND t.epoch = $5) ORDER BY e.pos",
                 topic,
                 after,
                 upto,
                 max_age,
+                epoch,
             )
         return [LogEvent(*r) for r in rows]
 

@@ -350,7 +350,7 @@ class Pipeline:
                 stream.epoch, stream.pos = head.epoch, 0
                 targets[topic] = head.pos  # everything of the new stream
         plan: list[tuple[str, list[Pending]]] = []
-        to_read: list[tuple[str, int, int]] = []
+        to_read: list[tuple[str, str, int, int]] = []
         for topic, upto in targets.items():
             stream = self._streams[topic]
             stream = self._streams.get(topic)
@@ -364,20 +364,21 @@ class Pipeline:
             if all(p in have for p in wanted):
                 plan.append((topic, [have[p] for p in wanted]))
             else:
-                to_read.append((topic, stream.pos + 1, upto))
+                to_read.append((topic, stream.epoch, stream.pos + 1, upto))
         if to_read:
-            epochs = {topic: self._streams[topic].epoch for topic, _, _ in to_read}
+            epochs = {topic: epoch for topic, epoch, _, _ in to_read}
             by_topic: dict[str, list[Pending]] = {}
             for e in await self._log.read(to_read):
                 by_topic.setdefault(e.topic, []).append(
                     Pending(e.topic, epochs[e.topic], e.pos, e.op, e.tbl, e.key, e.data, e.ts)
                 )
-            for topic, lo, hi in to_read:
+            for topic, _, lo, hi in to_read:
                 got = by_topic.get(topic, [])
                 if len(got) != hi - lo + 1:
-                    # Some positions are gone from the log (pruned): say so and skip to the
-                    # head rather than deliver a stream with a hole in it.
-                    self._not_recovered(topic, Head(epochs[topic], hi), "events were pruned")
+                    # Some positions are gone from the log (pruned, or the topic was reset since
+                    # they were rung): say so and skip to the head rather than deliver a stream
+                    # with a hole in it.
+                    self._not_recovered(topic, Head(epochs[topic], hi), "events were pruned or reset")
                     got = []
                 else:
                     self.log_reads += 1
@@ -533,7 +534,7 @@ class Pipeline:
         if missed > self._replay_max_events:
             self.not_recovered += 1
             return False, []
-        got = await self._log.window(topic, since.pos, head.pos, self._replay_max_age)
+        got = await self._log.window(topic, head.epoch, since.pos, head.pos, self._replay_max_age)
         if len(got) != missed:
             self.not_recovered += 1
             return False, []  # never a partial replay presented as complete

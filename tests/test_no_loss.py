@@ -25,7 +25,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from .gwtest import Client, Closed, Gateway, GatewayProcess, make_items_table, pg_connect, running_gateway
+from .gwtest import (
+    Client,
+    Closed,
+    Gateway,
+    GatewayProcess,
+    make_items_table,
+    pg_connect,
+    running_gateway,
+    wait_for_lock_wait,
+    wait_until,
+)
 
 TABLES = "public.items"
 TOPIC = "user:1"
@@ -683,3 +693,108 @@ async def test_open_writer_transaction_does_not_stall_other_topics_when_its_topi
         await other.close()
         await holder.close()
         await db.close()
+
+
+# --- TRUNCATE is a committed change like any DELETE -------------------------------------------
+
+
+async def test_truncate_of_a_published_table_delivers_a_delete_of_every_row(items: str) -> None:
+    """TRUNCATE removes every row without firing row triggers. Its subscribers must still be
+    told each row is gone, in order, and a resume from before it must replay the deletes:
+    otherwise they show the rows forever and a resume says recovered with nothing missed."""
+    async with running_gateway(items, tables=TABLES) as gw:
+        client = await gw.connect("1")
+        epoch = (await client.subscribe(TOPIC))["epoch"]
+        db = await pg_connect(items)
+        ids = [
+            str(r["id"])
+            for r in await db.fetch(
+                "INSERT INTO items (owner_id, title) VALUES (1, 'a'), (2, 'other'), (1, 'b') RETURNING id"
+            )
+        ]
+        inserted = await client.events(2)
+        assert [(e["pos"], e["op"], e["key"]) for e in inserted] == [
+            (1, "insert", ids[0]),
+            (2, "insert", ids[2]),
+        ]
+
+        await db.execute("TRUNCATE items")
+        marker = await commit_marker(items)
+        got = await client.events(marker - 2)
+        assert sorted((e["op"], e["key"]) for e in got[:-1]) == [("delete", ids[0]), ("delete", ids[2])], got
+        assert [e["pos"] for e in got] == [3, 4, 5]
+        assert got[-1]["row"]["title"] == "marker"
+        assert seq(inserted + got) == await log_seq(items)
+        # The other owner's row is deleted on its own topic.
+        assert [(op, key) for _, op, key in await log_seq(items, "user:2")] == [
+            ("insert", ids[1]),
+            ("delete", ids[1]),
+        ]
+
+        # A client that saw only the inserts resumes and is replayed the deletes.
+        late = await gw.connect("1")
+        ack = await late.subscribe(TOPIC, since=(epoch, 2))
+        assert ack["recovered"] is True
+        assert [(e["pos"], e["op"]) for e in ack["events"]] == [(3, "delete"), (4, "delete"), (5, "insert")]
+        await late.close()
+        await client.close()
+        await db.close()
+
+
+# --- a reset racing the live path -----------------------------------------------------------
+
+
+async def test_a_doorbell_of_the_old_epoch_read_after_a_reset_never_delivers_the_new_stream_s_events(
+    items: str,
+) -> None:
+    """The relay rings room:1's position 2 of epoch E1; before the gateway reads it from the log
+    (the pipeline is busy: here it waits for a table lock while resolving the batch before),
+    the topic is reset and written again, so position 2 of the log is now E2's. The gateway
+    must not deliver E2's event as E1's position 2: a client would apply an event twice under
+    two names, or one that never existed under that name. (batch_max=1 keeps that doorbell in
+    a batch of its own, as a busy pipeline would when the reset commits during its read.)"""
+    async with running_gateway(items, tables=TABLES, batch_max=1) as gw:
+        client = await gw.connect("1", topics=["room:1"])
+        await client.subscribe(TOPIC)
+        e1 = (await client.subscribe("room:1"))["epoch"]
+        db, writer, holder = await pg_connect(items), await pg_connect(items), await pg_connect(items)
+        await db.execute("""SELECT gateway.emit('room:1', '"a"')""")
+        (a,) = await client.events(1)
+        assert (a["epoch"], a["pos"], a["data"]) == (e1, 1, "a")
+
+        # Make the pipeline wait while resolving a row of items: the lock is queued behind the
+        # writer's, so it is granted at the writer's commit, before the gateway's SELECT.
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute("INSERT INTO items (owner_id, title) VALUES (1, 'blocked')")
+        lock = holder.transaction()
+        await lock.start()
+        locking = asyncio.ensure_future(holder.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+        await wait_for_lock_wait(db, "LOCK TABLE items%", "the lock to queue behind the writer")
+        await tx.commit()
+        await locking
+        await wait_for_lock_wait(db, "SELECT %items%", "the gateway to wait for the lock")
+
+        rung = gw.state.relay.rung
+        await db.execute("""SELECT gateway.emit('room:1', '"b"')""")
+        await wait_until(lambda: gw.state.relay.rung > rung, 10, "the relay to ring E1's position 2")
+        await db.execute("SELECT gateway.reset_topic('room:1')")
+        await db.execute("""SELECT gateway.emit('room:1', '"x"'), gateway.emit('room:1', '"y"')""")
+        e2 = await db.fetchval("SELECT epoch FROM gateway.topics WHERE topic = 'room:1'")
+        await lock.rollback()
+
+        committed = {(e1, 1): "a", (e1, 2): "b", (e2, 1): "x", (e2, 2): "y"}
+        frames = []
+        while not any(f.get("data") == "y" and f["epoch"] == e2 for f in frames):
+            frame = await client.recv()
+            if frame.get("topic") == "room:1":
+                frames.append(frame)
+        for f in frames:
+            if f["type"] == "event":
+                assert committed.get((f["epoch"], f["pos"])) == f["data"], (
+                    f"got {f['data']!r} as {f['epoch']}:{f['pos']}; frames: {frames}"
+                )
+        assert [f["type"] for f in frames][-3:] == ["subscribed", "event", "event"], frames
+        for conn in (db, writer, holder):
+            await conn.close()
+        await client.close()

@@ -343,6 +343,31 @@ async def test_publish_again_replaces_and_unpublish_stops(db: asyncpg.Connection
     assert functions == 0
 
 
+async def test_truncate_logs_a_delete_per_row_and_stops_with_unpublish(db: asyncpg.Connection) -> None:
+    await make_items(db)
+    await db.execute(
+        "INSERT INTO items VALUES (1, 1, 'a'), (2, 2, 'b'), (3, NULL, 'unpublished'), (4, 1, 'c')"
+    )
+    await db.execute("TRUNCATE items")
+    assert [(t, p, op, k) for t, p, op, _tbl, k in await events(db) if op == "d"] == [
+        ("user:1", 3, "d", "1"),
+        ("user:1", 4, "d", "4"),
+        ("user:2", 2, "d", "2"),
+    ]
+    # Rolled back with the TRUNCATE, like any event.
+    await db.execute("INSERT INTO items VALUES (5, 2, 'e')")
+    before = await events(db)
+    with contextlib.suppress(asyncpg.RaiseError):
+        async with db.transaction():
+            await db.execute("TRUNCATE items")
+            await db.execute("DO $$ BEGIN RAISE EXCEPTION 'undo'; END $$")
+    assert await events(db) == before
+    await db.execute("SELECT gateway.unpublish('items')")
+    await db.execute("TRUNCATE items")
+    assert await events(db) == before
+    assert await db.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass") == 0
+
+
 async def test_reset_topic_starts_a_new_epoch_at_one(db: asyncpg.Connection, bells: Doorbells) -> None:
     await make_items(db)
     await db.execute("INSERT INTO items VALUES (1, 1, 'a'), (2, 1, 'b')")
