@@ -277,6 +277,13 @@
         }
         return this._unsubscribed(f.id); // else: unsubscribing what the server no longer had
       }
+      // The token function now answers for another user (the application switched accounts):
+      // this connection and its subscriptions are the old user's. Reconnect, as the new user
+      // (docs/protocol.md), rather than stream the old user's topics until its token expires.
+      if (f.code === "token_user_changed") {
+        this._report(err);
+        return this._dropped(null, "the token is for another user: reconnecting as that user");
+      }
       // A refresh the server refused or dropped: try again while the old token lasts.
       if (f.id == null && f.topic == null && (f.code === "bad_token" || f.code === "rate_limited")) this._timer("refresh", () => this._refresh(), 5000);
       const sub = f.topic != null && this._subs.get(f.topic);
