@@ -415,6 +415,12 @@ class Session:
                 topic,
             )
             return
+        presence = topic.startswith("presence:")
+        if presence and self.ctx.presence is None:
+            # Before authorization: whoever asks, it cannot be served here (not "forbidden",
+            # which blames the token), and the authorization function need not be asked.
+            self.error(p.ErrorCode.PRESENCE_DISABLED, "presence is disabled on this gateway", req_id, topic)
+            return
         assert self.identity is not None
         try:
             allowed = await self.ctx.authorizer.allowed(self.identity, topic)
@@ -431,12 +437,8 @@ class Session:
             return
         if self.closed:
             return
-        if topic.startswith("presence:"):
-            if self.ctx.presence is None:
-                self.error(
-                    p.ErrorCode.PRESENCE_DISABLED, "presence is disabled on this gateway", req_id, topic
-                )
-                return
+        if presence:
+            assert self.ctx.presence is not None
             self.presence_topics.add(topic)
             try:
                 await self.ctx.presence.subscribe(self, topic, req_id)

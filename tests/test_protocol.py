@@ -465,6 +465,24 @@ async def test_double_subscribe_is_already_subscribed(dsn: str) -> None:
         await c.close()
 
 
+async def test_presence_topic_on_a_gateway_without_presence_is_presence_disabled(dsn: str) -> None:
+    """docs/presence.md: with GATEWAY_PRESENCE=false a presence: topic gets presence_disabled,
+    whether or not the user may read it: forbidden would tell the client its token is at fault,
+    and the authorization function need not be asked about a topic that cannot be served."""
+    async with running_gateway(dsn, presence="false") as gw:
+        granted = await open_raw(gw)
+        await granted.auth(token("1", topics=["presence:*"]))
+        await granted.send({"type": "subscribe", "topic": "presence:global", "id": 1})
+        await expect_error(granted, "presence_disabled", id=1, topic="presence:global")
+        plain = await gw.connect("2")  # no grant
+        await plain.send({"type": "subscribe", "topic": "presence:global", "id": 2})
+        await expect_error(plain, "presence_disabled", id=2, topic="presence:global")
+        assert gw.state.ctx.authorizer.queries == 0
+        await assert_alive(plain)
+        await granted.close()
+        await plain.close()
+
+
 async def test_topics_granted_by_own_id_and_token_claims(dsn: str) -> None:
     async with running_gateway(dsn) as gw:
         c = await open_raw(gw)
@@ -475,7 +493,7 @@ async def test_topics_granted_by_own_id_and_token_claims(dsn: str) -> None:
             await c.subscribe(topic)
         # Not granted: another user's topic, another room, a kind the pattern does not cover,
         # and the pattern's own bare prefix. A bare `*` grant grants nothing.
-        for topic in ("user:8", "room:8", "docs:1", "room:70", "presence:global"):
+        for topic in ("user:8", "room:8", "docs:1", "room:70", "secret:1"):
             await c.send({"type": "subscribe", "topic": topic, "id": 3})
             await expect_error(c, "forbidden", id=3, topic=topic)
         await assert_alive(c)
