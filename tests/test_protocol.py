@@ -408,6 +408,41 @@ async def test_refresh_that_loses_a_grant_drops_that_subscription(dsn: str) -> N
         await c.close()
 
 
+async def test_an_sql_answer_given_for_one_token_s_claims_is_not_reused_for_other_claims(dsn: str) -> None:
+    """The authorization function gets the token's claims; its cached answer must not decide for
+    a token whose claims differ: not for the same user's refresh that lost the role (docs: "on
+    refresh every subscription is checked again with the new token"), nor for another socket of
+    the same user with a lesser token. Within the cache TTL it did, per (user, topic)."""
+    db = await asyncpg.connect(dsn)
+    await db.execute(
+        "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
+        "RETURNS boolean LANGUAGE sql STABLE AS $$ "
+        "SELECT (claims ->> 'role') = 'admin' AND topic LIKE 'audit:%' $$"
+    )
+    async with running_gateway(dsn, authz_cache_ttl=3600) as gw:
+        admin = await open_raw(gw)
+        await admin.auth(token("root", role="admin"))
+        await admin.subscribe("audit:1")
+        # Another tab of the same user, whose token no longer carries the role.
+        plain = await open_raw(gw)
+        await plain.auth(token("root", role="viewer"))
+        await plain.send({"type": "subscribe", "topic": "audit:1", "id": 1})
+        await expect_error(plain, "forbidden", id=1, topic="audit:1")
+        # The admin's own refresh without the role revokes it.
+        await admin.send({"type": "refresh", "token": token("root", role="viewer")})
+        await expect_error(admin, "forbidden", topic="audit:1")
+        await admin.expect("refreshed")
+        # Tokens differing only in their times (every fresh token) still share one answer.
+        queries = gw.state.ctx.authorizer.queries
+        again = await open_raw(gw)
+        await again.auth(token("root", ttl=600, role="admin"))
+        await again.subscribe("audit:1")
+        assert gw.state.ctx.authorizer.queries == queries
+        for c in (admin, plain, again):
+            await c.close()
+    await db.close()
+
+
 # --- requests and replies -------------------------------------------------------------------
 
 
