@@ -8,9 +8,11 @@ stop scaling). The answer comes from, in order:
 2. the token's grants (``GATEWAY_JWT_TOPICS_CLAIM``): exact names and ``kind:prefix*``
    patterns, e.g. ``["room:7", "doc:*"]``;
 3. the SQL function ``GATEWAY_AUTHZ_FUNCTION(user_id text, topic text, claims jsonb)``,
-   whose answers are cached per (user, topic) for ``GATEWAY_AUTHZ_CACHE_TTL`` seconds and
-   whose concurrent identical questions share one query, so a reconnect storm costs the
-   database one query per distinct (user, topic) rather than one per socket.
+   whose answers are cached per (user, topic, claims) for ``GATEWAY_AUTHZ_CACHE_TTL`` seconds
+   and whose concurrent identical questions share one query, so a reconnect storm costs the
+   database one query per distinct question rather than one per socket. The claims count
+   without the ones every fresh token changes (``TIME_CLAIMS``): the function decides on the
+   claims it is given, so its answer for one token's claims must not stand for another's.
 
 When the function cannot be asked (database down, function missing) ``allowed`` raises
 ``AuthorizationUnavailable``: "we don't know" must not be reported as "forbidden", and
@@ -20,6 +22,7 @@ must never be cached.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -41,6 +44,10 @@ MAX_TOPIC_CHARS = 200
 CACHE_SIZE = 100_000
 # Deadline for one question to the SQL function, pool wait and connect included.
 QUERY_TIMEOUT = 5.0
+
+# Claims that differ between any two tokens of one user (when issued, until when): left out of
+# the cache key, so fresh tokens with the same rights still share answers.
+TIME_CLAIMS = frozenset({"exp", "iat", "nbf", "jti", "auth_time"})
 
 _PRINTABLE_NO_SPACE = re.compile(r"[\x21-\x7e]+")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -124,6 +131,13 @@ def function_sql(function: str) -> str:
     return f"SELECT {'.'.join(_quote_ident(p) for p in parts)}($1::text, $2::text, $3::text::jsonb)"
 
 
+def _claims_digest(claims: Mapping[str, Any]) -> bytes:
+    """The claims the function's answer may depend on, as a short key (a token may be 16 KB)."""
+    kept = {k: v for k, v in claims.items() if k not in TIME_CLAIMS}
+    text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 class AuthorizationUnavailable(Exception):
     """The SQL authorization function could not be asked; the answer is unknown."""
 
@@ -138,10 +152,10 @@ class Authorizer:
         self._pool = pool
         self._ttl = settings.authz_cache_ttl
         self._cache_size = max(1, cache_size)
-        # (user, topic) -> (monotonic deadline, answer); dicts keep insertion order, so
-        # the first key is the oldest answer.
-        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        # (user, topic, digest of the claims) -> (monotonic deadline, answer); dicts keep
+        # insertion order, so the first key is the oldest answer.
+        self._cache: dict[tuple[str, str, bytes], tuple[float, bool]] = {}
+        self._inflight: dict[tuple[str, str, bytes], asyncio.Task[bool]] = {}
         self._failing = False
         self.queries = 0  # questions sent to the database, for metrics and tests
 
@@ -154,7 +168,7 @@ class Authorizer:
             return True
         if self._sql is None or self._pool is None:
             return False
-        key = (identity.user, topic)
+        key = (identity.user, topic, _claims_digest(identity.claims))
         hit = self._cache.get(key)
         if hit is not None:
             if hit[0] > time.monotonic():
@@ -168,7 +182,7 @@ class Authorizer:
         # shield: one subscriber giving up must not cancel the answer others are waiting for.
         return await asyncio.shield(task)
 
-    async def _ask(self, key: tuple[str, str], claims: Mapping[str, Any]) -> bool:
+    async def _ask(self, key: tuple[str, str, bytes], claims: Mapping[str, Any]) -> bool:
         assert self._sql is not None and self._pool is not None
         self.queries += 1
         try:

@@ -213,8 +213,9 @@ class Settings:
     )
     authz_cache_ttl: float = _setting(
         5.0,
-        "how long answers of the SQL authorization function are cached, per user and topic; 0 disables "
-        "the cache (every subscribe not granted by the token asks the database)",
+        "how long answers of the SQL authorization function are cached, per user, topic and token "
+        "claims (exp, iat, nbf, jti, auth_time aside); 0 disables the cache (every subscribe not "
+        "granted by the token asks the database)",
         parse_duration,
     )
     # Limits

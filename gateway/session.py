@@ -62,6 +62,12 @@ class Registry:
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
+        # Upgraded sockets still waiting for their auth frame: not counted as connections, but
+        # a drain must close them too.
+        self.authenticating: set[Session] = set()
+        # (code, reason) once close_all has begun: a socket that authenticates after that is
+        # closed with it instead of welcomed by a replica that is going away.
+        self.closing: tuple[int, str] | None = None
         self._by_user: defaultdict[str, int] = defaultdict(int)
         self._next = 0
         self.evicted_slow = 0
@@ -87,7 +93,8 @@ class Registry:
                 del self._by_user[s.identity.user]
 
     async def close_all(self, code: int, reason: str, wait: float) -> None:
-        sessions = list(self.sessions.values())
+        self.closing = (code, reason)
+        sessions = [*self.sessions.values(), *self.authenticating]
         if not sessions:
             return
         await asyncio.wait(
@@ -225,8 +232,14 @@ class Session:
 
     async def run(self) -> None:
         try:
-            if self.identity is None and not await self._await_auth():
-                return
+            if self.identity is None:
+                registry = self.ctx.registry
+                registry.authenticating.add(self)
+                try:
+                    if not await self._await_auth():
+                        return
+                finally:
+                    registry.authenticating.discard(self)
             if not await self._admit():
                 return
             async for msg in self.ws:
@@ -295,6 +308,10 @@ class Session:
         """Per-user limit, then welcome. The process-wide limit is checked before the upgrade."""
         assert self.identity is not None
         settings = self.ctx.settings
+        if self.ctx.registry.closing is not None:
+            # Authenticated after the drain began (or while the upgrade was being verified).
+            await self.close(*self.ctx.registry.closing)
+            return False
         if self.ctx.registry.user_count(self.identity.user) >= settings.max_connections_per_user:
             await self.close(p.CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
             return False
@@ -398,6 +415,12 @@ class Session:
                 topic,
             )
             return
+        presence = topic.startswith("presence:")
+        if presence and self.ctx.presence is None:
+            # Before authorization: whoever asks, it cannot be served here (not "forbidden",
+            # which blames the token), and the authorization function need not be asked.
+            self.error(p.ErrorCode.PRESENCE_DISABLED, "presence is disabled on this gateway", req_id, topic)
+            return
         assert self.identity is not None
         try:
             allowed = await self.ctx.authorizer.allowed(self.identity, topic)
@@ -414,12 +437,8 @@ class Session:
             return
         if self.closed:
             return
-        if topic.startswith("presence:"):
-            if self.ctx.presence is None:
-                self.error(
-                    p.ErrorCode.PRESENCE_DISABLED, "presence is disabled on this gateway", req_id, topic
-                )
-                return
+        if presence:
+            assert self.ctx.presence is not None
             self.presence_topics.add(topic)
             try:
                 await self.ctx.presence.subscribe(self, topic, req_id)

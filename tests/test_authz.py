@@ -191,7 +191,7 @@ async def test_answer_cached_within_ttl(db: asyncpg.Pool) -> None:
         assert not await az.allowed(ident(), "room:8"), "cached no"
     assert await calls(db) == 2
     assert az.queries == 2
-    # The cache is per (user, topic): bob is asked for.
+    # The cache is per user (and topic and claims): bob is asked for.
     assert not await az.allowed(ident("bob"), "room:7")
     assert await calls(db) == 3
 

@@ -144,6 +144,10 @@ class ScriptedGateway:
                 await self.set_presence(conn.user, "online")
             case p.Refresh(token=token):
                 self.tokens.append(token)
+                if token.split(".")[0] != conn.user:
+                    message = "the new token is for another user; reconnect instead"
+                    await conn.send(p.Error(code=p.ErrorCode.TOKEN_USER_CHANGED, message=message))
+                    return
                 await conn.send(p.Refreshed(expires=int(time.time()) + (self.expires_in or 60)))
             case p.Ping(id=ping_id):
                 if self.answer_pings:
@@ -416,6 +420,31 @@ async def test_token_is_refreshed_in_band_before_it_expires(page: Any, site: Sit
     await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
     assert gw.conns[0].of(p.Refresh)[0].token == "alice.1"
     assert len(gw.conns) == 1
+
+
+async def test_a_refresh_for_another_user_reconnects_as_that_user(page: Any, site: Site) -> None:
+    """The application's token function now answers for another user (it switched accounts):
+    the gateway refuses that refresh with token_user_changed, "reconnect with the new token"
+    (docs/protocol.md). Staying on would keep the old user's subscriptions streaming to the
+    page until the old token expires."""
+    gw = site.gateway
+    gw.expires_in = 60
+    await page.clock.install()
+    await start(page, site)
+    assert gw.conns[0].user == "alice"
+    # From now on the token function answers for bob.
+    await page.evaluate(
+        """() => {
+          const next = gw.options.token;
+          gw.options.token = async () => (await next()).replace(/^alice/, "bob");
+        }"""
+    )
+    await page.clock.run_for(31_000)  # the refresh is due
+    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+    await page.clock.run_for(1_000)  # past the first backoff step (at most 0.5 s)
+    await until(lambda: len(gw.conns) == 2 and gw.conns[1].user == "bob", "a connection as bob")
+    await until(lambda: gw.conns[0].ws.closed, "the connection as alice to close")
+    assert "token_user_changed" in [e["code"] for e in await rec(page, "errors")]
 
 
 async def test_pings_keep_the_socket_busy(page: Any, site: Site) -> None:

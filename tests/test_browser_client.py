@@ -270,3 +270,35 @@ async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_
         await wait_for(page, "rec.events.length > 0")
         await asyncio.sleep(0.5)
         assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
+
+
+# --- 6. many subscriptions at once get the client closed for flooding ----------------------------
+
+
+async def test_as_many_subscriptions_as_the_gateway_allows_are_made_without_being_closed_4029(
+    browser: Any, dsn: str
+) -> None:
+    """The default limits allow 100 subscriptions per connection but 20 frames and 10 subscribes
+    a second. An application subscribing to its 100 topics (or the client resubscribing them after
+    every reconnect) must end up with all of them, not be closed for flooding and loop forever."""
+    async with running_gateway(dsn) as gw:
+        async with audit_page(browser, gw.base, lambda: token("alice", topics=["room:*"])) as page:
+            await page.evaluate("for (let i = 1; i <= 100; i++) subscribeTo('room:' + i)")
+            registry = gw.state.ctx.registry
+
+            def held() -> list[int]:
+                return [len(s.topics) for s in registry.sessions.values()]
+
+            try:
+                await wait_for(page, "new Set(rec.subscribed.map((s) => s.topic)).size === 100", 30_000)
+            finally:
+                closed = dict(registry.closed_by_code)
+            assert closed == {}, f"closed {closed}; states {await rec(page, 'states')}"
+            assert held() == [100]
+            # And again after a reconnect, where the client resubscribes all of them at once.
+            for session in list(registry.sessions.values()):
+                await session.close(p.CloseCode.SERVICE_RESTART, "test: reconnect")
+            await wait_for(page, "rec.conns.length === 2")
+            await wait_for(page, "rec.subscribed.length >= 200", 30_000)
+            assert dict(registry.closed_by_code) == {p.CloseCode.SERVICE_RESTART: 1}
+            assert held() == [100]

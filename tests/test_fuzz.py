@@ -309,6 +309,8 @@ class Model:
                     return [("error", "bad_topic")]
                 if topic in self.subscribed:
                     return [("error", "already_subscribed")]
+                if topic.startswith("presence:"):
+                    return [("error", "presence_disabled")]  # presence is off, whoever asks
                 if not granted(topic):
                     return [("error", "forbidden")]
                 self.subscribed.add(topic)

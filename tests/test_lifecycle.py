@@ -15,7 +15,7 @@ import pytest
 
 from gateway.protocol import CloseCode
 
-from .gwtest import Closed, GatewayProcess, free_port, running_gateway, settings_env
+from .gwtest import Closed, GatewayProcess, free_port, running_gateway, settings_env, token
 
 
 @pytest.mark.parametrize(
@@ -134,3 +134,32 @@ async def test_json_logs_carry_the_connection_id_and_never_a_token(dsn: str, tmp
     closing = [line for line in lines if line["msg"].startswith("closing with 4004")]
     assert closing and closing[0]["conn"].startswith("c")
     assert good not in (tmp_path / "gw.log").read_text()
+
+
+async def test_a_socket_still_authenticating_when_draining_starts_is_closed_1012_too(
+    dsn: str, tmp_path: Path
+) -> None:
+    """A drain tells every client 1012, also one whose upgrade carried no token and whose
+    ``auth`` frame has not come yet (the browser client's way): it was neither closed with the
+    others nor kept from being welcomed by a replica that is going away."""
+    gw = await GatewayProcess(dsn, tmp_path / "gw.log", auth_timeout=30).start()
+    try:
+        waiting = await gw.connect()  # upgraded, no auth yet
+        late = await gw.connect()  # authenticates once the drain has begun
+        settled = await gw.connect("1")
+        await settled.subscribe("user:1")
+        gw.signal(signal.SIGTERM)
+        with pytest.raises(Closed) as info:
+            await settled.recv(timeout=15)
+        assert info.value.code == CloseCode.SERVICE_RESTART
+        await late.send({"type": "auth", "token": token("2")})
+        for client in (waiting, late):
+            with pytest.raises(Closed) as info:
+                frame = await client.recv(timeout=5)
+                raise AssertionError(f"got {frame} from a draining replica")
+            assert info.value.code == CloseCode.SERVICE_RESTART
+        assert await gw.wait_exit() == 0
+        for client in (waiting, late, settled):
+            await client.close()
+    finally:
+        gw.kill()

@@ -408,6 +408,41 @@ async def test_refresh_that_loses_a_grant_drops_that_subscription(dsn: str) -> N
         await c.close()
 
 
+async def test_an_sql_answer_given_for_one_token_s_claims_is_not_reused_for_other_claims(dsn: str) -> None:
+    """The authorization function gets the token's claims; its cached answer must not decide for
+    a token whose claims differ: not for the same user's refresh that lost the role (docs: "on
+    refresh every subscription is checked again with the new token"), nor for another socket of
+    the same user with a lesser token. Within the cache TTL it did, per (user, topic)."""
+    db = await asyncpg.connect(dsn)
+    await db.execute(
+        "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
+        "RETURNS boolean LANGUAGE sql STABLE AS $$ "
+        "SELECT (claims ->> 'role') = 'admin' AND topic LIKE 'audit:%' $$"
+    )
+    async with running_gateway(dsn, authz_cache_ttl=3600) as gw:
+        admin = await open_raw(gw)
+        await admin.auth(token("root", role="admin"))
+        await admin.subscribe("audit:1")
+        # Another tab of the same user, whose token no longer carries the role.
+        plain = await open_raw(gw)
+        await plain.auth(token("root", role="viewer"))
+        await plain.send({"type": "subscribe", "topic": "audit:1", "id": 1})
+        await expect_error(plain, "forbidden", id=1, topic="audit:1")
+        # The admin's own refresh without the role revokes it.
+        await admin.send({"type": "refresh", "token": token("root", role="viewer")})
+        await expect_error(admin, "forbidden", topic="audit:1")
+        await admin.expect("refreshed")
+        # Tokens differing only in their times (every fresh token) still share one answer.
+        queries = gw.state.ctx.authorizer.queries
+        again = await open_raw(gw)
+        await again.auth(token("root", ttl=600, role="admin"))
+        await again.subscribe("audit:1")
+        assert gw.state.ctx.authorizer.queries == queries
+        for c in (admin, plain, again):
+            await c.close()
+    await db.close()
+
+
 # --- requests and replies -------------------------------------------------------------------
 
 
@@ -465,6 +500,24 @@ async def test_double_subscribe_is_already_subscribed(dsn: str) -> None:
         await c.close()
 
 
+async def test_presence_topic_on_a_gateway_without_presence_is_presence_disabled(dsn: str) -> None:
+    """docs/presence.md: with GATEWAY_PRESENCE=false a presence: topic gets presence_disabled,
+    whether or not the user may read it: forbidden would tell the client its token is at fault,
+    and the authorization function need not be asked about a topic that cannot be served."""
+    async with running_gateway(dsn, presence="false") as gw:
+        granted = await open_raw(gw)
+        await granted.auth(token("1", topics=["presence:*"]))
+        await granted.send({"type": "subscribe", "topic": "presence:global", "id": 1})
+        await expect_error(granted, "presence_disabled", id=1, topic="presence:global")
+        plain = await gw.connect("2")  # no grant
+        await plain.send({"type": "subscribe", "topic": "presence:global", "id": 2})
+        await expect_error(plain, "presence_disabled", id=2, topic="presence:global")
+        assert gw.state.ctx.authorizer.queries == 0
+        await assert_alive(plain)
+        await granted.close()
+        await plain.close()
+
+
 async def test_topics_granted_by_own_id_and_token_claims(dsn: str) -> None:
     async with running_gateway(dsn) as gw:
         c = await open_raw(gw)
@@ -475,7 +528,7 @@ async def test_topics_granted_by_own_id_and_token_claims(dsn: str) -> None:
             await c.subscribe(topic)
         # Not granted: another user's topic, another room, a kind the pattern does not cover,
         # and the pattern's own bare prefix. A bare `*` grant grants nothing.
-        for topic in ("user:8", "room:8", "docs:1", "room:70", "presence:global"):
+        for topic in ("user:8", "room:8", "docs:1", "room:70", "secret:1"):
             await c.send({"type": "subscribe", "topic": topic, "id": 3})
             await expect_error(c, "forbidden", id=3, topic=topic)
         await assert_alive(c)

@@ -20,6 +20,12 @@
   const STABLE_MS = 10000; // a connection that stayed up this long resets the backoff
   const HANDSHAKE_MS = 10000; // no welcome by then: the socket is stuck, try again
   const PING_MS = 25000; // below the idle timeout of common proxies (often 30-60 s)
+  // Subscribes go out at most at GATEWAY_SUBSCRIBE_RATE's default (10 a second, bursts of 20),
+  // as the gateway accepts them. Sent all at once (an application's 100 topics, or every topic
+  // again after a reconnect), most would be dropped by its frame rate, their retries dropped
+  // again, and the client closed 4029 for flooding, then again after every reconnect.
+  const SUBSCRIBE_STEP_MS = 100;
+  const SUBSCRIBE_BURST = 20;
 
   function fail(code, message, extra) {
     return Object.assign(new Error(message), { code }, extra);
@@ -142,6 +148,29 @@
     }
 
     _sendSubscribe(sub) {
+      const wait = this._subscribeSlot();
+      if (wait > 0) {
+        // Not sent yet: no id, so an unsubscribe meanwhile sends nothing and just cancels it.
+        sub.id = null;
+        sub.timer = setTimeout(() => {
+          sub.timer = null;
+          if (this._ready) this._subscribeNow(sub);
+        }, wait);
+        return;
+      }
+      this._subscribeNow(sub);
+    }
+
+    // Reserves the next subscribe slot (a token bucket kept as the time it is next full,
+    // reset at each welcome); returns how many ms until that slot.
+    _subscribeSlot() {
+      const now = Date.now();
+      const at = Math.max(this._subscribeAt || 0, now);
+      this._subscribeAt = at + SUBSCRIBE_STEP_MS;
+      return Math.max(0, at - now - (SUBSCRIBE_BURST - 1) * SUBSCRIBE_STEP_MS);
+    }
+
+    _subscribeNow(sub) {
       sub.id = this._nextId++;
       const frame = { type: "subscribe", topic: sub.topic, id: sub.id };
       if (sub.pos != null && sub.epoch) frame.since = { pos: sub.pos, epoch: sub.epoch };
@@ -209,6 +238,7 @@
       this._pingAt = 0;
       this._sentStatus = "online"; // every connection starts online; sync before the presence snapshot
       this._syncStatus();
+      this._subscribeAt = 0; // a new connection: the gateway's bucket is full again
       for (const sub of this._subs.values()) this._sendSubscribe(sub);
       this._scheduleRefresh(f.expires);
       this._timer("ping", () => this._ping(), PING_MS);
@@ -276,6 +306,13 @@
           }, 1000);
         }
         return this._unsubscribed(f.id); // else: unsubscribing what the server no longer had
+      }
+      // The token function now answers for another user (the application switched accounts):
+      // this connection and its subscriptions are the old user's. Reconnect, as the new user
+      // (docs/protocol.md), rather than stream the old user's topics until its token expires.
+      if (f.code === "token_user_changed") {
+        this._report(err);
+        return this._dropped(null, "the token is for another user: reconnecting as that user");
       }
       // A refresh the server refused or dropped: try again while the old token lasts.
       if (f.id == null && f.topic == null && (f.code === "bad_token" || f.code === "rate_limited")) this._timer("refresh", () => this._refresh(), 5000);
