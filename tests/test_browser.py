@@ -135,13 +135,13 @@ class ScriptedGateway:
 
     async def answer(self, conn: Conn, frame: p.ClientMessage) -> None:
         match frame:
-            case p.Auth(token=token):
+            case p.Auth(token=token, status=status):
                 self.tokens.append(token)
                 conn.user = token.split(".")[0]
                 self.next_id += 1
                 expires = int(time.time()) + self.expires_in if self.expires_in else None
                 await conn.send(p.Welcome(user=conn.user, conn=f"c{self.next_id}", expires=expires))
-                await self.set_presence(conn.user, "online")
+                await self.set_presence(conn.user, status)
             case p.Refresh(token=token):
                 self.tokens.append(token)
                 await conn.send(p.Refreshed(expires=int(time.time()) + (self.expires_in or 60)))
@@ -453,6 +453,33 @@ async def test_hidden_page_is_away_and_visible_page_online(page: Any, site: Site
         )
     await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, "two status frames")
     assert [f.status for f in gw.conns[0].of(p.SetStatus)] == ["away", "online"]
+
+
+async def test_a_hidden_page_reconnects_away(page: Any, site: Site) -> None:
+    # Its new connection must not start online: its user would be published online, then away.
+    gw = site.gateway
+    await start(page, site)
+    await page.evaluate(
+        """() => {
+          Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
+          document.dispatchEvent(new Event("visibilitychange"));
+        }"""
+    )
+    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, "a status frame")
+    await gw.conns[0].ws.close(code=1012)  # a deploy moves it
+    await wait_rec(page, "rec.subscribed.length === 2")
+    assert [f.status for f in gw.conns[1].of(p.Auth)] == ["away"]
+    assert gw.conns[1].of(p.SetStatus) == []
+    assert gw.presence["alice"].status == "away"
+
+    await page.evaluate(
+        """() => {
+          Object.defineProperty(document, "visibilityState", { value: "visible", configurable: true });
+          document.dispatchEvent(new Event("visibilitychange"));
+        }"""
+    )
+    await until(lambda: len(gw.conns[1].of(p.SetStatus)) == 1, "a status frame")
+    assert gw.conns[1].of(p.SetStatus)[0].status == "online"
 
 
 async def test_presence_keeps_a_map_of_users(page: Any, site: Site) -> None:

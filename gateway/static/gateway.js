@@ -175,7 +175,11 @@
         return this._finish(1006, `cannot open ${this.url}: ${err.message}`);
       }
       this._ws = ws;
-      ws.onopen = () => this._send({ type: "auth", token });
+      ws.onopen = () => {
+        // A hidden tab authenticates away: starting online would publish its user online, then away.
+        this._sentStatus = this._wantStatus();
+        this._send(this._sentStatus === "online" ? { type: "auth", token } : { type: "auth", token, status: "away" });
+      };
       ws.onmessage = (m) => this._frame(m.data);
       ws.onclose = (e) => this._dropped(e.code, e.reason);
       this._timer("handshake", () => this._dropped(1006, "no welcome from the server"), HANDSHAKE_MS);
@@ -207,8 +211,7 @@
       this._ready = true;
       this._upAt = Date.now();
       this._pingAt = 0;
-      this._sentStatus = "online"; // every connection starts online; sync before the presence snapshot
-      this._syncStatus();
+      this._syncStatus(); // the page's visibility may have changed since auth; before the presence snapshot
       for (const sub of this._subs.values()) this._sendSubscribe(sub);
       this._scheduleRefresh(f.expires);
       this._timer("ping", () => this._ping(), PING_MS);
@@ -313,9 +316,13 @@
       }
     }
 
-    _syncStatus() {
+    _wantStatus() {
       const hidden = this.options.autoAway !== false && root.document && root.document.visibilityState === "hidden";
-      const want = hidden ? "away" : this._status;
+      return hidden ? "away" : this._status;
+    }
+
+    _syncStatus() {
+      const want = this._wantStatus();
       if (this._ready && want !== this._sentStatus) {
         this._sentStatus = want;
         this._send({ type: "status", status: want });
