@@ -227,9 +227,15 @@
 
     _subscribed(f) {
       // No id: sent unasked on a live stream whose missed positions are gone (reload).
-      const sub = f.id == null ? this._live(f.topic, false) : this._subs.get(f.topic);
+      const sub = f.id == null ? this._live(f.topic, false) || this._live(f.topic, true) : this._subs.get(f.topic);
       if (!sub || (f.id != null && sub.id !== f.id)) return; // the answer to a subscription since cancelled
       sub.retries = 0;
+      if (sub.presence && f.recovered === false) {
+        // Changes after the snapshot were lost, so the map is wrong: subscribe again for a fresh
+        // snapshot (the subscribe goes out once the unsubscribe is confirmed, see _unsubscribed).
+        sub.id = null;
+        return this._sendUnsubscribe(sub.topic);
+      }
       if (!sub.presence) {
         sub.pos = f.pos;
         sub.epoch = f.epoch;
