@@ -26,9 +26,13 @@ class Since(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Auth(msgspec.Struct, tag="auth", forbid_unknown_fields=True):
-    """First frame when the token did not come with the upgrade request."""
+    """First frame when the token did not come with the upgrade request.
+
+    ``status`` is the connection's first presence status: a hidden tab that reconnects says
+    ``away`` here, or its user would be published ``online`` and then ``away`` again."""
 
     token: str
+    status: Literal["online", "away"] = "online"
 
 
 class Refresh(msgspec.Struct, tag="refresh", forbid_unknown_fields=True):

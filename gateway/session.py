@@ -302,6 +302,8 @@ class Session:
             except TokenError as exc:
                 await self.close(p.CloseCode.UNAUTHORIZED, f"bad token: {exc}")
                 return False
+            # Before _admit registers the connection with presence, so it starts with it.
+            self.status = frame.status
             return True
 
     async def _admit(self) -> bool:

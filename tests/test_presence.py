@@ -696,6 +696,42 @@ async def test_away_and_online_follow_every_connection(cluster: Cluster) -> None
     assert error["code"] == "bad_message" and "status" in error["message"]
 
 
+async def test_a_hidden_tab_that_reconnects_away_publishes_nothing(cluster: Cluster) -> None:
+    """A hidden tab (away) whose socket is replaced, by a network blip or a deploy moving it to
+    another replica, must not make its user flicker online and back: it authenticates away."""
+    gw1, gw2 = await cluster.start(2, presence_grace="5")
+    watcher = await cluster.watch(gw2, "watch")
+    tab = await cluster.connect(gw1, "alice")
+    await tab.send({"type": "status", "status": "away"})
+    await watcher.until({"alice": "away"})
+    await tab.close()
+    await wait_for(cluster.dsn, "SELECT left_at IS NOT NULL FROM gateway.presence WHERE user_id = 'alice'")
+
+    # The same tab again, on the other replica, inside the grace: still hidden.
+    again = Client(gw2.ws_url)
+    await again.open()
+    cluster.clients.append(again)
+    await again.send({"type": "auth", "token": token("alice"), "status": "away"})
+    await again.expect("welcome")
+    await wait_for(cluster.dsn, "SELECT left_at IS NULL FROM gateway.presence WHERE user_id = 'alice'")
+    assert await val(cluster.dsn, "SELECT status FROM gateway.presence WHERE user_id = 'alice'") == "away"
+    assert (
+        await val(cluster.dsn, "SELECT status FROM gateway.presence_connections WHERE user_id = 'alice'")
+        == "away"
+    )
+
+    # A new user whose first tab is hidden appears away at once, never online.
+    bob = Client(gw1.ws_url)
+    await bob.open()
+    cluster.clients.append(bob)
+    await bob.send({"type": "auth", "token": token("bob"), "status": "away"})
+    await bob.expect("welcome")
+    await watcher.until({"bob": "away"})
+    await asyncio.sleep(1.0)  # anything else the two would publish is published by now
+    assert [s for u, s in await logged_changes(cluster.dsn) if u == "alice"] == ["online", "away"]
+    assert [s for u, s in await logged_changes(cluster.dsn) if u == "bob"] == ["away"]
+
+
 async def test_kill_9_replica_users_go_offline_within_the_bound(cluster: Cluster) -> None:
     victim, survivor = await cluster.start(2)
     watcher = await cluster.watch(survivor, "watch")

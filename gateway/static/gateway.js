@@ -204,7 +204,11 @@
         return this._finish(1006, `cannot open ${this.url}: ${err.message}`);
       }
       this._ws = ws;
-      ws.onopen = () => this._send({ type: "auth", token });
+      ws.onopen = () => {
+        // A hidden tab authenticates away: starting online would publish its user online, then away.
+        this._sentStatus = this._wantStatus();
+        this._send(this._sentStatus === "online" ? { type: "auth", token } : { type: "auth", token, status: "away" });
+      };
       ws.onmessage = (m) => this._frame(m.data);
       ws.onclose = (e) => this._dropped(e.code, e.reason);
       this._timer("handshake", () => this._dropped(1006, "no welcome from the server"), HANDSHAKE_MS);
@@ -236,8 +240,7 @@
       this._ready = true;
       this._upAt = Date.now();
       this._pingAt = 0;
-      this._sentStatus = "online"; // every connection starts online; sync before the presence snapshot
-      this._syncStatus();
+      this._syncStatus(); // the page's visibility may have changed since auth; before the presence snapshot
       this._subscribeAt = 0; // a new connection: the gateway's bucket is full again
       for (const sub of this._subs.values()) this._sendSubscribe(sub);
       this._scheduleRefresh(f.expires);
@@ -254,9 +257,15 @@
 
     _subscribed(f) {
       // No id: sent unasked on a live stream whose missed positions are gone (reload).
-      const sub = f.id == null ? this._live(f.topic, false) : this._subs.get(f.topic);
+      const sub = f.id == null ? this._live(f.topic, false) || this._live(f.topic, true) : this._subs.get(f.topic);
       if (!sub || (f.id != null && sub.id !== f.id)) return; // the answer to a subscription since cancelled
       sub.retries = 0;
+      if (sub.presence && f.recovered === false) {
+        // Changes after the snapshot were lost, so the map is wrong: subscribe again for a fresh
+        // snapshot (the subscribe goes out once the unsubscribe is confirmed, see _unsubscribed).
+        sub.id = null;
+        return this._sendUnsubscribe(sub.topic);
+      }
       if (!sub.presence) {
         sub.pos = f.pos;
         sub.epoch = f.epoch;
@@ -350,9 +359,13 @@
       }
     }
 
-    _syncStatus() {
+    _wantStatus() {
       const hidden = this.options.autoAway !== false && root.document && root.document.visibilityState === "hidden";
-      const want = hidden ? "away" : this._status;
+      return hidden ? "away" : this._status;
+    }
+
+    _syncStatus() {
+      const want = this._wantStatus();
       if (this._ready && want !== this._sentStatus) {
         this._sentStatus = want;
         this._send({ type: "status", status: want });
