@@ -13,9 +13,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.migrate import migrate
+from gateway.pgcluster import LocalCluster
 from gateway.relay import Relay
 
-from .gwtest import pg_connect, relay_running, wait_until
+from .gwtest import make_items_table, pg_connect, relay_running, running_gateway, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -243,3 +245,37 @@ async def test_quiet_relay_rings_every_commit_without_waiting_for_its_safety_pol
             await rung.wait_for("room:q", total, timeout=2)
         assert not relay.awake
     await listener.close()
+
+
+# --- two-phase commit ------------------------------------------------------------------------
+
+
+async def test_two_phase_commit_writes_with_ring_off_are_prepared_and_delivered() -> None:
+    """PostgreSQL refuses to PREPARE a transaction that sent NOTIFY, and a quiet relay is rung
+    with one: a session that sets gateway.ring = off sends none, and the relay's idle poll
+    delivers its events."""
+    with LocalCluster(fast=True, settings={"max_prepared_transactions": 4}) as cluster:
+        dsn = cluster.dsn("postgres")
+        await migrate(dsn)
+        await make_items_table(dsn)
+        db = await pg_connect(dsn)
+        try:
+            # No relay runs: the row trigger rings, and the PREPARE fails.
+            await db.execute("BEGIN; INSERT INTO items (owner_id, title) VALUES (1, 'rung')")
+            with pytest.raises(asyncpg.FeatureNotSupportedError, match="NOTIFY"):
+                await db.execute("PREPARE TRANSACTION 'rung'")
+            await db.execute("ROLLBACK")
+
+            async with running_gateway(dsn, tables="public.items", relay_idle_poll="0.2") as gw:
+                alice = await gw.connect("1")
+                await alice.subscribe("user:1")
+                await db.execute("SET gateway.ring = off")
+                await wait_until(lambda: not gw.state.relay.awake, 10, "the relay to be quiet")
+                await db.execute("BEGIN; INSERT INTO items (owner_id, title) VALUES (1, 'two-phase')")
+                await db.execute("PREPARE TRANSACTION 'two_phase'")
+                await db.execute("COMMIT PREPARED 'two_phase'")
+                (event,) = await alice.events(1)
+                assert (event["pos"], event["row"]["title"]) == (1, "two-phase")
+                await alice.close()
+        finally:
+            await db.close()
