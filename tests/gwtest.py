@@ -282,7 +282,11 @@ class Client:
             if frame.get("type") == "event":
                 self.last[frame["topic"]] = (frame["epoch"], frame["pos"])
             return frame
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+        if msg.type == aiohttp.WSMsgType.CLOSE:
+            # The code the gateway sent. ws.close_code becomes 1006 instead when aiohttp's reply
+            # to the close frame fails, as it does when the gateway process has exited meanwhile.
+            raise Closed(int(msg.data), str(msg.extra or ""))
+        if msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
             raise Closed(self.ws.close_code, str(msg.extra or ""))
         raise AssertionError(f"unexpected frame {msg.type}: {msg.data!r}")
 
