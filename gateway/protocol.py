@@ -73,10 +73,14 @@ class Welcome(msgspec.Struct, tag="welcome", omit_defaults=True):
     user: str
     conn: str
     expires: int | None = None  # unix seconds when the token runs out
+    # Seconds from now until then, by the gateway's clock: a client schedules its refresh
+    # from this, so a browser whose clock is off does not refresh too late or in a loop.
+    expires_in: int | None = None
 
 
 class Refreshed(msgspec.Struct, tag="refreshed", omit_defaults=True):
     expires: int | None = None
+    expires_in: int | None = None  # as in Welcome
 
 
 class Subscribed(msgspec.Struct, tag="subscribed", omit_defaults=True):

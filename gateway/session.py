@@ -320,14 +320,18 @@ class Session:
         self.ctx.registry.add(self)
         self._registered = True
         self._arm_expiry()
-        self.send(p.Welcome(user=self.identity.user, conn=self.conn_id, expires=self._expires_int()))
+        self.send(p.Welcome(user=self.identity.user, conn=self.conn_id, **self._expiry_fields()))
         if self.ctx.presence is not None:
             await self.ctx.presence.connected(self)
         return True
 
-    def _expires_int(self) -> int | None:
+    def _expiry_fields(self) -> dict[str, int]:
+        """``expires`` and ``expires_in`` of welcome and refreshed (none for a token without exp)."""
         assert self.identity is not None
-        return int(self.identity.expires) if self.identity.expires is not None else None
+        expires = self.identity.expires
+        if expires is None:
+            return {}
+        return {"expires": int(expires), "expires_in": max(0, int(expires - time.time()))}
 
     def _arm_expiry(self) -> None:
         if self._expiry is not None:
@@ -493,7 +497,7 @@ class Session:
             if not ok:
                 self._drop_topic(topic)
                 self.error(p.ErrorCode.FORBIDDEN, f"access to {topic} was revoked", topic=topic)
-        self.send(p.Refreshed(expires=self._expires_int()))
+        self.send(p.Refreshed(**self._expiry_fields()))
 
     def _drop_topic(self, topic: str) -> None:
         if topic in self.topics:

@@ -145,7 +145,11 @@ class ScriptedGateway:
                 conn.user = token.split(".")[0]
                 self.next_id += 1
                 expires = int(time.time()) + self.expires_in if self.expires_in else None
-                await conn.send(p.Welcome(user=conn.user, conn=f"c{self.next_id}", expires=expires))
+                await conn.send(
+                    p.Welcome(
+                        user=conn.user, conn=f"c{self.next_id}", expires=expires, expires_in=self.expires_in
+                    )
+                )
                 await self.set_presence(conn.user, status)
             case p.Refresh(token=token):
                 self.tokens.append(token)
@@ -153,7 +157,8 @@ class ScriptedGateway:
                     message = "the new token is for another user; reconnect instead"
                     await conn.send(p.Error(code=p.ErrorCode.TOKEN_USER_CHANGED, message=message))
                     return
-                await conn.send(p.Refreshed(expires=int(time.time()) + (self.expires_in or 60)))
+                life = self.expires_in or 60
+                await conn.send(p.Refreshed(expires=int(time.time()) + life, expires_in=life))
             case p.Ping(id=ping_id):
                 if self.answer_pings:
                     await conn.send(p.Pong(id=ping_id))
@@ -432,6 +437,22 @@ async def test_token_is_refreshed_in_band_before_it_expires(page: Any, site: Sit
     await page.clock.run_for(31_000)  # past "30 s before expiry", before it expires
     await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
     assert gw.conns[0].of(p.Refresh)[0].token == "alice.1"
+    assert len(gw.conns) == 1
+
+
+async def test_a_clock_an_hour_ahead_does_not_refresh_in_a_loop(page: Any, site: Site) -> None:
+    """By this page's clock the token has long expired: counting from its own clock, the client
+    refreshed every second (each refresh as "expired" as the last). It counts from expires_in."""
+    gw = site.gateway
+    gw.expires_in = 60
+    await page.clock.install(time=(time.time() + 3600) * 1000)
+    await start(page, site)
+    await page.clock.run_for(10_000)
+    assert gw.conns[0].of(p.Refresh) == []
+    await page.clock.run_for(25_000)  # half the token's life, by the gateway's count
+    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+    await page.clock.run_for(5_000)
+    assert len(gw.conns[0].of(p.Refresh)) == 1
     assert len(gw.conns) == 1
 
 

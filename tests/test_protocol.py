@@ -106,6 +106,7 @@ async def test_first_frame_auth_welcome_names_user_conn_and_expiry(dsn: str) -> 
         assert welcome["user"] == "alice"
         assert isinstance(welcome["conn"], str) and welcome["conn"]
         assert welcome["expires"] == exp
+        assert 295 <= welcome["expires_in"] <= 300  # by the gateway's clock: what a client counts from
         other = await open_raw(gw)
         second = await other.auth(token("alice"))
         assert second["conn"] != welcome["conn"]  # ids tell a user's connections apart
@@ -346,6 +347,7 @@ async def test_refresh_before_expiry_keeps_the_connection_open(dsn: str) -> None
         refreshed = await c.expect("refreshed")
         assert refreshed["expires"] == jwt.decode(fresh, options={"verify_signature": False})["exp"]
         assert refreshed["expires"] > old["expires"]
+        assert 295 <= refreshed["expires_in"] <= 300
         # Well past the old expiry plus grace, the socket and its subscription still work.
         while time.time() < old["expires"] + 1.5:
             await assert_alive(c)

@@ -15,11 +15,15 @@
   // Subscribe errors that may clear up; any other (forbidden, bad_topic...) is final.
   const RETRYABLE = ["unavailable", "rate_limited"];
 
-  const BACKOFF_MS = 500; // first retry within 0.5 s, doubling up to 20 s (no reconnect storms)
+  // first retry within 0.5 s, doubling up to 20 s (no reconnect storms)
+  const BACKOFF_MS = 500;
   const BACKOFF_CAP_MS = 20000;
-  const STABLE_MS = 10000; // a connection that stayed up this long resets the backoff
-  const HANDSHAKE_MS = 10000; // no welcome by then: the socket is stuck, try again
-  const PING_MS = 25000; // below the idle timeout of common proxies (often 30-60 s)
+  // a connection that stayed up this long resets the backoff
+  const STABLE_MS = 10000;
+  // no welcome by then: the socket is stuck, try again
+  const HANDSHAKE_MS = 10000;
+  // below the idle timeout of common proxies (often 30-60 s)
+  const PING_MS = 25000;
   // Subscribes go out at most at GATEWAY_SUBSCRIBE_RATE's default (10 a second, bursts of 20),
   // as the gateway accepts them. Sent all at once (an application's 100 topics, or every topic
   // again after a reconnect), most would be dropped by its frame rate, their retries dropped
@@ -66,13 +70,17 @@
       this.url = socketUrl(url);
       this.options = options;
       this.state = "idle";
-      this._subs = new Map(); // topic -> subscription
-      this._unsubs = new Map(); // unsubscribe id -> topic, until the server confirms it
+      // topic -> subscription
+      this._subs = new Map();
+      // unsubscribe id -> topic, until the server confirms it
+      this._unsubs = new Map();
       this._timers = {};
       this._nextId = 1;
       this._attempt = 0;
-      this._generation = 0; // bumped when a connection ends: stale async work is ignored
-      this._status = "online"; // what the application asked for
+      // bumped when a connection ends: stale async work is ignored
+      this._generation = 0;
+      // what the application asked for
+      this._status = "online";
       this._onVisibility = () => this._syncStatus();
       this._onOnline = () => this.state === "reconnecting" && this._connect();
       if (root.document) root.document.addEventListener("visibilitychange", this._onVisibility);
@@ -116,12 +124,14 @@
       // subscription and would refuse this one (already_subscribed): send it once confirmed.
       if (this._ready && !this._unsubbing(topic)) this._sendSubscribe(sub);
       const unsubscribe = () => this._remove(sub);
-      unsubscribe.users = sub.users; // presence: user -> {user, status, last_seen}, kept current
+      // presence: user -> {user, status, last_seen}, kept current
+      unsubscribe.users = sub.users;
       return unsubscribe;
     }
 
     _remove(sub, again) {
-      if (!again && this._subs.get(sub.topic) !== sub) return; // already gone: calling twice is harmless
+      // already gone: calling twice is harmless
+      if (!again && this._subs.get(sub.topic) !== sub) return;
       this._subs.delete(sub.topic);
       clearTimeout(sub.timer);
       if (this._ready && sub.id != null) this._sendUnsubscribe(sub.topic);
@@ -196,7 +206,8 @@
         this._report(fail("token", `could not get a token: ${err.message}`, { cause: err }));
         return this._retry(0, "no token");
       }
-      if (gen !== this._generation) return; // close() was called while the token came
+      // close() was called while the token came
+      if (gen !== this._generation) return;
       let ws;
       try {
         ws = new WebSocket(this.url);
@@ -221,10 +232,11 @@
       } catch (err) {
         return this._report(fail("bad_frame", `frame is not JSON: ${String(data).slice(0, 80)}`));
       }
-      this._heardAt = Date.now(); // any frame proves the socket is alive
+      // any frame proves the socket is alive
+      this._heardAt = Date.now();
       switch (f.type) {
         case "welcome": return this._welcome(f);
-        case "refreshed": return this._scheduleRefresh(f.expires);
+        case "refreshed": return this._scheduleRefresh(f);
         case "subscribed": return this._subscribed(f);
         case "unsubscribed": return this._unsubscribed(f.id);
         case "event": return this._event(f);
@@ -240,10 +252,12 @@
       this._ready = true;
       this._upAt = Date.now();
       this._pingAt = 0;
-      this._syncStatus(); // the page's visibility may have changed since auth; before the presence snapshot
-      this._subscribeAt = 0; // a new connection: the gateway's bucket is full again
+      // the page's visibility may have changed since auth; before the presence snapshot
+      this._syncStatus();
+      // a new connection: the gateway's bucket is full again
+      this._subscribeAt = 0;
       for (const sub of this._subs.values()) this._sendSubscribe(sub);
-      this._scheduleRefresh(f.expires);
+      this._scheduleRefresh(f);
       this._timer("ping", () => this._ping(), PING_MS);
       this._setState("open", { user: f.user, conn: f.conn });
     }
@@ -258,7 +272,8 @@
     _subscribed(f) {
       // No id: sent unasked on a live stream whose missed positions are gone (reload).
       const sub = f.id == null ? this._live(f.topic, false) || this._live(f.topic, true) : this._subs.get(f.topic);
-      if (!sub || (f.id != null && sub.id !== f.id)) return; // the answer to a subscription since cancelled
+      // the answer to a subscription since cancelled
+      if (!sub || (f.id != null && sub.id !== f.id)) return;
       sub.retries = 0;
       if (sub.presence && f.recovered === false) {
         // Changes after the snapshot were lost, so the map is wrong: subscribe again for a fresh
@@ -278,7 +293,8 @@
     _event(f) {
       const sub = this._live(f.topic, false);
       if (!sub) return;
-      if (f.epoch === sub.epoch && sub.pos != null && f.pos <= sub.pos) return; // seen already
+      // seen already
+      if (f.epoch === sub.epoch && sub.pos != null && f.pos <= sub.pos) return;
       const reset = sub.epoch != null && f.epoch !== sub.epoch;
       sub.pos = f.pos;
       sub.epoch = f.epoch;
@@ -314,7 +330,8 @@
             if (this._unsubs.delete(f.id) && this._ready) this._sendUnsubscribe(unsub);
           }, 1000);
         }
-        return this._unsubscribed(f.id); // else: unsubscribing what the server no longer had
+        // else: unsubscribing what the server no longer had
+        return this._unsubscribed(f.id);
       }
       // The token function now answers for another user (the application switched accounts):
       // this connection and its subscriptions are the old user's. Reconnect, as the new user
@@ -339,13 +356,15 @@
 
     // Refresh in-band at 80% of the token's life left or 30 s before its end, whichever is
     // earlier. A fixed string cannot be refreshed: the server closes (4005), we reconnect.
-    _scheduleRefresh(expires) {
+    _scheduleRefresh(f) {
       this._clear("refresh");
-      if (!expires || typeof this.options.token !== "function") return;
-      const left = expires * 1000 - Date.now();
+      if (!f.expires || typeof this.options.token !== "function") return;
+      // expires_in counts by the gateway's clock: this browser's may be minutes off.
+      const left = f.expires_in >= 0 ? f.expires_in * 1000 : f.expires * 1000 - Date.now();
       // at least 1 s (a skewed clock must not spin), yet within a short token's life
       const delay = Math.max(Math.max(1000, Math.min(5000, left / 2)), Math.min(left * 0.8, left - 30000));
-      this._timer("refresh", () => this._refresh(), Math.min(delay, 2e9)); // setTimeout overflows at 2^31 ms
+      // setTimeout overflows at 2^31 ms
+      this._timer("refresh", () => this._refresh(), Math.min(delay, 2e9));
     }
 
     async _refresh() {
@@ -377,7 +396,8 @@
       if (this._upAt && Date.now() - this._upAt >= STABLE_MS) this._attempt = 0;
       this._teardown();
       if (FINAL[code]) return this._finish(code, reason || FINAL[code]);
-      if (code === 1012) this._attempt = 0; // a replica is draining for a deploy: another one takes over now
+      // a replica is draining for a deploy: another one takes over now
+      if (code === 1012) this._attempt = 0;
       this._retry(code, reason);
     }
 
@@ -449,7 +469,8 @@
   }
 
   function connect(url, options) {
-    if (url && typeof url === "object") [url, options] = [undefined, url]; // connect({ token })
+    // connect({ token })
+    if (url && typeof url === "object") [url, options] = [undefined, url];
     options = options || {};
     const t = options.token;
     if (!(typeof t === "function" || (typeof t === "string" && t))) {
