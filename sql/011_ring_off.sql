@@ -44,8 +44,10 @@ BEGIN
 END
 $$;
 
--- Regenerate the triggers of every published table with the patched publish().
-DO $$
+-- Regenerate the triggers of every published table with the current publish(), as each
+-- migration that changes them must (003, 004 and 008 did it inline; later ones call this).
+CREATE OR REPLACE FUNCTION gateway.republish_all() RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
     r record;
 BEGIN
@@ -54,3 +56,4 @@ BEGIN
     END LOOP;
 END
 $$;
+SELECT gateway.republish_all();
