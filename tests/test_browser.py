@@ -83,6 +83,7 @@ class ScriptedGateway:
     presence: dict[str, p.PresenceEntry] = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)  # every token received (auth and refresh)
     answer_pings: bool = True
+    drop_statuses: int = 0  # status frames answered rate_limited, as a gateway over its frame rate
     # Presence subscribes still to answer recovered=false, each losing the offline change of user
     # `goes_offline` between the snapshot and the ack (as when more changed meanwhile than
     # GATEWAY_REPLAY_MAX_EVENTS).
@@ -162,6 +163,10 @@ class ScriptedGateway:
             case p.Ping(id=ping_id):
                 if self.answer_pings:
                     await conn.send(p.Pong(id=ping_id))
+            case p.SetStatus(status=status) if self.drop_statuses:
+                self.drop_statuses -= 1
+                message = "too many messages; this one was dropped"
+                await conn.send(p.Error(code=p.ErrorCode.RATE_LIMITED, message=message))
             case p.SetStatus(status=status):
                 assert conn.user is not None
                 await self.set_presence(conn.user, status)
@@ -543,6 +548,32 @@ async def test_a_hidden_page_reconnects_away(page: Any, site: Site) -> None:
     )
     await until(lambda: len(gw.conns[1].of(p.SetStatus)) == 1, "a status frame")
     assert gw.conns[1].of(p.SetStatus)[0].status == "online"
+
+
+async def test_a_status_dropped_for_the_frame_rate_is_sent_again_and_the_refresh_keeps_its_time(
+    page: Any, site: Site
+) -> None:
+    # A dropped status left the user shown online while away, and the id-less error, taken
+    # for a refused refresh, moved the refresh to 5 s away.
+    gw = site.gateway
+    gw.expires_in = 60
+    gw.drop_statuses = 1
+    await page.clock.install()
+    await start(page, site)
+    await page.evaluate(
+        """() => {
+          Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
+          document.dispatchEvent(new Event("visibilitychange"));
+        }"""
+    )
+    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, "a status frame")
+    await page.clock.run_for(1_500)
+    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, "the status again")
+    assert gw.presence["alice"].status == "away"
+    await page.clock.run_for(10_000)
+    assert gw.conns[0].of(p.Refresh) == [], "the refresh is due 30 s after welcome, not 5 s after the error"
+    await page.clock.run_for(25_000)
+    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
 
 
 async def test_presence_keeps_a_map_of_users(page: Any, site: Site) -> None:

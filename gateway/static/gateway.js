@@ -340,8 +340,13 @@
         this._report(err);
         return this._dropped(null, "the token is for another user: reconnecting as that user");
       }
-      // A refresh the server refused or dropped: try again while the old token lasts.
-      if (f.id == null && f.topic == null && (f.code === "bad_token" || f.code === "rate_limited")) this._timer("refresh", () => this._refresh(), 5000);
+      // A frame without id was refused: a refresh (bad token, or dropped) or a status (dropped).
+      // Only a refresh still unanswered is tried again, while the old token lasts; a status is
+      // sent again a second later, whichever it was (once more is harmless).
+      if (f.id == null && f.topic == null) {
+        if (this._refreshing && (f.code === "bad_token" || f.code === "rate_limited")) this._timer("refresh", () => this._refresh(), 5000);
+        if (f.code === "rate_limited") setTimeout(() => { this._sentStatus = null; this._syncStatus(); }, 1000);
+      }
       const sub = f.topic != null && this._subs.get(f.topic);
       // No id on "forbidden": a refreshed token no longer grants the topic; the server dropped it.
       if (!sub || (f.id == null ? f.code !== "forbidden" : sub.id !== f.id)) return this._report(err);
@@ -358,6 +363,7 @@
     // earlier. A fixed string cannot be refreshed: the server closes (4005), we reconnect.
     _scheduleRefresh(f) {
       this._clear("refresh");
+      this._refreshing = false;
       if (!f.expires || typeof this.options.token !== "function") return;
       // expires_in counts by the gateway's clock: this browser's may be minutes off.
       const left = f.expires_in >= 0 ? f.expires_in * 1000 : f.expires * 1000 - Date.now();
@@ -371,7 +377,10 @@
       const gen = this._generation;
       try {
         const token = await this._token();
-        if (gen === this._generation) this._send({ type: "refresh", token });
+        if (gen === this._generation) {
+          this._send({ type: "refresh", token });
+          this._refreshing = true;
+        }
       } catch (err) {
         this._report(fail("token", `could not refresh the token: ${err.message}`, { cause: err }));
         if (gen === this._generation) this._timer("refresh", () => this._refresh(), 5000);
