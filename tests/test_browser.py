@@ -78,6 +78,7 @@ class ScriptedGateway:
     conns: list[Conn] = field(default_factory=list)
     bad_frames: list[str] = field(default_factory=list)
     forbidden: set[str] = field(default_factory=set)
+    unavailable: int = 0  # subscribes still to answer "unavailable" (the database is down)
     recoverable: bool = True  # False: answer every resume with recovered=false (as after a reset)
     expires_in: int | None = None
     presence: dict[str, p.PresenceEntry] = field(default_factory=dict)
@@ -177,6 +178,11 @@ class ScriptedGateway:
                 if topic in self.forbidden:
                     msg = f"user {conn.user} may not read {topic}"
                     await conn.send(p.Error(code=p.ErrorCode.FORBIDDEN, message=msg, id=req, topic=topic))
+                    return
+                if self.unavailable:
+                    self.unavailable -= 1
+                    msg = "the database is unreachable; subscribe again later"
+                    await conn.send(p.Error(code=p.ErrorCode.UNAVAILABLE, message=msg, id=req, topic=topic))
                     return
                 conn.topics.add(topic)
                 if topic.startswith("presence:"):
@@ -574,6 +580,26 @@ async def test_a_status_dropped_for_the_frame_rate_is_sent_again_and_the_refresh
     assert gw.conns[0].of(p.Refresh) == [], "the refresh is due 30 s after welcome, not 5 s after the error"
     await page.clock.run_for(25_000)
     await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+
+
+async def test_a_subscribe_answered_unavailable_is_retried_after_a_second_and_some_jitter(
+    page: Any, site: Site
+) -> None:
+    # Clamped to exactly one second, the retries of every client the gateway turned away at
+    # the same moment came back together.
+    gw = site.gateway
+    gw.unavailable = 1
+    await page.clock.install()
+    await page.add_init_script("Math.random = () => 0.5")
+    await page.goto(site.url + "/blank")
+    await page.evaluate(HARNESS, {"user": "alice", "topic": "board:demo", "since": None})
+    await wait_rec(page, "rec.errors.length === 1")
+    assert (await rec(page, "errors"))[0]["code"] == "unavailable"
+    await page.clock.run_for(1_100)
+    assert len(gw.conns[0].of(p.Subscribe)) == 1, "retried before its jitter"
+    await page.clock.run_for(400)  # 1 s + 0.5 x 1 s
+    await until(lambda: len(gw.conns[0].of(p.Subscribe)) == 2, "the retry")
+    await wait_rec(page, "rec.subscribed.length === 1")
 
 
 async def test_presence_keeps_a_map_of_users(page: Any, site: Site) -> None:

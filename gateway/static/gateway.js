@@ -352,7 +352,8 @@
       if (!sub || (f.id == null ? f.code !== "forbidden" : sub.id !== f.id)) return this._report(err);
       if (RETRYABLE.includes(f.code)) {
         err.willRetry = true;
-        sub.timer = setTimeout(() => this._ready && this._sendSubscribe(sub), Math.max(1000, backoff(++sub.retries)));
+        // At least a second, plus jitter: clamped instead, every retry landed at the same moment.
+        sub.timer = setTimeout(() => this._ready && this._sendSubscribe(sub), 1000 + backoff(++sub.retries));
       } else {
         this._subs.delete(sub.topic);
       }
