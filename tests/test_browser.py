@@ -514,17 +514,22 @@ async def test_a_socket_that_stops_answering_is_replaced(page: Any, site: Site) 
     assert len(gw.conns) == 2
 
 
+async def set_visibility(page: Any, state: str) -> None:
+    """Make the page "hidden" or "visible" as a browser does when its tab is switched."""
+    await page.evaluate(
+        """(state) => {
+          Object.defineProperty(document, "visibilityState", { value: state, configurable: true });
+          document.dispatchEvent(new Event("visibilitychange"));
+        }""",
+        state,
+    )
+
+
 async def test_hidden_page_is_away_and_visible_page_online(page: Any, site: Site) -> None:
     gw = site.gateway
     await start(page, site)
     for state in ["hidden", "visible"]:
-        await page.evaluate(
-            """(state) => {
-              Object.defineProperty(document, "visibilityState", { value: state, configurable: true });
-              document.dispatchEvent(new Event("visibilitychange"));
-            }""",
-            state,
-        )
+        await set_visibility(page, state)
     await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, "two status frames")
     assert [f.status for f in gw.conns[0].of(p.SetStatus)] == ["away", "online"]
 
@@ -533,12 +538,7 @@ async def test_a_hidden_page_reconnects_away(page: Any, site: Site) -> None:
     # Its new connection must not start online: its user would be published online, then away.
     gw = site.gateway
     await start(page, site)
-    await page.evaluate(
-        """() => {
-          Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
-          document.dispatchEvent(new Event("visibilitychange"));
-        }"""
-    )
+    await set_visibility(page, "hidden")
     await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, "a status frame")
     await gw.conns[0].ws.close(code=1012)  # a deploy moves it
     await wait_rec(page, "rec.subscribed.length === 2")
@@ -546,12 +546,7 @@ async def test_a_hidden_page_reconnects_away(page: Any, site: Site) -> None:
     assert gw.conns[1].of(p.SetStatus) == []
     assert gw.presence["alice"].status == "away"
 
-    await page.evaluate(
-        """() => {
-          Object.defineProperty(document, "visibilityState", { value: "visible", configurable: true });
-          document.dispatchEvent(new Event("visibilitychange"));
-        }"""
-    )
+    await set_visibility(page, "visible")
     await until(lambda: len(gw.conns[1].of(p.SetStatus)) == 1, "a status frame")
     assert gw.conns[1].of(p.SetStatus)[0].status == "online"
 
@@ -566,12 +561,7 @@ async def test_a_status_dropped_for_the_frame_rate_is_sent_again_and_the_refresh
     gw.drop_statuses = 1
     await page.clock.install()
     await start(page, site)
-    await page.evaluate(
-        """() => {
-          Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
-          document.dispatchEvent(new Event("visibilitychange"));
-        }"""
-    )
+    await set_visibility(page, "hidden")
     await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, "a status frame")
     await page.clock.run_for(1_500)
     await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, "the status again")
