@@ -89,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    overrides = _overrides(args)
     if args.command == "config" and not args.check:
         print(config.markdown_table() if args.markdown else config.describe())
         return 0
     try:
-        settings = config.load(overrides=_overrides(args))
+        settings = config.load(overrides=overrides)
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return CANNOT_START
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            host_given = "host" in _overrides(args) or config.env_name("host") in os.environ
+            host_given = "host" in overrides or config.env_name("host") in os.environ
             return run_demo(settings, host_given=host_given)
         return _serve(settings)
     except (ConfigError, MigrationError, PostgresUnavailable, ClusterError) as exc:
@@ -131,9 +132,8 @@ def _check(settings: Settings) -> int:
     """What `serve` checks before it connects: the settings, their combinations (a database
     URL, a way to verify tokens) and the GATEWAY_TABLES syntax."""
     from .auth import Authenticator
-    from .server import build_app
 
-    build_app(settings)
+    config.require_database_url(settings)
     Authenticator(settings)  # makes no connection until started
     print(config.describe_settings(settings))
     print("configuration is valid (the database and the tables in it are checked when `serve` starts)")
@@ -144,12 +144,11 @@ def _migrate(settings: Settings, status: bool) -> int:
     from .migrate import format_status, migrate
     from .migrate import status as migration_status
 
-    if not settings.database_url:
-        raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
+    url = config.require_database_url(settings)
     if status:
-        print(format_status(_run(migration_status(settings.database_url))))
+        print(format_status(_run(migration_status(url))))
         return 0
-    applied = _run(migrate(settings.database_url))
+    applied = _run(migrate(url))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 
@@ -162,8 +161,7 @@ def _serve(settings: Settings) -> int:
         _run(serve(settings, reuse_port=os.environ.get("GATEWAY_WORKER_ID") is not None))
         return 0
     # Caught here once, not by every worker in a restart loop.
-    if not settings.database_url:
-        raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
+    config.require_database_url(settings)
     return _supervise(workers)
 
 

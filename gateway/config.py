@@ -91,6 +91,13 @@ _DSN_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*:).*@")
 _QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 
 
+def require_database_url(s: Settings) -> str:
+    """The database URL, for the commands that cannot run without one (serve, migrate)."""
+    if not s.database_url:
+        raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
+    return s.database_url
+
+
 def mask_dsn(dsn: str) -> str:
     """The DSN with its passwords replaced, for logs and error messages: the one after the user
     name (up to the last "@", so an unescaped "#" or "/" in it is covered too) and the

@@ -30,7 +30,7 @@ from aiohttp import web
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
-from .config import ConfigError, Settings, mask_dsn
+from .config import ConfigError, Settings, mask_dsn, require_database_url
 from .db import DB_ERRORS
 from .hub import Hub
 from .listener import Listener
@@ -70,8 +70,7 @@ STATE = web.AppKey("state", State)
 
 
 def build_app(settings: Settings) -> web.Application:
-    if not settings.database_url:
-        raise ConfigError("GATEWAY_DATABASE_URL (or DATABASE_URL) is not set: expected a PostgreSQL URL")
+    require_database_url(settings)
     app = web.Application()
     app[STATE] = State(settings)
     if settings.connect_rate > 0:
