@@ -352,7 +352,6 @@ class Pipeline:
         plan: list[tuple[str, list[Pending]]] = []
         to_read: list[tuple[str, str, int, int]] = []
         for topic, upto in targets.items():
-            stream = self._streams[topic]
             stream = self._streams.get(topic)
             if stream is None:
                 continue  # joined topics always have a stream; nobody here wants this one
