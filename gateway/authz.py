@@ -36,6 +36,7 @@ from gateway.auth import Identity
 from gateway.config import ConfigError, Settings
 
 from .db import DB_ERRORS
+from .tables import quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,6 @@ def _granted(grants: Any, topic: str) -> bool:
     return any(isinstance(g, str) and topic_matches(g, topic) for g in grants)
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def function_sql(function: str) -> str:
     """The query asking ``function``, each name part quoted as an identifier."""
     parts = function.split(".")
@@ -128,7 +125,7 @@ def function_sql(function: str) -> str:
         )
     # The claims travel as text and are cast in SQL, so the query works whatever jsonb
     # codec the pool's connections have installed.
-    return f"SELECT {'.'.join(_quote_ident(p) for p in parts)}($1::text, $2::text, $3::text::jsonb)"
+    return f"SELECT {'.'.join(quote_ident(p) for p in parts)}($1::text, $2::text, $3::text::jsonb)"
 
 
 def _claims_digest(claims: Mapping[str, Any]) -> bytes:

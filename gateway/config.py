@@ -413,7 +413,6 @@ def load(env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | No
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 def _check(s: Settings) -> None:
@@ -433,16 +432,12 @@ def _check(s: Settings) -> None:
         raise ConfigError(
             "GATEWAY_HEARTBEAT_TTL is not valid: expected more than twice GATEWAY_HEARTBEAT_INTERVAL"
         )
-    if s.authz_function:
-        parts = s.authz_function.split(".")
-        if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
-            raise ConfigError(
-                f"GATEWAY_AUTHZ_FUNCTION={s.authz_function!r} is not valid: expected a lower-case "
-                "SQL function name such as gateway.authorize"
-            )
     # Imported here: gateway.authz and gateway.tables import this module.
-    from gateway.authz import validate_topic
+    from gateway.authz import function_sql, validate_topic
     from gateway.tables import parse_tables
+
+    if s.authz_function:
+        function_sql(s.authz_function)  # raises ConfigError for a name it cannot use
 
     # The syntax only, so a typo is reported before the gateway connects; the catalog is
     # checked at startup (gateway/resolver.py).
