@@ -434,6 +434,7 @@ def _check(s: Settings) -> None:
         )
     # Imported here: gateway.authz and gateway.tables import this module.
     from gateway.authz import function_sql, validate_topic
+    from gateway.protocol import PRESENCE_PREFIX
     from gateway.tables import parse_tables
 
     if s.authz_function:
@@ -444,7 +445,7 @@ def _check(s: Settings) -> None:
     parse_tables(s.tables)
 
     for topic in s.presence_topics:
-        if not topic.startswith("presence:"):
+        if not topic.startswith(PRESENCE_PREFIX):
             raise ConfigError(
                 f"GATEWAY_PRESENCE_TOPICS has {topic!r}: expected names starting with presence:"
             )

@@ -45,13 +45,12 @@ import msgspec
 from .db import DB_ERRORS
 from .hub import Hub, text_frame
 from .log import EventLog, Head
-from .protocol import Event, Presence, Since, Subscribed, encode
+from .protocol import PRESENCE_PREFIX, Event, Presence, Since, Subscribed, encode
 from .resolver import Resolver
 from .stats import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 
 log = logging.getLogger("gateway.pipeline")
 
-PRESENCE_PREFIX = "presence:"
 Op = Literal["insert", "update", "delete", "message"]
 OPS: dict[str, Op] = {"i": "insert", "u": "update", "d": "delete", "m": "message"}
 

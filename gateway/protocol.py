@@ -139,6 +139,10 @@ class PresenceEntry(msgspec.Struct, array_like=False):
     last_seen: float
 
 
+# Topics whose events are presence changes, sent as `presence` frames (docs/presence.md).
+PRESENCE_PREFIX = "presence:"
+
+
 class Presence(msgspec.Struct, tag="presence", omit_defaults=True):
     """A presence snapshot (``snapshot`` set) or one change (``change`` set) on a topic.
 

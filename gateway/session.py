@@ -421,7 +421,7 @@ class Session:
                 topic,
             )
             return
-        presence = topic.startswith("presence:")
+        presence = topic.startswith(p.PRESENCE_PREFIX)
         if presence and self.ctx.presence is None:
             # Before authorization: whoever asks, it cannot be served here (not "forbidden",
             # which blames the token), and the authorization function need not be asked.
