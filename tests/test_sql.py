@@ -259,6 +259,41 @@ async def test_row_moved_between_topics(db: asyncpg.Connection, bells: Doorbells
     ]
 
 
+async def test_row_moved_between_topics_by_a_column_not_the_key(db: asyncpg.Connection) -> None:
+    # The update trigger computes the old topic only when a column the expression reads
+    # changed (sql/012): here two columns, and an update of the other column moves nothing.
+    await db.execute("CREATE TABLE docs (id int PRIMARY KEY, org text, team int, body text)")
+    await db.execute("SELECT gateway.publish('docs', $$org || ':' || team$$)")
+    await db.execute("INSERT INTO docs VALUES (1, 'acme', 1, 'a')")
+    await db.execute("UPDATE docs SET body = 'b'")
+    await db.execute("UPDATE docs SET team = 2")
+    await db.execute("UPDATE docs SET org = 'ajax'")
+    await db.execute("UPDATE docs SET team = NULL")
+    assert await events(db) == [
+        ("acme:1", 1, "i", "public.docs", "1"),
+        ("acme:1", 2, "u", "public.docs", "1"),
+        ("acme:1", 3, "d", "public.docs", "1"),
+        ("acme:2", 1, "u", "public.docs", "1"),
+        ("acme:2", 2, "d", "public.docs", "1"),
+        ("ajax:2", 1, "u", "public.docs", "1"),
+        ("ajax:2", 2, "d", "public.docs", "1"),
+    ]
+
+
+async def test_row_moved_by_a_change_its_type_calls_equal(db: asyncpg.Connection) -> None:
+    # numeric 1.0 = 1.00, but the topics they make differ: the row moved, and the trigger
+    # must not take the equal columns for an unchanged topic (sql/012).
+    await db.execute("CREATE TABLE prices (id int PRIMARY KEY, price numeric)")
+    await db.execute("SELECT gateway.publish('prices', $$'price:' || price$$)")
+    await db.execute("INSERT INTO prices VALUES (1, 1.0)")
+    await db.execute("UPDATE prices SET price = 1.00")
+    assert await events(db) == [
+        ("price:1.0", 1, "i", "public.prices", "1"),
+        ("price:1.0", 2, "d", "public.prices", "1"),
+        ("price:1.00", 1, "u", "public.prices", "1"),
+    ]
+
+
 async def test_each_table_of_one_statement_rings_its_own_doorbell(
     db: asyncpg.Connection, bells: Doorbells
 ) -> None:
