@@ -175,7 +175,7 @@ async def test_migration_is_idempotent(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
-        for name in ("002_presence.sql", "007_presence.sql"):
+        for name in ("002_presence.sql", "007_presence.sql", "013_presence_last_close.sql"):
             await conn.execute((REPO / "sql" / name).read_text())
         rows = await conn.fetch("SELECT user_id, status FROM gateway.presence")
         assert [tuple(r) for r in rows] == [("alice", "online")]
@@ -292,6 +292,78 @@ async def test_a_dead_replica_is_swept_and_its_users_go_offline(dsn: str) -> Non
         assert await conn.fetchval("SELECT count(*) FROM gateway.presence_connections") == 1
     finally:
         await conn.close()
+
+
+# Three ways a user's connection can close while she keeps one on a replica that is about to
+# be swept as dead: each is a later sighting of her than that replica's last heartbeat.
+LATER_CLOSES = {
+    "a tab on a live replica": (
+        "SELECT gateway.presence_connect('live', 'c2', 'alice')",
+        "SELECT gateway.presence_disconnect('live', 'c2')",
+    ),
+    "a tab on the dead replica, after its last heartbeat": (
+        "SELECT gateway.presence_connect('dead', 'c2', 'alice')",
+        "SELECT gateway.presence_disconnect('dead', 'c2')",
+    ),
+    "a replica shutting down cleanly": (
+        "SELECT gateway.presence_connect('leaving', 'c2', 'alice')",
+        "SELECT gateway.presence_unregister('leaving')",
+    ),
+}
+
+
+@pytest.mark.parametrize("closed", list(LATER_CLOSES))
+async def test_a_dead_replicas_user_is_graced_from_her_latest_close_not_its_last_heartbeat(
+    dsn: str, closed: str
+) -> None:
+    """Alice has a tab on a replica that dies and another that she closes after its last
+    heartbeat. When the sweep removes the dead replica, she was last seen at that close, not
+    at the heartbeat: a grace shorter than the time since the heartbeat must not make her
+    offline at once (sql/013_presence_last_close.sql)."""
+    open_other, close_other = LATER_CLOSES[closed]
+    grace = datetime.timedelta(seconds=2)
+    conn = await pg_connect(dsn)
+    await conn.execute("SELECT gateway.presence_connect('dead', 'c1', 'alice')")
+    await conn.execute(open_other)
+    # The replica 'dead' last spoke a minute ago; both tabs (and her status) are older still.
+    await conn.execute(
+        "UPDATE gateway.replicas SET heartbeat_at = heartbeat_at - interval '1 min' WHERE replica_id = 'dead';"
+        "UPDATE gateway.presence_connections SET connected_at = connected_at - interval '1 min';"
+        "UPDATE gateway.presence SET last_seen = last_seen - interval '1 min'"
+    )
+    before_close = await conn.fetchval("SELECT now()")
+    assert await conn.fetchval(close_other) == 0  # she keeps the tab on 'dead': nothing changes
+    after_close = await conn.fetchval("SELECT now()")
+
+    # The sweep removes 'dead' and her last tab: the grace runs from the close, so she is kept.
+    changes = await conn.fetchval("SELECT gateway.presence_sweep('30 s', $1)", grace)
+    swept = await conn.fetchval("SELECT now()")
+    assert swept - before_close < grace, "too slow a machine for this test: the grace passed"
+    assert changes == 0
+    assert "dead" not in [r[0] for r in await conn.fetch("SELECT replica_id FROM gateway.replicas")]
+    assert await conn.fetchval("SELECT count(*) FROM gateway.presence_connections") == 0
+    row = await conn.fetchrow("SELECT status, left_at FROM gateway.presence WHERE user_id = 'alice'")
+    assert row["status"] == "online", "offline by the sweep, though she closed a tab a moment ago"
+    left_at = row["left_at"]
+    assert before_close <= left_at <= after_close
+
+    # Once the grace since that close has passed, she is offline, last seen at the close.
+    await wait_until(
+        lambda: conn.fetchval("SELECT now() >= $1::timestamptz + $2::interval", left_at, grace),
+        20,
+        "the grace to pass",
+    )
+    assert await conn.fetchval("SELECT gateway.presence_sweep('30 s', $1)", grace) == 1
+    row = await conn.fetchrow(
+        "SELECT status, last_seen, left_at FROM gateway.presence WHERE user_id = 'alice'"
+    )
+    assert row["status"] == "offline" and row["left_at"] is None and row["last_seen"] == left_at
+    assert await logged_changes(dsn) == [("alice", "online"), ("alice", "offline")]
+    published = await conn.fetchval(
+        "SELECT (data->>'last_seen')::float8 FROM gateway.events WHERE topic = $1 ORDER BY pos DESC LIMIT 1",
+        TOPIC,
+    )
+    assert published == pytest.approx(left_at.timestamp(), abs=1e-6)
 
 
 async def test_full_apply_replaces_the_replicas_connections(dsn: str) -> None:
