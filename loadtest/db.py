@@ -293,6 +293,7 @@ async def writer_cost(
     rounds: int,
     progress: Any,
     flush_delay_us: int = 0,
+    flush_wait: bool = True,
 ) -> dict[str, Any]:
     """Commits/s of a single-row UPDATE without a trigger, with the gateway's capture trigger and
     with the naive per-row pg_notify(row_to_json(NEW)) trigger.
@@ -305,8 +306,15 @@ async def writer_cost(
 
     ``flush_delay_us`` makes every commit's WAL flush take that much longer (PostgreSQL's
     commit_delay, set for pgbench's sessions), as on a disk slower than this machine's: that
-    is where notifying transactions, which commit one at a time, fall behind the others."""
+    is where notifying transactions, which commit one at a time, fall behind the others.
+
+    ``flush_wait=False`` sets synchronous_commit off in pgbench's sessions: commits no longer
+    wait for the disk at all, so the ratio is that of CPU alone, the least favourable to the
+    trigger and the same on any disk (the ratio at this machine's own flush lies between the
+    two, by how much of a commit is spent waiting for the disk)."""
     options = f"-c commit_delay={flush_delay_us} -c commit_siblings=1" if flush_delay_us else ""
+    if not flush_wait:
+        options = (options + " -c synchronous_commit=off").strip()
     tables = {"plain": "lt_cost_plain", "gateway": "lt_cost_gateway", "naive": "lt_cost_naive"}
     runs: dict[str, list[float]] = {k: [] for k in tables}
     tool = "pgbench" if pgbench else "asyncpg"
@@ -326,6 +334,7 @@ async def writer_cost(
     return {
         "tool": tool,
         "flush_delay_us": flush_delay_us,
+        "synchronous_commit": "on" if flush_wait else "off",
         "clients": clients,
         "seconds_per_run": seconds,
         "rounds": rounds,
