@@ -56,14 +56,16 @@ def build_select(entry: TableEntry, key: str, key_type: str, row_topic: str) -> 
     ``key_type`` is format_type()'s output, already SQL. A column list becomes a subquery
     whose output columns are named by quoted identifiers, and row_to_json() takes its keys
     from them: a column's name reaches the JSON without ever being an SQL string. ``t.*`` is
-    the whole row even if the table has a column named ``t``."""
+    the whole row even if the table has a column named ``t``. ``ONLY``: the rows of the table
+    itself, as its capture triggers log them, not those of its inheritance children (whose
+    changes are not logged, and whose keys may repeat the table's)."""
     qkey = "t." + quote_ident(key)
     if entry.columns:
         cols = ", ".join(f"t.{quote_ident(c)} AS {quote_ident(c)}" for c in entry.columns)
-        source = f"{entry.sql_name} AS t CROSS JOIN LATERAL (SELECT {cols}) AS r"
+        source = f"ONLY {entry.sql_name} AS t CROSS JOIN LATERAL (SELECT {cols}) AS r"
         row = "row_to_json(r.*)"
     else:
-        source = f"{entry.sql_name} AS t"
+        source = f"ONLY {entry.sql_name} AS t"
         row = "row_to_json(t.*)"
     # The row's topic now: a row may have moved to another topic since its event was
     # written, and must then not be sent to the event's (old) topic.
@@ -179,6 +181,15 @@ class Resolver:
             await conn.fetch(select, [])
         except asyncpg.PostgresError as exc:
             raise ConfigError(f"GATEWAY_TABLES: cannot read rows of {entry.display}: {exc}") from None
+        # A row the gateway's role may not see looks deleted: its insert or update would reach
+        # the topic's subscribers as a delete. Row-level security must not apply to that role.
+        if await conn.fetchval("SELECT row_security_active($1::oid::regclass)", oid):
+            raise ConfigError(
+                f"GATEWAY_TABLES: row-level security applies to the gateway's role on {entry.display}: "
+                "rows its policies hide would reach subscribers as deletes. Give the role BYPASSRLS "
+                "(ALTER ROLE ... BYPASSRLS), or connect as the table's owner (without FORCE ROW LEVEL "
+                "SECURITY)"
+            )
         return TableSpec(entry, key, select)
 
     def allowed(self, table: str) -> bool:
