@@ -267,3 +267,38 @@ async def test_the_gateway_reads_a_published_parent_without_its_inheritance_chil
     finally:
         await pool.close()
     assert [row for row, _ in rows.values()] == ['{"id":1,"owner_id":1,"title":"parent"}']
+
+
+async def test_a_statement_after_a_merge_still_locks_its_topics_before_its_first_event(
+    db: asyncpg.Connection,
+) -> None:
+    # Each multi-row statement locks all its topics, in sorted order, at its first row,
+    # before that row's event; it counts its rows down in a transaction-local setting. The
+    # insert, update and delete triggers shared one counter, so a MERGE whose kinds of rows
+    # interleave could leave it above zero, and the next statement of the transaction took
+    # its first rows for the rest of the MERGE: they took their topics' locks in row order,
+    # before the sorted locking, which can deadlock (fixed in sql/016).
+    await items(db)
+    await db.execute("INSERT INTO items SELECT g, g, 'x' FROM generate_series(1, 4) AS g")
+    # lock_topics, logging how many events the transaction had logged when it was called.
+    await db.execute(
+        "CREATE TABLE lock_calls (n serial, events bigint);"
+        "ALTER FUNCTION gateway.lock_topics(text[]) RENAME TO lock_topics_logged;"
+        "CREATE FUNCTION gateway.lock_topics(p_topics text[]) RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+        "INSERT INTO lock_calls (events) "
+        "SELECT count(*) FROM gateway.events WHERE xid = pg_current_xact_id(); "
+        "PERFORM gateway.lock_topics_logged(p_topics); END $$"
+    )
+    async with db.transaction():
+        # Rows in this order: update, insert, insert, update, update.
+        await db.execute(
+            "MERGE INTO items AS t USING (VALUES (1, 10), (12, 12), (13, 13), (2, 20), (3, 30)) "
+            "AS s(id, owner_id) ON t.id = s.id "
+            "WHEN MATCHED THEN UPDATE SET owner_id = s.owner_id "
+            "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.owner_id, 'm')"
+        )
+        before = await db.fetchval("SELECT count(*) FROM gateway.events WHERE xid = pg_current_xact_id()")
+        await db.execute("DELETE FROM lock_calls")
+        await db.execute("UPDATE items SET title = 'z' WHERE id IN (12, 13)")
+        calls = await db.fetch("SELECT events FROM lock_calls ORDER BY n")
+    assert [c["events"] for c in calls] == [before]
