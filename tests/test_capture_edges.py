@@ -302,3 +302,32 @@ async def test_a_statement_after_a_merge_still_locks_its_topics_before_its_first
         await db.execute("UPDATE items SET title = 'z' WHERE id IN (12, 13)")
         calls = await db.fetch("SELECT events FROM lock_calls ORDER BY n")
     assert [c["events"] for c in calls] == [before]
+
+
+async def test_the_topic_expression_keeps_the_names_it_had_when_published(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    # The topic function's names were looked up in each writer's search_path (fixed in
+    # sql/017): a writer without the schema failed, one with a function of the same name
+    # earlier in its path computed another topic.
+    await db.execute(
+        "CREATE SCHEMA app; CREATE SCHEMA evil;"
+        "CREATE FUNCTION app.org_of(team int) RETURNS text LANGUAGE sql AS $$SELECT 'acme' || team$$;"
+        "CREATE FUNCTION evil.org_of(team int) RETURNS text LANGUAGE sql AS $$SELECT 'evil'$$;"
+        "CREATE TABLE docs (id int PRIMARY KEY, team int);"
+        "SET search_path = app, public;"
+        "SELECT gateway.publish('public.docs', $$'org:' || org_of(team)$$);"
+        "RESET search_path"
+    )
+    plain = await asyncpg.connect(dsn)  # search_path "$user", public: no app
+    shadowed = await asyncpg.connect(dsn, server_settings={"search_path": "evil, public"})
+    try:
+        await plain.execute("INSERT INTO docs VALUES (1, 1)")
+        await shadowed.execute("INSERT INTO docs VALUES (2, 2)")
+    finally:
+        await plain.close()
+        await shadowed.close()
+    assert await events(db, "public.docs") == [("org:acme1", 1, "i", "1"), ("org:acme2", 1, "i", "2")]
+    # What the topic calls cannot be dropped from under it.
+    with pytest.raises(asyncpg.DependentObjectsStillExistError):
+        await db.execute("DROP FUNCTION app.org_of(int)")
