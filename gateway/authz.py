@@ -33,10 +33,10 @@ from typing import Any
 import asyncpg
 
 from gateway.auth import Identity
-from gateway.config import ConfigError, Settings
+from gateway.config import Settings
 
 from .db import DB_ERRORS
-from .tables import quote_ident
+from .tables import parse_name, quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ QUERY_TIMEOUT = 5.0
 TIME_CLAIMS = frozenset({"exp", "iat", "nbf", "jti", "auth_time"})
 
 _PRINTABLE_NO_SPACE = re.compile(r"[\x21-\x7e]+")
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 def validate_topic(topic: str) -> str | None:
@@ -116,13 +115,9 @@ def _granted(grants: Any, topic: str) -> bool:
 
 
 def function_sql(function: str) -> str:
-    """The query asking ``function``, each name part quoted as an identifier."""
-    parts = function.split(".")
-    if not 1 <= len(parts) <= 2 or not all(_IDENT.match(p) for p in parts):
-        raise ConfigError(
-            f"GATEWAY_AUTHZ_FUNCTION={function!r} is not valid: expected a lower-case "
-            "SQL function name such as gateway.authorize"
-        )
+    """The query asking ``function`` (written as in SQL: ``gateway.authorize``,
+    ``app."CanRead"``), each name part quoted as an identifier."""
+    parts = parse_name(function, "GATEWAY_AUTHZ_FUNCTION", "a function")
     # The claims travel as text and are cast in SQL, so the query works whatever jsonb
     # codec the pool's connections have installed.
     return f"SELECT {'.'.join(quote_ident(p) for p in parts)}($1::text, $2::text, $3::text::jsonb)"

@@ -216,7 +216,8 @@ class Settings:
     authz_function: str = _setting(
         "gateway.authorize",
         "SQL function (user_id text, topic text, claims jsonb) -> boolean deciding topics not granted by "
-        "the token; empty to disable",
+        'the token, named as in SQL (`app."CanRead"`: unquoted names are folded to lower case); '
+        "empty to disable",
     )
     authz_cache_ttl: float = _setting(
         5.0,

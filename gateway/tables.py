@@ -1,4 +1,5 @@
-"""The syntax of ``GATEWAY_TABLES``: entries naming tables and columns as PostgreSQL does.
+"""The syntax of ``GATEWAY_TABLES`` (entries naming tables and columns) and of the other
+settings that name a database object (``GATEWAY_AUTHZ_FUNCTION``), as PostgreSQL writes names.
 
 ``public.items; "Orders"(id, "Total €"); sales."line items"`` -- entries separated by ``;``,
 each ``schema.table`` or ``table`` (schema ``public``, not the search_path: the allow-list
@@ -182,8 +183,9 @@ def _checked_length(name: str) -> str:
     return name
 
 
-def _entry(r: _Reader) -> TableEntry:
-    parts = [r.name("a table name")]
+def _qualified(r: _Reader, what: str) -> list[str]:
+    """``name`` or ``schema.name``; ``what`` names the object, as in "a table"."""
+    parts = [r.name(f"{what} name")]
     r.skip_space()
     while r.peek() == ".":
         r.i += 1
@@ -191,7 +193,13 @@ def _entry(r: _Reader) -> TableEntry:
         r.skip_space()
     if len(parts) > 2:
         shown = ".".join(display_ident(p) for p in parts)
-        raise _Bad(f"{shown} has {len(parts)} name parts: expected schema.table or table")
+        noun = what.split()[-1]
+        raise _Bad(f"{shown} has {len(parts)} name parts: expected schema.{noun} or {noun}")
+    return parts
+
+
+def _entry(r: _Reader) -> TableEntry:
+    parts = _qualified(r, "a table")
     schema, table = parts if len(parts) == 2 else (DEFAULT_SCHEMA, parts[0])
     columns: list[str] = []
     if r.peek() == "(":
@@ -275,3 +283,23 @@ def parse_tables(text: str) -> list[TableEntry]:
                 )
         seen.append((entry, here))
     return [entry for entry, _ in seen]
+
+
+def parse_name(text: str, setting: str, what: str) -> tuple[str, ...]:
+    """The parts of a name written as in SQL, ``name`` or ``schema.name`` (unquoted parts
+    folded to lower case, quoted ones as written), as the catalog spells them; ConfigError
+    naming ``setting`` otherwise. ``what`` names the object: "a function"."""
+    r = _Reader(text)
+    try:
+        parts = _qualified(r, what)
+        if r.peek() != "":
+            c = r.peek()
+            hint = (
+                ""
+                if c in _LOOKALIKE_QUOTES or not c.isascii()
+                else "; a name holding characters other than letters, digits, _ and $ must be double-quoted"
+            )
+            raise _Bad(f"unexpected {_describe(c)} after the name{hint}")
+    except _Bad as exc:
+        raise ConfigError(f"{setting}={text!r} is not valid: {exc}") from None
+    return tuple(parts)

@@ -144,9 +144,32 @@ def test_function_sql_quotes_identifiers() -> None:
         'SELECT "gateway"."authorize"($1::text, $2::text, $3::text::jsonb)'
     )
     assert function_sql("may_read") == 'SELECT "may_read"($1::text, $2::text, $3::text::jsonb)'
-    for bad in ("gateway.authorize(); DROP TABLE x; --", "A.b", "a.b.c", "", "a..b", 'a"b'):
-        with pytest.raises(ConfigError, match="GATEWAY_AUTHZ_FUNCTION"):
+    # Names as SQL writes them: unquoted folded to lower case, quoted as written.
+    assert function_sql("App.May_Read") == 'SELECT "app"."may_read"($1::text, $2::text, $3::text::jsonb)'
+    assert function_sql(' app . "Can Read""s" ') == (
+        'SELECT "app"."Can Read""s"($1::text, $2::text, $3::text::jsonb)'
+    )
+    for bad, why in (
+        ("gateway.authorize(); DROP TABLE x; --", "unexpected '\\('"),
+        ("a.b.c", "3 name parts"),
+        ("", "expected a function name"),
+        ("a..b", "expected a name after '.'"),
+        ('a"b', "unexpected"),
+        ('"unclosed', "no closing"),
+        ("café-bar", "must be double-quoted"),
+    ):
+        with pytest.raises(ConfigError, match=f"GATEWAY_AUTHZ_FUNCTION.*{why}"):
             function_sql(bad)
+
+
+async def test_a_quoted_function_name_in_its_own_schema_is_asked(db: asyncpg.Pool) -> None:
+    await db.execute(
+        'CREATE SCHEMA "Policy"; CREATE FUNCTION "Policy"."May Read"(u text, t text, c jsonb) '
+        "RETURNS boolean LANGUAGE sql AS $$SELECT t = 'room:1'$$"
+    )
+    az = Authorizer(settings(authz_function='"Policy"."May Read"'), db)
+    assert await az.allowed(ident(), "room:1")
+    assert not await az.allowed(ident(), "room:2")
 
 
 async def test_sql_function_decides(db: asyncpg.Pool) -> None:
