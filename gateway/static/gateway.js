@@ -447,8 +447,9 @@
     async _token() {
       const t = this.options.token;
       // A token request that never settles (browsers never time out a fetch) must not stall us.
-      const late = new Promise((_, no) => setTimeout(() => no(new Error("no answer in time")), HANDSHAKE_MS));
-      const token = typeof t === "function" ? await Promise.race([t(), late]) : t;
+      // Armed only for a function: with a string nothing would await it, and a rejection nobody
+      // awaits is an uncaught error in the page's console (and its error tracker).
+      const token = typeof t === "function" ? await Promise.race([t(), new Promise((_, no) => setTimeout(() => no(new Error("no answer in time")), HANDSHAKE_MS))]) : t;
       if (typeof token !== "string" || !token) throw new TypeError(`options.token gave ${typeof token}, not a non-empty string`);
       return token;
     }
