@@ -214,6 +214,9 @@
       } catch (err) {
         return this._finish(1006, `cannot open ${this.url}: ${err.message}`);
       }
+      // Closed at birth: the page's Content-Security-Policy refused the URL (Chromium fires an
+      // error event, never a close event). Retrying cannot help; the page's policy must change.
+      if (ws.readyState === 3) return this._finish(1006, `this page's Content-Security-Policy blocks ${this.url}: add it to connect-src`);
       this._ws = ws;
       ws.onopen = () => {
         // A hidden tab authenticates away: starting online would publish its user online, then away.
