@@ -349,6 +349,31 @@ async def test_bad_arguments_are_named(page: Any, site: Site) -> None:
     assert "ftp:" in message
 
 
+async def test_a_url_object_is_taken_for_the_url(page: Any, site: Site) -> None:
+    # connect(url, options) with a URL object was taken for connect(options): "options.token
+    # must be a non-empty string", about the options the page had given.
+    await page.goto(site.url + "/blank")
+    await page.evaluate(
+        """() => {
+          window.rec = { states: [] };
+          const url = new URL("/ws", location.href.replace(/^http/, "ws"));
+          window.gw = PgGateway.connect(url, { token: async () => "alice.0", onState: (s) => rec.states.push(s) });
+        }"""
+    )
+    await wait_rec(page, "rec.states.includes('open')")
+
+
+@pytest.mark.parametrize("url", ["gateway.example.com/ws", "localhost:8080/ws"])
+async def test_a_url_without_its_scheme_is_refused_naming_the_fix(page: Any, site: Site, url: str) -> None:
+    # Resolved against the page as a relative path, "gateway.example.com/ws" went to
+    # wss://<this page's host>/<its path>/gateway.example.com/ws, retried forever.
+    await page.goto(site.url + "/blank")
+    message = await page.evaluate(
+        "(url) => { try { PgGateway.connect(url, {token: 't'}) } catch (e) { return e.message } }", url
+    )
+    assert message is not None and f'"wss://{url}"' in message, message
+
+
 # --- subscriptions across reconnects ---------------------------------------------------
 
 

@@ -54,6 +54,8 @@
 
   // "wss://h/ws", "/ws", "https://h/ws" or nothing (this page's host) -> an absolute ws(s) URL.
   function socketUrl(url) {
+    // "gateway.example.com/ws", "localhost:8080/ws": a host without its scheme, not a path of this page
+    if (/^[\w-]+((\.[\w-]+)+(:\d+)?|:\d+)(\/|$)/.test(url)) throw new TypeError(`PgGateway.connect: url ${JSON.stringify(url)} has no scheme: write "wss://${url}"`);
     let u;
     try {
       u = new URL(url || "/ws", root.location && root.location.href);
@@ -484,7 +486,8 @@
 
   function connect(url, options) {
     // connect({ token })
-    if (url && typeof url === "object") [url, options] = [undefined, url];
+    // connect(new URL(...), options) is not connect(options)
+    if (url && typeof url === "object" && !options) [url, options] = [undefined, url];
     options = options || {};
     const t = options.token;
     if (!(typeof t === "function" || (typeof t === "string" && t))) {
