@@ -492,6 +492,21 @@ async def test_a_clock_an_hour_ahead_does_not_refresh_in_a_loop(page: Any, site:
     assert len(gw.conns) == 1
 
 
+async def test_a_clock_set_back_does_not_hold_back_a_new_subscription(page: Any, site: Site) -> None:
+    # The subscribe pacing counted by the wall clock: set back an hour (a clock that ran ahead,
+    # corrected while the page is open), the next subscribe waited an hour before going out.
+    gw = site.gateway
+    await page.clock.install()
+    await start(page, site)
+    await page.clock.set_system_time(time.time() - 3600)  # seconds, in Playwright's Python API
+    await page.evaluate(
+        "() => { gw.subscribe('room:2', () => {}, { onSubscribed: (i) => rec.subscribed.push(i) }); }"
+    )
+    await page.clock.run_for(100)
+    await wait_rec(page, "rec.subscribed.length === 2")
+    assert [f.topic for f in gw.conns[0].of(p.Subscribe)] == ["board:demo", "room:2"]
+
+
 async def test_a_refresh_for_another_user_reconnects_as_that_user(page: Any, site: Site) -> None:
     """The application's token function now answers for another user (it switched accounts):
     the gateway refuses that refresh with token_user_changed, "reconnect with the new token"

@@ -175,8 +175,9 @@
 
     // Reserves the next subscribe slot (a token bucket kept as the time it is next full,
     // reset at each welcome); returns how many ms until that slot.
+    // Counted on the monotonic clock: the wall clock set back an hour held the next subscribe an hour.
     _subscribeSlot() {
-      const now = Date.now();
+      const now = performance.now();
       const at = Math.max(this._subscribeAt || 0, now);
       this._subscribeAt = at + SUBSCRIBE_STEP_MS;
       return Math.max(0, at - now - (SUBSCRIBE_BURST - 1) * SUBSCRIBE_STEP_MS);
