@@ -349,6 +349,31 @@ async def test_bad_arguments_are_named(page: Any, site: Site) -> None:
     assert "ftp:" in message
 
 
+async def test_a_url_object_is_taken_for_the_url(page: Any, site: Site) -> None:
+    # connect(url, options) with a URL object was taken for connect(options): "options.token
+    # must be a non-empty string", about the options the page had given.
+    await page.goto(site.url + "/blank")
+    await page.evaluate(
+        """() => {
+          window.rec = { states: [] };
+          const url = new URL("/ws", location.href.replace(/^http/, "ws"));
+          window.gw = PgGateway.connect(url, { token: async () => "alice.0", onState: (s) => rec.states.push(s) });
+        }"""
+    )
+    await wait_rec(page, "rec.states.includes('open')")
+
+
+@pytest.mark.parametrize("url", ["gateway.example.com/ws", "localhost:8080/ws"])
+async def test_a_url_without_its_scheme_is_refused_naming_the_fix(page: Any, site: Site, url: str) -> None:
+    # Resolved against the page as a relative path, "gateway.example.com/ws" went to
+    # wss://<this page's host>/<its path>/gateway.example.com/ws, retried forever.
+    await page.goto(site.url + "/blank")
+    message = await page.evaluate(
+        "(url) => { try { PgGateway.connect(url, {token: 't'}) } catch (e) { return e.message } }", url
+    )
+    assert message is not None and f'"wss://{url}"' in message, message
+
+
 # --- subscriptions across reconnects ---------------------------------------------------
 
 
@@ -465,6 +490,21 @@ async def test_a_clock_an_hour_ahead_does_not_refresh_in_a_loop(page: Any, site:
     await page.clock.run_for(5_000)
     assert len(gw.conns[0].of(p.Refresh)) == 1
     assert len(gw.conns) == 1
+
+
+async def test_a_clock_set_back_does_not_hold_back_a_new_subscription(page: Any, site: Site) -> None:
+    # The subscribe pacing counted by the wall clock: set back an hour (a clock that ran ahead,
+    # corrected while the page is open), the next subscribe waited an hour before going out.
+    gw = site.gateway
+    await page.clock.install()
+    await start(page, site)
+    await page.clock.set_system_time(time.time() - 3600)  # seconds, in Playwright's Python API
+    await page.evaluate(
+        "() => { gw.subscribe('room:2', () => {}, { onSubscribed: (i) => rec.subscribed.push(i) }); }"
+    )
+    await page.clock.run_for(100)
+    await wait_rec(page, "rec.subscribed.length === 2")
+    assert [f.topic for f in gw.conns[0].of(p.Subscribe)] == ["board:demo", "room:2"]
 
 
 async def test_a_refresh_for_another_user_reconnects_as_that_user(page: Any, site: Site) -> None:

@@ -54,6 +54,8 @@
 
   // "wss://h/ws", "/ws", "https://h/ws" or nothing (this page's host) -> an absolute ws(s) URL.
   function socketUrl(url) {
+    // "gateway.example.com/ws", "localhost:8080/ws": a host without its scheme, not a path of this page
+    if (/^[\w-]+((\.[\w-]+)+(:\d+)?|:\d+)(\/|$)/.test(url)) throw new TypeError(`PgGateway.connect: url ${JSON.stringify(url)} has no scheme: write "wss://${url}"`);
     let u;
     try {
       u = new URL(url || "/ws", root.location && root.location.href);
@@ -173,8 +175,9 @@
 
     // Reserves the next subscribe slot (a token bucket kept as the time it is next full,
     // reset at each welcome); returns how many ms until that slot.
+    // Counted on the monotonic clock: the wall clock set back an hour held the next subscribe an hour.
     _subscribeSlot() {
-      const now = Date.now();
+      const now = performance.now();
       const at = Math.max(this._subscribeAt || 0, now);
       this._subscribeAt = at + SUBSCRIBE_STEP_MS;
       return Math.max(0, at - now - (SUBSCRIBE_BURST - 1) * SUBSCRIBE_STEP_MS);
@@ -214,6 +217,9 @@
       } catch (err) {
         return this._finish(1006, `cannot open ${this.url}: ${err.message}`);
       }
+      // Closed at birth: the page's Content-Security-Policy refused the URL (Chromium fires an
+      // error event, never a close event). Retrying cannot help; the page's policy must change.
+      if (ws.readyState === 3) return this._finish(1006, `this page's Content-Security-Policy blocks ${this.url}: add it to connect-src`);
       this._ws = ws;
       ws.onopen = () => {
         // A hidden tab authenticates away: starting online would publish its user online, then away.
@@ -447,8 +453,9 @@
     async _token() {
       const t = this.options.token;
       // A token request that never settles (browsers never time out a fetch) must not stall us.
-      const late = new Promise((_, no) => setTimeout(() => no(new Error("no answer in time")), HANDSHAKE_MS));
-      const token = typeof t === "function" ? await Promise.race([t(), late]) : t;
+      // Armed only for a function: with a string nothing would await it, and a rejection nobody
+      // awaits is an uncaught error in the page's console (and its error tracker).
+      const token = typeof t === "function" ? await Promise.race([t(), new Promise((_, no) => setTimeout(() => no(new Error("no answer in time")), HANDSHAKE_MS))]) : t;
       if (typeof token !== "string" || !token) throw new TypeError(`options.token gave ${typeof token}, not a non-empty string`);
       return token;
     }
@@ -480,7 +487,8 @@
 
   function connect(url, options) {
     // connect({ token })
-    if (url && typeof url === "object") [url, options] = [undefined, url];
+    // connect(new URL(...), options) is not connect(options)
+    if (url && typeof url === "object" && !options) [url, options] = [undefined, url];
     options = options || {};
     const t = options.token;
     if (!(typeof t === "function" || (typeof t === "string" && t))) {
