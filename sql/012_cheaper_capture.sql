@@ -21,14 +21,38 @@
 --   computes the old topic on every row as before. (A topic is a function of the row's
 --   columns: the gateway already relies on that when it checks, reading a row, that the row
 --   still belongs to its event's topic.)
--- The generated triggers otherwise do exactly what they did. publish() is patched in place,
--- as 011 did; each patch is checked to apply exactly once, and the whole is skipped when it
--- already has (this file is idempotent).
+-- The generated triggers otherwise do exactly what they did. publish() is patched in place
+-- by gateway.patch_function(), defined here for this and later migrations: each patch must
+-- apply exactly once, and the whole is skipped when it already has (this file is idempotent).
 
-DO $$
+-- Patch a function's source in place: each (old, new) pair of p_patches must occur exactly
+-- once in it, else nothing changes and the error names the migration and the patch; skipped
+-- (false) when p_marker, a text only the patched version has, is there already, so the
+-- migration can run again. For migrations that change what publish() generates without
+-- restating its 300 lines (012 onwards; 011 has its own copy of this).
+CREATE OR REPLACE FUNCTION gateway.patch_function(
+    p_function regprocedure, p_migration text, p_marker text, p_patches text[]
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
 DECLARE
-    def text := pg_get_functiondef('gateway.publish(regclass, text, text)'::regprocedure);
-    patches text[][] := ARRAY[
+    def text := pg_get_functiondef(p_function);
+    i integer;
+BEGIN
+    IF position(p_marker IN def) > 0 THEN
+        RETURN false;
+    END IF;
+    FOR i IN 1 .. array_length(p_patches, 1) LOOP
+        IF (length(def) - length(replace(def, p_patches[i][1], ''))) / length(p_patches[i][1]) <> 1 THEN
+            RAISE EXCEPTION '%: % is not the version this migration patches (patch %)', p_migration, p_function, i;
+        END IF;
+        def := replace(def, p_patches[i][1], p_patches[i][2]);
+    END LOOP;
+    EXECUTE def;
+    RETURN true;
+END
+$$;
+
+SELECT gateway.patch_function('gateway.publish(regclass, text, text)', '012_cheaper_capture', 'cols_changed', ARRAY[
         -- 1. a variable for the columns' comparison
         [$a$
     key_same text;
@@ -96,20 +120,6 @@ $a$, $b$
                     THEN format('IF %s%s THEN  -- only then can the topic differ', key_same, cols_changed) END,
                CASE WHEN cols_changed IS NOT NULL THEN 'END IF;' END)
 $b$]
-    ];
-    i integer;
-BEGIN
-    IF position('cols_changed' IN def) > 0 THEN
-        RETURN;
-    END IF;
-    FOR i IN 1 .. array_length(patches, 1) LOOP
-        IF (length(def) - length(replace(def, patches[i][1], ''))) / length(patches[i][1]) <> 1 THEN
-            RAISE EXCEPTION '012_cheaper_capture: gateway.publish() is not the version this migration patches (patch %)', i;
-        END IF;
-        def := replace(def, patches[i][1], patches[i][2]);
-    END LOOP;
-    EXECUTE def;
-END
-$$;
+]);
 
 SELECT gateway.republish_all();

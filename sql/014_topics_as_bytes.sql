@@ -117,21 +117,10 @@ BEGIN
 END
 $$;
 
--- The update trigger's "did the row move" comparison, as bytes. Patched in place as in 011
--- and 012 (checked to apply exactly once; skipped when it already has).
-DO $$
-DECLARE
-    def text := pg_get_functiondef('gateway.publish(regclass, text, text)'::regprocedure);
-    old_text text := $o$IF %1$s OR %2$s(%3$s) IS DISTINCT FROM gw_topic THEN$o$;
-    new_text text := $n$IF %1$s OR %2$s(%3$s) COLLATE "C" IS DISTINCT FROM gw_topic THEN$n$;
-BEGIN
-    IF position(new_text IN def) > 0 THEN
-        RETURN;
-    END IF;
-    IF (length(def) - length(replace(def, old_text, ''))) / length(old_text) <> 1 THEN
-        RAISE EXCEPTION '014_topics_as_bytes: gateway.publish() is not the version this migration patches';
-    END IF;
-    EXECUTE replace(def, old_text, new_text);
-END
-$$;
+-- The update trigger's "did the row move" comparison, as bytes: publish() patched in place by
+-- gateway.patch_function() (sql/012), which skips it when it already has been.
+SELECT gateway.patch_function('gateway.publish(regclass, text, text)', '014_topics_as_bytes', $n$IF %1$s OR %2$s(%3$s) COLLATE "C" IS DISTINCT FROM gw_topic THEN$n$, ARRAY[[
+    $o$IF %1$s OR %2$s(%3$s) IS DISTINCT FROM gw_topic THEN$o$,
+    $n$IF %1$s OR %2$s(%3$s) COLLATE "C" IS DISTINCT FROM gw_topic THEN$n$
+]]);
 SELECT gateway.republish_all();

@@ -19,13 +19,10 @@
 -- failed with `null value in column "epoch" of relation "topics"`. It only fills an epoch left
 -- NULL, so a row that names its epoch (replicated, or reset_topic()'s) is kept as it is. It
 -- fires only on INSERT into gateway.topics, as before: nothing changes for other sessions.
--- publish() is patched in place, as 011, 012 and 014 did; each patch is checked to apply
--- exactly once, and the whole is skipped when it already has (this file is idempotent).
+-- publish() is patched in place by gateway.patch_function() (sql/012), which skips it when
+-- it already has been (this file is idempotent).
 
-DO $$
-DECLARE
-    def text := pg_get_functiondef('gateway.publish(regclass, text, text)'::regprocedure);
-    patches text[][] := ARRAY[
+SELECT gateway.patch_function('gateway.publish(regclass, text, text)', '015_keep_trigger_state', 'trigger_states', ARRAY[
         -- 1. a variable for the states
         [$a$
     probe text;
@@ -59,21 +56,7 @@ $a$, $b$
                        trigger_name);
     END LOOP;
 $b$]
-    ];
-    i integer;
-BEGIN
-    IF position('trigger_states' IN def) > 0 THEN
-        RETURN;
-    END IF;
-    FOR i IN 1 .. array_length(patches, 1) LOOP
-        IF (length(def) - length(replace(def, patches[i][1], ''))) / length(patches[i][1]) <> 1 THEN
-            RAISE EXCEPTION '015_keep_trigger_state: gateway.publish() is not the version this migration patches (patch %)', i;
-        END IF;
-        def := replace(def, patches[i][1], patches[i][2]);
-    END LOOP;
-    EXECUTE def;
-END
-$$;
+]);
 
 ALTER TABLE gateway.topics ENABLE ALWAYS TRIGGER gateway_first_epoch;
 

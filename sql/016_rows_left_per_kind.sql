@@ -15,33 +15,16 @@
 -- whatever the order. (Such a statement still locks its inserted rows' topics and its
 -- updated rows' topics as two groups: docs/sql.md.) Only multi-row statements read the
 -- setting: a single-row one costs the same.
--- publish() is patched in place, as 011, 012, 014 and 015 did; each patch is checked to
--- apply exactly once, and the whole is skipped when it already has (this file is idempotent).
+-- publish() is patched in place by gateway.patch_function() (sql/012), which skips it when
+-- it already has been (this file is idempotent).
 
-DO $$
-DECLARE
-    def text := pg_get_functiondef('gateway.publish(regclass, text, text)'::regprocedure);
-    patches text[][] := ARRAY[
+SELECT gateway.patch_function('gateway.publish(regclass, text, text)', '016_rows_left_per_kind', $m$mark || '_i'$m$, ARRAY[
         [$a$(p_table, 'capture_insert'), topic_fn, coalesce(new_args, ''), mark,$a$,
          $b$(p_table, 'capture_insert'), topic_fn, coalesce(new_args, ''), mark || '_i',$b$],
         [$a$(p_table, 'capture_delete'), topic_fn, coalesce(old_args, ''), mark,$a$,
          $b$(p_table, 'capture_delete'), topic_fn, coalesce(old_args, ''), mark || '_d',$b$],
         [$a$(p_table, 'capture_update'), topic_fn, coalesce(new_args, ''), mark,$a$,
          $b$(p_table, 'capture_update'), topic_fn, coalesce(new_args, ''), mark || '_u',$b$]
-    ];
-    i integer;
-BEGIN
-    IF position($m$mark || '_i'$m$ IN def) > 0 THEN
-        RETURN;
-    END IF;
-    FOR i IN 1 .. array_length(patches, 1) LOOP
-        IF (length(def) - length(replace(def, patches[i][1], ''))) / length(patches[i][1]) <> 1 THEN
-            RAISE EXCEPTION '016_rows_left_per_kind: gateway.publish() is not the version this migration patches (patch %)', i;
-        END IF;
-        def := replace(def, patches[i][1], patches[i][2]);
-    END LOOP;
-    EXECUTE def;
-END
-$$;
+]);
 
 SELECT gateway.republish_all();

@@ -12,26 +12,15 @@
 -- also records what it calls, so dropping such a function while a topic uses it is refused
 -- instead of breaking every write. It is inlined as before: 340.3k and 342.5k instructions per
 -- single-row UPDATE, against 342.4k with the string body (callgrind, as in sql/012).
--- publish() is patched in place, as 011, 012, 014, 015 and 016 did; the patch is checked to
--- apply exactly once, and is skipped when it already has (this file is idempotent).
+-- publish() is patched in place by gateway.patch_function() (sql/012), which skips it when
+-- it already has been (this file is idempotent).
 
-DO $$
-DECLARE
-    def text := pg_get_functiondef('gateway.publish(regclass, text, text)'::regprocedure);
-    old_text text := $o$EXECUTE format('CREATE FUNCTION %s(%s) RETURNS text LANGUAGE sql AS %L',
-                       topic_fn, coalesce(params, ''), format('SELECT (%s)::text', p_topic));$o$;
-    new_text text := $n$-- A SQL-standard body: its names are bound now, not at each write (sql/017).
+SELECT gateway.patch_function('gateway.publish(regclass, text, text)', '017_topic_bound_at_publish', 'LANGUAGE sql RETURN', ARRAY[[
+    $o$EXECUTE format('CREATE FUNCTION %s(%s) RETURNS text LANGUAGE sql AS %L',
+                       topic_fn, coalesce(params, ''), format('SELECT (%s)::text', p_topic));$o$,
+    $n$-- A SQL-standard body: its names are bound now, not at each write (sql/017).
         EXECUTE format('CREATE FUNCTION %s(%s) RETURNS text LANGUAGE sql RETURN (%s)::text',
-                       topic_fn, coalesce(params, ''), p_topic);$n$;
-BEGIN
-    IF position('LANGUAGE sql RETURN' IN def) > 0 THEN
-        RETURN;
-    END IF;
-    IF (length(def) - length(replace(def, old_text, ''))) / length(old_text) <> 1 THEN
-        RAISE EXCEPTION '017_topic_bound_at_publish: gateway.publish() is not the version this migration patches';
-    END IF;
-    EXECUTE replace(def, old_text, new_text);
-END
-$$;
+                       topic_fn, coalesce(params, ''), p_topic);$n$
+]]);
 
 SELECT gateway.republish_all();
