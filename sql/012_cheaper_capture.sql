@@ -29,7 +29,7 @@
 -- once in it, else nothing changes and the error names the migration and the patch; skipped
 -- (false) when p_marker, a text only the patched version has, is there already, so the
 -- migration can run again. For migrations that change what publish() generates without
--- restating its 300 lines (012 onwards; 011 has its own copy of this).
+-- restating it whole (012 onwards; 011 has its own copy of this).
 CREATE OR REPLACE FUNCTION gateway.patch_function(
     p_function regprocedure, p_migration text, p_marker text, p_patches text[]
 ) RETURNS boolean
