@@ -207,6 +207,15 @@ class Settings:
     auth_timeout: float = _setting(
         5.0, "how long a client has to send its auth frame", parse_duration, minimum=0.1
     )
+    http_idle_timeout: float = _setting(
+        75.0,
+        "how long an HTTP connection may stay open without a request in progress: one that sends no "
+        "request, or its headers too slowly (slowloris), or sits idle between keep-alive requests is "
+        "closed after this. Keep it above the idle timeout of a proxy's pooled connections (nginx "
+        "upstream keepalive: 60 s). Upgraded WebSockets are not affected",
+        parse_duration,
+        minimum=1,
+    )
     expiry_grace: float = _setting(
         10.0,
         "how long past token expiry (plus the JWT leeway) a connection may stay open awaiting a refresh",

@@ -364,7 +364,11 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 async def serve(settings: Settings, *, reuse_port: bool = False, app: web.Application | None = None) -> None:
     """Run until SIGTERM (drain: close clients with 1012) or SIGINT (close with 1001)."""
     app = app or build_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # keepalive_timeout: aiohttp's default (3630 s) would let a connection that never finishes
+    # its request hold a descriptor for an hour, uncounted by GATEWAY_MAX_CONNECTIONS.
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=settings.http_idle_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
     try:

@@ -1,0 +1,108 @@
+"""The gateway's network surface, against real sockets: what a client that does not play by the
+rules can do before, during and after the upgrade, and what the HTTP endpoints answer.
+
+Raw asyncio streams where aiohttp's client would not send what the test needs (a request that
+never ends, WebSocket control frames written by hand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+from pathlib import Path
+
+from gateway import config
+
+from .gwtest import GatewayProcess, token
+from .test_protocol import WAIT
+
+# --- raw WebSocket helpers ----------------------------------------------------------------------
+
+
+def client_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """One final, masked client frame (RFC 6455 section 5.2) with a payload under 126 bytes."""
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
+
+
+PING, PONG, TEXT, CLOSE = 0x9, 0xA, 0x1, 0x8
+
+
+async def open_stream(base: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = base.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def raw_websocket(base: str, user: str | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upgraded socket, authenticated by header when ``user`` is given; the 101 is read."""
+    reader, writer = await open_stream(base)
+    auth = f"Authorization: Bearer {token(user)}\r\n" if user is not None else ""
+    writer.write(
+        (
+            "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+            f"{auth}\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return reader, writer
+
+
+async def server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next server frame (servers never mask): its opcode and payload."""
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", await reader.readexactly(2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", await reader.readexactly(8))
+    return b0 & 0x0F, await reader.readexactly(n)
+
+
+async def close_code_of(reader: asyncio.StreamReader) -> tuple[int, dict[int, int]]:
+    """Read frames until the server's close frame: its code, and how many frames of each opcode
+    came before it."""
+    seen: dict[int, int] = {}
+    while True:
+        opcode, payload = await asyncio.wait_for(server_frame(reader), WAIT)
+        if opcode == CLOSE:
+            return struct.unpack("!H", payload[:2])[0], seen
+        seen[opcode] = seen.get(opcode, 0) + 1
+
+
+# --- before the upgrade: a request that never ends ------------------------------------------------
+
+
+def test_the_http_idle_timeout_is_short_by_default() -> None:
+    """aiohttp keeps a connection that has not finished its request for an hour (its keep-alive
+    default, 3630 s): sockets no GATEWAY_MAX_CONNECTIONS counts, each holding a descriptor."""
+    assert config.Settings().http_idle_timeout <= 120
+
+
+async def test_a_connection_that_never_finishes_its_request_is_closed(dsn: str, tmp_path: Path) -> None:
+    gw = await GatewayProcess(dsn, tmp_path / "gw.log", http_idle_timeout="1s").start()
+    try:
+        silent = await open_stream(gw.base)  # connects, sends nothing
+        slow = await open_stream(gw.base)  # a slowloris: headers that never end
+        slow[1].write(b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n")
+        for reader, writer in (silent, slow):
+            # EOF (b"") within WAIT: the gateway closed it. A timeout here means it did not.
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""
+            writer.close()
+        # An upgraded WebSocket is not an idle HTTP connection: it outlives the timeout.
+        reader, writer = await raw_websocket(gw.base, "1")
+        await asyncio.sleep(1.5)
+        writer.write(client_frame(TEXT, b'{"type": "ping", "id": 7}'))
+        while True:
+            opcode, payload = await asyncio.wait_for(server_frame(reader), WAIT)
+            if opcode == TEXT and json.loads(payload)["type"] == "pong":
+                break
+        writer.close()
+    finally:
+        await gw.stop()
