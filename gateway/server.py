@@ -320,6 +320,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         # aiohttp refuses frames of max_msg_size bytes or more; the setting is the largest accepted.
         max_msg_size=s.max_frame_bytes + 1,
         heartbeat=30.0,
+        # Pings are answered by the session, so they count against GATEWAY_MESSAGE_RATE like
+        # any client frame: aiohttp's autoping would answer a flood of them without limit.
+        autoping=False,
     )
     # In the order of p.REFUSALS (docs/protocol.md lists them so), cheapest first.
     if not ws.can_prepare(request).ok:

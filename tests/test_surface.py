@@ -15,8 +15,9 @@ import struct
 from pathlib import Path
 
 from gateway import config
+from gateway import protocol as p
 
-from .gwtest import GatewayProcess, token
+from .gwtest import GatewayProcess, running_gateway, token
 from .test_protocol import WAIT
 
 # --- raw WebSocket helpers ----------------------------------------------------------------------
@@ -106,3 +107,34 @@ async def test_a_connection_that_never_finishes_its_request_is_closed(dsn: str, 
         writer.close()
     finally:
         await gw.stop()
+
+
+# --- after the upgrade: WebSocket control frames ------------------------------------------------------
+
+
+async def test_a_websocket_ping_is_answered(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        for user in ("1", None):  # after authentication and before it
+            reader, writer = await raw_websocket(gw.base, user)
+            if user is not None:
+                assert (await server_frame(reader))[0] == TEXT  # welcome
+            writer.write(client_frame(PING, b"are you there"))
+            # A pong with the ping's payload, and no error frame about it.
+            assert await asyncio.wait_for(server_frame(reader), WAIT) == (PONG, b"are you there")
+            writer.close()
+
+
+async def test_a_websocket_ping_flood_is_rate_limited_and_closed_4029(dsn: str) -> None:
+    """A ping is a client frame like any other: each costs the gateway a read and a pong. A
+    client sending them as fast as it can must meet GATEWAY_MESSAGE_RATE, as text and binary
+    frames do, not get thousands of pongs a second for as long as it likes."""
+    rate = 5
+    async with running_gateway(dsn, message_rate=rate) as gw:
+        for user in ("1", None):  # after authentication and before it (within the auth deadline)
+            reader, writer = await raw_websocket(gw.base, user)
+            writer.write(client_frame(PING, b"p" * 100) * 2000)
+            code, seen = await close_code_of(reader)
+            assert code == p.CloseCode.RATE_LIMITED, (user, seen)
+            # At most the burst (2x the rate) was answered before the flood was cut off.
+            assert seen.get(PONG, 0) <= 2 * rate, seen
+            writer.close()
