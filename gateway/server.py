@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import hashlib
 import logging
 import signal
 import time
@@ -101,21 +103,71 @@ def client_script(name: str) -> bytes:
     return "".join(ln for ln in text.splitlines(keepends=True) if not ln.lstrip().startswith("//")).encode()
 
 
+@dataclass(frozen=True)
+class _Script:
+    """A client script as served: plain and gzipped, each with its ETag."""
+
+    plain: bytes
+    gzipped: bytes
+    etag: str
+    gzip_etag: str
+
+
+def _script(name: str) -> _Script:
+    body = client_script(name)
+    digest = hashlib.sha256(body).hexdigest()[:20]
+    return _Script(body, gzip.compress(body, compresslevel=9, mtime=0), f'"{digest}"', f'"{digest}-gz"')
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip (RFC 9110 section 12.5.3; ``q=0`` refuses)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip().lower()
+        if q.startswith("q="):
+            try:
+                return float(q[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
+
+
+def _etag_matches(if_none_match: str, *etags: str) -> bool:
+    """If-None-Match uses the weak comparison: ``W/"x"`` matches ``"x"``."""
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or any(etag in tags for etag in etags)
+
+
 def _static(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    body: list[bytes] = []  # read once, on first use
+    script: list[_Script] = []  # read once, on first use
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        if not body:
+        if not script:
             if not (STATIC / name).exists():
                 raise web.HTTPNotFound(text=f"{name} is not installed")
-            body.append(client_script(name))
+            script.append(_script(name))
+        s = script[0]
+        # Every page that embeds the client downloads it: gzipped (a third of its size), and
+        # revalidated with its ETag once max-age has passed, so a stale copy costs a 304.
+        gz = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
         # Allow-Origin *: a page on the application's own site imports gateway.mjs (and, through
         # it, gateway.js) from here, and browsers fetch module scripts with CORS. The files are
         # the same public code for everyone; who may connect is the WebSocket's Origin check.
+        headers = {
+            "Cache-Control": "public, max-age=300",
+            "Access-Control-Allow-Origin": "*",
+            "Vary": "Accept-Encoding",
+            "ETag": s.gzip_etag if gz else s.etag,
+        }
+        if _etag_matches(request.headers.get("If-None-Match", ""), s.etag, s.gzip_etag):
+            return web.Response(status=304, headers=headers)
+        if gz:
+            headers["Content-Encoding"] = "gzip"
         return web.Response(
-            body=body[0],
-            content_type="text/javascript",
-            headers={"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"},
+            body=s.gzipped if gz else s.plain, content_type="text/javascript", headers=headers
         )
 
     return handler
