@@ -179,3 +179,21 @@ async def test_the_client_script_is_served_gzipped_and_revalidated_with_an_etag(
                     assert "max-age" in r.headers["Cache-Control"]
             async with http.get(url, headers={"If-None-Match": '"something-else"'}) as r:
                 assert r.status == 200
+
+
+# --- HTTP endpoints: what they reveal ---------------------------------------------------------------
+
+
+async def test_metrics_name_no_user_topic_or_token(dsn: str) -> None:
+    """/metrics needs no token (docs/security.md): it must hold counts, never who or what."""
+    user, topic = "metrics-secret-user", "room:metrics-secret-topic"
+    async with running_gateway(dsn) as gw:
+        tok = token(user, topics=[topic])
+        c = await gw.connect()
+        await c.auth(tok)
+        await c.subscribe(topic)
+        text = await gw.metrics()
+        assert "gateway_subscriptions 1.0" in text
+        for secret in (user, "metrics-secret", tok, tok.split(".")[1]):
+            assert secret not in text
+        await c.close()
