@@ -220,8 +220,11 @@ class Session:
         self.log.info("closing with %d: %s", code, reason)
         self._leave_all()
         self.ctx.registry.closed_by_code[code] += 1
+        # A close frame's reason is at most 123 bytes; cut on a character boundary, since a
+        # browser fails a connection whose reason is not UTF-8 (1006 instead of ``code``).
+        message = reason.encode()[:120].decode("utf-8", "ignore").encode()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), 5.0)
+            await asyncio.wait_for(self.ws.close(code=code, message=message), 5.0)
         self.abort()
 
     def abort(self) -> None:

@@ -197,3 +197,29 @@ async def test_metrics_name_no_user_topic_or_token(dsn: str) -> None:
         for secret in (user, "metrics-secret", tok, tok.split(".")[1]):
             assert secret not in text
         await c.close()
+
+
+# --- close frames ---------------------------------------------------------------------------------------
+
+
+async def test_a_close_reason_cut_to_fit_is_still_valid_utf8(dsn: str) -> None:
+    """A close reason is cut to fit a control frame; cut in the middle of a character it is not
+    UTF-8, and a browser then fails the connection (RFC 6455 section 8.1) and reports 1006
+    instead of the documented code: the embeddable client would retry a token that can never
+    work instead of stopping on 4001. Here the audience, in the reason, straddles the cut."""
+    prefix = "bad token: the token's aud does not include 'urn:"
+    audience = "urn:" + "x" * (119 - len(prefix)) + "é" * 10
+    async with running_gateway(dsn, jwt_audience=audience) as gw:
+        reader, writer = await raw_websocket(gw.base, None)
+        auth = json.dumps({"type": "auth", "token": token("1", aud="another")}).encode()
+        mask = os.urandom(4)
+        header = struct.pack("!BBH", 0x80 | TEXT, 0x80 | 126, len(auth)) + mask
+        writer.write(header + bytes(b ^ mask[i % 4] for i, b in enumerate(auth)))
+        while True:
+            opcode, payload = await asyncio.wait_for(server_frame(reader), WAIT)
+            if opcode == CLOSE:
+                break
+        assert struct.unpack("!H", payload[:2])[0] == p.CloseCode.UNAUTHORIZED
+        reason = payload[2:].decode("utf-8")  # raises if the cut split a character
+        assert reason.startswith("bad token: the token's aud") and len(payload) <= 125
+        writer.close()
