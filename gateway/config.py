@@ -176,7 +176,11 @@ class Settings:
         parse_list,
     )
     compression: bool = _setting(
-        False, "permessage-deflate WebSocket compression (costs CPU and memory)", parse_bool
+        False,
+        "accept permessage-deflate: clients may then compress the frames they send (costs CPU and memory "
+        "per connection). The gateway's own frames are never compressed: each event is encoded once and "
+        "the same bytes go to every subscriber, so this saves no bandwidth toward clients",
+        parse_bool,
     )
     # Authentication
     jwt_secret: str = _setting(

@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -43,7 +44,9 @@ async def open_stream(base: str) -> tuple[asyncio.StreamReader, asyncio.StreamWr
     return await asyncio.open_connection(host, int(port))
 
 
-async def raw_websocket(base: str, user: str | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def raw_websocket(
+    base: str, user: str | None, extra: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """An upgraded socket, authenticated by header when ``user`` is given; the 101 is read."""
     reader, writer = await open_stream(base)
     auth = f"Authorization: Bearer {token(user)}\r\n" if user is not None else ""
@@ -51,12 +54,25 @@ async def raw_websocket(base: str, user: str | None) -> tuple[asyncio.StreamRead
         (
             "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-            f"{auth}\r\n"
+            f"{auth}{extra}\r\n"
         ).encode()
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
     assert head.startswith(b"HTTP/1.1 101 "), head
     return reader, writer
+
+
+def masked_frame(first_byte: int, payload: bytes) -> bytes:
+    """A masked client frame of any size; ``first_byte`` holds FIN, RSV1 and the opcode."""
+    n = len(payload)
+    if n < 126:
+        length = struct.pack("!B", 0x80 | n)
+    elif n < 65536:
+        length = struct.pack("!BH", 0x80 | 126, n)
+    else:
+        length = struct.pack("!BQ", 0x80 | 127, n)
+    mask = os.urandom(4)
+    return bytes([first_byte]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -222,4 +238,34 @@ async def test_a_close_reason_cut_to_fit_is_still_valid_utf8(dsn: str) -> None:
         assert struct.unpack("!H", payload[:2])[0] == p.CloseCode.UNAUTHORIZED
         reason = payload[2:].decode("utf-8")  # raises if the cut split a character
         assert reason.startswith("bad token: the token's aud") and len(payload) <= 125
+        writer.close()
+
+
+# --- compression ----------------------------------------------------------------------------------------
+
+
+def deflate(data: bytes) -> bytes:
+    """A permessage-deflate message body (RFC 7692 section 7.2.1): raw deflate, tail removed."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return (c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+async def test_compression_is_for_client_frames_only_and_bounded_by_the_frame_limit(dsn: str) -> None:
+    """What docs/security.md says of GATEWAY_COMPRESSION: clients may compress what they send,
+    the gateway's frames go out uncompressed (the same bytes to every subscriber), and a frame
+    that inflates past GATEWAY_MAX_FRAME_BYTES closes 1009 however small it came."""
+    offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    async with running_gateway(dsn, compression="true", max_frame_bytes=1024) as gw:
+        reader, writer = await raw_websocket(gw.base, "1", offer)
+        assert (await server_frame(reader))[0] == TEXT  # welcome
+        writer.write(masked_frame(0x80 | 0x40 | TEXT, deflate(b'{"type": "ping", "id": 3}')))
+        first_byte, second_byte = await asyncio.wait_for(reader.readexactly(2), WAIT)
+        assert first_byte == 0x80 | TEXT, hex(first_byte)  # FIN, text, RSV1 clear: not compressed
+        assert second_byte < 126  # the pong, short: its payload follows as it is
+        pong = json.loads(await reader.readexactly(second_byte))
+        assert pong == {"type": "pong", "id": 3}
+        # A decompression bomb: 8 MB of spaces in a few kB.
+        writer.write(masked_frame(0x80 | 0x40 | TEXT, deflate(b'{"type": "ping"}' + b" " * (8 << 20))))
+        code, _ = await close_code_of(reader)
+        assert code == p.CloseCode.MESSAGE_TOO_BIG
         writer.close()
