@@ -7,10 +7,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+_BEARER = re.compile(r"(bearer\.)[^\s'\",\]]+", re.IGNORECASE)
+
+
+class RedactBearer(logging.Filter):
+    """Masks ``bearer.<token>`` subprotocols in a record. aiohttp logs the subprotocols a client
+    offered when none is the server's (a client that forgot "gateway.v1"), token and all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _BEARER.search(message):
+            record.msg, record.args = _BEARER.sub(r"\1***", message), ()
+        return True
+
+
+REDACT_BEARER = RedactBearer()
 
 
 class JsonFormatter(logging.Formatter):

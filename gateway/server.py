@@ -37,6 +37,7 @@ from .db import DB_ERRORS
 from .hub import Hub
 from .listener import Listener
 from .log import EventLog
+from .logs import REDACT_BEARER
 from .pipeline import Pipeline
 from .ratelimit import TokenBucket
 from .relay import Relay
@@ -45,6 +46,8 @@ from .session import Registry, Session, SessionContext
 from .tables import parse_tables
 
 log = logging.getLogger("gateway.server")
+# aiohttp's WebSocket handshake logs the subprotocols a client offered (a bearer.<token>).
+logging.getLogger("aiohttp.websocket").addFilter(REDACT_BEARER)
 
 STATIC = Path(__file__).parent / "static"
 SUBPROTOCOL = "gateway.v1"

@@ -269,3 +269,28 @@ async def test_compression_is_for_client_frames_only_and_bounded_by_the_frame_li
         code, _ = await close_code_of(reader)
         assert code == p.CloseCode.MESSAGE_TOO_BIG
         writer.close()
+
+
+# --- logs ------------------------------------------------------------------------------------------------
+
+
+async def test_a_bearer_subprotocol_offered_without_gateway_v1_is_not_logged(
+    dsn: str, tmp_path: Path
+) -> None:
+    """A browser client that forgets "gateway.v1" offers only "bearer.<token>". aiohttp logs the
+    protocols it could not match, token included, at warning level: "the gateway never logs
+    tokens" (docs/security.md) must hold for that line too."""
+    gw = await GatewayProcess(dsn, tmp_path / "gw.log").start()
+    try:
+        tok = token("1")
+        for offered in ((f"bearer.{tok}",), ("gateway.v2", f"bearer.{tok}")):
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(gw.ws_url, protocols=offered) as ws:
+                    assert ws.protocol is None  # nothing selected, the token never echoed
+                    welcome = await ws.receive_json(timeout=WAIT)
+                    assert welcome["type"] == "welcome"
+    finally:
+        await gw.stop()
+    log = (tmp_path / "gw.log").read_text()
+    assert "overlap" in log  # the warning is kept: it tells the operator what clients offer
+    assert tok not in log and tok.split(".")[2] not in log, log
