@@ -37,7 +37,7 @@ from .db import DB_ERRORS
 from .hub import Hub
 from .listener import Listener
 from .log import EventLog
-from .logs import REDACT_BEARER
+from .logs import QUIET_BAD_REQUESTS, REDACT_BEARER
 from .pipeline import Pipeline
 from .ratelimit import TokenBucket
 from .relay import Relay
@@ -48,6 +48,7 @@ from .tables import parse_tables
 log = logging.getLogger("gateway.server")
 # aiohttp's WebSocket handshake logs the subprotocols a client offered (a bearer.<token>).
 logging.getLogger("aiohttp.websocket").addFilter(REDACT_BEARER)
+logging.getLogger("aiohttp.server").addFilter(QUIET_BAD_REQUESTS)
 
 STATIC = Path(__file__).parent / "static"
 SUBPROTOCOL = "gateway.v1"

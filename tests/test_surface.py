@@ -294,3 +294,31 @@ async def test_a_bearer_subprotocol_offered_without_gateway_v1_is_not_logged(
     log = (tmp_path / "gw.log").read_text()
     assert "overlap" in log  # the warning is kept: it tells the operator what clients offer
     assert tok not in log and tok.split(".")[2] not in log, log
+
+
+async def test_a_malformed_request_is_logged_in_one_line_without_its_headers(
+    dsn: str, tmp_path: Path
+) -> None:
+    """aiohttp logs a request its parser refuses (a header over 8190 bytes, a byte no header may
+    hold) as an error with a traceback quoting the start of the offending header: part of a
+    token, in an error-level line anyone on the network can write at will."""
+    gw = await GatewayProcess(dsn, tmp_path / "gw.log").start()
+    tok = token("1", topics=[f"room:{i}" for i in range(700)])  # over 8 KB
+    try:
+        for header in (
+            f"Authorization: Bearer {tok}".encode(),
+            b"Authorization: Bearer \x00" + tok.encode()[:500],
+        ):
+            reader, writer = await open_stream(gw.base)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n" + header + b"\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), WAIT)).startswith(b"HTTP/1.0 400 ")
+            writer.close()
+        # The gateway still serves.
+        status, _ = await gw.ready()
+        assert status == 200
+    finally:
+        await gw.stop()
+    log = (tmp_path / "gw.log").read_text()
+    assert tok[:40] not in log, log
+    assert "Traceback" not in log and " error " not in log, log
+    assert log.count("bad HTTP request from 127.0.0.1") == 2, log
