@@ -322,3 +322,19 @@ async def test_a_malformed_request_is_logged_in_one_line_without_its_headers(
     assert tok[:40] not in log, log
     assert "Traceback" not in log and " error " not in log, log
     assert log.count("bad HTTP request from 127.0.0.1") == 2, log
+
+
+async def test_with_a_token_in_the_header_and_the_subprotocol_the_header_decides(dsn: str) -> None:
+    async with running_gateway(dsn) as gw, aiohttp.ClientSession() as http:
+        both = {"headers": {"Authorization": f"Bearer {token('header-user')}"}}
+        protocols = ("gateway.v1", f"bearer.{token('subprotocol-user')}")
+        async with http.ws_connect(gw.ws_url, protocols=protocols, **both) as ws:
+            assert ws.protocol == "gateway.v1"
+            assert (await ws.receive_json(timeout=WAIT))["user"] == "header-user"
+        # A bad header token is refused even with a good subprotocol token.
+        bad = {"headers": {"Authorization": "Bearer not-a-token"}}
+        try:
+            async with http.ws_connect(gw.ws_url, protocols=protocols, **bad):
+                raise AssertionError("upgraded with a bad Authorization header")
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 401
