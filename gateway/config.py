@@ -176,7 +176,11 @@ class Settings:
         parse_list,
     )
     compression: bool = _setting(
-        False, "permessage-deflate WebSocket compression (costs CPU and memory)", parse_bool
+        False,
+        "accept permessage-deflate: clients may then compress the frames they send (costs CPU and memory "
+        "per connection). The gateway's own frames are never compressed: each event is encoded once and "
+        "the same bytes go to every subscriber, so this saves no bandwidth toward clients",
+        parse_bool,
     )
     # Authentication
     jwt_secret: str = _setting(
@@ -206,6 +210,15 @@ class Settings:
     )
     auth_timeout: float = _setting(
         5.0, "how long a client has to send its auth frame", parse_duration, minimum=0.1
+    )
+    http_idle_timeout: float = _setting(
+        75.0,
+        "how long an HTTP connection may stay open without a request in progress: one that sends no "
+        "request, or its headers too slowly (slowloris), or sits idle between keep-alive requests is "
+        "closed after this. Keep it above the idle timeout of a proxy's pooled connections (nginx "
+        "upstream keepalive: 60 s). Upgraded WebSockets are not affected",
+        parse_duration,
+        minimum=1,
     )
     expiry_grace: float = _setting(
         10.0,

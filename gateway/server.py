@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import hashlib
 import logging
 import signal
 import time
@@ -35,6 +37,7 @@ from .db import DB_ERRORS
 from .hub import Hub
 from .listener import Listener
 from .log import EventLog
+from .logs import QUIET_BAD_REQUESTS, REDACT_BEARER
 from .pipeline import Pipeline
 from .ratelimit import TokenBucket
 from .relay import Relay
@@ -43,6 +46,9 @@ from .session import Registry, Session, SessionContext
 from .tables import parse_tables
 
 log = logging.getLogger("gateway.server")
+# aiohttp's WebSocket handshake logs the subprotocols a client offered (a bearer.<token>).
+logging.getLogger("aiohttp.websocket").addFilter(REDACT_BEARER)
+logging.getLogger("aiohttp.server").addFilter(QUIET_BAD_REQUESTS)
 
 STATIC = Path(__file__).parent / "static"
 SUBPROTOCOL = "gateway.v1"
@@ -101,21 +107,71 @@ def client_script(name: str) -> bytes:
     return "".join(ln for ln in text.splitlines(keepends=True) if not ln.lstrip().startswith("//")).encode()
 
 
+@dataclass(frozen=True)
+class _Script:
+    """A client script as served: plain and gzipped, each with its ETag."""
+
+    plain: bytes
+    gzipped: bytes
+    etag: str
+    gzip_etag: str
+
+
+def _script(name: str) -> _Script:
+    body = client_script(name)
+    digest = hashlib.sha256(body).hexdigest()[:20]
+    return _Script(body, gzip.compress(body, compresslevel=9, mtime=0), f'"{digest}"', f'"{digest}-gz"')
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip (RFC 9110 section 12.5.3; ``q=0`` refuses)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip().lower()
+        if q.startswith("q="):
+            try:
+                return float(q[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
+
+
+def _etag_matches(if_none_match: str, *etags: str) -> bool:
+    """If-None-Match uses the weak comparison: ``W/"x"`` matches ``"x"``."""
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or any(etag in tags for etag in etags)
+
+
 def _static(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    body: list[bytes] = []  # read once, on first use
+    script: list[_Script] = []  # read once, on first use
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        if not body:
+        if not script:
             if not (STATIC / name).exists():
                 raise web.HTTPNotFound(text=f"{name} is not installed")
-            body.append(client_script(name))
+            script.append(_script(name))
+        s = script[0]
+        # Every page that embeds the client downloads it: gzipped (a third of its size), and
+        # revalidated with its ETag once max-age has passed, so a stale copy costs a 304.
+        gz = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
         # Allow-Origin *: a page on the application's own site imports gateway.mjs (and, through
         # it, gateway.js) from here, and browsers fetch module scripts with CORS. The files are
         # the same public code for everyone; who may connect is the WebSocket's Origin check.
+        headers = {
+            "Cache-Control": "public, max-age=300",
+            "Access-Control-Allow-Origin": "*",
+            "Vary": "Accept-Encoding",
+            "ETag": s.gzip_etag if gz else s.etag,
+        }
+        if _etag_matches(request.headers.get("If-None-Match", ""), s.etag, s.gzip_etag):
+            return web.Response(status=304, headers=headers)
+        if gz:
+            headers["Content-Encoding"] = "gzip"
         return web.Response(
-            body=body[0],
-            content_type="text/javascript",
-            headers={"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"},
+            body=s.gzipped if gz else s.plain, content_type="text/javascript", headers=headers
         )
 
     return handler
@@ -320,6 +376,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         # aiohttp refuses frames of max_msg_size bytes or more; the setting is the largest accepted.
         max_msg_size=s.max_frame_bytes + 1,
         heartbeat=30.0,
+        # Pings are answered by the session, so they count against GATEWAY_MESSAGE_RATE like
+        # any client frame: aiohttp's autoping would answer a flood of them without limit.
+        autoping=False,
     )
     # In the order of p.REFUSALS (docs/protocol.md lists them so), cheapest first.
     if not ws.can_prepare(request).ok:
@@ -364,7 +423,11 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 async def serve(settings: Settings, *, reuse_port: bool = False, app: web.Application | None = None) -> None:
     """Run until SIGTERM (drain: close clients with 1012) or SIGINT (close with 1001)."""
     app = app or build_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # keepalive_timeout: aiohttp's default (3630 s) would let a connection that never finishes
+    # its request hold a descriptor for an hour, uncounted by GATEWAY_MAX_CONNECTIONS.
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=settings.http_idle_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
     try:

@@ -24,7 +24,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from . import protocol as p
 from .auth import Authenticator, Identity, TokenError
@@ -220,8 +220,11 @@ class Session:
         self.log.info("closing with %d: %s", code, reason)
         self._leave_all()
         self.ctx.registry.closed_by_code[code] += 1
+        # A close frame's reason is at most 123 bytes; cut on a character boundary, since a
+        # browser fails a connection whose reason is not UTF-8 (1006 instead of ``code``).
+        message = reason.encode()[:120].decode("utf-8", "ignore").encode()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), 5.0)
+            await asyncio.wait_for(self.ws.close(code=code, message=message), 5.0)
         self.abort()
 
     def abort(self) -> None:
@@ -245,6 +248,8 @@ class Session:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
                     await self._on_text(msg.data)
+                elif msg.type in (WSMsgType.PING, WSMsgType.PONG):
+                    await self._on_control(msg)
                 elif msg.type == WSMsgType.BINARY:
                     if not await self._within_rate():
                         if self.closed:
@@ -278,6 +283,11 @@ class Session:
                 return False
             # Frames before auth count against the rate like any other (the auth frame too):
             # an unauthenticated socket must not get to make the gateway decode an endless stream.
+            if msg.type in (WSMsgType.PING, WSMsgType.PONG):
+                await self._on_control(msg)
+                if self.closed:
+                    return False
+                continue
             limited = not await self._within_rate()
             if self.closed:
                 return False
@@ -361,6 +371,16 @@ class Session:
         if self._dropped > 4 * self.ctx.settings.message_rate:
             await self.close(p.CloseCode.RATE_LIMITED, "too many messages")
         return False
+
+    async def _on_control(self, msg: WSMessage) -> None:
+        """A WebSocket ping or pong from the client. Each is a frame like any other, so it takes a
+        token of the message rate: a ping within the rate is answered with its pong, one over it
+        is dropped without an answer (there is no error frame for a control frame), and a client
+        that keeps flooding is closed with 4029. The heartbeat needs no pong here: aiohttp counts
+        any data received as a sign of life."""
+        if await self._within_rate() and msg.type == WSMsgType.PING and not self.closed:
+            with contextlib.suppress(ConnectionError):
+                await self.ws.pong(msg.data)
 
     async def _on_text(self, data: str) -> None:
         limited = not await self._within_rate()
