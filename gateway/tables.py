@@ -173,6 +173,14 @@ def _describe(c: str) -> str:
     return repr(c)
 
 
+def _quote_hint(c: str) -> str:
+    """After an ASCII character that cannot continue a name: how to write such a name.
+    (_describe() already says it for lookalike quotes and other non-ASCII characters.)"""
+    if c in _LOOKALIKE_QUOTES or not c.isascii():
+        return ""
+    return '; a name holding characters other than letters, digits, _ and $ must be double-quoted, e.g. "order-items"'
+
+
 def _checked_length(name: str) -> str:
     size = len(name.encode())
     if size > MAX_NAME_BYTES:
@@ -231,13 +239,8 @@ def _entry(r: _Reader) -> TableEntry:
             raise _Bad(f"unexpected {_describe(r.peek())} after the column list")
     elif not r.at_entry_end():
         c = r.peek()
-        hint = (
-            ""
-            if c in _LOOKALIKE_QUOTES or not c.isascii()
-            else '; a name holding characters other than letters, digits, _ and $ must be double-quoted, e.g. "order-items"'
-        )
         shown = ".".join(display_ident(p) for p in parts)
-        raise _Bad(f"after {shown}: unexpected {_describe(c)}{hint}")
+        raise _Bad(f"after {shown}: unexpected {_describe(c)}{_quote_hint(c)}")
     return TableEntry(schema, table, tuple(columns))
 
 
@@ -294,12 +297,7 @@ def parse_name(text: str, setting: str, what: str) -> tuple[str, ...]:
         parts = _qualified(r, what)
         if r.peek() != "":
             c = r.peek()
-            hint = (
-                ""
-                if c in _LOOKALIKE_QUOTES or not c.isascii()
-                else "; a name holding characters other than letters, digits, _ and $ must be double-quoted"
-            )
-            raise _Bad(f"unexpected {_describe(c)} after the name{hint}")
+            raise _Bad(f"unexpected {_describe(c)} after the name{_quote_hint(c)}")
     except _Bad as exc:
         raise ConfigError(f"{setting}={text!r} is not valid: {exc}") from None
     return tuple(parts)
