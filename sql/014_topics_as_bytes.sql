@@ -57,65 +57,24 @@ LANGUAGE sql AS $$
     DELETE FROM gateway.events WHERE topic = p_topic COLLATE "C";
 $$;
 
--- As in sql/008, with the topic taken as bytes (v_topic).
-CREATE OR REPLACE FUNCTION gateway.emit(p_topic text, p_data jsonb) RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_topic text COLLATE "C" := p_topic;
-    v_pos bigint;
-    v_problem text := gateway.invalid_topic_reason(v_topic);
-BEGIN
-    IF v_problem IS NOT NULL THEN
-        PERFORM gateway.refuse_topic('gateway.emit', v_topic, v_problem);
-    END IF;
-    SELECT a.pos INTO v_pos FROM gateway.advance(v_topic) AS a;
-    INSERT INTO gateway.events (topic, pos, op, data) VALUES (v_topic, v_pos, 'm', p_data);
-    PERFORM gateway.ring();
-    RETURN v_pos;
-END
-$$;
-
--- As in sql/008, with the topics taken as bytes (v_topics).
-CREATE OR REPLACE FUNCTION gateway.emit_many(p_topics text[], p_data jsonb[]) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_topics text[] COLLATE "C" := p_topics;
-    v_count bigint;
-    v_bad record;
-BEGIN
-    SELECT u.n, u.topic, u.problem INTO v_bad
-    FROM (SELECT t.n, t.topic, gateway.invalid_topic_reason(t.topic) AS problem
-          FROM unnest(v_topics) WITH ORDINALITY AS t(topic, n)
-          WHERE t.topic IS NOT NULL) AS u
-    WHERE u.problem IS NOT NULL
-    ORDER BY u.n
-    LIMIT 1;
-    IF FOUND THEN
-        PERFORM gateway.refuse_topic(format('gateway.emit_many (element %s)', v_bad.n), v_bad.topic, v_bad.problem);
-    END IF;
-    WITH ch AS (
-        SELECT u.topic, u.data, row_number() OVER (PARTITION BY u.topic ORDER BY u.n) AS rn
-        FROM unnest(v_topics, p_data) WITH ORDINALITY AS u(topic, data, n)
-        WHERE u.topic IS NOT NULL
-    ), counts AS (
-        SELECT ch.topic, count(*) AS c FROM ch GROUP BY ch.topic
-    ), heads AS (
-        INSERT INTO gateway.topics AS h (topic, pos)
-        SELECT counts.topic, counts.c FROM counts ORDER BY counts.topic
-        ON CONFLICT (topic) DO UPDATE SET pos = h.pos + excluded.pos
-        RETURNING h.topic, h.pos
-    ), ins AS (
-        INSERT INTO gateway.events (topic, pos, op, data)
-        SELECT ch.topic, heads.pos - counts.c + ch.rn, 'm', ch.data
-        FROM ch JOIN counts USING (topic) JOIN heads USING (topic)
-        RETURNING 1
-    )
-    SELECT count(*) INTO v_count FROM ins;
-    IF v_count > 0 THEN
-        PERFORM gateway.ring();
-    END IF;
-END
-$$;
+-- emit() and emit_many() of sql/008, patched in place by gateway.patch_function() (sql/012)
+-- rather than restated: they take the topics as bytes (v_topic, v_topics) where they check
+-- them (invalid_topic_reason's strpos() refuses a nondeterministic collation) and, in
+-- emit_many, where they meet the heads. emit() passes its topic to advance(), fixed above.
+SELECT gateway.patch_function('gateway.emit(text, jsonb)', '014_topics_as_bytes', 'v_topic text COLLATE "C"', ARRAY[[
+    $o$    v_problem text := gateway.invalid_topic_reason(p_topic);$o$,
+    $n$    v_topic text COLLATE "C" := p_topic;
+    v_problem text := gateway.invalid_topic_reason(v_topic);$n$
+]]);
+SELECT gateway.patch_function('gateway.emit_many(text[], jsonb[])', '014_topics_as_bytes', 'v_topics text[] COLLATE "C"', ARRAY[
+    [$o$    v_count bigint;$o$,
+     $n$    v_topics text[] COLLATE "C" := p_topics;
+    v_count bigint;$n$],
+    [$o$FROM unnest(p_topics) WITH ORDINALITY AS t(topic, n)$o$,
+     $n$FROM unnest(v_topics) WITH ORDINALITY AS t(topic, n)$n$],
+    [$o$FROM unnest(p_topics, p_data) WITH ORDINALITY AS u(topic, data, n)$o$,
+     $n$FROM unnest(v_topics, p_data) WITH ORDINALITY AS u(topic, data, n)$n$]
+]);
 
 -- The update trigger's "did the row move" comparison, as bytes: publish() patched in place by
 -- gateway.patch_function() (sql/012), which skips it when it already has been.
