@@ -43,8 +43,8 @@ from typing import Literal, NamedTuple, Protocol
 import msgspec
 
 from .db import DB_ERRORS
+from .eventlog import EventLog, Head
 from .hub import Hub, text_frame
-from .log import EventLog, Head
 from .protocol import PRESENCE_PREFIX, Event, Presence, Since, Subscribed, encode
 from .resolver import Resolver
 from .stats import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram

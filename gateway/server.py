@@ -34,9 +34,9 @@ from .auth import Authenticator, TokenError
 from .authz import Authorizer
 from .config import ConfigError, Settings, mask_dsn, require_database_url
 from .db import DB_ERRORS
+from .eventlog import EventLog
 from .hub import Hub
 from .listener import Listener
-from .log import EventLog
 from .logs import QUIET_BAD_REQUESTS, REDACT_BEARER
 from .pipeline import Pipeline
 from .ratelimit import TokenBucket

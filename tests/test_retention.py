@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.log import RETENTION_LOCK, EventLog
+from gateway.eventlog import RETENTION_LOCK, EventLog
 
 from .gwtest import make_items_table, pg_connect, running_gateway
 
