@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from . import config, logs
+from . import config, logsetup
 from .config import ConfigError, Settings
 from .migrate import MigrationError
 from .pgcluster import ClusterError, PostgresUnavailable
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return CANNOT_START
-    logs.setup(settings.log_format, settings.log_level)
+    logsetup.setup(settings.log_format, settings.log_level)
     try:
         if args.command == "config":
             return _check(settings)

@@ -37,7 +37,7 @@ from .db import DB_ERRORS
 from .eventlog import EventLog
 from .hub import Hub
 from .listener import Listener
-from .logs import QUIET_BAD_REQUESTS, REDACT_BEARER
+from .logsetup import QUIET_BAD_REQUESTS, REDACT_BEARER
 from .pipeline import Pipeline
 from .ratelimit import TokenBucket
 from .relay import Relay
