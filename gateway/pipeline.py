@@ -44,10 +44,10 @@ import msgspec
 
 from .db import DB_ERRORS
 from .eventlog import EventLog, Head
+from .histogram import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 from .hub import Hub, text_frame
 from .protocol import PRESENCE_PREFIX, Event, Presence, Since, Subscribed, encode
 from .resolver import Resolver
-from .stats import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 
 log = logging.getLogger("gateway.pipeline")
 
