@@ -35,7 +35,7 @@ import asyncpg
 from gateway.auth import Identity
 from gateway.config import Settings
 
-from .db import DB_ERRORS
+from .pgerrors import DB_ERRORS
 from .tables import parse_name, quote_ident
 
 log = logging.getLogger(__name__)

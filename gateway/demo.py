@@ -29,7 +29,7 @@ from aiohttp import web
 
 from .auth import mint_token
 from .config import ConfigError, Settings, mask_dsn
-from .db import DB_ERRORS
+from .pgerrors import DB_ERRORS
 from .server import STATIC, build_app, serve
 from .tables import parse_tables
 

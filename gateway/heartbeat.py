@@ -19,7 +19,7 @@ import logging
 
 import asyncpg
 
-from .db import DB_ERRORS
+from .pgerrors import DB_ERRORS
 
 log = logging.getLogger("gateway.presence")
 

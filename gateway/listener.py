@@ -25,7 +25,7 @@ from collections.abc import Callable
 import asyncpg
 
 from .config import mask_dsn
-from .db import DB_ERRORS, reconnect_pause
+from .pgerrors import DB_ERRORS, reconnect_pause
 
 log = logging.getLogger("gateway.listener")
 

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .db import DB_ERRORS
+from .pgerrors import DB_ERRORS
 
 log = logging.getLogger("gateway.metrics")
 

@@ -33,7 +33,7 @@ import asyncpg
 
 from gateway.config import mask_dsn
 
-from .db import DB_ERRORS
+from .pgerrors import DB_ERRORS
 
 log = logging.getLogger("gateway.migrate")
 

@@ -42,10 +42,10 @@ from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
-from .db import DB_ERRORS
 from .eventlog import EventLog, Head
 from .histogram import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 from .hub import Hub, text_frame
+from .pgerrors import DB_ERRORS
 from .protocol import PRESENCE_PREFIX, Event, Presence, Since, Subscribed, encode
 from .resolver import Resolver
 

@@ -51,9 +51,9 @@ import asyncpg
 
 from . import protocol as p
 from .config import ConfigError, Settings
-from .db import DB_ERRORS
 from .heartbeat import HeartbeatConnection
 from .hub import Hub
+from .pgerrors import DB_ERRORS
 from .pipeline import UNREACHABLE, Unavailable
 
 if TYPE_CHECKING:

@@ -52,7 +52,7 @@ import asyncpg
 import msgspec
 
 from .config import mask_dsn
-from .db import DB_ERRORS, reconnect_pause
+from .pgerrors import DB_ERRORS, reconnect_pause
 
 log = logging.getLogger("gateway.relay")
 

@@ -33,11 +33,11 @@ from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
 from .config import ConfigError, Settings, mask_dsn, require_database_url
-from .db import DB_ERRORS
 from .eventlog import EventLog
 from .hub import Hub
 from .listener import Listener
 from .logsetup import QUIET_BAD_REQUESTS, REDACT_BEARER
+from .pgerrors import DB_ERRORS
 from .pipeline import Pipeline
 from .ratelimit import TokenBucket
 from .relay import Relay
