@@ -21,8 +21,8 @@ import asyncpg
 
 from . import config, logsetup
 from .config import ConfigError, Settings
+from .dev.pgcluster import ClusterError, PostgresUnavailable
 from .migrate import MigrationError
-from .pgcluster import ClusterError, PostgresUnavailable
 
 log = logging.getLogger("gateway.cli")
 
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(settings, args.status)
         if args.command == "demo":
-            from .demo import run_demo
+            from .dev.demo import run_demo
 
             host_given = "host" in overrides or config.env_name("host") in os.environ
             return run_demo(settings, host_given=host_given)

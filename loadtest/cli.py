@@ -17,7 +17,13 @@ from typing import Any
 
 import asyncpg
 
-from gateway.pgcluster import ExistingPostgres, LocalCluster, Postgres, PostgresUnavailable, start_throwaway
+from gateway.dev.pgcluster import (
+    ExistingPostgres,
+    LocalCluster,
+    Postgres,
+    PostgresUnavailable,
+    start_throwaway,
+)
 
 from . import report
 from .scenarios import Plan, Progress, Runner

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.pgcluster import free_port
+from gateway.dev.pgcluster import free_port
 
 from .sysinfo import children, cpu_seconds, rss_kb
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.pgcluster import free_port
+from gateway.dev.pgcluster import free_port
 
 from . import db
 from .fleet import Fleet

@@ -1,7 +1,7 @@
 """Fixtures for the whole suite: a real PostgreSQL, and a migrated database of its own per test.
 
 ``pg`` (session)
-    The PostgreSQL server of the test session (see ``gateway.pgcluster.Postgres``), chosen in order:
+    The PostgreSQL server of the test session (see ``gateway.dev.pgcluster.Postgres``), chosen in order:
 
     1. ``TEST_DATABASE_URL``: an existing server, whose user may CREATE DATABASE; it cannot be
        restarted. On a server shared by several sessions set ``TEST_DB_PREFIX`` (e.g. ``h2_``)
@@ -54,8 +54,8 @@ import pytest
 import pytest_asyncio
 
 from gateway.config import mask_dsn
+from gateway.dev.pgcluster import ExistingPostgres, Postgres, PostgresUnavailable, start_throwaway
 from gateway.migrate import migrate
-from gateway.pgcluster import ExistingPostgres, Postgres, PostgresUnavailable, start_throwaway
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from gateway.dev.pgcluster import Postgres, free_port
 from gateway.migrate import MigrationError, format_status, load_migrations, migrate, sql_dir, status
-from gateway.pgcluster import Postgres, free_port
 
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 REPO_FILES = sorted(p.name for p in REPO_SQL.glob("*.sql"))

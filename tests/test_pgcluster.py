@@ -1,4 +1,4 @@
-"""gateway.pgcluster: throwaway clusters start, restart, stop, and leave nothing behind."""
+"""gateway.dev.pgcluster: throwaway clusters start, restart, stop, and leave nothing behind."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import asyncpg
 import psutil
 import pytest
 
-from gateway import pgcluster
-from gateway.pgcluster import (
+from gateway.dev import pgcluster
+from gateway.dev.pgcluster import (
     INSTALL_HINT,
     ClusterError,
     ExistingPostgres,

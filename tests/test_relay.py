@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.dev.pgcluster import LocalCluster
 from gateway.migrate import migrate
-from gateway.pgcluster import LocalCluster
 from gateway.relay import Relay
 
 from .gwtest import make_items_table, pg_connect, relay_running, running_gateway, wait_until

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gateway import config
 from gateway.config import ConfigError
-from gateway.demo import with_demo_table
+from gateway.dev.demo import with_demo_table
 from gateway.resolver import Resolver
 from gateway.tables import TableEntry, display_ident, parse_tables, quote_ident
 

@@ -27,11 +27,11 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from .auth import mint_token
-from .config import ConfigError, Settings, mask_dsn
-from .pgerrors import DB_ERRORS
-from .server import STATIC, build_app, serve
-from .tables import parse_tables
+from ..auth import mint_token
+from ..config import ConfigError, Settings, mask_dsn
+from ..pgerrors import DB_ERRORS
+from ..server import STATIC, build_app, serve
+from ..tables import parse_tables
 
 log = logging.getLogger("gateway.demo")
 
@@ -69,7 +69,7 @@ def random_title() -> str:
 
 
 async def prepare_database(dsn: str) -> None:
-    from .migrate import migrate
+    from ..migrate import migrate
 
     await migrate(dsn)
     conn = await asyncpg.connect(dsn)
@@ -209,7 +209,7 @@ def with_demo_table(tables: str) -> str:
 
 
 def run_demo(settings: Settings, *, host_given: bool = False) -> int:
-    from .cli import _run as run_loop
+    from ..cli import _run as run_loop
     from .pgcluster import PostgresUnavailable, start_throwaway
 
     cluster = None

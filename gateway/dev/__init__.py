@@ -1,0 +1,1 @@
+"""Tooling for development, not the product: a throwaway PostgreSQL and `gateway demo`."""
