@@ -40,12 +40,10 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from gateway.config import ConfigError, Settings
+from .config import HMAC_ALGORITHMS, Settings, jwt_algorithms
 
 log = logging.getLogger(__name__)
 
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # Longest token accepted; bigger input is rejected before any parsing work.
 MAX_TOKEN_CHARS = 16384
 MAX_USER_CHARS = 200
@@ -163,41 +161,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
 
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
-        if not settings.jwt_secret and not settings.jwt_jwks_url:
-            raise ConfigError(
-                "no way to verify tokens: set GATEWAY_JWT_SECRET (HS256) "
-                "or GATEWAY_JWT_JWKS_URL (RS256/ES256)"
-            )
-        secret_bytes = len(settings.jwt_secret.encode())
-        if settings.jwt_algorithms:
-            algorithms = tuple(settings.jwt_algorithms)
-            for alg in algorithms:
-                if alg in HMAC_ALGORITHMS and secret_bytes < HMAC_MIN_BYTES[alg]:
-                    raise ConfigError(
-                        f"GATEWAY_JWT_ALGORITHMS allows {alg}, which needs a GATEWAY_JWT_SECRET of at least "
-                        f"{HMAC_MIN_BYTES[alg]} bytes (RFC 7518 3.2); it has {secret_bytes}"
-                    )
-        else:
-            # Each configured key brings its algorithms: setting both accepts both kinds (the
-            # key is picked by the token's algorithm, so an HS token is only ever checked
-            # against the secret, never against a JWKS public key).
-            algorithms = ()
-            if settings.jwt_secret:
-                # Only the HS variants the secret is long enough for (RFC 7518 3.2): a shorter
-                # secret weakens the longer hash to the secret's strength.
-                algorithms = tuple(a for a in HMAC_ALGORITHMS if secret_bytes >= HMAC_MIN_BYTES[a]) or (
-                    "HS256",
-                )
-            if settings.jwt_jwks_url:
-                algorithms += ("RS256", "ES256")
-        if "none" in (a.lower() for a in algorithms):
-            raise ConfigError("GATEWAY_JWT_ALGORITHMS must not allow 'none': unsigned tokens prove nothing")
-        if any(a in HMAC_ALGORITHMS for a in algorithms) and not settings.jwt_secret:
-            raise ConfigError("GATEWAY_JWT_ALGORITHMS allows HS* tokens but GATEWAY_JWT_SECRET is not set")
-        if any(a not in HMAC_ALGORITHMS for a in algorithms) and not settings.jwt_jwks_url:
-            raise ConfigError(
-                "GATEWAY_JWT_ALGORITHMS allows RS*/ES* tokens but GATEWAY_JWT_JWKS_URL is not set"
-            )
+        algorithms = jwt_algorithms(settings)  # raises ConfigError for unusable JWT settings
         self.algorithms: tuple[str, ...] = algorithms
         self._settings = settings
         self._secret = settings.jwt_secret.encode()

@@ -25,22 +25,20 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 
-from gateway.auth import Identity
-from gateway.config import Settings
-
+from .auth import Identity
+from .config import Settings
 from .pgerrors import DB_ERRORS
+from .protocol import validate_topic
 from .tables import parse_name, quote_ident
 
 log = logging.getLogger(__name__)
 
-MAX_TOPIC_CHARS = 200
 # Answers of the SQL function kept at most; the oldest is evicted first.
 CACHE_SIZE = 100_000
 # Deadline for one question to the SQL function, pool wait and connect included.
@@ -49,31 +47,6 @@ QUERY_TIMEOUT = 5.0
 # Claims that differ between any two tokens of one user (when issued, until when): left out of
 # the cache key, so fresh tokens with the same rights still share answers.
 TIME_CLAIMS = frozenset({"exp", "iat", "nbf", "jti", "auth_time"})
-
-_PRINTABLE_NO_SPACE = re.compile(r"[\x21-\x7e]+")
-
-
-def validate_topic(topic: str) -> str | None:
-    """None if ``topic`` is a valid topic name, else a sentence saying what is wrong.
-
-    gateway.emit() refuses the same topics with gateway.invalid_topic_reason()
-    (sql/008_publish_names.sql): change both together (tests/test_sql_names.py compares them).
-    """
-    if not isinstance(topic, str):
-        return "the topic must be a string"
-    if not topic:
-        return "the topic is empty"
-    if len(topic) > MAX_TOPIC_CHARS:
-        return f"the topic is longer than {MAX_TOPIC_CHARS} characters"
-    if not _PRINTABLE_NO_SPACE.fullmatch(topic):
-        return "the topic may only contain printable ASCII characters without spaces"
-    if "*" in topic:
-        return "the topic contains '*': wildcards are only for grants in tokens, subscribe to one topic"
-    kind, sep, ident = topic.partition(":")
-    if not sep or not kind or not ident:
-        return "the topic must look like kind:id, such as user:42 or room:7"
-    return None
-
 
 # Grants already reported as unusable, so a token handed to thousands of connections
 # logs its mistake once. Bounded: a hostile issuer could invent endless bad grants.

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .errors import ConfigError
+from .protocol import PRESENCE_PREFIX, validate_topic
+from .tables import parse_name, parse_tables
+
 PREFIX = "GATEWAY_"
 # Variables with the prefix that are not settings: where the SQL migrations live
 # (read by `gateway migrate`) and the worker number the supervisor gives each worker.
 NOT_SETTINGS = frozenset({"GATEWAY_SQL_DIR", "GATEWAY_WORKER_ID"})
-
-
-class ConfigError(ValueError):
-    """A setting has a value the gateway cannot use; the message names it."""
 
 
 # --- value parsers: each raises ValueError with what it expects --------------------
@@ -119,6 +119,69 @@ def _identity(text: str) -> str:
     return text.strip()
 
 
+# --- parsers of settings with a syntax of their own: each raises ConfigError, naming the
+# setting, with a message that says more than "expected ..." -------------------------
+
+
+def parse_tables_setting(text: str) -> str:
+    """GATEWAY_TABLES, its syntax only, so a typo is reported before the gateway connects;
+    the catalog is checked at startup (gateway/resolver.py)."""
+    parse_tables(text)
+    return text.strip()
+
+
+def parse_function_setting(text: str) -> str:
+    """GATEWAY_AUTHZ_FUNCTION: empty, or a function name written as in SQL."""
+    t = text.strip()
+    if t:
+        parse_name(t, "GATEWAY_AUTHZ_FUNCTION", "a function")
+    return t
+
+
+def parse_presence_topics(text: str) -> tuple[str, ...]:
+    topics = parse_list(text)
+    for topic in topics:
+        if not topic.startswith(PRESENCE_PREFIX):
+            raise ConfigError(
+                f"GATEWAY_PRESENCE_TOPICS has {topic!r}: expected names starting with presence:"
+            )
+        # Presence changes go out through gateway.emit_many, which refuses a topic no client
+        # could subscribe to, and with it every change of the batch: refuse it here instead.
+        problem = validate_topic(topic)
+        if problem:
+            raise ConfigError(f"GATEWAY_PRESENCE_TOPICS has {topic!r}: {problem}")
+    return topics
+
+
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+KNOWN_ALGORITHMS = (*HMAC_ALGORITHMS, "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+
+
+def parse_jwt_secret(text: str) -> str:
+    t = text.strip()
+    if t and len(t) < 32:
+        raise ConfigError("GATEWAY_JWT_SECRET is too short: expected at least 32 characters for HS256")
+    return t
+
+
+def parse_jwt_algorithms(text: str) -> tuple[str, ...]:
+    algorithms = parse_list(text)
+    for alg in algorithms:
+        if alg not in KNOWN_ALGORITHMS:
+            raise ConfigError(
+                f"GATEWAY_JWT_ALGORITHMS has {alg!r}: expected HS256, RS256, ES256 and the like"
+            )
+    return algorithms
+
+
+def parse_jwks_url(text: str) -> str:
+    t = text.strip()
+    if t and not t.startswith(("http://", "https://")):
+        raise ConfigError("GATEWAY_JWT_JWKS_URL is not valid: expected an http:// or https:// URL")
+    return t
+
+
 def _setting(
     default: Any,
     help: str,
@@ -159,6 +222,7 @@ class Settings:
         "`schema.table(col1,col2)` to send only those columns, separated by `;`. Names are written as "
         'in SQL: unquoted ones are folded to lower case, others double-quoted (`public."Orders"(id,"unit price")`). '
         "Tables not listed are never read; empty sends no table rows.",
+        parse_tables_setting,
     )
     # HTTP
     host: str = _setting("0.0.0.0", "address to listen on (`gateway demo`: 127.0.0.1 unless this is set)")
@@ -187,14 +251,17 @@ class Settings:
         "",
         "shared secret for HS256 (HS384, HS512) tokens, at least 32 characters; "
         "empty when tokens are checked with GATEWAY_JWT_JWKS_URL only",
+        parse_jwt_secret,
         secret=True,
     )
-    jwt_jwks_url: str = _setting("", "URL of a JWKS document with the public keys for RS256/ES256 tokens")
+    jwt_jwks_url: str = _setting(
+        "", "URL of a JWKS document with the public keys for RS256/ES256 tokens", parse_jwks_url
+    )
     jwt_algorithms: tuple[str, ...] = _setting(
         (),
         "accepted algorithms; default: with a secret, HS256 plus HS384/HS512 when it is 48/64 bytes or longer; "
         "with a JWKS URL, RS256,ES256; with both, all of these",
-        parse_list,
+        parse_jwt_algorithms,
     )
     jwt_audience: str = _setting("", "required `aud` claim (empty: not checked)")
     jwt_issuer: str = _setting("", "required `iss` claim (empty: not checked)")
@@ -231,6 +298,7 @@ class Settings:
         "SQL function (user_id text, topic text, claims jsonb) -> boolean deciding topics not granted by "
         'the token, named as in SQL (`app."CanRead"`: unquoted names are folded to lower case); '
         "empty to disable",
+        parse_function_setting,
     )
     authz_cache_ttl: float = _setting(
         5.0,
@@ -326,7 +394,7 @@ class Settings:
         "presence topics (comma-separated, each `presence:<name>`) on which every authenticated "
         "connection's user is shown; seeing who is on one takes a subscribe that the token's topics "
         "claim or the SQL authorization function allows",
-        parse_list,
+        parse_presence_topics,
     )
     presence_grace: float = _setting(
         5.0, "time after the last connection closes before a user is offline", parse_duration
@@ -414,6 +482,8 @@ def load(env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | No
         source, text = raw[f.name]
         try:
             value = f.metadata["parse"](text)
+        except ConfigError:
+            raise  # its message already names the setting and what is wrong
         except ValueError as exc:
             shown = "***" if f.metadata["secret"] else repr(text)
             raise ConfigError(f"{source}={shown} is not valid: expected {exc}") from None
@@ -431,43 +501,50 @@ _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
 
 def _check(s: Settings) -> None:
     """Cross-field checks that a single parser cannot make."""
-    if s.jwt_secret and len(s.jwt_secret) < 32:
-        raise ConfigError("GATEWAY_JWT_SECRET is too short: expected at least 32 characters for HS256")
-    for alg in s.jwt_algorithms:
-        if alg not in ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"):
-            raise ConfigError(
-                f"GATEWAY_JWT_ALGORITHMS has {alg!r}: expected HS256, RS256, ES256 and the like"
-            )
-    if s.jwt_jwks_url and not s.jwt_jwks_url.startswith(("http://", "https://")):
-        raise ConfigError("GATEWAY_JWT_JWKS_URL is not valid: expected an http:// or https:// URL")
     if s.probe_timeout >= s.probe_interval * 4:
         raise ConfigError("GATEWAY_PROBE_TIMEOUT is not valid: expected less than 4x GATEWAY_PROBE_INTERVAL")
     if s.heartbeat_ttl <= s.heartbeat_interval * 2:
         raise ConfigError(
             "GATEWAY_HEARTBEAT_TTL is not valid: expected more than twice GATEWAY_HEARTBEAT_INTERVAL"
         )
-    # Imported here: gateway.authz and gateway.tables import this module.
-    from gateway.authz import function_sql, validate_topic
-    from gateway.protocol import PRESENCE_PREFIX
-    from gateway.tables import parse_tables
 
-    if s.authz_function:
-        function_sql(s.authz_function)  # raises ConfigError for a name it cannot use
 
-    # The syntax only, so a typo is reported before the gateway connects; the catalog is
-    # checked at startup (gateway/resolver.py).
-    parse_tables(s.tables)
-
-    for topic in s.presence_topics:
-        if not topic.startswith(PRESENCE_PREFIX):
-            raise ConfigError(
-                f"GATEWAY_PRESENCE_TOPICS has {topic!r}: expected names starting with presence:"
-            )
-        # Presence changes go out through gateway.emit_many, which refuses a topic no client
-        # could subscribe to, and with it every change of the batch: refuse it here instead.
-        problem = validate_topic(topic)
-        if problem:
-            raise ConfigError(f"GATEWAY_PRESENCE_TOPICS has {topic!r}: {problem}")
+def jwt_algorithms(s: Settings) -> tuple[str, ...]:
+    """The algorithms tokens may be signed with, from the JWT settings together; ConfigError
+    when they cannot verify a token (no key, an algorithm without its key, a secret too short
+    for its hash). The one check of the JWT settings as a whole: the gateway's authenticator
+    is built from its answer, and `serve` asks it before starting workers."""
+    if not s.jwt_secret and not s.jwt_jwks_url:
+        raise ConfigError(
+            "no way to verify tokens: set GATEWAY_JWT_SECRET (HS256) or GATEWAY_JWT_JWKS_URL (RS256/ES256)"
+        )
+    secret_bytes = len(s.jwt_secret.encode())
+    if s.jwt_algorithms:
+        algorithms = tuple(s.jwt_algorithms)
+        for alg in algorithms:
+            if alg in HMAC_ALGORITHMS and secret_bytes < HMAC_MIN_BYTES[alg]:
+                raise ConfigError(
+                    f"GATEWAY_JWT_ALGORITHMS allows {alg}, which needs a GATEWAY_JWT_SECRET of at least "
+                    f"{HMAC_MIN_BYTES[alg]} bytes (RFC 7518 3.2); it has {secret_bytes}"
+                )
+    else:
+        # Each configured key brings its algorithms: setting both accepts both kinds (the
+        # key is picked by the token's algorithm, so an HS token is only ever checked
+        # against the secret, never against a JWKS public key).
+        algorithms = ()
+        if s.jwt_secret:
+            # Only the HS variants the secret is long enough for (RFC 7518 3.2): a shorter
+            # secret weakens the longer hash to the secret's strength.
+            algorithms = tuple(a for a in HMAC_ALGORITHMS if secret_bytes >= HMAC_MIN_BYTES[a]) or ("HS256",)
+        if s.jwt_jwks_url:
+            algorithms += ("RS256", "ES256")
+    if "none" in (a.lower() for a in algorithms):
+        raise ConfigError("GATEWAY_JWT_ALGORITHMS must not allow 'none': unsigned tokens prove nothing")
+    if any(a in HMAC_ALGORITHMS for a in algorithms) and not s.jwt_secret:
+        raise ConfigError("GATEWAY_JWT_ALGORITHMS allows HS* tokens but GATEWAY_JWT_SECRET is not set")
+    if any(a not in HMAC_ALGORITHMS for a in algorithms) and not s.jwt_jwks_url:
+        raise ConfigError("GATEWAY_JWT_ALGORITHMS allows RS*/ES* tokens but GATEWAY_JWT_JWKS_URL is not set")
+    return algorithms
 
 
 def format_value(f: dataclasses.Field[Any], value: Any) -> str:

@@ -11,6 +11,7 @@ Server frames are encoded once and the same bytes go to every subscriber.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, NamedTuple
 
 import msgspec
@@ -141,6 +142,32 @@ class PresenceEntry(msgspec.Struct, array_like=False):
 
 # Topics whose events are presence changes, sent as `presence` frames (docs/presence.md).
 PRESENCE_PREFIX = "presence:"
+
+# Topic names: what a client may subscribe to and gateway.emit() may publish to.
+MAX_TOPIC_CHARS = 200
+_PRINTABLE_NO_SPACE = re.compile(r"[\x21-\x7e]+")
+
+
+def validate_topic(topic: str) -> str | None:
+    """None if ``topic`` is a valid topic name, else a sentence saying what is wrong.
+
+    gateway.emit() refuses the same topics with gateway.invalid_topic_reason()
+    (sql/008_publish_names.sql): change both together (tests/test_sql_names.py compares them).
+    """
+    if not isinstance(topic, str):
+        return "the topic must be a string"
+    if not topic:
+        return "the topic is empty"
+    if len(topic) > MAX_TOPIC_CHARS:
+        return f"the topic is longer than {MAX_TOPIC_CHARS} characters"
+    if not _PRINTABLE_NO_SPACE.fullmatch(topic):
+        return "the topic may only contain printable ASCII characters without spaces"
+    if "*" in topic:
+        return "the topic contains '*': wildcards are only for grants in tokens, subscribe to one topic"
+    kind, sep, ident = topic.partition(":")
+    if not sep or not kind or not ident:
+        return "the topic must look like kind:id, such as user:42 or room:7"
+    return None
 
 
 class Presence(msgspec.Struct, tag="presence", omit_defaults=True):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .config import ConfigError
+from .errors import ConfigError
 from .tables import TableEntry, display_ident, quote_ident
 
 log = logging.getLogger("gateway.resolver")

@@ -28,7 +28,7 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from . import protocol as p
 from .auth import Authenticator, Identity, TokenError
-from .authz import AuthorizationUnavailable, Authorizer, validate_topic
+from .authz import AuthorizationUnavailable, Authorizer
 from .config import Settings
 from .hub import text_frame
 from .pipeline import Pipeline, Unavailable
@@ -423,7 +423,7 @@ class Session:
 
     async def _subscribe(self, msg: p.Subscribe) -> None:
         topic, req_id = msg.topic, msg.id
-        problem = validate_topic(topic)
+        problem = p.validate_topic(topic)
         if problem:
             self.error(p.ErrorCode.BAD_TOPIC, problem, req_id, topic)
             return

@@ -28,7 +28,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # NAMEDATALEN - 1: the longest name PostgreSQL keeps (in bytes of the database's encoding).
 MAX_NAME_BYTES = 63

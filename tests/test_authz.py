@@ -13,8 +13,9 @@ import pytest
 
 from gateway import authz
 from gateway.auth import Identity
-from gateway.authz import AuthorizationUnavailable, Authorizer, function_sql, topic_matches, validate_topic
+from gateway.authz import AuthorizationUnavailable, Authorizer, function_sql, topic_matches
 from gateway.config import ConfigError, Settings
+from gateway.protocol import validate_topic
 
 # A function that counts its calls (so the tests can see the cache) and grants what
 # h4_grants lists, or everything to a token with role=admin (so the claims must arrive).

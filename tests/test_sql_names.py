@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.authz import validate_topic
 from gateway.migrate import migrate
+from gateway.protocol import validate_topic
 
 pytestmark = pytest.mark.timeout(120)
 
