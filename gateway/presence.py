@@ -45,21 +45,30 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import asyncpg
 
 from . import protocol as p
+from .auth import Identity
 from .config import ConfigError, Settings
 from .heartbeat import HeartbeatConnection
-from .hub import Hub
 from .pgerrors import DB_ERRORS
-from .pipeline import UNREACHABLE, Unavailable
-
-if TYPE_CHECKING:
-    from .session import Session
+from .pipeline import UNREACHABLE, Member, Pipeline, Unavailable
 
 log = logging.getLogger("gateway.presence")
+
+
+class Connection(Member, Protocol):
+    """What presence needs of a client connection (a session): who it is, its status, the
+    presence topics it subscribes to, and a way to send it a frame."""
+
+    conn_id: str
+    identity: Identity | None
+    status: str
+    presence_topics: set[str]
+
+    def send(self, msg: p.ServerMessage) -> None: ...
 
 
 # A grace check fires this much after the grace, so the database clock has surely passed it.
@@ -90,11 +99,12 @@ def _replica_id() -> str:
 
 
 class Presence:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, hub: Hub) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, pipeline: Pipeline) -> None:
         self.settings = settings
         self.replica_id = _replica_id()
         self._pool = pool
-        self._hub = hub
+        # Changes reach subscribers through the pipeline, from the log like any event.
+        self._pipeline = pipeline
         self._topics = list(settings.presence_topics)
         self._ttl = datetime.timedelta(seconds=settings.heartbeat_ttl)
         self._grace = datetime.timedelta(seconds=settings.presence_grace)
@@ -188,14 +198,14 @@ class Presence:
 
     # --- connections (called by sessions; never raise, never wait on the database) ------
 
-    async def connected(self, session: Session) -> None:
+    async def connected(self, session: Connection) -> None:
         assert session.identity is not None
         user = session.identity.user
         self._live[session.conn_id] = (user, session.status)
         self._local_users[user] += 1
         self._queue(session.conn_id, user, session.status)
 
-    async def disconnected(self, session: Session) -> None:
+    async def disconnected(self, session: Connection) -> None:
         entry = self._live.pop(session.conn_id, None)
         if entry is None:
             return
@@ -205,7 +215,7 @@ class Presence:
             del self._local_users[user]
         self._queue(session.conn_id, user, None)
 
-    async def set_status(self, session: Session, status: str) -> None:
+    async def set_status(self, session: Connection, status: str) -> None:
         entry = self._live.get(session.conn_id)
         if entry is None or entry[1] == status:
             return
@@ -218,7 +228,7 @@ class Presence:
 
     # --- subscriptions ------------------------------------------------------------------
 
-    async def subscribe(self, session: Session, topic: str, req_id: int | None) -> None:
+    async def subscribe(self, session: Connection, topic: str, req_id: int | None) -> None:
         try:
             async with self._pool.acquire(timeout=CALL_TIMEOUT) as conn:
                 # One snapshot for both reads: a change is in the rows and below the head, or
@@ -241,14 +251,14 @@ class Presence:
                 snapshot=[p.PresenceEntry(user=r[0], status=r[1], last_seen=r[2]) for r in rows],
             )
         )
-        pipeline = session.ctx.pipeline
+        pipeline = self._pipeline
         await pipeline.join(topic, session, p.Since(pos=head["pos"], epoch=head["epoch"]), req_id)
         if session.closed or topic not in session.presence_topics:
             # It left while the join was queued: the join added it to the hub after the leave.
             pipeline.leave(topic, session)
 
-    def unsubscribe(self, session: Session, topic: str) -> None:
-        session.ctx.pipeline.leave(topic, session)
+    def unsubscribe(self, session: Connection, topic: str) -> None:
+        self._pipeline.leave(topic, session)
 
     # --- the writer ---------------------------------------------------------------------
 

@@ -222,7 +222,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if s.presence:
         from .presence import Presence
 
-        ctx.presence = Presence(s, pool, hub)
+        ctx.presence = Presence(s, pool, pipeline)
         try:
             await ctx.presence.start()
         except BaseException:
