@@ -52,7 +52,7 @@ import asyncpg
 import msgspec
 
 from .config import mask_dsn
-from .pgerrors import DB_ERRORS, reconnect_pause
+from .pgerrors import Backoff, keep_connected
 
 log = logging.getLogger("gateway.relay")
 
@@ -197,58 +197,47 @@ class Relay:
     # --- lifecycle ------------------------------------------------------------------
 
     async def run(self) -> None:
-        attempt = 0
-        last_error = ""
-        while not self._stopping:
-            try:
-                # synchronous_commit off: the relay's transactions only NOTIFY and renew its
-                # lease, and a doorbell lost in a crash is caught up from the log anyway, so
-                # none of them needs to wait for a WAL flush (hundreds a second, otherwise).
-                # command_timeout: a connection that stops answering fails the query within the
-                # lease (after which another replica may take over anyway) instead of wedging
-                # this relay for good; it is then dropped and a new one made.
-                conn = await asyncpg.connect(
-                    self._dsn,
-                    timeout=10,
-                    command_timeout=self._lease,
-                    server_settings={"synchronous_commit": "off"},
-                )
-            except Exception as exc:  # whatever it is, the relay must come back
-                error = f"{type(exc).__name__}: {exc}"
-                if error != last_error:
-                    log.warning("relay cannot connect to %s: %s", mask_dsn(self._dsn), error)
-                    last_error = error
-                await reconnect_pause(attempt, self._max_delay)
-                attempt += 1
-                continue
-            self._conn = conn
-            attempt, last_error = 0, ""
-            try:
-                while not self._stopping:
-                    snapshot = await conn.fetchval(_TAKE_LEASE, self.replica_id, self._lease)
-                    if snapshot is None:
-                        # Try again soon: a holder whose session ended is replaced at once.
-                        self._poke.clear()
-                        await self._nap(min(1.0, self._lease / 3) * random.uniform(0.8, 1.2))
-                        continue
-                    await self._lead(conn, snapshot)
-                    if self._stopping:
-                        # Hand over at once instead of making the others wait for the lease.
-                        await asyncio.wait_for(conn.execute(_RELEASE_LEASE, self.replica_id), 2.0)
-            except DB_ERRORS as exc:
-                if not self._stopping:
-                    log.warning("relay connection failed: %s: %s", type(exc).__name__, exc)
-            except Exception:
-                if not self._stopping:
-                    log.exception("relay failed unexpectedly; reconnecting")
-            finally:
-                self.leader = self.awake = False
-                self._conn = None
-                conn.terminate()
-            if not self._stopping:
-                await reconnect_pause(attempt, self._max_delay)
-                attempt += 1
+        # synchronous_commit off: the relay's transactions only NOTIFY and renew its lease, and
+        # a doorbell lost in a crash is caught up from the log anyway, so none of them needs to
+        # wait for a WAL flush (hundreds a second, otherwise).
+        # command_timeout: a connection that stops answering fails the query within the lease
+        # (after which another replica may take over anyway) instead of wedging this relay for
+        # good; it is then dropped and a new one made.
+        await keep_connected(
+            "relay",
+            lambda: asyncpg.connect(
+                self._dsn,
+                timeout=10,
+                command_timeout=self._lease,
+                server_settings={"synchronous_commit": "off"},
+            ),
+            self._relay,
+            lambda: self._stopping,
+            target=mask_dsn(self._dsn),
+            logger=log,
+            backoff=Backoff(self._max_delay),
+        )
         self._done.set()
+
+    async def _relay(self, conn: asyncpg.Connection, backoff: Backoff) -> None:
+        """Take the lease whenever it is free and lead while it is held, until ``conn`` fails."""
+        self._conn = conn
+        backoff.reset()
+        try:
+            while not self._stopping:
+                snapshot = await conn.fetchval(_TAKE_LEASE, self.replica_id, self._lease)
+                if snapshot is None:
+                    # Try again soon: a holder whose session ended is replaced at once.
+                    self._poke.clear()
+                    await self._nap(min(1.0, self._lease / 3) * random.uniform(0.8, 1.2))
+                    continue
+                await self._lead(conn, snapshot)
+                if self._stopping:
+                    # Hand over at once instead of making the others wait for the lease.
+                    await asyncio.wait_for(conn.execute(_RELEASE_LEASE, self.replica_id), 2.0)
+        finally:
+            self.leader = self.awake = False
+            self._conn = None
 
     @property
     def backend_pid(self) -> int | None:
