@@ -7,7 +7,6 @@ Every setting is an environment variable (``GATEWAY_PORT``) or the matching flag
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import asyncpg
 
@@ -120,14 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return CANNOT_START
 
 
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # not on every platform; asyncio's own loop works too
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def _check(settings: Settings) -> int:
     """What `serve` checks before it connects: the settings, their combinations (a database
     URL, a way to verify tokens) and the GATEWAY_TABLES syntax."""
@@ -143,12 +133,13 @@ def _check(settings: Settings) -> int:
 def _migrate(settings: Settings, status: bool) -> int:
     from .migrate import format_status, migrate
     from .migrate import status as migration_status
+    from .server import run
 
     url = config.require_database_url(settings)
     if status:
-        print(format_status(_run(migration_status(url))))
+        print(format_status(run(migration_status(url))))
         return 0
-    applied = _run(migrate(url))
+    applied = run(migrate(url))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 
@@ -156,9 +147,9 @@ def _migrate(settings: Settings, status: bool) -> int:
 def _serve(settings: Settings) -> int:
     workers = settings.workers or os.cpu_count() or 1
     if workers == 1:
-        from .server import serve
+        from .server import run, serve
 
-        _run(serve(settings, reuse_port=os.environ.get("GATEWAY_WORKER_ID") is not None))
+        run(serve(settings, reuse_port=os.environ.get("GATEWAY_WORKER_ID") is not None))
         return 0
     # Caught here once, not by every worker in a restart loop.
     config.require_database_url(settings)

@@ -11,8 +11,8 @@ with a deadline proves it is alive. The termination listener covers the cases as
 does notice (``pg_terminate_backend``, server shutdown) without waiting for the probe.
 
 Notifications are lost while disconnected; that is fine because the event log is the
-truth: ``on_connect`` runs after every (re)connect and the pipeline catches up every
-topic it serves from the log. The notification callback only enqueues.
+truth: the pipeline's ``catch_up`` is called after every (re)connect and it catches up every
+topic it serves from the log. The notification callback only enqueues (``ring``).
 """
 
 from __future__ import annotations
@@ -25,19 +25,27 @@ from collections.abc import Callable
 import asyncpg
 
 from .config import mask_dsn
-from .pgerrors import DB_ERRORS, reconnect_pause
+from .pgerrors import DB_ERRORS, Backoff, keep_connected
 
 log = logging.getLogger("gateway.listener")
 
 CHANNEL = "gateway"
 
 
+def _ignore_doorbell(payload: str, sender: int) -> None:
+    pass
+
+
+def _ignore_catch_up() -> None:
+    pass
+
+
 class Listener:
+    """The PostgreSQL doorbell source (gateway/pipeline.py, ``DoorbellSource``)."""
+
     def __init__(
         self,
         dsn: str,
-        on_notify: Callable[[str], None],
-        on_connect: Callable[[], None],
         *,
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
@@ -45,75 +53,65 @@ class Listener:
         base_delay: float = 0.1,
     ) -> None:
         self._dsn = dsn
-        self._on_notify = on_notify
-        self._on_connect = on_connect
+        # Until a pipeline attaches, doorbells go nowhere (run() is started after attach()).
+        self._ring: Callable[[str, int], None] = _ignore_doorbell
+        self._catch_up: Callable[[], None] = _ignore_catch_up
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
-        self._max_delay = max_delay
-        self._base_delay = base_delay
+        self._backoff = Backoff(max_delay, base_delay)
         self._conn: asyncpg.Connection | None = None
         self._stopping = False
+        self._first = True
         self.connected = False
         self.reconnects = 0  # successful connections after the first
         self.last_notification = 0.0  # monotonic time of the last notification
         self.backend_pid: int | None = None
 
+    def attach(self, ring: Callable[[str, int], None], catch_up: Callable[[], None]) -> None:
+        self._ring, self._catch_up = ring, catch_up
+
     def _callback(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self.last_notification = time.monotonic()
-        self._on_notify(payload)
+        self._ring(payload, pid)
 
     async def run(self) -> None:
-        attempt = 0
-        first = True
-        last_error = ""
-        while not self._stopping:
-            lost = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=max(self._probe_timeout, 5.0))
-            except Exception as exc:  # whatever it is, the listener must come back
-                error = f"{type(exc).__name__}: {exc}"
-                # Log each distinct failure once, not once per retry.
-                if error != last_error:
-                    log.warning("listener cannot connect to %s: %s", mask_dsn(self._dsn), error)
-                    last_error = error
-                await reconnect_pause(attempt, self._max_delay, self._base_delay)
-                attempt += 1
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._callback)
-                self._conn = conn
-                self.backend_pid = conn.get_server_pid()
-                self.connected = True
-                if not first:
-                    self.reconnects += 1
-                    log.info(
-                        "listener reconnected (backend pid %s) after %d attempt(s)", self.backend_pid, attempt
-                    )
-                else:
-                    log.info("listener connected (backend pid %s)", self.backend_pid)
-                first = False
-                attempt = 0
-                last_error = ""
-                self._on_connect()
-                cause = await self._watch(conn, lost)
-                if not self._stopping:
-                    log.warning("listener connection lost: %s", cause)
-            except DB_ERRORS as exc:
-                if not self._stopping:
-                    log.warning("listener connection failed: %s: %s", type(exc).__name__, exc)
-            except Exception:
-                # Not a connection problem we know: log it whole, then reconnect anyway,
-                # because a listener that stays down loses nothing but delays everything.
-                if not self._stopping:
-                    log.exception("listener failed unexpectedly; reconnecting")
-            finally:
-                self.connected = False
-                self._conn = None
-                conn.terminate()
+        await keep_connected(
+            "listener",
+            lambda: asyncpg.connect(self._dsn, timeout=max(self._probe_timeout, 5.0)),
+            self._listen,
+            lambda: self._stopping,
+            target=mask_dsn(self._dsn),
+            logger=log,
+            backoff=self._backoff,
+        )
+
+    async def _listen(self, conn: asyncpg.Connection, backoff: Backoff) -> None:
+        """LISTEN on ``conn`` until it is known to be dead."""
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _c: lost.set())
+            await conn.add_listener(CHANNEL, self._callback)
+            self._conn = conn
+            self.backend_pid = conn.get_server_pid()
+            self.connected = True
+            if not self._first:
+                self.reconnects += 1
+                log.info(
+                    "listener reconnected (backend pid %s) after %d attempt(s)",
+                    self.backend_pid,
+                    backoff.attempt,
+                )
+            else:
+                log.info("listener connected (backend pid %s)", self.backend_pid)
+            self._first = False
+            backoff.reset()
+            self._catch_up()
+            cause = await self._watch(conn, lost)
             if not self._stopping:
-                await reconnect_pause(attempt, self._max_delay, self._base_delay)
-                attempt += 1
+                log.warning("listener connection lost: %s", cause)
+        finally:
+            self.connected = False
+            self._conn = None
 
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> str:
         """Return (with a cause) once the connection is known to be dead."""

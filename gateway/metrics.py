@@ -13,33 +13,60 @@ import asyncio
 import logging
 import resource
 import time
+from collections import Counter
 from collections.abc import Iterator
+from typing import Protocol
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .listener import Listener
 from .pgerrors import DB_ERRORS
+from .pipeline import Pipeline
+from .relay import Relay
+from .session import SessionContext
 
 log = logging.getLogger("gateway.metrics")
 
 QUEUE_WARN = 0.5
 
 
+class Source(Protocol):
+    """What the collector reads at scrape time: the server's state (gateway/server.py), whose
+    resources exist once the application has started (no scrape comes before)."""
+
+    draining: bool
+    refused: Counter[str]
+
+    @property
+    def pool(self) -> asyncpg.Pool: ...
+
+    @property
+    def ctx(self) -> SessionContext: ...
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+    @property
+    def listener(self) -> Listener: ...
+
+    @property
+    def relay(self) -> Relay: ...
+
+
 class GatewayCollector(Collector):
-    def __init__(self, app: web.Application) -> None:
-        self._app = app
+    def __init__(self, state: Source) -> None:
+        self._state = state
         self.queue_usage = 0.0
+        self.queue_unread = False  # the last read of the queue usage failed (logged once)
 
     def collect(self) -> Iterator[Metric]:
-        from .server import STATE
-
-        state = self._app[STATE]
-        ctx, pipeline, listener = state.ctx, state.pipeline, state.listener
-        if ctx is None or pipeline is None or listener is None:
-            return
-        reg = ctx.registry
+        state = self._state
+        pipeline, listener = state.pipeline, state.listener
+        reg = state.ctx.registry
         hub = pipeline.hub
         yield GaugeMetricFamily("gateway_connections", "open WebSocket connections", value=len(reg.sessions))
         refused = CounterMetricFamily(
@@ -105,22 +132,21 @@ class GatewayCollector(Collector):
             "gateway_seconds_since_last_notification", "-1 before the first notification", value=since
         )
         relay = state.relay
-        if relay is not None:
-            yield GaugeMetricFamily(
-                "gateway_relay_leader",
-                "1 if this replica is the relay (rings the doorbells)",
-                value=int(relay.leader),
-            )
-            yield GaugeMetricFamily(
-                "gateway_relay_busy",
-                "1 while the relay polls on its own (writers send no NOTIFY)",
-                value=int(relay.awake),
-            )
-            yield CounterMetricFamily("gateway_relay_polls", "log reads by the relay", value=relay.polls)
-            yield CounterMetricFamily("gateway_relay_events_rung", "events the relay rang", value=relay.rung)
-            yield CounterMetricFamily(
-                "gateway_relay_notifications", "NOTIFYs the relay sent", value=relay.notifications
-            )
+        yield GaugeMetricFamily(
+            "gateway_relay_leader",
+            "1 if this replica is the relay (rings the doorbells)",
+            value=int(relay.leader),
+        )
+        yield GaugeMetricFamily(
+            "gateway_relay_busy",
+            "1 while the relay polls on its own (writers send no NOTIFY)",
+            value=int(relay.awake),
+        )
+        yield CounterMetricFamily("gateway_relay_polls", "log reads by the relay", value=relay.polls)
+        yield CounterMetricFamily("gateway_relay_events_rung", "events the relay rang", value=relay.rung)
+        yield CounterMetricFamily(
+            "gateway_relay_notifications", "NOTIFYs the relay sent", value=relay.notifications
+        )
         yield GaugeMetricFamily(
             "gateway_notification_queue_usage", "pg_notification_queue_usage() (0..1)", value=self.queue_usage
         )
@@ -145,30 +171,39 @@ def _rss_bytes() -> int:
 
 COLLECTOR = web.AppKey("collector", GatewayCollector)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+SOURCE = web.AppKey("metrics_source", Source)
 
 
-def install(app: web.Application) -> None:
-    """Register the collector and the /metrics route (before the app starts)."""
-    collector = GatewayCollector(app)
+def install(app: web.Application, state: Source) -> None:
+    """Register the collector of ``state`` and the /metrics route (before the app starts)."""
+    collector = GatewayCollector(state)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    app[COLLECTOR], app[REGISTRY] = collector, registry
+    app[COLLECTOR], app[REGISTRY], app[SOURCE] = collector, registry, state
     app.router.add_get("/metrics", metrics_handler)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    from .server import STATE
-
     app = request.app
     collector = app[COLLECTOR]
-    pool = app[STATE].pool
-    if pool is not None:
-        try:
-            async with asyncio.timeout(1.0):
-                collector.queue_usage = float(await pool.fetchval("SELECT pg_notification_queue_usage()"))
-        except DB_ERRORS:
-            pass
-        if collector.queue_usage > QUEUE_WARN:
-            log.warning("PostgreSQL notification queue is %.0f%% full", collector.queue_usage * 100)
+    try:
+        async with asyncio.timeout(1.0):
+            collector.queue_usage = float(
+                await app[SOURCE].pool.fetchval("SELECT pg_notification_queue_usage()")
+            )
+    except DB_ERRORS as exc:
+        # The scrape goes on with the last value read; the failure is logged once until a
+        # read succeeds again (a scrape every few seconds would repeat it in every one).
+        if not collector.queue_unread:
+            collector.queue_unread = True
+            log.warning(
+                "metrics: cannot read the notification queue usage (%s: %s); showing the last value read",
+                type(exc).__name__,
+                exc,
+            )
+    else:
+        collector.queue_unread = False
+    if collector.queue_usage > QUEUE_WARN:
+        log.warning("PostgreSQL notification queue is %.0f%% full", collector.queue_usage * 100)
     body = generate_latest(app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,7 +1,8 @@
 """The pipeline: doorbells and subscription joins, processed in order by one task.
 
-Lifecycle: ``run()`` is one task for the life of the process. The listener's callback
-calls ``notify()`` (enqueue only); sessions call ``join()`` and ``leave()``.
+Lifecycle: ``run()`` is one task for the life of the process. Doorbells come from one
+``DoorbellSource`` (the PostgreSQL listener), which calls ``notify()`` and ``resync()``
+(enqueue only) once the pipeline ``consume()``s it; sessions call ``join()`` and ``leave()``.
 
 Invariants (what makes "no lost events" hold):
 
@@ -36,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
@@ -65,6 +66,21 @@ class Member(Protocol):
     closed: bool
 
     def deliver(self, frame: bytes) -> None: ...
+
+
+class DoorbellSource(Protocol):
+    """Where doorbells come from: PostgreSQL's LISTEN today (gateway/listener.py); a second
+    fan-out engine takes its place by offering the same.
+
+    Once attached, the source calls ``ring`` with each doorbell's payload (the JSON of
+    docs/architecture.md, "The doorbell") and its sender (for PostgreSQL, the backend pid of
+    the relay that rang), and ``catch_up`` whenever doorbells may have been missed (after
+    every connect and reconnect): the pipeline then re-reads every topic it serves from the
+    log. Both only enqueue. ``connected`` says whether doorbells can arrive now (readiness)."""
+
+    connected: bool
+
+    def attach(self, ring: Callable[[str, int], None], catch_up: Callable[[], None]) -> None: ...
 
 
 class Doorbell(msgspec.Struct):
@@ -171,7 +187,12 @@ class Pipeline:
 
     # --- called from elsewhere (never await the database) --------------------------
 
-    def notify(self, payload: str) -> None:
+    def consume(self, source: DoorbellSource) -> None:
+        """Take doorbells from ``source`` from now on."""
+        source.attach(self.notify, self.resync)
+
+    def notify(self, payload: str, sender: int = 0) -> None:
+        """One doorbell. The sender is not needed to deliver (the payload names the events)."""
         self.received += 1
         if self._queue.qsize() >= MAX_PENDING:
             self._drain_queue_to_resync()
@@ -247,26 +268,25 @@ class Pipeline:
                 if failing:
                     log.info("recovered: every topic caught up from the log")
                 failing = False
-            except DB_ERRORS as exc:
-                if not failing:
-                    log.warning(
-                        "pipeline cannot reach the database (%s: %s); will catch up", type(exc).__name__, exc
-                    )
+            except Exception as exc:
+                # Either way, delivery must go on: fail the joins of this batch and catch every
+                # topic up from the log on the next round.
+                if isinstance(exc, DB_ERRORS):
+                    if not failing:
+                        log.warning(
+                            "pipeline cannot reach the database (%s: %s); will catch up",
+                            type(exc).__name__,
+                            exc,
+                        )
+                    reason = UNREACHABLE
+                else:
+                    # A bug must not stop delivery for good: log it whole.
+                    log.exception("pipeline batch failed; catching up from the log")
+                    reason = "internal error; subscribe again later"
                 failing = True
                 for j in joins:
                     if not j.future.done():
-                        j.future.set_exception(Unavailable(UNREACHABLE))
-                await asyncio.sleep(0.5)
-                if self._queue.empty():
-                    self._queue.put_nowait(_RESYNC)
-            except Exception:
-                # A bug must not stop delivery for good: log it whole, fail the joins of this
-                # batch, and catch every topic up from the log on the next round.
-                log.exception("pipeline batch failed; catching up from the log")
-                for j in joins:
-                    if not j.future.done():
-                        j.future.set_exception(Unavailable("internal error; subscribe again later"))
-                failing = True
+                        j.future.set_exception(Unavailable(reason))
                 await asyncio.sleep(0.5)
                 if self._queue.empty():
                     self._queue.put_nowait(_RESYNC)

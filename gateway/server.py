@@ -1,8 +1,11 @@
 """The aiohttp application: routes, health, and the lifecycle of every resource.
 
-Each resource's start is paired with its teardown in one cleanup context, in order:
-pool -> resolver check -> authenticator -> pipeline task -> presence -> listener task ->
-relay task -> retention task. Stopping runs them backwards.
+Each resource is started and stopped by a cleanup context of its own, which puts it under
+its own typed key (``POOL``, ``AUTHENTICATOR``, ...), in order: the database (pool, schema
+and tables checked) -> the authenticator -> delivery (hub, pipeline and its task) ->
+presence -> the sessions' shared context -> background tasks (listener, relay, retention).
+aiohttp stops them backwards, and if one fails to start, it stops exactly those that
+started before it.
 
 Authentication happens before the upgrade when the token comes with the request
 (``Authorization: Bearer`` for non-browser clients, or the ``bearer.<token>`` WebSocket
@@ -15,20 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import hashlib
 import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 from aiohttp import web
 
+from . import clientscript, metrics
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
@@ -39,6 +41,7 @@ from .listener import Listener
 from .logsetup import QUIET_BAD_REQUESTS, REDACT_BEARER
 from .pgerrors import DB_ERRORS
 from .pipeline import Pipeline
+from .presence import Presence
 from .ratelimit import TokenBucket
 from .relay import Relay
 from .resolver import Resolver
@@ -50,26 +53,66 @@ log = logging.getLogger("gateway.server")
 logging.getLogger("aiohttp.websocket").addFilter(REDACT_BEARER)
 logging.getLogger("aiohttp.server").addFilter(QUIET_BAD_REQUESTS)
 
-STATIC = Path(__file__).parent / "static"
+T = TypeVar("T")
 SUBPROTOCOL = "gateway.v1"
 BEARER_PREFIX = "bearer."
 
 
+@dataclass(frozen=True)
+class Background:
+    """The tasks that run beside the requests: the doorbell source, the relay, retention."""
+
+    listener: Listener
+    relay: Relay
+    retention: asyncio.Task[None]
+
+
+# One key per resource, set by the cleanup context that starts it (see the module docstring).
+POOL = web.AppKey("pool", asyncpg.Pool)
+RESOLVER = web.AppKey("resolver", Resolver)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+PRESENCE = web.AppKey("presence", Presence)
+SESSIONS = web.AppKey("sessions", SessionContext)
+BACKGROUND = web.AppKey("background", Background)
+
+
 @dataclass
 class State:
+    """What the HTTP side keeps between requests, and its view of the running resources
+    (for the handlers, /metrics and tests). The resources are read from their keys: they
+    exist once the application has started."""
+
     settings: Settings
+    app: web.Application = field(repr=False)
     draining: bool = False
     started: float = field(default_factory=time.time)
-    pool: asyncpg.Pool | None = None
-    listener: Listener | None = None
-    relay: Relay | None = None
-    pipeline: Pipeline | None = None
-    ctx: SessionContext | None = None
+    # Every background task of the resources, for /readyz and crash reports.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     pending_upgrades: int = 0
     open_sockets: int = 0  # upgraded sockets, authenticated or still waiting for auth
     connects: TokenBucket | None = None  # GATEWAY_CONNECT_RATE; None: no limit
     refused: Counter[str] = field(default_factory=Counter)  # upgrades refused, by error code
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.app[POOL]
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.app[PIPELINE]
+
+    @property
+    def ctx(self) -> SessionContext:
+        return self.app[SESSIONS]
+
+    @property
+    def listener(self) -> Listener:
+        return self.app[BACKGROUND].listener
+
+    @property
+    def relay(self) -> Relay:
+        return self.app[BACKGROUND].relay
 
 
 STATE = web.AppKey("state", State)
@@ -78,20 +121,20 @@ STATE = web.AppKey("state", State)
 def build_app(settings: Settings) -> web.Application:
     require_database_url(settings)
     app = web.Application()
-    app[STATE] = State(settings)
+    state = app[STATE] = State(settings, app)
     if settings.connect_rate > 0:
-        app[STATE].connects = TokenBucket(settings.connect_rate)
-    app.cleanup_ctx.append(_resources)
+        state.connects = TokenBucket(settings.connect_rate)
+    app.cleanup_ctx.extend([_database, _authentication, _delivery])
+    if settings.presence:
+        app.cleanup_ctx.append(_presence)
+    app.cleanup_ctx.extend([_sessions, _background])
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/client/gateway.js", _static("gateway.js"))
-    app.router.add_get("/client/gateway.mjs", _static("gateway.mjs"))
+    clientscript.install(app)
     if settings.metrics:
-        from . import metrics
-
-        metrics.install(app)
+        metrics.install(app, state)
     return app
 
 
@@ -99,87 +142,12 @@ def build_app(settings: Settings) -> web.Application:
 _CONNECT_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
 
 
-def client_script(name: str) -> bytes:
-    """The browser client as served: the source without its whole-line ``//`` comments. They
-    are for whoever reads gateway/static/; a page embedding the script need not download them
-    (a third of its gzipped size)."""
-    text = (STATIC / name).read_text(encoding="utf-8")
-    return "".join(ln for ln in text.splitlines(keepends=True) if not ln.lstrip().startswith("//")).encode()
+# --- resources, each started and stopped by its own cleanup context ---------------------
 
 
-@dataclass(frozen=True)
-class _Script:
-    """A client script as served: plain and gzipped, each with its ETag."""
-
-    plain: bytes
-    gzipped: bytes
-    etag: str
-    gzip_etag: str
-
-
-def _script(name: str) -> _Script:
-    body = client_script(name)
-    digest = hashlib.sha256(body).hexdigest()[:20]
-    return _Script(body, gzip.compress(body, compresslevel=9, mtime=0), f'"{digest}"', f'"{digest}-gz"')
-
-
-def _accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header takes gzip (RFC 9110 section 12.5.3; ``q=0`` refuses)."""
-    for item in accept_encoding.split(","):
-        coding, _, params = item.partition(";")
-        if coding.strip().lower() not in ("gzip", "*"):
-            continue
-        q = params.strip().lower()
-        if q.startswith("q="):
-            try:
-                return float(q[2:]) > 0
-            except ValueError:
-                return False
-        return True
-    return False
-
-
-def _etag_matches(if_none_match: str, *etags: str) -> bool:
-    """If-None-Match uses the weak comparison: ``W/"x"`` matches ``"x"``."""
-    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-    return "*" in tags or any(etag in tags for etag in etags)
-
-
-def _static(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    script: list[_Script] = []  # read once, on first use
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if not script:
-            if not (STATIC / name).exists():
-                raise web.HTTPNotFound(text=f"{name} is not installed")
-            script.append(_script(name))
-        s = script[0]
-        # Every page that embeds the client downloads it: gzipped (a third of its size), and
-        # revalidated with its ETag once max-age has passed, so a stale copy costs a 304.
-        gz = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
-        # Allow-Origin *: a page on the application's own site imports gateway.mjs (and, through
-        # it, gateway.js) from here, and browsers fetch module scripts with CORS. The files are
-        # the same public code for everyone; who may connect is the WebSocket's Origin check.
-        headers = {
-            "Cache-Control": "public, max-age=300",
-            "Access-Control-Allow-Origin": "*",
-            "Vary": "Accept-Encoding",
-            "ETag": s.gzip_etag if gz else s.etag,
-        }
-        if _etag_matches(request.headers.get("If-None-Match", ""), s.etag, s.gzip_etag):
-            return web.Response(status=304, headers=headers)
-        if gz:
-            headers["Content-Encoding"] = "gzip"
-        return web.Response(
-            body=s.gzipped if gz else s.plain, content_type="text/javascript", headers=headers
-        )
-
-    return handler
-
-
-async def _resources(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    s = state.settings
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    """The pool; the gateway schema and the listed tables checked before anything else starts."""
+    s = app[STATE].settings
     try:
         # command_timeout: a query on a connection that stopped answering fails instead of
         # waiting forever, and the pipeline, which awaits it, catches up from the log.
@@ -193,50 +161,80 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
     except _CONNECT_ERRORS as exc:
         raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
-    assert pool is not None
-    state.pool = pool
     try:
         missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
         if missing:
             raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
         resolver = Resolver(pool, parse_tables(s.tables))
         await resolver.check()
-        authenticator = Authenticator(s)
-        await authenticator.start()
-    except BaseException:
+        app[POOL], app[RESOLVER] = pool, resolver
+        yield
+    finally:
         await pool.close()
-        raise
-    hub = Hub()
+
+
+async def _authentication(app: web.Application) -> AsyncIterator[None]:
+    authenticator = Authenticator(app[STATE].settings)
+    try:
+        await authenticator.start()
+        app[AUTHENTICATOR] = authenticator
+        yield
+    finally:
+        await authenticator.close()
+
+
+async def _delivery(app: web.Application) -> AsyncIterator[None]:
+    """The hub and the pipeline that fills it, with the pipeline's task."""
+    state, s, pool = app[STATE], app[STATE].settings, app[POOL]
     pipeline = Pipeline(
-        hub,
+        Hub(),
         EventLog(pool),
-        resolver,
+        app[RESOLVER],
         batch_max=s.batch_max,
         replay_max_events=s.replay_max_events,
         replay_max_age=s.replay_max_age,
         replay_concurrency=s.pool_size // 2,
         replay_max_bytes=s.send_queue_bytes // 2,
     )
-    registry = Registry()
-    ctx = SessionContext(s, authenticator, Authorizer(s, pool), pipeline, registry)
-    if s.presence:
-        from .presence import Presence
+    app[PIPELINE] = pipeline
+    async with _tasks(state, [_task(pipeline.run(), "pipeline")]):
+        yield
 
-        ctx.presence = Presence(s, pool, pipeline)
-        try:
-            await ctx.presence.start()
-        except BaseException:
-            await authenticator.close()
-            await pool.close()
-            raise
+
+async def _presence(app: web.Application) -> AsyncIterator[None]:
+    presence = Presence(app[STATE].settings, app[POOL], app[PIPELINE])
+    await presence.start()
+    try:
+        app[PRESENCE] = presence
+        yield
+    finally:
+        await presence.stop()
+
+
+async def _sessions(app: web.Application) -> AsyncIterator[None]:
+    """What every WebSocket session shares. Nothing to stop: on_shutdown closes the sessions."""
+    s = app[STATE].settings
+    app[SESSIONS] = SessionContext(
+        s,
+        app[AUTHENTICATOR],
+        Authorizer(s, app[POOL]),
+        app[PIPELINE],
+        Registry(),
+        app.get(PRESENCE),
+    )
+    yield
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """The listener (the pipeline's doorbell source), the relay and log retention."""
+    state, s, pool = app[STATE], app[STATE].settings, app[POOL]
     listener = Listener(
         s.database_url,
-        pipeline.notify,
-        pipeline.resync,
         probe_interval=s.probe_interval,
         probe_timeout=s.probe_timeout,
         max_delay=s.reconnect_max_delay,
     )
+    app[PIPELINE].consume(listener)
     relay = Relay(
         s.database_url,
         poll_interval=s.relay_poll_interval,
@@ -245,30 +243,40 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         lease=s.relay_lease,
         max_delay=s.reconnect_max_delay,
     )
-    state.listener, state.pipeline, state.ctx, state.relay = listener, pipeline, ctx, relay
-    state.tasks = [
-        asyncio.create_task(pipeline.run(), name="pipeline"),
-        asyncio.create_task(listener.run(), name="listener"),
-        asyncio.create_task(relay.run(), name="relay"),
-        asyncio.create_task(_retention(state, EventLog(pool)), name="retention"),
-    ]
-    for task in state.tasks:
-        task.add_done_callback(_crash_report)
-    log.info(
-        "gateway ready: tables %s", ", ".join(t.entry.display for t in resolver.tables.values()) or "(none)"
-    )
+    retention = _task(_retention(s, EventLog(pool)), "retention")
+    tasks = [_task(listener.run(), "listener"), _task(relay.run(), "relay"), retention]
+    app[BACKGROUND] = Background(listener, relay, retention)
+    async with _tasks(state, tasks):
+        log.info(
+            "gateway ready: tables %s",
+            ", ".join(t.entry.display for t in app[RESOLVER].tables.values()) or "(none)",
+        )
+        try:
+            yield
+        finally:
+            # Before their tasks are cancelled: the relay hands its lease over on the way out.
+            await relay.stop()
+            await listener.stop()
+
+
+def _task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    task = asyncio.create_task(coro, name=name)
+    task.add_done_callback(_crash_report)
+    return task
+
+
+@contextlib.asynccontextmanager
+async def _tasks(state: State, tasks: list[asyncio.Task[None]]) -> AsyncIterator[None]:
+    """Lists ``tasks`` for /readyz while the block runs, then cancels them and waits for them."""
+    state.tasks.extend(tasks)
     try:
         yield
     finally:
-        await relay.stop()
-        await listener.stop()
-        for task in state.tasks:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*state.tasks, return_exceptions=True)
-        if ctx.presence is not None:
-            await ctx.presence.stop()
-        await authenticator.close()
-        await pool.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            state.tasks.remove(task)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -285,8 +293,7 @@ def _crash_report(task: asyncio.Task[None]) -> None:
         log.error("background task %s crashed", task.get_name(), exc_info=task.exception())
 
 
-async def _retention(state: State, event_log: EventLog) -> None:
-    s = state.settings
+async def _retention(s: Settings, event_log: EventLog) -> None:
     while True:
         await asyncio.sleep(s.retention_interval)
         try:
@@ -300,10 +307,9 @@ async def _retention(state: State, event_log: EventLog) -> None:
 
 async def _on_shutdown(app: web.Application) -> None:
     state = app[STATE]
-    if state.ctx is not None:
-        code = p.CloseCode.SERVICE_RESTART if state.draining else p.CloseCode.GOING_AWAY
-        reason = "draining: reconnect to another replica" if state.draining else "gateway shutting down"
-        await state.ctx.registry.close_all(code, reason, state.settings.drain_timeout)
+    code = p.CloseCode.SERVICE_RESTART if state.draining else p.CloseCode.GOING_AWAY
+    reason = "draining: reconnect to another replica" if state.draining else "gateway shutting down"
+    await state.ctx.registry.close_all(code, reason, state.settings.drain_timeout)
 
 
 # --- health ------------------------------------------------------------------------------
@@ -318,15 +324,14 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if state.draining:
         problems.append("draining")
-    if state.listener is None or not state.listener.connected:
+    if not state.listener.connected:
         problems.append("listener not connected")
     problems.extend(f"{t.get_name()} task stopped" for t in state.tasks if t.done())
-    if state.pool is not None:
-        try:
-            async with asyncio.timeout(1.0):
-                await state.pool.fetchval("SELECT 1")
-        except DB_ERRORS as exc:
-            problems.append(f"database unreachable: {type(exc).__name__}")
+    try:
+        async with asyncio.timeout(1.0):
+            await state.pool.fetchval("SELECT 1")
+    except DB_ERRORS as exc:
+        problems.append(f"database unreachable: {type(exc).__name__}")
     if problems:
         return web.json_response({"ready": False, "problems": problems}, status=503)
     return web.json_response({"ready": True})
@@ -369,7 +374,6 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     s = state.settings
     ctx = state.ctx
-    assert ctx is not None
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
         compress=s.compression,
@@ -420,6 +424,15 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 # --- running -----------------------------------------------------------------------------
 
 
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end on a new event loop: uvloop's where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # not on every platform; asyncio's own loop works too
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 async def serve(settings: Settings, *, reuse_port: bool = False, app: web.Application | None = None) -> None:
     """Run until SIGTERM (drain: close clients with 1012) or SIGINT (close with 1001)."""
     app = app or build_app(settings)
@@ -428,7 +441,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False, app: web.Applic
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, keepalive_timeout=settings.http_idle_timeout
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        await runner.cleanup()  # stops the resources that did start, in reverse order
+        raise
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
     try:
         await site.start()

@@ -1,12 +1,12 @@
 """The browser client stays small: at most 5 KB gzipped, as a page downloads it from the gateway
-(``server.client_script``: the source without its whole-line comments)."""
+(``clientscript.client_script``: the source without its whole-line comments)."""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
 
-from gateway.server import client_script
+from gateway.clientscript import client_script
 
 STATIC = Path(__file__).resolve().parent.parent / "gateway" / "static"
 LIMIT = 5 * 1024  # bytes, gzip level 9

@@ -20,7 +20,7 @@ import aiohttp
 
 from gateway import config
 from gateway import protocol as p
-from gateway.server import client_script
+from gateway.clientscript import client_script
 
 from .gwtest import GatewayProcess, running_gateway, token
 from .test_protocol import WAIT

@@ -28,9 +28,10 @@ import asyncpg
 from aiohttp import web
 
 from ..auth import mint_token
+from ..clientscript import STATIC
 from ..config import ConfigError, Settings, mask_dsn
 from ..pgerrors import DB_ERRORS
-from ..server import STATIC, build_app, serve
+from ..server import build_app, run, serve
 from ..tables import parse_tables
 
 log = logging.getLogger("gateway.demo")
@@ -209,7 +210,6 @@ def with_demo_table(tables: str) -> str:
 
 
 def run_demo(settings: Settings, *, host_given: bool = False) -> int:
-    from ..cli import _run as run_loop
     from .pgcluster import PostgresUnavailable, start_throwaway
 
     cluster = None
@@ -236,7 +236,7 @@ def run_demo(settings: Settings, *, host_given: bool = False) -> int:
     settings = dataclasses.replace(settings, **changes)
     log.info("demo database: %s", mask_dsn(settings.database_url))
     try:
-        run_loop(_run(settings))
+        run(_run(settings))
     except ConfigError as exc:
         print(f"gateway demo: {exc}", file=sys.stderr)
         return 2
