@@ -111,10 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check(settings: Settings) -> int:
     """What `serve` checks before it connects: the settings, their combinations (a database
     URL, a way to verify tokens) and the GATEWAY_TABLES syntax."""
-    from .auth import Authenticator
-
     config.require_database_url(settings)
-    Authenticator(settings)  # makes no connection until started
+    config.jwt_algorithms(settings)
     print(config.describe_settings(settings))
     print("configuration is valid (the database and the tables in it are checked when `serve` starts)")
     return 0
