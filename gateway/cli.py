@@ -139,6 +139,9 @@ def _serve(settings: Settings) -> int:
 
         run(serve(settings, reuse_port=os.environ.get("GATEWAY_WORKER_ID") is not None))
         return 0
-    # Caught here once, not by every worker in a restart loop.
+    from .server import check, run
+
+    # Checked here once, not by every worker (each printing the same error, interleaved).
     config.require_database_url(settings)
+    run(check(settings))
     return supervise(workers)

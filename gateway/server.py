@@ -34,7 +34,7 @@ from . import clientscript, metrics
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
-from .config import ConfigError, Settings, mask_dsn, require_database_url
+from .config import ConfigError, Settings, jwt_algorithms, mask_dsn, require_database_url
 from .eventlog import EventLog
 from .hub import Hub
 from .listener import Listener
@@ -145,32 +145,57 @@ _CONNECT_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
 # --- resources, each started and stopped by its own cleanup context ---------------------
 
 
+async def check(settings: Settings) -> None:
+    """Once, before `serve --workers N` starts its workers: what each of them would refuse to
+    start with (the JWT settings as a whole, the database unreachable or without the gateway
+    schema, a listed table or column that is not there), so the error is printed once and
+    no worker is started."""
+    jwt_algorithms(settings)
+    pool = await _open_pool(settings, 1)
+    try:
+        await _checked_resolver(pool, settings)
+    finally:
+        await pool.close()
+
+
 async def _database(app: web.Application) -> AsyncIterator[None]:
     """The pool; the gateway schema and the listed tables checked before anything else starts."""
     s = app[STATE].settings
+    pool = await _open_pool(s, s.pool_size)
+    try:
+        app[RESOLVER] = await _checked_resolver(pool, s)
+        app[POOL] = pool
+        yield
+    finally:
+        await pool.close()
+
+
+async def _open_pool(s: Settings, size: int) -> asyncpg.Pool:
     try:
         # command_timeout: a query on a connection that stopped answering fails instead of
         # waiting forever, and the pipeline, which awaits it, catches up from the log.
         pool = await asyncpg.create_pool(
             s.database_url,
             min_size=1,
-            max_size=s.pool_size,
+            max_size=size,
             timeout=10,
             command_timeout=s.db_timeout,
             reset=_keep_session,
         )
     except _CONNECT_ERRORS as exc:
         raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
-    try:
-        missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
-        if missing:
-            raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
-        resolver = Resolver(pool, parse_tables(s.tables))
-        await resolver.check()
-        app[POOL], app[RESOLVER] = pool, resolver
-        yield
-    finally:
-        await pool.close()
+    assert pool is not None
+    return pool
+
+
+async def _checked_resolver(pool: asyncpg.Pool, s: Settings) -> Resolver:
+    """The resolver of GATEWAY_TABLES, once the gateway schema and those tables are found."""
+    missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
+    if missing:
+        raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
+    resolver = Resolver(pool, parse_tables(s.tables))
+    await resolver.check()
+    return resolver
 
 
 async def _authentication(app: web.Application) -> AsyncIterator[None]:

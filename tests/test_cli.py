@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -174,27 +175,61 @@ def test_several_workers_without_a_database_url_exit_at_once() -> None:
 
 
 def test_workers_that_cannot_start_stop_the_supervisor(dsn: str, tmp_path: Path) -> None:
-    """A setting only a worker can check (the table must exist) fails every worker's start the
-    same way: the supervisor must exit with their status, not restart them once a second."""
+    """What only a worker can find (its port is taken; settings and tables are checked before
+    workers start) fails every worker's start the same way: the supervisor must exit with
+    their status, not restart them once a second."""
     logp = tmp_path / "supervisor.log"
-    with open(logp, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
-            env=cli_env(dsn, port=free_port(), tables="public.no_such_table"),
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        code = proc.wait(30)
-    except subprocess.TimeoutExpired:
-        code = None
-    finally:
-        kill_group(proc)
+    with socket.socket() as taken:  # without SO_REUSEPORT: the workers cannot share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with open(logp, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+                env=cli_env(dsn, port=taken.getsockname()[1]),
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            kill_group(proc)
     text = logp.read_text()
     assert code == 2, text[-2000:]
-    assert "no such table" in text and "could not start" in text and "restarting" not in text, text[-2000:]
+    assert "cannot listen on" in text and "could not start" in text and "restarting" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"jwt_secret": ""}, "no way to verify tokens"),
+        (
+            {"tables": "public.no_such_table"},
+            "GATEWAY_TABLES lists public.no_such_table, but no such table exists",
+        ),
+    ],
+)
+def test_serve_with_workers_checks_settings_and_tables_once_before_starting_them(
+    dsn: str, overrides: dict[str, str], error: str
+) -> None:
+    """What every worker would refuse (no way to verify tokens, a table that is not there) is
+    found by the supervisor before it starts any: printed once, not once per worker
+    (and interleaved), and the exit status is 2."""
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+        env=cli_env(dsn, port=free_port(), **overrides),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert out.count(error) == 1, out
+    assert "worker" not in out and "Traceback" not in out, out
 
 
 async def test_sigterm_during_a_restart_backoff_stops_every_worker(dsn: str, tmp_path: Path) -> None:
