@@ -60,11 +60,11 @@ BEARER_PREFIX = "bearer."
 
 @dataclass(frozen=True)
 class Background:
-    """The tasks that run beside the requests: the doorbell source, the relay, retention."""
+    """What runs beside the requests, for /readyz, /metrics and tests: the doorbell source and
+    the relay (their tasks, and retention's, are in ``State.tasks``)."""
 
     listener: Listener
     relay: Relay
-    retention: asyncio.Task[None]
 
 
 # One key per resource, set by the cleanup context that starts it (see the module docstring).
@@ -268,9 +268,12 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         lease=s.relay_lease,
         max_delay=s.reconnect_max_delay,
     )
-    retention = _task(_retention(s, EventLog(pool)), "retention")
-    tasks = [_task(listener.run(), "listener"), _task(relay.run(), "relay"), retention]
-    app[BACKGROUND] = Background(listener, relay, retention)
+    tasks = [
+        _task(listener.run(), "listener"),
+        _task(relay.run(), "relay"),
+        _task(_retention(s, EventLog(pool)), "retention"),
+    ]
+    app[BACKGROUND] = Background(listener, relay)
     async with _tasks(state, tasks):
         log.info(
             "gateway ready: tables %s",
