@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import signal
@@ -30,19 +29,10 @@ from gateway.auth import mint_token
 from gateway.relay import Relay
 from gateway.server import STATE, build_app
 
+from .pgconn import connection, terminate_leftovers
+from .polling import eventually
+
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
-# Debian's Chromium, driven by Playwright (never a downloaded browser); the flags keep it
-# from reaching for the network this machine does not have.
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -120,17 +110,20 @@ class Gateway:
             return r.status, await r.json()
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
         last: Any = None
-        while time.monotonic() < deadline:
+
+        async def is_ready() -> bool:
+            nonlocal last
             try:
                 status, last = await self.ready()
-                if status == 200:
-                    return
             except aiohttp.ClientError as exc:
                 last = exc
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"gateway at {self.base} not ready: {last}")
+                return False
+            return status == 200
+
+        await eventually(
+            is_ready, timeout, lambda: f"gateway at {self.base} to be ready (last: {last})", interval=0.05
+        )
 
     async def metrics(self) -> str:
         async with aiohttp.ClientSession() as s, s.get(self.base + "/metrics") as r:
@@ -191,13 +184,12 @@ class GatewayProcess(Gateway):
             log.close()
 
     async def wait_exit(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError("gateway process did not exit")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
+        proc = self.proc
+        assert proc is not None
+        await eventually(
+            lambda: proc.poll() is not None, timeout, "the gateway process to exit", interval=0.05
+        )
+        return proc.returncode
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -227,24 +219,13 @@ class Closed(Exception):
 # every test, also one that failed halfway, so a failure does not leave sockets whose
 # ResourceWarnings would be blamed on a later test.
 _open_clients: set[Client] = set()
-_connections: list[asyncpg.Connection] = []
-
-
-async def pg_connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    """asyncpg.connect, remembered so the connection is closed even if the test fails."""
-    conn = await asyncpg.connect(dsn, **kwargs)
-    _connections.append(conn)
-    return conn
 
 
 async def close_leftovers() -> None:
     for c in list(_open_clients):
         with contextlib.suppress(Exception):
             await c.close()
-    while _connections:
-        conn = _connections.pop()
-        if not conn.is_closed():
-            conn.terminate()
+    terminate_leftovers()
 
 
 class Client:
@@ -345,34 +326,23 @@ class Client:
 
 
 async def make_items_table(dsn: str, topic_expr: str = "'user:' || owner_id", name: str = "items") -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         await conn.execute(
             f"CREATE TABLE {name} (id bigserial PRIMARY KEY, owner_id int NOT NULL, title text, body text);"
             f"SELECT gateway.publish('{name}', $${topic_expr}$$)"
         )
-    finally:
-        await conn.close()
 
 
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Poll ``predicate`` every 10 ms until it is true; fail naming ``what`` after ``timeout`` s.
-    ``predicate`` may return an awaitable (a query), which is awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+async def insert_items(dsn: str, owner: int, titles: list[str]) -> None:
+    """Commit one row of ``items`` (make_items_table) per title, each in a transaction of its own."""
+    async with connection(dsn) as conn:
+        for title in titles:
+            await conn.execute("INSERT INTO items (owner_id, title) VALUES ($1, $2)", owner, title)
 
 
 async def wait_for_lock_wait(db: asyncpg.Connection, query_like: str, what: str) -> None:
     """Wait until some backend waits for a lock while running a query LIKE ``query_like``."""
-    await wait_until(
+    await eventually(
         lambda: db.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
             query_like,

@@ -11,24 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
-
-import asyncpg
-import pytest
 
 from gateway import protocol as p
 from gateway.auth import mint_token
 
-from .gwtest import CHROMIUM, make_items_table, running_gateway, token
-from .test_browser_e2e import client_page, rec, wait_for
+from .browsertest import BROWSER_TESTS, client_page, rec, wait_for
+from .gwtest import make_items_table, running_gateway, token
+from .pgconn import connection
 
-pytest.importorskip("playwright.async_api")
-
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = BROWSER_TESTS
 
 HARNESS = """() => {
   window.rec = { states: [], conns: [], appErrors: [], events: [], errors: {}, subscribed: [],
@@ -68,17 +60,14 @@ HARNESS = """() => {
 def audit_page(
     browser: Any, base: str, mint: Callable[[], Any]
 ) -> contextlib.AbstractAsyncContextManager[Any]:
-    """test_browser_e2e's client page, with this module's harness (errors per topic, raw frames)."""
+    """A client page (tests/browsertest.py) with this module's harness (errors per topic, raw frames)."""
     return client_page(browser, base, mint, harness=HARNESS)
 
 
 async def sql(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         for s in statements:
             await conn.execute(s)
-    finally:
-        await conn.close()
 
 
 def insert(title: str, owner: int = 1) -> str:

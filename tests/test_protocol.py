@@ -23,6 +23,8 @@ import pytest
 from gateway import protocol as p
 
 from .gwtest import SECRET, Client, Closed, Gateway, running_gateway, token
+from .pgconn import pg_connect
+from .polling import eventually
 
 WAIT = 10.0  # upper bound for something to happen; never a measured duration
 _ids = itertools.count(1000)
@@ -328,11 +330,7 @@ async def test_token_expiry_closes_4005_after_grace(dsn: str) -> None:
         await c.subscribe("user:1")
         assert await close_code(c) == p.CloseCode.TOKEN_EXPIRED
         # The connection is gone from the registry (and from the topic's subscribers).
-        for _ in range(100):
-            if not gw.state.ctx.registry.sessions:
-                break
-            await asyncio.sleep(0.02)
-        assert not gw.state.ctx.registry.sessions
+        await eventually(lambda: not gw.state.ctx.registry.sessions, WAIT, "the session to be unregistered")
         assert not gw.state.pipeline.hub.has("user:1")
         await c.close()
 
@@ -352,7 +350,7 @@ async def test_refresh_before_expiry_keeps_the_connection_open(dsn: str) -> None
         while time.time() < old["expires"] + 1.5:
             await assert_alive(c)
             await asyncio.sleep(0.25)
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         pos = await emit(db, "user:1", {"n": 1})
         (event,) = await c.events(1)
         assert event["pos"] == pos and event["data"] == {"n": 1}
@@ -392,7 +390,7 @@ async def test_refresh_that_loses_a_grant_drops_that_subscription(dsn: str) -> N
         await c.send({"type": "refresh", "token": token("1", topics=["room:2"])})
         await expect_error(c, "forbidden", topic="room:1")
         await c.expect("refreshed")
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await emit(db, "room:1", {"lost": True})
         await emit(db, "room:2", {"kept": True})
         await emit(db, "user:1", {"own": True})
@@ -415,7 +413,7 @@ async def test_an_sql_answer_given_for_one_token_s_claims_is_not_reused_for_othe
     a token whose claims differ: not for the same user's refresh that lost the role (docs: "on
     refresh every subscription is checked again with the new token"), nor for another socket of
     the same user with a lesser token. Within the cache TTL it did, per (user, topic)."""
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await db.execute(
         "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
         "RETURNS boolean LANGUAGE sql STABLE AS $$ "
@@ -466,7 +464,7 @@ async def test_subscribe_unsubscribe_and_no_events_after(dsn: str) -> None:
         ack = await c.subscribe("room:9")
         assert ack["topic"] == "room:9" and ack["id"] == 1 and ack["epoch"] and ack["pos"] == 0
         await c.subscribe("user:1")
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await emit(db, "room:9", {"n": 1})
         (event,) = await c.events(1)
         assert event["topic"] == "room:9" and event["op"] == "message"
@@ -492,7 +490,7 @@ async def test_double_subscribe_is_already_subscribed(dsn: str) -> None:
         await c.send({"type": "subscribe", "topic": "user:1", "id": 9})
         await expect_error(c, "already_subscribed", id=9, topic="user:1")
         # Still exactly one subscription: one event arrives once.
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await emit(db, "user:1", {"n": 1})
         await emit(db, "user:1", {"n": 2})
         events = await c.events(2)
@@ -538,7 +536,7 @@ async def test_topics_granted_by_own_id_and_token_claims(dsn: str) -> None:
 
 
 async def test_sql_authorization_function_grants_topics(dsn: str) -> None:
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await db.execute(
         "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
         "RETURNS boolean LANGUAGE sql STABLE AS $$ "
@@ -672,7 +670,7 @@ async def test_commit_right_after_subscribed_is_always_delivered(dsn: str) -> No
     (inline doorbell), half ``gateway.emit`` (range doorbell read from the log); some topics
     already have history, so the head is not 0.
     """
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await db.execute(
         "CREATE TABLE acks (id bigserial PRIMARY KEY, topic text NOT NULL, n int);"
         "SELECT gateway.publish('acks', $$topic$$)"
