@@ -186,7 +186,8 @@ async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any
             await wait_for(page, "rec.subscribed.length === 1")
             await wait_for(page, "rec.appErrors.some((e) => e.code === 'bad_token')")
             # The first token is in force for ~8 s + 4 s grace; a retry of the refresh (the client
-            # retries a failing token function every 5 s) has ample time.
+            # retries a failing token function every 5 s) has ample time. A real wait, not the
+            # page's clock: what must pass is the token's expiry by the gateway's clock.
             await asyncio.sleep(10)
             registry = gw.state.ctx.registry
             assert registry.closed_by_code[p.CloseCode.TOKEN_EXPIRED] == 0, (
@@ -201,6 +202,8 @@ async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any
 
 async def test_a_hung_token_function_does_not_stall_reconnects_forever(browser: Any, dsn: str) -> None:
     async with alice_in_room_1(browser, dsn) as (gw, page):
+        # The client's own deadline for a token is a timer in the page: its clock is driven.
+        await page.clock.install()
         # From now on the token endpoint hangs (a stuck fetch: browsers never time it out).
         await page.evaluate(
             """() => {
@@ -212,10 +215,12 @@ async def test_a_hung_token_function_does_not_stall_reconnects_forever(browser: 
         for session in list(gw.state.ctx.registry.sessions.values()):
             await session.close(p.CloseCode.SERVICE_RESTART, "test: reconnect")
         await wait_for(page, "rec.states.filter((s) => s === 'connecting').length === 2")
-        await asyncio.sleep(12)  # longer than the client's own handshake deadline (10 s)
+        await page.clock.run_for(12_000)  # longer than the client's own handshake deadline (10 s)
         await page.evaluate("window.hang = false")  # the endpoint answers again
-        # A client that gives up on a stuck token request retries, and comes back.
-        await wait_for(page, "rec.conns.length === 2", timeout_ms=25_000)
+        # A client that gives up on a stuck token request retries, and comes back: the attempt
+        # that was waiting when the endpoint recovered gives up in its turn, the next one connects.
+        await page.clock.run_for(12_000)
+        await wait_for(page, "rec.conns.length === 2")
 
 
 # --- 5. an unsubscribe the gateway rate-limited is taken as done ---------------------------------

@@ -192,7 +192,8 @@ async def test_short_lived_token_is_refreshed_on_the_same_connection(browser: An
             [conn_id] = await rec(page, "conns")
 
             # Several token lifetimes: without an in-band refresh the gateway closes the socket
-            # (4005) half a second after each token expires.
+            # (4005) half a second after each token expires. A real wait, not the page's clock:
+            # the tokens expire by the gateway's clock.
             await asyncio.sleep(8)
             await insert_items(dsn, 1, ["after the refreshes"])
             await wait_for(page, "rec.events.length === 1")
