@@ -2,13 +2,19 @@
 
 ``running_gateway(dsn, **settings)``: the aiohttp app on a real 127.0.0.1 socket in this
 event loop. ``GatewayProcess``: ``python -m gateway serve`` as a child process, for tests
-that kill or signal it. ``Client``: a WebSocket client speaking the protocol.
+that kill or signal it. ``Client``: a WebSocket client speaking the protocol, with the checks
+every protocol test uses (``assert_alive``, ``expect_error``, ``close_code``).
+
+The other helper modules: ``polling.py`` (``eventually``: the one way to wait for a condition),
+``pgconn.py`` (the one way to open a PostgreSQL connection), ``browsertest.py`` (Chromium and
+pages running the browser client); the fixtures are in conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -26,6 +32,7 @@ from aiohttp import web
 
 from gateway import config
 from gateway.auth import mint_token
+from gateway.protocol import ERROR_CODES
 from gateway.relay import Relay
 from gateway.server import STATE, build_app
 
@@ -323,6 +330,66 @@ class Client:
             await self.ws.close()
         if self._session is not None:
             await self._session.close()
+
+
+# --- protocol helpers (tests/test_protocol.py and the other modules that speak the protocol) ---
+
+WAIT = 10.0  # upper bound for something to happen; never a measured duration
+_ids = itertools.count(1000)
+
+
+async def assert_alive(c: Client) -> None:
+    """The connection still works: a ping gets its pong (skipping events in between)."""
+    req = next(_ids)
+    await c.send({"type": "ping", "id": req})
+    while True:
+        frame = await c.recv(WAIT)
+        if frame["type"] == "event":
+            continue
+        assert frame == {"type": "pong", "id": req}, frame
+        return
+
+
+async def expect_error(c: Client, code: str, **fields: Any) -> dict[str, Any]:
+    """The next frame is an error with ``code`` (and ``fields``); its message is never empty."""
+    frame = await c.recv(WAIT)
+    assert frame["type"] == "error", f"expected error {code}, got {frame}"
+    assert frame["code"] == code, f"expected error {code}, got {frame}"
+    assert frame["code"] in ERROR_CODES
+    assert isinstance(frame["message"], str) and frame["message"].strip(), frame
+    for key, value in fields.items():
+        assert frame.get(key) == value, f"{key}: expected {value!r} in {frame}"
+    return frame
+
+
+async def close_code(c: Client, timeout: float = WAIT) -> int | None:
+    """Read until the server closes the socket; the close code it sent."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            last = await c.recv(remaining)
+        except Closed as exc:
+            return exc.code
+        except TimeoutError:
+            raise AssertionError(
+                f"the server did not close the connection within {timeout} s; last frame: {last}"
+            ) from None
+
+
+async def open_raw(gw: Gateway, **kw: Any) -> Client:
+    """A connected socket that has not authenticated (yet)."""
+    c = Client(gw.ws_url)
+    await c.open(**kw)
+    return c
+
+
+async def emit(db: asyncpg.Connection, topic: str, data: Any) -> int:
+    pos: int = await db.fetchval("SELECT gateway.emit($1, $2::jsonb)", topic, json.dumps(data))
+    return pos
 
 
 async def make_items_table(dsn: str, topic_expr: str = "'user:' || owner_id", name: str = "items") -> None:

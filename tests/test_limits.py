@@ -19,17 +19,20 @@ import pytest
 from gateway import protocol as p
 from gateway.ratelimit import TokenBucket
 
-from .gwtest import Client, Gateway, running_gateway, token
-from .pgconn import pg_connect
-from .polling import eventually
-from .test_protocol import (
+from .gwtest import (
     WAIT,
+    Client,
+    Gateway,
     assert_alive,
     close_code,
     emit,
     expect_error,
     open_raw,
+    running_gateway,
+    token,
 )
+from .pgconn import pg_connect
+from .polling import eventually
 
 
 async def send_until_closed(c: Client, frames: list[str]) -> int:

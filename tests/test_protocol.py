@@ -10,81 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import time
 from typing import Any
 
 import aiohttp
-import asyncpg
 import jwt
 import pytest
 
 from gateway import protocol as p
 
-from .gwtest import SECRET, Client, Closed, Gateway, running_gateway, token
+from .gwtest import (
+    SECRET,
+    WAIT,
+    Client,
+    Closed,
+    Gateway,
+    assert_alive,
+    close_code,
+    emit,
+    expect_error,
+    open_raw,
+    running_gateway,
+    token,
+)
 from .pgconn import pg_connect
 from .polling import eventually
 
-WAIT = 10.0  # upper bound for something to happen; never a measured duration
-_ids = itertools.count(1000)
-
-
-# --- helpers (shared with the other protocol test modules) -----------------------------------
-
-
-async def assert_alive(c: Client) -> None:
-    """The connection still works: a ping gets its pong (skipping events in between)."""
-    req = next(_ids)
-    await c.send({"type": "ping", "id": req})
-    while True:
-        frame = await c.recv(WAIT)
-        if frame["type"] == "event":
-            continue
-        assert frame == {"type": "pong", "id": req}, frame
-        return
-
-
-async def expect_error(c: Client, code: str, **fields: Any) -> dict[str, Any]:
-    """The next frame is an error with ``code`` (and ``fields``); its message is never empty."""
-    frame = await c.recv(WAIT)
-    assert frame["type"] == "error", f"expected error {code}, got {frame}"
-    assert frame["code"] == code, f"expected error {code}, got {frame}"
-    assert frame["code"] in p.ERROR_CODES
-    assert isinstance(frame["message"], str) and frame["message"].strip(), frame
-    for key, value in fields.items():
-        assert frame.get(key) == value, f"{key}: expected {value!r} in {frame}"
-    return frame
-
-
-async def close_code(c: Client, timeout: float = WAIT) -> int | None:
-    """Read until the server closes the socket; the close code it sent."""
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] | None = None
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise TimeoutError
-            last = await c.recv(remaining)
-        except Closed as exc:
-            return exc.code
-        except TimeoutError:
-            raise AssertionError(
-                f"the server did not close the connection within {timeout} s; last frame: {last}"
-            ) from None
-
-
-async def open_raw(gw: Gateway, **kw: Any) -> Client:
-    """A connected socket that has not authenticated (yet)."""
-    c = Client(gw.ws_url)
-    await c.open(**kw)
-    return c
-
-
-async def emit(db: asyncpg.Connection, topic: str, data: Any) -> int:
-    pos: int = await db.fetchval("SELECT gateway.emit($1, $2::jsonb)", topic, json.dumps(data))
-    return pos
+# --- helpers of this module ----------------------------------------------------------------
 
 
 def b64(data: dict[str, Any]) -> str:

@@ -16,9 +16,8 @@ from typing import Any
 
 import asyncpg
 
-from .gwtest import Client, running_gateway, token
+from .gwtest import Client, expect_error, open_raw, running_gateway, token
 from .pgconn import pg_connect
-from .test_protocol import expect_error, open_raw
 
 USERS = [f"u{i}" for i in range(20)]
 ROOMS = [f"room:r{i}" for i in range(6)]

@@ -22,8 +22,7 @@ from gateway import config
 from gateway import protocol as p
 from gateway.server import client_script
 
-from .gwtest import GatewayProcess, running_gateway, token
-from .test_protocol import WAIT
+from .gwtest import WAIT, GatewayProcess, running_gateway, token
 
 # --- raw WebSocket helpers ----------------------------------------------------------------------
 
