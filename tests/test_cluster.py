@@ -135,14 +135,18 @@ async def test_cluster_kill_and_drain_lose_nothing(dsn: str, tmp_path: Path) -> 
     clients: list[ResumingClient] = []
     tasks: list[asyncio.Task[None]] = []
     try:
+        seen: dict[str, str] = {}
 
         async def all_up() -> bool:
+            nonlocal seen
             with contextlib.suppress(aiohttp.ClientError, OSError):
-                status = await _haproxy_status(stats_port)
-                return set(status.values()) >= {"UP"} and len(status) == 3
-            return False
+                # The CSV has a row per server (g0..g2) and one for the backend as a whole.
+                seen = await _haproxy_status(stats_port)
+            return all(seen.get(f"g{i}") == "UP" for i in range(3))
 
-        await eventually(all_up, 30, "HAProxy to see three replicas up", interval=0.1)
+        await eventually(
+            all_up, 30, lambda: f"HAProxy to see three replicas up (it says {seen})", interval=0.1
+        )
         url = f"ws://127.0.0.1:{lb_port}/ws"
         clients = [ResumingClient(url, f"u{i}", TOPICS[i % len(TOPICS)]) for i in range(12)]
         tasks = [asyncio.create_task(c.run()) for c in clients]
