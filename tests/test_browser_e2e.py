@@ -4,7 +4,8 @@ Every test here runs the real gateway (in this process with ``running_gateway``,
 process when it must be signalled) on a real PostgreSQL database of its own, and the real
 ``gateway/static/gateway.js`` in Chromium. Rows are committed with asyncpg, exactly as an
 application would; what the page received is read back from arrays the page's callbacks fill.
-``tests/test_browser.py`` covers the client's edge cases against a scripted stand-in server.
+``tests/test_browser_scripted.py`` covers the client's edge cases against a scripted stand-in
+server, ``tests/test_browser_recovery.py`` its recovery from what the real gateway refuses.
 
 Pages other than the demo are ``client_page``s of tests/browsertest.py: under the gateway's
 origin, with a token function that mints a real token.

@@ -1,4 +1,6 @@
-"""The browser client (gateway/static/gateway.js) against the real gateway: the cases a review found it got wrong.
+"""The browser client (gateway/static/gateway.js) recovering against the real gateway: a stream
+that cannot be recovered, a subscription revoked at refresh, a refresh refused, a token function
+that hangs, frames refused for the rate, more subscriptions at once than the frame rate allows.
 
 Same setup as tests/test_browser_e2e.py: the real gateway in this process on a database of its
 own, Debian's Chromium through Playwright, a page under the gateway's origin whose token function
@@ -86,7 +88,7 @@ async def alice_in_room_1(browser: Any, dsn: str, **settings: str) -> AsyncItera
             yield gw, page
 
 
-# --- 1. an unsolicited "subscribed" (recovered: false) on a live subscription is ignored ----------
+# --- a live subscription the gateway cannot recover is reported ---------------------------------
 
 
 async def test_live_not_recovered_frame_reaches_the_application(browser: Any, dsn: str) -> None:
@@ -116,7 +118,7 @@ async def test_live_not_recovered_frame_reaches_the_application(browser: Any, ds
         assert await rec(page, "notRecovered") != [], "onNotRecovered was never called"
 
 
-# --- 2. a subscription revoked at refresh stays in the client ------------------------------------
+# --- a subscription revoked at refresh is dropped and told so ------------------------------------
 
 
 async def test_subscription_revoked_at_refresh_is_dropped_and_reported_to_it(browser: Any, dsn: str) -> None:
@@ -160,7 +162,7 @@ async def test_subscription_revoked_at_refresh_is_dropped_and_reported_to_it(bro
             )
 
 
-# --- 3. a refresh the gateway rejects is never retried -------------------------------------------
+# --- a refresh the gateway rejects is retried -----------------------------------------------------
 
 
 async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any, dsn: str) -> None:
@@ -197,7 +199,7 @@ async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any
             assert await rec(page, "states") == ["connecting", "open"]
 
 
-# --- 4. a token function that never settles stalls the client for good --------------------------
+# --- a token function that never settles is given up on ------------------------------------------
 
 
 async def test_a_hung_token_function_does_not_stall_reconnects_forever(browser: Any, dsn: str) -> None:
@@ -223,7 +225,7 @@ async def test_a_hung_token_function_does_not_stall_reconnects_forever(browser: 
         await wait_for(page, "rec.conns.length === 2")
 
 
-# --- 5. an unsubscribe the gateway rate-limited is taken as done ---------------------------------
+# --- an unsubscribe the gateway rate-limited is sent again ---------------------------------------
 
 
 async def test_rate_limited_unsubscribe_does_not_break_a_later_subscribe(browser: Any, dsn: str) -> None:
@@ -266,7 +268,7 @@ async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_
         assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
 
 
-# --- 6. many subscriptions at once get the client closed for flooding ----------------------------
+# --- many subscriptions at once stay under the frame rate ----------------------------------------
 
 
 async def test_as_many_subscriptions_as_the_gateway_allows_are_made_without_being_closed_4029(

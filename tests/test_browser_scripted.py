@@ -5,8 +5,8 @@ gateway only produces under failure (a deploy, a revoked right, a stream reset).
 on purpose, these tests run the client against ``ScriptedGateway``: a small aiohttp WebSocket peer
 that speaks the wire protocol with the real message types of ``gateway.protocol`` (so a frame the
 client gets wrong fails to decode here) and lets a test choose what the server does next. It stands
-in for the server, not for the database; the end-to-end tests against the real gateway and
-PostgreSQL live with the server's tests.
+in for the server, not for the database; the tests against the real gateway and PostgreSQL are
+test_browser_e2e.py, test_browser_recovery.py and test_browser_embed.py.
 
 Chromium comes from the system (``/usr/bin/chromium``); Playwright never downloads a browser.
 """
