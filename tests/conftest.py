@@ -27,6 +27,10 @@
 ``db`` (function)
     A connection to the test's own database (``dsn``), closed after the test.
 
+``items`` (function)
+    ``dsn`` with a published table ``items`` (``gwtest.make_items_table``): rows of owner N go
+    to topic ``user:N``.
+
 ``blank_dsn`` (function)
     Like ``dsn`` but empty (cloned from template0): no migration applied.
 
@@ -170,6 +174,15 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test's own database (``dsn``)."""
     async with connection(dsn) as conn:
         yield conn
+
+
+@pytest.fixture
+async def items(dsn: str) -> str:
+    """``dsn`` with the published table ``items`` of gwtest.make_items_table (topic user:<owner_id>)."""
+    from .gwtest import make_items_table
+
+    await make_items_table(dsn)
+    return dsn
 
 
 class PgRestart:

@@ -29,7 +29,6 @@ from .gwtest import (
     Closed,
     Gateway,
     GatewayProcess,
-    make_items_table,
     running_gateway,
     wait_for_lock_wait,
 )
@@ -52,12 +51,6 @@ CONNECTION_ERRORS = (
 )
 
 Seq = list[tuple[int, str, str | None]]  # (pos, op, key)
-
-
-@pytest.fixture
-async def items(dsn: str) -> str:
-    await make_items_table(dsn)
-    return dsn
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -14,12 +14,6 @@ from .pgconn import pg_connect
 from .polling import eventually
 
 
-@pytest.fixture
-async def items(dsn: str) -> str:
-    await make_items_table(dsn)
-    return dsn
-
-
 async def test_insert_update_delete_arrive_once_in_commit_order_with_current_row(items: str) -> None:
     async with running_gateway(items, tables="public.items") as gw:
         alice = await gw.connect("1")
