@@ -28,7 +28,7 @@ from gateway.config import ConfigError
 from gateway.resolver import Resolver
 from gateway.tables import parse_tables
 
-from .pgconn import pg_connect
+from .pgconn import pg_connect, pg_pool
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -211,7 +211,7 @@ async def test_the_grants_docs_give_a_writer_role_are_enough(
 
 
 async def resolver(dsn: str, tables: str) -> tuple[Resolver, asyncpg.Pool]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    pool = await pg_pool(dsn, min_size=1, max_size=1)
     r = Resolver(pool, parse_tables(tables))
     try:
         await r.check()

@@ -17,13 +17,13 @@ import asyncpg
 from gateway.log import RETENTION_LOCK, EventLog
 
 from .gwtest import make_items_table, running_gateway
-from .pgconn import pg_connect
+from .pgconn import pg_connect, pg_pool
 from .polling import eventually
 
 
 @contextlib.asynccontextmanager
 async def event_log(dsn: str) -> AsyncIterator[EventLog]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = await pg_pool(dsn, min_size=1, max_size=2)
     assert pool is not None
     try:
         yield EventLog(pool)
