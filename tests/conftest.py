@@ -22,7 +22,14 @@
     it even if the test left connections open. Example::
 
         async def test_emit(dsn):
-            conn = await asyncpg.connect(dsn)
+            conn = await pg_connect(dsn)  # tests/pgconn.py: the suite's one way to connect
+
+``db`` (function)
+    A connection to the test's own database (``dsn``), closed after the test.
+
+``items`` (function)
+    ``dsn`` with a published table ``items`` (``gwtest.make_items_table``): rows of owner N go
+    to topic ``user:N``.
 
 ``blank_dsn`` (function)
     Like ``dsn`` but empty (cloned from template0): no migration applied.
@@ -34,6 +41,9 @@
     use ``await pg_restart.arestart()``, ``await pg_restart.adown()``, ``await pg_restart.aup()``:
     they run in a thread, so the event loop (and a gateway under test) keeps running meanwhile.
     The server is brought back up after the test if it was left down.
+
+``browser`` (module)
+    Debian's Chromium through Playwright (``tests/browsertest.py``), one per test module.
 
 The session fixtures are synchronous and run their asyncpg calls in a worker thread with its own
 event loop, so they never touch the loops pytest-asyncio gives to tests.
@@ -57,6 +67,8 @@ from gateway.config import mask_dsn
 from gateway.dev.pgcluster import ExistingPostgres, Postgres, PostgresUnavailable, start_throwaway
 from gateway.migrate import migrate
 
+from .pgconn import connection
+
 T = TypeVar("T")
 
 TEMPLATE_NAME = "gw_template"
@@ -73,12 +85,9 @@ def run_in_thread(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
+    async with connection(dsn, timeout=10) as conn:
         for statement in statements:
             await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 def admin_sql(pg: Postgres, *statements: str) -> None:
@@ -163,11 +172,17 @@ def blank_dsn(pg: Postgres) -> Iterator[str]:
 @pytest.fixture
 async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test's own database (``dsn``)."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         yield conn
-    finally:
-        await conn.close()
+
+
+@pytest.fixture
+async def items(dsn: str) -> str:
+    """``dsn`` with the published table ``items`` of gwtest.make_items_table (topic user:<owner_id>)."""
+    from .gwtest import make_items_table
+
+    await make_items_table(dsn)
+    return dsn
 
 
 class PgRestart:
@@ -224,14 +239,8 @@ async def _close_leftover_clients() -> AsyncIterator[None]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser() -> AsyncIterator[Any]:
-    """Debian's Chromium through Playwright, one per test module (tests/gwtest.py has the flags)."""
-    from playwright.async_api import async_playwright
+    """Debian's Chromium through Playwright, one per test module (tests/browsertest.py has the flags)."""
+    from .browsertest import launch_chromium
 
-    from .gwtest import CHROMIUM, CHROMIUM_ARGS
-
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with launch_chromium() as chromium:
+        yield chromium

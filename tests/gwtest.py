@@ -2,14 +2,19 @@
 
 ``running_gateway(dsn, **settings)``: the aiohttp app on a real 127.0.0.1 socket in this
 event loop. ``GatewayProcess``: ``python -m gateway serve`` as a child process, for tests
-that kill or signal it. ``Client``: a WebSocket client speaking the protocol.
+that kill or signal it. ``Client``: a WebSocket client speaking the protocol, with the checks
+every protocol test uses (``assert_alive``, ``expect_error``, ``close_code``).
+
+The other helper modules: ``polling.py`` (``eventually``: the one way to wait for a condition),
+``pgconn.py`` (the one way to open a PostgreSQL connection), ``browsertest.py`` (Chromium and
+pages running the browser client); the fixtures are in conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import itertools
 import json
 import os
 import signal
@@ -27,22 +32,14 @@ from aiohttp import web
 
 from gateway import config
 from gateway.auth import mint_token
+from gateway.protocol import ERROR_CODES
 from gateway.relay import Relay
 from gateway.server import STATE, build_app
 
+from .pgconn import connection, terminate_leftovers
+from .polling import eventually
+
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
-# Debian's Chromium, driven by Playwright (never a downloaded browser); the flags keep it
-# from reaching for the network this machine does not have.
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -120,17 +117,20 @@ class Gateway:
             return r.status, await r.json()
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
         last: Any = None
-        while time.monotonic() < deadline:
+
+        async def is_ready() -> bool:
+            nonlocal last
             try:
                 status, last = await self.ready()
-                if status == 200:
-                    return
             except aiohttp.ClientError as exc:
                 last = exc
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"gateway at {self.base} not ready: {last}")
+                return False
+            return status == 200
+
+        await eventually(
+            is_ready, timeout, lambda: f"gateway at {self.base} to be ready (last: {last})", interval=0.05
+        )
 
     async def metrics(self) -> str:
         async with aiohttp.ClientSession() as s, s.get(self.base + "/metrics") as r:
@@ -191,13 +191,12 @@ class GatewayProcess(Gateway):
             log.close()
 
     async def wait_exit(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError("gateway process did not exit")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
+        proc = self.proc
+        assert proc is not None
+        await eventually(
+            lambda: proc.poll() is not None, timeout, "the gateway process to exit", interval=0.05
+        )
+        return proc.returncode
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -227,24 +226,13 @@ class Closed(Exception):
 # every test, also one that failed halfway, so a failure does not leave sockets whose
 # ResourceWarnings would be blamed on a later test.
 _open_clients: set[Client] = set()
-_connections: list[asyncpg.Connection] = []
-
-
-async def pg_connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    """asyncpg.connect, remembered so the connection is closed even if the test fails."""
-    conn = await asyncpg.connect(dsn, **kwargs)
-    _connections.append(conn)
-    return conn
 
 
 async def close_leftovers() -> None:
     for c in list(_open_clients):
         with contextlib.suppress(Exception):
             await c.close()
-    while _connections:
-        conn = _connections.pop()
-        if not conn.is_closed():
-            conn.terminate()
+    terminate_leftovers()
 
 
 class Client:
@@ -344,35 +332,84 @@ class Client:
             await self._session.close()
 
 
+# --- protocol helpers (tests/test_protocol.py and the other modules that speak the protocol) ---
+
+WAIT = 10.0  # upper bound for something to happen; never a measured duration
+_ids = itertools.count(1000)
+
+
+async def assert_alive(c: Client) -> None:
+    """The connection still works: a ping gets its pong (skipping events in between)."""
+    req = next(_ids)
+    await c.send({"type": "ping", "id": req})
+    while True:
+        frame = await c.recv(WAIT)
+        if frame["type"] == "event":
+            continue
+        assert frame == {"type": "pong", "id": req}, frame
+        return
+
+
+async def expect_error(c: Client, code: str, **fields: Any) -> dict[str, Any]:
+    """The next frame is an error with ``code`` (and ``fields``); its message is never empty."""
+    frame = await c.recv(WAIT)
+    assert frame["type"] == "error", f"expected error {code}, got {frame}"
+    assert frame["code"] == code, f"expected error {code}, got {frame}"
+    assert frame["code"] in ERROR_CODES
+    assert isinstance(frame["message"], str) and frame["message"].strip(), frame
+    for key, value in fields.items():
+        assert frame.get(key) == value, f"{key}: expected {value!r} in {frame}"
+    return frame
+
+
+async def close_code(c: Client, timeout: float = WAIT) -> int | None:
+    """Read until the server closes the socket; the close code it sent."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            last = await c.recv(remaining)
+        except Closed as exc:
+            return exc.code
+        except TimeoutError:
+            raise AssertionError(
+                f"the server did not close the connection within {timeout} s; last frame: {last}"
+            ) from None
+
+
+async def open_raw(gw: Gateway, **kw: Any) -> Client:
+    """A connected socket that has not authenticated (yet)."""
+    c = Client(gw.ws_url)
+    await c.open(**kw)
+    return c
+
+
+async def emit(db: asyncpg.Connection, topic: str, data: Any) -> int:
+    pos: int = await db.fetchval("SELECT gateway.emit($1, $2::jsonb)", topic, json.dumps(data))
+    return pos
+
+
 async def make_items_table(dsn: str, topic_expr: str = "'user:' || owner_id", name: str = "items") -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         await conn.execute(
             f"CREATE TABLE {name} (id bigserial PRIMARY KEY, owner_id int NOT NULL, title text, body text);"
             f"SELECT gateway.publish('{name}', $${topic_expr}$$)"
         )
-    finally:
-        await conn.close()
 
 
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Poll ``predicate`` every 10 ms until it is true; fail naming ``what`` after ``timeout`` s.
-    ``predicate`` may return an awaitable (a query), which is awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+async def insert_items(dsn: str, owner: int, titles: list[str]) -> None:
+    """Commit one row of ``items`` (make_items_table) per title, each in a transaction of its own."""
+    async with connection(dsn) as conn:
+        for title in titles:
+            await conn.execute("INSERT INTO items (owner_id, title) VALUES ($1, $2)", owner, title)
 
 
 async def wait_for_lock_wait(db: asyncpg.Connection, query_like: str, what: str) -> None:
     """Wait until some backend waits for a lock while running a query LIKE ``query_like``."""
-    await wait_until(
+    await eventually(
         lambda: db.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
             query_like,

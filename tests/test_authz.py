@@ -17,6 +17,8 @@ from gateway.authz import AuthorizationUnavailable, Authorizer, function_sql, to
 from gateway.config import ConfigError, Settings
 from gateway.protocol import validate_topic
 
+from .pgconn import pg_pool
+
 # A function that counts its calls (so the tests can see the cache) and grants what
 # h4_grants lists, or everything to a token with role=admin (so the claims must arrive).
 SETUP = """
@@ -43,7 +45,7 @@ def settings(**kw: Any) -> Settings:
 
 @pytest.fixture
 async def db(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    pool = await pg_pool(dsn, min_size=1, max_size=4)
     await pool.execute(SETUP)
     yield pool
     await pool.close()
@@ -321,7 +323,7 @@ async def test_database_down_is_unavailable(
     host, port = await db.fetchrow("SELECT host(inet_server_addr()), inet_server_port()")
     proxy = Proxy((host, port))
     await proxy.start()
-    pool = await asyncpg.create_pool(dsn, host="127.0.0.1", port=proxy.port, min_size=1, max_size=2)
+    pool = await pg_pool(dsn, host="127.0.0.1", port=proxy.port, min_size=1, max_size=2)
     try:
         az = Authorizer(settings(authz_cache_ttl=0), pool)
         assert await az.allowed(ident(), "room:7")
@@ -347,7 +349,7 @@ async def test_database_down_is_unavailable(
 
 async def test_database_unreachable_from_the_start(db: asyncpg.Pool) -> None:
     # A pool whose server never answered (nothing listens on port 9): no connection yet.
-    pool = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:9/x", min_size=0, max_size=1)
+    pool = await pg_pool("postgresql://postgres@127.0.0.1:9/x", min_size=0, max_size=1)
     try:
         with pytest.raises(AuthorizationUnavailable):
             await Authorizer(settings(), pool).allowed(ident(), "room:7")

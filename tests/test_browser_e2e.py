@@ -4,13 +4,11 @@ Every test here runs the real gateway (in this process with ``running_gateway``,
 process when it must be signalled) on a real PostgreSQL database of its own, and the real
 ``gateway/static/gateway.js`` in Chromium. Rows are committed with asyncpg, exactly as an
 application would; what the page received is read back from arrays the page's callbacks fill.
-``tests/test_browser.py`` covers the client's edge cases against a scripted stand-in server.
+``tests/test_browser_scripted.py`` covers the client's edge cases against a scripted stand-in
+server, ``tests/test_browser_recovery.py`` its recovery from what the real gateway refuses.
 
-Pages other than the demo are a document written over the gateway's ``/healthz`` response
-(``page.set_content``), so they have the gateway's origin and address space: its Origin check
-applies unchanged, and Chromium's local-network-access check allows the WebSocket to 127.0.0.1
-(it blocks it from a page that Playwright fulfils itself). Their token function calls
-``window.mintToken``, a Python function exposed to the page that mints a real token.
+Pages other than the demo are ``client_page``s of tests/browsertest.py: under the gateway's
+origin, with a token function that mints a real token.
 
 ``UPDATE_DEMO_SCREENSHOT=1`` makes ``test_demo_page_shows_committed_rows_and_who_is_online``
 write its screenshot to ``docs/demo.png`` (it always writes one under the test's tmp_path).
@@ -21,164 +19,34 @@ Chromium comes from the system (``/usr/bin/chromium``); Playwright never downloa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import pytest
-from aiohttp import web
-
 from gateway import protocol as p
 
-from .gwtest import (
-    CHROMIUM,
-    REPO,
-    DemoProcess,
-    GatewayProcess,
-    make_items_table,
-    running_gateway,
-    serving,
-    token,
+from .browsertest import (
+    BROWSER_TESTS,
+    VIEWPORT,
+    WAIT_MS,
+    BrowserErrors,
+    app_site,
+    client_page,
+    minter,
+    rec,
+    wait_for,
 )
+from .gwtest import REPO, DemoProcess, GatewayProcess, insert_items, make_items_table, running_gateway
+from .pgconn import connection, pg_connect
+from .polling import eventually
 
-playwright_api = pytest.importorskip("playwright.async_api")
-
-VIEWPORT = {"width": 1200, "height": 800}
-# Upper bound for a condition to become true (never a measured duration). Generous: the machine
-# running the suite may be busy, and a gateway restart includes a Python interpreter start.
-WAIT_MS = 20_000
 SCREENSHOT = REPO / "docs" / "demo.png"
 # Chromium reports a refused WebSocket connection on the console; expected while a gateway is down.
 SOCKET_REFUSED = "WebSocket connection to"
 
-# One browser for the module (starting Chromium is the slow part), a fresh context per page.
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-    pytest.mark.asyncio(loop_scope="module"),
-]
-
-
-# A blank page under the gateway's origin that loads the client from the gateway itself.
-BLANK = (
-    '<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>e2e</title>'
-    '<script src="/client/gateway.js"></script>'
-)
-
-# Connect and record every callback in window.rec, for the test to read.
-HARNESS = """() => {
-  window.rec = { states: [], conns: [], appErrors: [], events: [], errors: [], subscribed: [],
-                 online: null, changes: [] };
-  window.gw = PgGateway.connect("/ws", {
-    token: () => window.mintToken(),
-    onState: (state, detail) => {
-      rec.states.push(state);
-      if (state === "open") rec.conns.push(detail.conn);
-    },
-    onError: (err) => rec.appErrors.push({ code: err.code, message: err.message }),
-  });
-  // Neither helper returns the unsubscribe function: page.evaluate would call it.
-  window.unsubscribe = {};
-  window.subscribeTo = (topic) => { unsubscribe[topic] = gw.subscribe(
-    topic,
-    (e) => rec.events.push({ topic: e.topic, pos: e.pos, op: e.op, key: e.key, title: e.row && e.row.title }),
-    {
-      onSubscribed: (info) => rec.subscribed.push(info),
-      onError: (err) => rec.errors.push({ code: err.code, message: err.message, topic: err.topic }),
-    },
-  ); };
-  window.watchPresence = (topic) => { unsubscribe[topic] = gw.presence(topic, {
-    onSnapshot: (list, users) => { rec.online = [...users.keys()].sort(); },
-    onChange: (entry, users) => {
-      rec.changes.push([entry.user, entry.status]);
-      rec.online = [...users.keys()].sort();
-    },
-  }); };
-}"""
-
-
-class BrowserErrors:
-    """Console errors and uncaught exceptions of a page; any of them fails the test."""
-
-    def __init__(self, tolerate: tuple[str, ...] = ()) -> None:
-        self.tolerate = tolerate
-        self.seen: list[str] = []
-
-    def watch(self, page: Any) -> None:
-        page.on("console", self._console)
-        page.on("pageerror", lambda e: self.seen.append(f"uncaught: {e}"))
-
-    def _console(self, message: Any) -> None:
-        # The /healthz document the harness pages start from makes Chromium ask for a favicon.
-        if message.location.get("url", "").endswith("/favicon.ico"):
-            return
-        if message.type == "error" and not message.text.startswith(self.tolerate):
-            self.seen.append(message.text)
-
-    def check(self) -> None:
-        assert not self.seen, f"browser errors: {self.seen}"
-
-
-@contextlib.asynccontextmanager
-async def client_page(
-    browser: Any,
-    base: str,
-    mint: Callable[[], str],
-    tolerate: tuple[str, ...] = (),
-    harness: str = HARNESS,
-) -> AsyncIterator[Any]:
-    """A page of its own context under ``base`` running ``harness``; tokens come from ``mint()``."""
-    context = await browser.new_context(viewport=VIEWPORT)
-    errors = BrowserErrors(tolerate)
-    try:
-        await context.expose_function("mintToken", mint)
-        page = await context.new_page()
-        errors.watch(page)
-        await page.goto(base + "/healthz")
-        await page.set_content(BLANK)
-        await page.evaluate(harness)
-        await wait_for(page, "rec.states.includes('open')")
-        yield page
-    finally:
-        await context.close()
-    errors.check()
-
-
-async def wait_for(page: Any, expr: str, timeout_ms: int = WAIT_MS) -> None:
-    """Wait until the JS expression ``expr`` holds on ``page``; on timeout say which and show rec."""
-    try:
-        await page.wait_for_function(f"() => {expr}", timeout=timeout_ms)
-    except playwright_api.TimeoutError:
-        state = await page.evaluate("typeof rec === 'undefined' ? null : rec")
-        raise AssertionError(f"timed out waiting for `{expr}`; page recorded {state}") from None
-
-
-async def rec(page: Any, name: str) -> Any:
-    return await page.evaluate(f"rec.{name}")
-
-
-async def insert_items(dsn: str, owner: int, titles: list[str]) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for title in titles:
-            await conn.execute("INSERT INTO items (owner_id, title) VALUES ($1, $2)", owner, title)
-    finally:
-        await conn.close()
-
-
-def minter(user: str, *, ttl: float = 300, topics: list[str]) -> tuple[Callable[[], str], list[str]]:
-    """A token function for a page, and the list of every token it handed out."""
-    minted: list[str] = []
-
-    def mint() -> str:
-        minted.append(token(user, ttl=ttl, topics=topics))
-        return minted[-1]
-
-    return mint, minted
+pytestmark = BROWSER_TESTS
 
 
 # --- the demo page, as `make demo` runs it ------------------------------------------------------
@@ -208,13 +76,10 @@ async def test_demo_page_shows_committed_rows_and_who_is_online(
         assert await alice.text_content("#badge") == "live as alice"
 
         title = "Ship the browser test"  # the activity generator never makes this title
-        conn = await asyncpg.connect(dsn)
-        try:
+        async with connection(dsn) as conn:
             row_id = await conn.fetchval(
                 "INSERT INTO public.demo_tasks (title, assignee) VALUES ($1, 'ada') RETURNING id", title
             )
-        finally:
-            await conn.close()
         card = await alice.wait_for_selector(f".card[data-key='{row_id}']", timeout=WAIT_MS)
         assert title in (await card.text_content() or "")
 
@@ -259,7 +124,7 @@ async def test_every_row_arrives_once_across_a_gateway_restart(
             restarted = asyncio.Event()
 
             async def writer() -> None:
-                conn = await asyncpg.connect(dsn)
+                conn = await pg_connect(dsn)
                 try:
                     n = 0
 
@@ -287,8 +152,10 @@ async def test_every_row_arrives_once_across_a_gateway_restart(
                 assert await gateway.wait_exit() == 0, gateway.log_path.read_text()[-3000:]
                 gateway._close_log()
                 count = len(committed)
-                while len(committed) < count + 5:  # some rows are committed while it is down
-                    await asyncio.sleep(0.02)
+                # some rows are committed while it is down
+                await eventually(
+                    lambda: len(committed) >= count + 5, WAIT_MS / 1000, "rows committed while it is down"
+                )
                 await gateway.start()
                 restarted.set()
 
@@ -326,7 +193,8 @@ async def test_short_lived_token_is_refreshed_on_the_same_connection(browser: An
             [conn_id] = await rec(page, "conns")
 
             # Several token lifetimes: without an in-band refresh the gateway closes the socket
-            # (4005) half a second after each token expires.
+            # (4005) half a second after each token expires. A real wait, not the page's clock:
+            # the tokens expire by the gateway's clock.
             await asyncio.sleep(8)
             await insert_items(dsn, 1, ["after the refreshes"])
             await wait_for(page, "rec.events.length === 1")
@@ -346,20 +214,6 @@ async def test_short_lived_token_is_refreshed_on_the_same_connection(browser: An
 
 
 # --- embedded in another site as an ES module --------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def app_site(pages: dict[str, str]) -> AsyncIterator[str]:
-    """Another origin (the application's own site) serving ``pages`` (path -> HTML, read at
-    each request); yields its origin."""
-    app = web.Application()
-
-    async def page(request: web.Request) -> web.Response:
-        return web.Response(text=pages[request.path], content_type="text/html")
-
-    app.router.add_get("/{name:.*}", page)
-    async with serving(app, shutdown_timeout=1) as origin:
-        yield origin
 
 
 # The application's page: it imports the client module from the gateway (GW: its address).

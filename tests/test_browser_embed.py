@@ -1,6 +1,6 @@
 """The browser client (gateway/static/gateway.js) embedded in sites as they really are, against the REAL gateway.
 
-Same setup as tests/test_browser_e2e.py (its helpers are reused): the real gateway in this
+Same setup as tests/test_browser_e2e.py (helpers in tests/browsertest.py): the real gateway in this
 process on a database of its own, Debian's Chromium through Playwright. These are the ways an
 existing site can differ from the demo page: a strict Content-Security-Policy, or a fixed token
 string instead of a token function.
@@ -8,20 +8,12 @@ string instead of a token function.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
+from .browsertest import BLANK, BROWSER_TESTS, VIEWPORT, BrowserErrors, app_site, minter, rec, wait_for
+from .gwtest import insert_items, make_items_table, running_gateway, token
 
-from .gwtest import CHROMIUM, make_items_table, running_gateway, token
-from .test_browser_e2e import BLANK, VIEWPORT, BrowserErrors, app_site, insert_items, minter, rec, wait_for
-
-pytest.importorskip("playwright.async_api")
-
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = BROWSER_TESTS
 
 # The application's page on its own origin, under a Content-Security-Policy given in a <meta>
 # tag (as a header would), loading the client from the gateway. Its own inline script runs by

@@ -3,7 +3,6 @@ traceback or a secret; the worker supervisor stops what it started."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -19,7 +18,9 @@ import pytest
 
 from gateway.config import mask_dsn
 
-from .gwtest import REPO, SECRET, DemoProcess, GatewayProcess, bare_env, free_port, pg_connect, settings_env
+from .gwtest import REPO, SECRET, DemoProcess, GatewayProcess, bare_env, free_port, settings_env
+from .pgconn import pg_connect
+from .polling import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,21 +132,20 @@ def test_an_abbreviated_flag_is_refused() -> None:
 async def _children(
     sup: psutil.Process, n: int, exclude: set[int], timeout: float = 15
 ) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kids = [k for k in sup.children() if k.pid not in exclude]
-        if len(kids) >= n:
-            return kids
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"expected {n} workers, have {sup.children()}")
+    return await eventually(
+        lambda: kids if len(kids := [k for k in sup.children() if k.pid not in exclude]) >= n else None,
+        timeout,
+        lambda: f"{n} workers (have {sup.children()})",
+        interval=0.02,
+    )
 
 
 async def _wait_log(path: Path, needle: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in path.read_text():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} not in the log:\n{path.read_text()[-2000:]}")
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: needle in path.read_text(),
+        timeout,
+        lambda: f"{needle!r} in the log:\n{path.read_text()[-2000:]}",
+    )
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 
 from gateway.protocol import RECONNECT_AFTER
 
 from .gwtest import Client, Closed, GatewayProcess, free_port, token
+from .pgconn import pg_connect
+from .polling import eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -134,21 +135,26 @@ async def test_cluster_kill_and_drain_lose_nothing(dsn: str, tmp_path: Path) -> 
     clients: list[ResumingClient] = []
     tasks: list[asyncio.Task[None]] = []
     try:
-        for _ in range(100):
+        seen: dict[str, str] = {}
+
+        async def all_up() -> bool:
+            nonlocal seen
             with contextlib.suppress(aiohttp.ClientError, OSError):
-                if (
-                    set((await _haproxy_status(stats_port)).values()) >= {"UP"}
-                    and len(await _haproxy_status(stats_port)) == 3
-                ):
-                    break
-            await asyncio.sleep(0.1)
+                # The CSV has a row per server (g0..g2) and one for the backend as a whole.
+                seen = await _haproxy_status(stats_port)
+            return all(seen.get(f"g{i}") == "UP" for i in range(3))
+
+        await eventually(
+            all_up, 30, lambda: f"HAProxy to see three replicas up (it says {seen})", interval=0.1
+        )
         url = f"ws://127.0.0.1:{lb_port}/ws"
         clients = [ResumingClient(url, f"u{i}", TOPICS[i % len(TOPICS)]) for i in range(12)]
         tasks = [asyncio.create_task(c.run()) for c in clients]
-        while any(c.epoch is None for c in clients):
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: all(c.epoch is not None for c in clients), 20, "every client subscribed", interval=0.05
+        )
 
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         committed = 0
 
         async def write(seconds: float) -> None:
@@ -168,15 +174,21 @@ async def test_cluster_kill_and_drain_lose_nothing(dsn: str, tmp_path: Path) -> 
         await write(1.0)
 
         heads = {r["topic"]: r["pos"] for r in await db.fetch("SELECT topic, pos FROM gateway.topics")}
-        deadline = time.monotonic() + 30
         metrics = ""
-        while time.monotonic() < deadline:
-            if all(c.positions and c.positions[-1] == heads[c.topic] for c in clients):
-                # A client that caught up by replay may still be finishing its subscribe.
-                metrics = await replicas[2].metrics()
-                if "gateway_subscriptions 12.0" in metrics:
-                    break
-            await asyncio.sleep(0.1)
+
+        async def caught_up() -> bool:
+            nonlocal metrics
+            if not all(c.positions and c.positions[-1] == heads[c.topic] for c in clients):
+                return False
+            # A client that caught up by replay may still be finishing its subscribe.
+            metrics = await replicas[2].metrics()
+            return "gateway_subscriptions 12.0" in metrics
+
+        def behind() -> str:
+            lagging = {c.user: (c.positions[-1:], heads[c.topic], c.closes) for c in clients}
+            return f"every client at its topic's head, subscribed on the survivor: {lagging}\n{metrics}"
+
+        await eventually(caught_up, 30, behind, interval=0.1)
         status = await _haproxy_status(stats_port)
         for c in clients:
             c.stop()

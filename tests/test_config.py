@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from gateway import config
 from gateway.config import ConfigError
 
 from .gwtest import SECRET, bare_env, free_port
+from .pgconn import pg_connect
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -115,7 +115,7 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 async def test_bad_configuration_fails_at_startup_with_a_clear_message(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     await conn.execute("CREATE TABLE keyless (a int)")
     await conn.close()
     cases = [

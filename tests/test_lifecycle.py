@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ import pytest
 from gateway.protocol import CloseCode
 
 from .gwtest import Closed, GatewayProcess, free_port, running_gateway, settings_env, token
+from .pgconn import pg_connect
+from .polling import eventually
 
 
 @pytest.mark.parametrize(
@@ -55,9 +56,8 @@ async def test_metrics_count_connections_and_deliveries(dsn: str) -> None:
     async with running_gateway(dsn) as gw:
         client = await gw.connect("1")
         await client.subscribe("user:1")
-        import asyncpg
 
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await db.execute("SELECT gateway.emit('user:1', '{}')")
         await client.events(1)
         text = await gw.metrics()
@@ -83,23 +83,20 @@ async def test_workers_share_one_port_and_a_crashed_worker_is_restarted(dsn: str
     )
     try:
         sup = psutil.Process(proc.pid)
-        for _ in range(200):
-            workers = sup.children()
-            if len(workers) == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert len(workers) == 2
+        workers = await eventually(
+            lambda: kids if len(kids := sup.children()) == 2 else None, 10, "two workers", interval=0.05
+        )
         gw = GatewayProcess.__new__(GatewayProcess)
         gw.base = f"http://127.0.0.1:{port}"
         await gw.wait_ready()
         victim = workers[0]
         victim.send_signal(signal.SIGKILL)
-        for _ in range(200):
-            now = sup.children()
-            if len(now) == 2 and victim.pid not in {w.pid for w in now}:
-                break
-            await asyncio.sleep(0.05)
-        assert len(now) == 2 and victim.pid not in {w.pid for w in now}
+        await eventually(
+            lambda: len(now := sup.children()) == 2 and victim.pid not in {w.pid for w in now},
+            10,
+            "the killed worker to be replaced",
+            interval=0.05,
+        )
         await gw.wait_ready()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

@@ -11,25 +11,28 @@ import asyncio
 import base64
 import json
 import os
-import time
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
 from gateway import protocol as p
 from gateway.ratelimit import TokenBucket
 
-from .gwtest import Client, Gateway, running_gateway, token
-from .test_protocol import (
+from .gwtest import (
     WAIT,
+    Client,
+    Gateway,
     assert_alive,
     close_code,
     emit,
     expect_error,
     open_raw,
+    running_gateway,
+    token,
 )
+from .pgconn import pg_connect
+from .polling import eventually
 
 
 async def send_until_closed(c: Client, frames: list[str]) -> int:
@@ -105,7 +108,7 @@ async def test_too_many_subscriptions(dsn: str) -> None:
         # A refused subscribe is not a subscription: room:4's events never arrive.
         await c.send({"type": "subscribe", "topic": "room:4", "id": 41})
         await expect_error(c, "too_many_subscriptions", id=41, topic="room:4")
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await emit(db, "room:4", {"refused": True})
         marker = await emit(db, "room:3", {"marker": True})
         (event,) = await c.events(1)
@@ -243,10 +246,7 @@ async def test_connections_per_user_close_1013(dsn: str) -> None:
         await assert_alive(second)
         # A freed slot can be used again.
         await first.close()
-        for _ in range(200):
-            if gw.state.ctx.registry.user_count("1") < 2:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: gw.state.ctx.registry.user_count("1") < 2, 10, "the closed slot to be freed")
         again = await gw.connect("1")
         await assert_alive(again)
         for c in (second, other, again):
@@ -274,10 +274,9 @@ async def test_max_connections_is_http_503_before_upgrade(dsn: str) -> None:
         assert status == 503
         await assert_alive(a)
         await b.close()
-        for _ in range(200):
-            if len(gw.state.ctx.registry.sessions) < 2:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: len(gw.state.ctx.registry.sessions) < 2, 10, "the closed connection to be gone"
+        )
         c = await gw.connect("3")
         await assert_alive(c)
         await a.close()
@@ -306,14 +305,18 @@ async def test_connect_rate_is_http_503_before_the_token_is_checked(dsn: str) ->
         await assert_alive(first)
         async with aiohttp.ClientSession() as s, s.get(gw.base + "/metrics") as r:
             assert 'gateway_upgrades_refused_total{error="too_many_connects"} 1.0' in await r.text()
-        deadline = time.monotonic() + 10
-        while True:  # a retry after the refill is let in
+        refusals: list[aiohttp.WSServerHandshakeError] = []
+
+        async def retry() -> Client | None:
             try:
-                second = await gw.connect("2")
-                break
+                return await gw.connect("2")
             except aiohttp.WSServerHandshakeError as exc:
-                assert exc.status == 503 and time.monotonic() < deadline, exc
-                await asyncio.sleep(0.25)
+                assert exc.status == 503, exc
+                refusals.append(exc)
+                return None
+
+        # a retry after the refill is let in
+        second = await eventually(retry, 10, lambda: f"a connect let in: {refusals[-1:]}", interval=0.25)
         await assert_alive(second)
         await first.close()
         await second.close()
@@ -379,7 +382,7 @@ async def test_other_clients_unaffected_while_one_misbehaves(dsn: str) -> None:
     async with running_gateway(dsn, message_rate=5, max_frame_bytes=1024) as gw:
         victim = await gw.connect("2")
         await victim.subscribe("user:2")
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
 
         async def misbehave(kind: int) -> int | None:
             bad = await gw.connect("1")

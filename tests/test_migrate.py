@@ -20,12 +20,14 @@ import pytest
 from gateway.dev.pgcluster import Postgres, free_port
 from gateway.migrate import MigrationError, format_status, load_migrations, migrate, sql_dir, status
 
+from .pgconn import pg_connect
+
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 REPO_FILES = sorted(p.name for p in REPO_SQL.glob("*.sql"))
 
 
 async def fetch(dsn: str, query: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         return await conn.fetch(query)
     finally:
@@ -82,7 +84,7 @@ async def test_dsn_fixture_is_already_migrated(dsn: str) -> None:
 async def test_role_without_create_privilege_can_run_applied_migrations(dsn: str) -> None:
     # A replica connecting as an application role, after an administrator migrated the database.
     role = f"gw_app_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute(
             f"CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA gateway TO {role}; "
@@ -292,7 +294,7 @@ async def test_dsn_fixture_gives_a_database_of_its_own(dsn: str) -> None:
     rows = await fetch(dsn, "SELECT current_database() AS name")
     name = rows[0]["name"]
     assert "gw_t_" in name
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute("CREATE TABLE public.left_behind (id int)")
     finally:

@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import random
 import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +29,11 @@ from .gwtest import (
     Closed,
     Gateway,
     GatewayProcess,
-    make_items_table,
-    pg_connect,
     running_gateway,
     wait_for_lock_wait,
-    wait_until,
 )
+from .pgconn import pg_connect
+from .polling import eventually
 
 TABLES = "public.items"
 TOPIC = "user:1"
@@ -53,12 +51,6 @@ CONNECTION_ERRORS = (
 )
 
 Seq = list[tuple[int, str, str | None]]  # (pos, op, key)
-
-
-@pytest.fixture
-async def items(dsn: str) -> str:
-    await make_items_table(dsn)
-    return dsn
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -92,15 +84,15 @@ async def head(dsn: str, topic: str = TOPIC) -> int:
 
 async def wait_head(dsn: str, at_least: int, timeout: float = 60.0) -> int:
     """Wait until the topic's head reaches ``at_least`` (writers are running meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def reached() -> int | None:
         with contextlib.suppress(*CONNECTION_ERRORS):
             h = await head(dsn)
             if h >= at_least:
                 return h
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the head of {TOPIC} did not reach {at_least}")
-        await asyncio.sleep(0.05)
+        return None
+
+    return await eventually(reached, timeout, f"the head of {TOPIC} to reach {at_least}", interval=0.05)
 
 
 async def commit_marker(dsn: str) -> int:
@@ -146,18 +138,21 @@ class Reader:
         return [f for f in self.frames if f["type"] == "event"]
 
     async def wait_pos(self, pos: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(e["pos"] >= pos for e in self.events):
+
+        def arrived() -> bool:
             if self.closed is not None:
                 raise AssertionError(f"{self.name} was disconnected ({self.closed}) before position {pos}")
-            if time.monotonic() > deadline:
-                last = self.events[-1]["pos"] if self.events else None
-                errors = ""
-                if self.log_path is not None:
-                    lines = self.log_path.read_text(errors="replace").splitlines()
-                    errors = "\n".join(line for line in lines if " error " in line or "Error:" in line)
-                raise AssertionError(f"{self.name} did not get position {pos} (last: {last})\n{errors}")
-            await asyncio.sleep(0.02)
+            return any(e["pos"] >= pos for e in self.events)
+
+        def missing() -> str:
+            last = self.events[-1]["pos"] if self.events else None
+            errors = ""
+            if self.log_path is not None:
+                lines = self.log_path.read_text(errors="replace").splitlines()
+                errors = "\n".join(line for line in lines if " error " in line or "Error:" in line)
+            return f"{self.name} to get position {pos} (last: {last})\n{errors}"
+
+        await eventually(arrived, timeout, missing, interval=0.02)
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -445,10 +440,12 @@ async def test_listener_kill_and_postgres_restart_lose_nothing_and_keep_client_s
             assert killed_b >= 1, "found no LISTEN backend of the second gateway"
             h = await wait_head(items, 0)
             await wait_head(items, h + 30)
-            deadline = time.monotonic() + 30
-            while not (listener.connected and listener.backend_pid != old_pid):
-                assert time.monotonic() < deadline, "the listener did not reconnect"
-                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: listener.connected and listener.backend_pid != old_pid,
+                30,
+                "the listener to reconnect",
+                interval=0.05,
+            )
 
             # Then every backend of both gateways at once (listener and pool, as a failover or
             # an idle-session timeout would), a few times, each time while events are flowing.
@@ -777,7 +774,7 @@ async def test_a_doorbell_of_the_old_epoch_read_after_a_reset_never_delivers_the
 
         rung = gw.state.relay.rung
         await db.execute("""SELECT gateway.emit('room:1', '"b"')""")
-        await wait_until(lambda: gw.state.relay.rung > rung, 10, "the relay to ring E1's position 2")
+        await eventually(lambda: gw.state.relay.rung > rung, 10, "the relay to ring E1's position 2")
         await db.execute("SELECT gateway.reset_topic('room:1')")
         await db.execute("""SELECT gateway.emit('room:1', '"x"'), gateway.emit('room:1', '"y"')""")
         e2 = await db.fetchval("SELECT epoch FROM gateway.topics WHERE topic = 'room:1'")

@@ -27,6 +27,8 @@ from gateway.dev.pgcluster import (
 )
 from tests.conftest import PgRestart
 
+from .pgconn import pg_connect
+
 needs_binaries = pytest.mark.skipif(
     find_pg_bin() is None, reason="no local PostgreSQL server binaries (initdb, pg_ctl, postgres)"
 )
@@ -62,7 +64,7 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 async def query(dsn: str, sql: str) -> object:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         return await conn.fetchval(sql)
     finally:
@@ -113,7 +115,7 @@ async def test_context_manager_stops_the_cluster() -> None:
 
 async def test_restart_keeps_data_and_port(cluster: LocalCluster) -> None:
     port, pid = cluster.port, cluster.postmaster_pid()
-    conn = await asyncpg.connect(cluster.dsn())
+    conn = await pg_connect(cluster.dsn())
     try:
         await conn.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before restart')")
         cluster.restart()
@@ -128,7 +130,7 @@ async def test_restart_keeps_data_and_port(cluster: LocalCluster) -> None:
 
 
 async def test_kill_then_restart_recovers_committed_data(cluster: LocalCluster) -> None:
-    conn = await asyncpg.connect(cluster.dsn())
+    conn = await pg_connect(cluster.dsn())
     try:
         # fast=True commits asynchronously; this commit must be durable to survive a crash.
         await conn.execute(
@@ -191,7 +193,7 @@ def test_existing_postgres_swaps_the_database_only() -> None:
 
 
 async def test_pg_restart_fixture_keeps_the_test_database(dsn: str, pg_restart: PgRestart) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before restart')")
     finally:
@@ -202,7 +204,7 @@ async def test_pg_restart_fixture_keeps_the_test_database(dsn: str, pg_restart: 
 
     await pg_restart.adown()
     with pytest.raises(OSError):
-        await asyncpg.connect(dsn, timeout=5)
+        await pg_connect(dsn, timeout=5)
     await pg_restart.aup()
     assert await query(dsn, "SELECT count(*) FROM kept") == 1
 

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import pytest
 
 from gateway import resolver
 from gateway.protocol import CloseCode
 
 from .gwtest import Closed, make_items_table, running_gateway, wait_for_lock_wait
-
-
-@pytest.fixture
-async def items(dsn: str) -> str:
-    await make_items_table(dsn)
-    return dsn
+from .pgconn import pg_connect
+from .polling import eventually
 
 
 async def test_insert_update_delete_arrive_once_in_commit_order_with_current_row(items: str) -> None:
@@ -24,7 +19,7 @@ async def test_insert_update_delete_arrive_once_in_commit_order_with_current_row
         alice = await gw.connect("1")
         ack = await alice.subscribe("user:1")
         assert ack["pos"] == 0 and ack["epoch"]
-        db = await asyncpg.connect(items)
+        db = await pg_connect(items)
         # Each event carries the row as it is when the gateway reads it, so wait for each
         # one before the next change (a row already deleted would make an update a delete).
         events = []
@@ -61,7 +56,7 @@ async def test_a_listed_table_that_cannot_be_read_loses_its_rows_and_nothing_els
     async with running_gateway(items, tables="public.items;public.notes") as gw:
         alice = await gw.connect("1")
         await alice.subscribe("user:1")
-        db = await asyncpg.connect(items)
+        db = await pg_connect(items)
         try:
             await db.execute("INSERT INTO items (owner_id, title) VALUES (1, 'before')")
             (before,) = await alice.events(1)
@@ -96,7 +91,7 @@ async def test_rows_of_other_topics_do_not_arrive(items: str) -> None:
     async with running_gateway(items, tables="public.items") as gw:
         alice = await gw.connect("1")
         await alice.subscribe("user:1")
-        db = await asyncpg.connect(items)
+        db = await pg_connect(items)
         await db.execute("INSERT INTO items (owner_id, title) VALUES (2, 'bob''s'), (1, 'mine')")
         (event,) = await alice.events(1)
         assert event["row"]["title"] == "mine"
@@ -111,7 +106,7 @@ async def test_rollback_delivers_nothing_and_1000_row_update_delivers_1000_event
     async with running_gateway(items, tables="public.items") as gw:
         alice = await gw.connect("1")
         await alice.subscribe("user:1")
-        db = await asyncpg.connect(items)
+        db = await pg_connect(items)
         await db.execute(
             "INSERT INTO items (owner_id, title) SELECT 1, 'row ' || i FROM generate_series(1, 1000) i"
         )
@@ -134,7 +129,7 @@ async def test_row_larger_than_notify_limit_is_delivered_whole(items: str) -> No
     async with running_gateway(items, tables="public.items") as gw:
         alice = await gw.connect("1")
         await alice.subscribe("user:1")
-        db = await asyncpg.connect(items)
+        db = await pg_connect(items)
         await db.execute("INSERT INTO items (owner_id, title, body) VALUES (1, 'big', $1)", body)
         (event,) = await alice.events(1)
         assert event["row"]["body"] == body
@@ -146,7 +141,7 @@ async def test_column_allow_list_limits_what_is_sent(items: str) -> None:
     async with running_gateway(items, tables="public.items(id,title)") as gw:
         alice = await gw.connect("1")
         await alice.subscribe("user:1")
-        db = await asyncpg.connect(items)
+        db = await pg_connect(items)
         await db.execute("INSERT INTO items (owner_id, title, body) VALUES (1, 't', 'secret body')")
         (event,) = await alice.events(1)
         assert event["row"] == {"id": 1, "title": "t"}
@@ -158,7 +153,7 @@ async def test_hand_published_event_is_delivered(dsn: str) -> None:
     async with running_gateway(dsn) as gw:
         alice = await gw.connect("1")
         await alice.subscribe("user:1")
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         big = {"text": "y" * 20_000}
         pos = await db.fetchval("SELECT gateway.emit('user:1', $1::jsonb)", __import__("json").dumps(big))
         (event,) = await alice.events(1)
@@ -170,7 +165,7 @@ async def test_hand_published_event_is_delivered(dsn: str) -> None:
 async def test_listener_killed_reconnects_and_catches_up_readyz_false_meanwhile(
     items: str, pg: object
 ) -> None:
-    db = await asyncpg.connect(items)
+    db = await pg_connect(items)
     # The gateway logs in as its own role so the test can keep it out for a while.
     await db.execute("CREATE ROLE gw_test LOGIN SUPERUSER")
     gw_dsn = items.replace("postgres@", "gw_test@", 1)
@@ -181,10 +176,7 @@ async def test_listener_killed_reconnects_and_catches_up_readyz_false_meanwhile(
         pid = listener.backend_pid
         await db.execute("ALTER ROLE gw_test NOLOGIN")
         assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
-        for _ in range(100):
-            if not listener.connected:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: not listener.connected, 5, "the listener to notice its death", interval=0.05)
         status, body = await gw.ready()
         assert status == 503 and "listener not connected" in body["problems"]
         # Commits while the listener is down are not lost: they are caught up from the log.
@@ -205,7 +197,7 @@ async def test_slow_consumer_is_closed_while_others_keep_receiving(items: str) -
         fast = await gw.connect("1")
         await slow.subscribe("user:1")
         await fast.subscribe("user:1")
-        db = await asyncpg.connect(items)
+        db = await pg_connect(items)
         body = "z" * 100_000
         # ~30 MB: more than the kernel's loopback socket buffers can absorb for the slow one.
         for _ in range(30):
@@ -238,8 +230,8 @@ async def test_a_long_replay_does_not_hold_up_delivery_to_others(dsn: str) -> No
     await make_items_table(dsn, name="items")
     await make_items_table(dsn, name="notes")
     async with running_gateway(dsn, tables="public.items;public.notes") as gw:
-        db = await asyncpg.connect(dsn)
-        locker = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
+        locker = await pg_connect(dsn)
         try:
             resumer = await gw.connect("1")
             ack = await resumer.subscribe("user:1")
@@ -280,8 +272,8 @@ async def test_joining_a_topic_an_open_transaction_is_creating_waits_for_nothing
     at once with the topic's first epoch, and the writer's event continues that stream."""
     await make_items_table(dsn)
     async with running_gateway(dsn, tables="public.items") as gw:
-        db = await asyncpg.connect(dsn)
-        holder = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
+        holder = await pg_connect(dsn)
         try:
             other = await gw.connect("2")
             await other.subscribe("user:2")
@@ -312,7 +304,7 @@ async def test_subscribing_writes_no_topic_rows(dsn: str) -> None:
     `room:*` cannot grow it by subscribing to room:1, room:2, ..."""
     await make_items_table(dsn)
     async with running_gateway(dsn, tables="public.items") as gw:
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         try:
             before = await db.fetchval("SELECT count(*) FROM gateway.topics")
             c = await gw.connect("u", topics=["room:*"])
@@ -325,7 +317,7 @@ async def test_subscribing_writes_no_topic_rows(dsn: str) -> None:
 
 
 async def test_failed_joins_leave_no_stream_behind(dsn: str) -> None:
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     try:
         await db.execute("CREATE TABLE docs (id bigserial PRIMARY KEY, room int NOT NULL, title text)")
         await db.execute("SELECT gateway.publish('docs', $$'room:' || room$$)")
@@ -366,7 +358,7 @@ async def test_a_replay_larger_than_the_send_limit_is_not_recovered_instead_of_c
     Past half the limit it is answered recovered=false, and the client reloads."""
     await make_items_table(dsn)
     async with running_gateway(dsn, tables="public.items", send_queue_bytes=64 * 1024) as gw:
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         try:
             c = await gw.connect("1")
             ack = await c.subscribe("user:1")

@@ -25,16 +25,9 @@ import pytest
 from gateway.heartbeat import BEAT
 from gateway.presence import _SNAPSHOT
 
-from .gwtest import (
-    REPO,
-    Client,
-    GatewayProcess,
-    pg_connect,
-    running_gateway,
-    token,
-    wait_for_lock_wait,
-    wait_until,
-)
+from .gwtest import REPO, Client, GatewayProcess, running_gateway, token, wait_for_lock_wait
+from .pgconn import pg_connect
+from .polling import eventually
 
 TOPIC = "presence:global"
 WATCH = ["presence:*"]  # the grant a presence subscriber's token carries
@@ -47,7 +40,7 @@ FAST_BOUND = 2.0
 
 
 async def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         return await conn.fetch(query, *args)
     finally:
@@ -71,11 +64,7 @@ async def logged_changes(dsn: str, topic: str = TOPIC) -> list[tuple[str, str]]:
 
 async def wait_for(dsn: str, query: str, *args: Any, timeout: float = 20.0) -> None:
     """Poll until ``query`` returns true (database state, not timing, is what is checked)."""
-    deadline = time.monotonic() + timeout
-    while not await val(dsn, query, *args):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout}s: {query} {args}")
-        await asyncio.sleep(0.05)
+    await eventually(lambda: val(dsn, query, *args), timeout, f"{query} {args} to be true", interval=0.05)
 
 
 class Watcher:
@@ -172,7 +161,7 @@ async def cluster(dsn: str, tmp_path: Path) -> AsyncIterator[Cluster]:
 
 
 async def test_migration_is_idempotent(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
         for name in ("002_presence.sql", "007_presence.sql", "013_presence_last_close.sql"):
@@ -184,7 +173,7 @@ async def test_migration_is_idempotent(dsn: str) -> None:
 
 
 async def test_five_tabs_cost_one_change_each_way_and_offline_waits_for_the_grace(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         for i in range(5):
             await conn.execute("SELECT gateway.presence_connect($1, $2, 'alice')", f"r{i % 2}", f"c{i}")
@@ -233,7 +222,7 @@ async def test_five_tabs_cost_one_change_each_way_and_offline_waits_for_the_grac
 
 
 async def test_reconnect_inside_the_grace_publishes_nothing(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'bob')")
         await conn.execute("SELECT gateway.presence_disconnect('r1', 'c1')")
@@ -247,7 +236,7 @@ async def test_reconnect_inside_the_grace_publishes_nothing(dsn: str) -> None:
 
 
 async def test_a_dead_replica_is_swept_and_its_users_go_offline(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('dead', 'c1', 'alice')")
         await conn.execute("SELECT gateway.presence_connect('dead', 'c2', 'bob')")
@@ -261,7 +250,7 @@ async def test_a_dead_replica_is_swept_and_its_users_go_offline(dsn: str) -> Non
         dead_hb = await conn.fetchval("SELECT heartbeat_at FROM gateway.replicas WHERE replica_id = 'dead'")
 
         # Another replica holds the sweep lock: this one skips.
-        other = await asyncpg.connect(dsn)
+        other = await pg_connect(dsn)
         try:
             async with other.transaction():
                 await other.execute("SELECT pg_advisory_xact_lock(7455532644695372654)")
@@ -348,7 +337,7 @@ async def test_a_dead_replicas_user_is_graced_from_her_latest_close_not_its_last
     assert before_close <= left_at <= after_close
 
     # Once the grace since that close has passed, she is offline, last seen at the close.
-    await wait_until(
+    await eventually(
         lambda: conn.fetchval("SELECT now() >= $1::timestamptz + $2::interval", left_at, grace),
         20,
         "the grace to pass",
@@ -367,7 +356,7 @@ async def test_a_dead_replicas_user_is_graced_from_her_latest_close_not_its_last
 
 
 async def test_full_apply_replaces_the_replicas_connections(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
         await conn.execute("SELECT gateway.presence_connect('r1', 'c2', 'bob')")
@@ -391,9 +380,9 @@ async def test_full_apply_replaces_the_replicas_connections(dsn: str) -> None:
 async def test_two_tabs_going_away_at_once_make_the_user_away(dsn: str) -> None:
     """The race the per-user lock exists for: each transaction alone still sees the other tab
     online, so without serialisation neither would publish and the user would stay online."""
-    setup = await asyncpg.connect(dsn)
-    first = await asyncpg.connect(dsn)
-    second = await asyncpg.connect(dsn)
+    setup = await pg_connect(dsn)
+    first = await pg_connect(dsn)
+    second = await pg_connect(dsn)
     try:
         await setup.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
         await setup.execute("SELECT gateway.presence_connect('r2', 'c1', 'alice')")
@@ -404,11 +393,14 @@ async def test_two_tabs_going_away_at_once_make_the_user_away(dsn: str) -> None:
         other = asyncio.ensure_future(
             second.fetchval("SELECT gateway.presence_set_status('r2', 'c1', 'away')")
         )
+
         # Let the second transaction run until it either finished or waits for the first's lock.
-        while not other.done() and not await setup.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)", pid
-        ):
-            await asyncio.sleep(0.01)
+        async def finished_or_waiting() -> bool:
+            return other.done() or await setup.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)", pid
+            )
+
+        await eventually(finished_or_waiting, 10, "the second transaction to finish or wait for the lock")
         await tx.commit()
         await other
         assert await setup.fetchval("SELECT status FROM gateway.presence WHERE user_id = 'alice'") == "away"
@@ -428,7 +420,7 @@ async def test_concurrent_transitions_of_one_user_on_many_replicas_converge(dsn:
     users = ["u1", "u2"]  # few users, many sessions: as much contention as possible
 
     async def worker(n: int) -> None:
-        conn = await asyncpg.connect(dsn)
+        conn = await pg_connect(dsn)
         mine: dict[str, str] = {}  # conn_id -> user
         try:
             for i in range(OPS):
@@ -486,7 +478,7 @@ async def test_concurrent_transitions_of_one_user_on_many_replicas_converge(dsn:
 async def test_the_snapshot_reads_no_offline_user(dsn: str) -> None:
     """Users once seen stay in gateway.presence, offline. A subscribe's snapshot must not read
     them: with many, a reconnect storm of subscribes keeps the pool busy (sql/007_presence.sql)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         await conn.execute(
             "INSERT INTO gateway.presence (topic, user_id, status, last_seen) "
@@ -545,7 +537,7 @@ async def test_prune_deletes_only_users_offline_longer_than_the_retention_and_pu
     dsn: str,
 ) -> None:
     staff = [TOPIC, "presence:staff"]
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         # Gone long enough: two of them on two topics (a row each), all last seen days apart.
         await _offline_since(conn, "dave", 8, staff)
@@ -566,7 +558,7 @@ async def test_prune_deletes_only_users_offline_longer_than_the_retention_and_pu
         heads = await conn.fetch("SELECT topic, epoch, pos FROM gateway.topics ORDER BY topic")
 
         # Another replica is pruning: nothing done.
-        other = await asyncpg.connect(dsn)
+        other = await pg_connect(dsn)
         try:
             async with other.transaction():
                 await other.execute("SELECT pg_advisory_xact_lock($1)", PRUNE_LOCK)
@@ -643,7 +635,7 @@ async def test_prune_never_deletes_the_row_of_a_user_who_is_connecting(dsn: str)
 
 
 async def test_bad_input_is_refused_with_a_message_naming_it(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         cases = [
             (
@@ -1021,19 +1013,24 @@ async def test_a_replica_whose_pool_stays_busy_longer_than_the_ttl_is_not_declar
             # Another replica's sweeper, sweeping as often as it can, with this one's ttl.
             other = await pg_connect(dsn)
             start = await other.fetchval("SELECT now()")
-            deadline = time.monotonic() + 60
-            while True:
+            beat = None
+
+            async def beat_past_twice_the_ttl() -> bool:
+                nonlocal beat
                 await other.fetchval("SELECT gateway.presence_sweep($1, $2)", TTL, GRACE)
                 beat = await other.fetchval(
                     "SELECT heartbeat_at FROM gateway.replicas WHERE replica_id = $1", replica
                 )
                 assert beat is not None, "the replica was declared dead while its pool was busy"
-                if beat > start + 2 * TTL:
-                    break  # it kept beating through twice the ttl of a pool it could not use
-                assert time.monotonic() < deadline, (
-                    f"the heartbeat stopped at {beat} (pool busy since {start})"
-                )
-                await asyncio.sleep(0.1)
+                # it kept beating through twice the ttl of a pool it could not use
+                return bool(beat > start + 2 * TTL)
+
+            await eventually(
+                beat_past_twice_the_ttl,
+                60,
+                lambda: f"the heartbeat to go on (it stopped at {beat}; pool busy since {start})",
+                interval=0.1,
+            )
             with pytest.raises(TimeoutError):  # and the pool was busy all along
                 await pool.acquire(timeout=0.1)
         finally:
@@ -1068,14 +1065,14 @@ async def test_the_heartbeat_connection_is_replaced_when_it_breaks_or_stops_answ
 
     async with running_gateway(dsn, **HEARTBEAT) as gw:
         replica = gw.state.ctx.presence.replica_id
-        await wait_until(heartbeat_backends, 20, "the heartbeat's connection")
+        await eventually(heartbeat_backends, 20, "the heartbeat's connection")
         (first,) = await heartbeat_backends()
         assert first == gw.state.ctx.presence.heartbeat.backend_pid
 
         # Broken: the next beat connects again.
         assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", first)  # waits for its exit
         killed = await admin.fetchval("SELECT now()")
-        await wait_until(lambda: beats_after(killed), 20, "a heartbeat after its connection was killed")
+        await eventually(lambda: beats_after(killed), 20, "a heartbeat after its connection was killed")
         (second,) = await heartbeat_backends()
         assert second != first
 
@@ -1091,11 +1088,11 @@ async def test_the_heartbeat_connection_is_replaced_when_it_breaks_or_stops_answ
                 seen.update(await heartbeat_backends(waiting=True))
                 return len(seen) >= 2
 
-            await wait_until(two_stuck_connections, 30, "the stuck heartbeat to be given up and retried")
+            await eventually(two_stuck_connections, 30, "the stuck heartbeat to be given up and retried")
         released = await admin.fetchval("SELECT now()")
-        await wait_until(lambda: beats_after(released), 20, "a heartbeat once the lock was released")
+        await eventually(lambda: beats_after(released), 20, "a heartbeat once the lock was released")
         # Given up means closed: one connection is left, not one per deadline missed.
-        await wait_until(lambda: exactly(1), 20, "one heartbeat connection")
+        await eventually(lambda: exactly(1), 20, "one heartbeat connection")
 
     # Stopped with the gateway.
-    await wait_until(lambda: exactly(0), 20, "the heartbeat connection to close")
+    await eventually(lambda: exactly(0), 20, "the heartbeat connection to close")

@@ -10,79 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import time
 from typing import Any
 
 import aiohttp
-import asyncpg
 import jwt
 import pytest
 
 from gateway import protocol as p
 
-from .gwtest import SECRET, Client, Closed, Gateway, running_gateway, token
+from .gwtest import (
+    SECRET,
+    WAIT,
+    Client,
+    Closed,
+    Gateway,
+    assert_alive,
+    close_code,
+    emit,
+    expect_error,
+    open_raw,
+    running_gateway,
+    token,
+)
+from .pgconn import pg_connect
+from .polling import eventually
 
-WAIT = 10.0  # upper bound for something to happen; never a measured duration
-_ids = itertools.count(1000)
-
-
-# --- helpers (shared with the other protocol test modules) -----------------------------------
-
-
-async def assert_alive(c: Client) -> None:
-    """The connection still works: a ping gets its pong (skipping events in between)."""
-    req = next(_ids)
-    await c.send({"type": "ping", "id": req})
-    while True:
-        frame = await c.recv(WAIT)
-        if frame["type"] == "event":
-            continue
-        assert frame == {"type": "pong", "id": req}, frame
-        return
-
-
-async def expect_error(c: Client, code: str, **fields: Any) -> dict[str, Any]:
-    """The next frame is an error with ``code`` (and ``fields``); its message is never empty."""
-    frame = await c.recv(WAIT)
-    assert frame["type"] == "error", f"expected error {code}, got {frame}"
-    assert frame["code"] == code, f"expected error {code}, got {frame}"
-    assert frame["code"] in p.ERROR_CODES
-    assert isinstance(frame["message"], str) and frame["message"].strip(), frame
-    for key, value in fields.items():
-        assert frame.get(key) == value, f"{key}: expected {value!r} in {frame}"
-    return frame
-
-
-async def close_code(c: Client, timeout: float = WAIT) -> int | None:
-    """Read until the server closes the socket; the close code it sent."""
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] | None = None
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise TimeoutError
-            last = await c.recv(remaining)
-        except Closed as exc:
-            return exc.code
-        except TimeoutError:
-            raise AssertionError(
-                f"the server did not close the connection within {timeout} s; last frame: {last}"
-            ) from None
-
-
-async def open_raw(gw: Gateway, **kw: Any) -> Client:
-    """A connected socket that has not authenticated (yet)."""
-    c = Client(gw.ws_url)
-    await c.open(**kw)
-    return c
-
-
-async def emit(db: asyncpg.Connection, topic: str, data: Any) -> int:
-    pos: int = await db.fetchval("SELECT gateway.emit($1, $2::jsonb)", topic, json.dumps(data))
-    return pos
+# --- helpers of this module ----------------------------------------------------------------
 
 
 def b64(data: dict[str, Any]) -> str:
@@ -328,11 +283,7 @@ async def test_token_expiry_closes_4005_after_grace(dsn: str) -> None:
         await c.subscribe("user:1")
         assert await close_code(c) == p.CloseCode.TOKEN_EXPIRED
         # The connection is gone from the registry (and from the topic's subscribers).
-        for _ in range(100):
-            if not gw.state.ctx.registry.sessions:
-                break
-            await asyncio.sleep(0.02)
-        assert not gw.state.ctx.registry.sessions
+        await eventually(lambda: not gw.state.ctx.registry.sessions, WAIT, "the session to be unregistered")
         assert not gw.state.pipeline.hub.has("user:1")
         await c.close()
 
@@ -352,7 +303,7 @@ async def test_refresh_before_expiry_keeps_the_connection_open(dsn: str) -> None
         while time.time() < old["expires"] + 1.5:
             await assert_alive(c)
             await asyncio.sleep(0.25)
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         pos = await emit(db, "user:1", {"n": 1})
         (event,) = await c.events(1)
         assert event["pos"] == pos and event["data"] == {"n": 1}
@@ -392,7 +343,7 @@ async def test_refresh_that_loses_a_grant_drops_that_subscription(dsn: str) -> N
         await c.send({"type": "refresh", "token": token("1", topics=["room:2"])})
         await expect_error(c, "forbidden", topic="room:1")
         await c.expect("refreshed")
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await emit(db, "room:1", {"lost": True})
         await emit(db, "room:2", {"kept": True})
         await emit(db, "user:1", {"own": True})
@@ -415,7 +366,7 @@ async def test_an_sql_answer_given_for_one_token_s_claims_is_not_reused_for_othe
     a token whose claims differ: not for the same user's refresh that lost the role (docs: "on
     refresh every subscription is checked again with the new token"), nor for another socket of
     the same user with a lesser token. Within the cache TTL it did, per (user, topic)."""
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await db.execute(
         "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
         "RETURNS boolean LANGUAGE sql STABLE AS $$ "
@@ -466,7 +417,7 @@ async def test_subscribe_unsubscribe_and_no_events_after(dsn: str) -> None:
         ack = await c.subscribe("room:9")
         assert ack["topic"] == "room:9" and ack["id"] == 1 and ack["epoch"] and ack["pos"] == 0
         await c.subscribe("user:1")
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await emit(db, "room:9", {"n": 1})
         (event,) = await c.events(1)
         assert event["topic"] == "room:9" and event["op"] == "message"
@@ -492,7 +443,7 @@ async def test_double_subscribe_is_already_subscribed(dsn: str) -> None:
         await c.send({"type": "subscribe", "topic": "user:1", "id": 9})
         await expect_error(c, "already_subscribed", id=9, topic="user:1")
         # Still exactly one subscription: one event arrives once.
-        db = await asyncpg.connect(dsn)
+        db = await pg_connect(dsn)
         await emit(db, "user:1", {"n": 1})
         await emit(db, "user:1", {"n": 2})
         events = await c.events(2)
@@ -538,7 +489,7 @@ async def test_topics_granted_by_own_id_and_token_claims(dsn: str) -> None:
 
 
 async def test_sql_authorization_function_grants_topics(dsn: str) -> None:
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await db.execute(
         "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
         "RETURNS boolean LANGUAGE sql STABLE AS $$ "
@@ -672,7 +623,7 @@ async def test_commit_right_after_subscribed_is_always_delivered(dsn: str) -> No
     (inline doorbell), half ``gateway.emit`` (range doorbell read from the log); some topics
     already have history, so the head is not 0.
     """
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await db.execute(
         "CREATE TABLE acks (id bigserial PRIMARY KEY, topic text NOT NULL, n int);"
         "SELECT gateway.publish('acks', $$topic$$)"

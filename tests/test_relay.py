@@ -17,7 +17,9 @@ from gateway.dev.pgcluster import LocalCluster
 from gateway.migrate import migrate
 from gateway.relay import Relay
 
-from .gwtest import make_items_table, pg_connect, relay_running, running_gateway, wait_until
+from .gwtest import make_items_table, relay_running, running_gateway
+from .pgconn import pg_connect
+from .polling import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,13 +43,13 @@ class Rung:
         return sorted(set(self.positions.get(topic, [])))
 
     async def wait_for(self, topic: str, n: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.distinct(topic) != list(range(1, n + 1)):
-            if time.monotonic() > deadline:
-                have = self.distinct(topic)
-                missing = sorted(set(range(1, n + 1)) - set(have))
-                raise AssertionError(f"{topic}: {len(have)} of {n} rung; missing {missing[:20]}")
-            await asyncio.sleep(0.01)
+
+        def missing() -> str:
+            have = self.distinct(topic)
+            missing = sorted(set(range(1, n + 1)) - set(have))
+            return f"{topic}: all {n} rung ({len(have)} rung; missing {missing[:20]})"
+
+        await eventually(lambda: self.distinct(topic) == list(range(1, n + 1)), timeout, missing)
 
 
 async def listen(dsn: str, channel: str, callback: Any) -> asyncpg.Connection:
@@ -72,7 +74,7 @@ async def test_writers_ring_the_relay_once_per_statement_when_quiet_and_never_wh
     async def count_pokes() -> int:
         """Pokes committed so far (a marker committed last arrives last)."""
         await db.execute("SELECT pg_notify('gateway_poll', 'marker')")
-        await wait_until(lambda: "marker" in pokes, 10, "the marker")
+        await eventually(lambda: "marker" in pokes, 10, "the marker")
         n = pokes.index("marker")
         del pokes[: n + 1]
         return n
@@ -107,7 +109,7 @@ async def test_a_burst_of_writes_makes_the_quiet_relay_busy_within_a_fraction_of
     listener = await listen(dsn, "gateway_poll", lambda *a: pokes.append(a[3]))
     db = await pg_connect(dsn)
     async with relay_running(dsn, wake_rate=100) as relay:
-        await wait_until(lambda: relay.leader and not relay.awake, 10, "a quiet leader")
+        await eventually(lambda: relay.leader and not relay.awake, 10, "a quiet leader")
         await asyncio.sleep(0.3)
         written, start = 0, time.monotonic()
         while time.monotonic() - start < 0.8:  # a burst of single-row transactions, ~1000/s
@@ -116,7 +118,7 @@ async def test_a_burst_of_writes_makes_the_quiet_relay_busy_within_a_fraction_of
             await asyncio.sleep(0.001)
         assert relay.awake
     await db.execute("SELECT pg_notify('gateway_poll', 'marker')")
-    await wait_until(lambda: "marker" in pokes, 10, "the marker")
+    await eventually(lambda: "marker" in pokes, 10, "the marker")
     rung = pokes.index("marker")
     # Busy after ~0.1 s of the 0.8 s burst: the later transactions saw the flag and kept quiet.
     assert written > 150 and rung < written / 2, (written, rung)
@@ -134,7 +136,7 @@ async def test_a_writer_that_saw_the_relay_busy_is_rung_after_it_went_quiet(dsn:
     slow = await pg_connect(dsn)
     # idle_poll 30 s: in quiet mode only a writer's NOTIFY would make the relay look.
     async with relay_running(dsn, wake_rate=50, idle_poll=30.0, poll_interval=0.005) as relay:
-        await wait_until(lambda: relay.leader, 10, "leadership")
+        await eventually(lambda: relay.leader, 10, "leadership")
         load_done = asyncio.Event()
 
         async def load() -> int:
@@ -157,7 +159,7 @@ async def test_a_writer_that_saw_the_relay_busy_is_rung_after_it_went_quiet(dsn:
         assert relay.awake, "went quiet while a writer that saw it busy was still open"
         await tr.commit()
         await rung.wait_for("room:slow", 1, timeout=5)
-        await wait_until(lambda: not relay.awake, 10, "the relay to go quiet")
+        await eventually(lambda: not relay.awake, 10, "the relay to go quiet")
         await rung.wait_for("room:load", loads, timeout=5)
         # Quiet now: a new writer rings the relay itself.
         await db.execute("INSERT INTO msgs (room) VALUES ('later')")
@@ -175,7 +177,7 @@ async def test_another_replica_takes_over_when_the_relay_connection_dies(dsn: st
         relay_running(dsn, lease=1.0, wake_rate=50) as one,
         relay_running(dsn, lease=1.0, wake_rate=50) as two,
     ):
-        await wait_until(lambda: one.leader or two.leader, 10, "a leader")
+        await eventually(lambda: one.leader or two.leader, 10, "a leader")
         leader, other = (one, two) if one.leader else (two, one)
         assert not other.leader
         holder = await db.fetchval("SELECT holder FROM gateway.relay")
@@ -192,7 +194,7 @@ async def test_another_replica_takes_over_when_the_relay_connection_dies(dsn: st
                 assert conn is not None
                 await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
         await rung.wait_for("room:a", written, timeout=15)
-        await wait_until(lambda: one.leader or two.leader, 10, "a leader after the kill")
+        await eventually(lambda: one.leader or two.leader, 10, "a leader after the kill")
         assert rung.payloads < written  # many events per NOTIFY
     await listener.close()
 
@@ -205,7 +207,7 @@ async def test_a_relay_whose_process_died_is_replaced_long_before_its_lease_runs
     first = Relay(dsn, lease=30.0, wake_rate=1_000_000)
     crashed = asyncio.ensure_future(first.run())
     try:
-        await wait_until(lambda: first.leader, 10, "the first relay leading")
+        await eventually(lambda: first.leader, 10, "the first relay leading")
         async with relay_running(dsn, lease=30.0, wake_rate=1_000_000) as second:
             for _ in range(10):
                 await db.execute("INSERT INTO msgs (room) VALUES ('a')")
@@ -217,7 +219,7 @@ async def test_a_relay_whose_process_died_is_replaced_long_before_its_lease_runs
                 await crashed
             for _ in range(10):
                 await db.execute("INSERT INTO msgs (room) VALUES ('a')")
-            await wait_until(lambda: second.leader, 10, "the second relay taking over")
+            await eventually(lambda: second.leader, 10, "the second relay taking over")
             await rung.wait_for("room:a", 20, timeout=5)
             holder, left = await db.fetchrow("SELECT holder, lease_until - now() FROM gateway.relay")
             assert holder == second.replica_id and left.total_seconds() > 20
@@ -235,7 +237,7 @@ async def test_quiet_relay_rings_every_commit_without_waiting_for_its_safety_pol
     writers = [await pg_connect(dsn) for _ in range(4)]
     # Quiet for good (wake_rate), and the next poll of its own (idle_poll, lease/3) 20 s away.
     async with relay_running(dsn, wake_rate=1_000_000, idle_poll=30.0, lease=60.0) as relay:
-        await wait_until(lambda: relay.leader and not relay.awake, 15, "a quiet leader")
+        await eventually(lambda: relay.leader and not relay.awake, 15, "a quiet leader")
         # Each round: one commit rings, and three more commit while the poll it caused runs.
         total = 0
         for _ in range(20):
@@ -270,7 +272,7 @@ async def test_two_phase_commit_writes_with_ring_off_are_prepared_and_delivered(
                 alice = await gw.connect("1")
                 await alice.subscribe("user:1")
                 await db.execute("SET gateway.ring = off")
-                await wait_until(lambda: not gw.state.relay.awake, 10, "the relay to be quiet")
+                await eventually(lambda: not gw.state.relay.awake, 10, "the relay to be quiet")
                 await db.execute("BEGIN; INSERT INTO items (owner_id, title) VALUES (1, 'two-phase')")
                 await db.execute("PREPARE TRANSACTION 'two_phase'")
                 await db.execute("COMMIT PREPARED 'two_phase'")

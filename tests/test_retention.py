@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,12 +16,14 @@ import asyncpg
 
 from gateway.eventlog import RETENTION_LOCK, EventLog
 
-from .gwtest import make_items_table, pg_connect, running_gateway
+from .gwtest import make_items_table, running_gateway
+from .pgconn import pg_connect, pg_pool
+from .polling import eventually
 
 
 @contextlib.asynccontextmanager
 async def event_log(dsn: str) -> AsyncIterator[EventLog]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = await pg_pool(dsn, min_size=1, max_size=2)
     assert pool is not None
     try:
         yield EventLog(pool)
@@ -124,13 +125,15 @@ async def test_only_one_pruner_at_a_time(dsn: str) -> None:
         await tx.start()
         await holder.execute("SELECT 1 FROM gateway.events WHERE topic = 'room:a' AND pos = 1 FOR UPDATE")
         running = asyncio.create_task(first.prune(max_events=5, max_age=3600))
-        deadline = time.monotonic() + 20
-        while not await db.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND pid <> pg_backend_pid())"
-        ):
-            assert time.monotonic() < deadline, "the first pruner never took the pruning lock"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: db.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid <> pg_backend_pid())"
+            ),
+            20,
+            "the first pruner to take the pruning lock",
+            interval=0.02,
+        )
         assert await second.prune(max_events=5, max_age=3600) is None
         await tx.rollback()
         assert await running == 15
@@ -162,10 +165,16 @@ async def test_retention_task_prunes_and_resume_is_recovered_only_inside_what_is
         await client.close()
 
         async def wait_positions(expected: list[int]) -> None:
-            deadline = time.monotonic() + 20
-            while (got := await positions(db, "user:1")) != expected:
-                assert time.monotonic() < deadline, f"retention left {got}, expected {expected}"
-                await asyncio.sleep(0.1)
+            got: list[int] = []
+
+            async def pruned() -> bool:
+                nonlocal got
+                got = await positions(db, "user:1")
+                return got == expected
+
+            await eventually(
+                pruned, 20, lambda: f"retention to leave {expected} (it left {got})", interval=0.1
+            )
 
         # The server's retention task keeps the newest 10.
         await wait_positions(list(range(21, 31)))

@@ -16,8 +16,8 @@ from typing import Any
 
 import asyncpg
 
-from .gwtest import Client, running_gateway, token
-from .test_protocol import expect_error, open_raw
+from .gwtest import Client, expect_error, open_raw, running_gateway, token
+from .pgconn import pg_connect
 
 USERS = [f"u{i}" for i in range(20)]
 ROOMS = [f"room:r{i}" for i in range(6)]
@@ -48,7 +48,7 @@ async def make_msgs(db: asyncpg.Connection) -> None:
 
 async def writer(dsn: str, w: int) -> None:
     rnd = random.Random(w)  # reproducible interleavings per writer; the race between writers is real
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     try:
         for s in range(STATEMENTS_PER_WRITER):
             kind = rnd.choice(["one", "many", "many", "range", "update", "tx"])
@@ -100,7 +100,7 @@ async def writer(dsn: str, w: int) -> None:
 
 
 async def test_every_user_gets_exactly_the_events_of_its_topics(dsn: str) -> None:
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await make_msgs(db)
     async with running_gateway(dsn, tables="public.msgs") as gw:
         conns: list[tuple[int, Client]] = []
@@ -166,7 +166,7 @@ async def test_an_event_never_carries_a_row_that_moved_to_another_topic(dsn: str
     The log holds: update on user:alice, update on user:bob, delete on user:alice. Alice must
     never see "for bob only".
     """
-    db = await asyncpg.connect(dsn)
+    db = await pg_connect(dsn)
     await make_msgs(db)
     row_id = await db.fetchval("INSERT INTO msgs (topic, body) VALUES ('user:alice', 'draft') RETURNING id")
     async with running_gateway(dsn, tables="public.msgs") as gw:

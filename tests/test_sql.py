@@ -24,7 +24,9 @@ import pytest
 from gateway.migrate import migrate
 from gateway.relay import Relay
 
-from .gwtest import relay_running, wait_for_lock_wait, wait_until
+from .gwtest import relay_running, wait_for_lock_wait
+from .pgconn import pg_connect
+from .polling import eventually
 
 MIGRATIONS = sorted((Path(__file__).resolve().parent.parent / "sql").glob("[0-9][0-9][0-9]_*.sql"))
 NOTIFY_LIMIT = 8000  # PostgreSQL rejects payloads of 8000 bytes or more
@@ -52,8 +54,7 @@ class Doorbells:
         # Two polls after the poke: the second began after everything committed so far.
         polls = self.relay.polls
         await writer.execute("SELECT pg_notify('gateway_poll', '')")
-        while self.relay.polls < polls + 2:
-            await asyncio.sleep(0.002)
+        await eventually(lambda: self.relay.polls >= polls + 2, 30, "two relay polls", interval=0.002)
         self.markers += 1
         marker = json.dumps({"marker": self.markers})
         await writer.execute("SELECT pg_notify('gateway', $1)", marker)
@@ -73,12 +74,12 @@ class Doorbells:
 
 @pytest.fixture
 async def bells(dsn: str) -> AsyncIterator[Doorbells]:
-    listener = await asyncpg.connect(dsn)
+    listener = await pg_connect(dsn)
     try:
         async with relay_running(dsn, idle_poll=0.05) as relay:
             # A relay's first lease starts from the snapshot it is taken in: events committed
             # before that are in the log, but never rung (docs/guarantees.md).
-            await wait_until(lambda: relay.leader, 10, "the relay's lease")
+            await eventually(lambda: relay.leader, 10, "the relay's lease")
             d = Doorbells(listener, relay)
             await d.start()
             yield d
@@ -477,8 +478,8 @@ async def test_reset_topic_waits_out_a_writer_and_leaves_none_of_its_events(
     # own position 3 then failed on the primary key.
     await make_items(db)
     await db.execute("INSERT INTO items VALUES (1, 1, 'a'), (2, 1, 'b')")
-    writer = await asyncpg.connect(dsn)
-    resetter = await asyncpg.connect(dsn)
+    writer = await pg_connect(dsn)
+    resetter = await pg_connect(dsn)
     try:
         tx = writer.transaction()
         await tx.start()
@@ -501,7 +502,7 @@ async def test_first_epochs_are_the_installation_s_own(dsn: str, blank_dsn: str)
     await migrate(blank_dsn)
     firsts = []
     for d in (dsn, blank_dsn):
-        conn = await asyncpg.connect(d)
+        conn = await pg_connect(d)
         try:
             firsts.append(await conn.fetchval("SELECT epoch FROM gateway.heads(ARRAY['room:1'])"))
             assert await conn.fetchval("SELECT count(*) FROM gateway.topics WHERE topic = 'room:1'") == 0
@@ -546,7 +547,7 @@ async def test_migration_twice_is_harmless(db: asyncpg.Connection, bells: Doorbe
 
 async def test_positions_follow_commit_order_not_start_order(dsn: str, db: asyncpg.Connection) -> None:
     await make_items(db)
-    first, second = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    first, second = await pg_connect(dsn), await pg_connect(dsn)
     try:
         # `first` starts first (it has an xid), but `second` appends and commits first.
         t1, t2 = first.transaction(), second.transaction()
@@ -581,11 +582,11 @@ async def test_positions_follow_commit_order_not_start_order(dsn: str, db: async
 async def wait_until_blocked(db: asyncpg.Connection, conn: asyncpg.Connection) -> None:
     """Until `conn`'s backend waits for a lock (its statement has reached the topic)."""
     pid = conn.get_server_pid()
-    for _ in range(3000):
-        if await db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"backend {pid} never waited for a lock")
+    await eventually(
+        lambda: db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid),
+        30,
+        f"backend {pid} to wait for a lock",
+    )
 
 
 async def test_many_concurrent_writers_one_topic_gap_free_in_commit_order(
@@ -596,7 +597,7 @@ async def test_many_concurrent_writers_one_topic_gap_free_in_commit_order(
     position is never visible before an earlier one (commit order), and none is missing."""
     await make_items(db)
     writers, per_writer = 8, 12
-    conns = [await asyncpg.connect(dsn) for _ in range(writers)]
+    conns = [await pg_connect(dsn) for _ in range(writers)]
     committed: list[int] = []
     done = asyncio.Event()
 
@@ -654,9 +655,9 @@ async def test_statements_writing_the_same_topics_in_opposite_row_orders_do_not_
     """Each row trigger locks its topic's head; a statement touching several topics locks them
     all in sorted order first. A slow topic expression forces the interleaving that would
     deadlock if the heads were locked in row order: T1 rows (b, a), T2 rows (a, b)."""
-    setup = await asyncpg.connect(dsn)
+    setup = await pg_connect(dsn)
     await setup.execute(SLOW_PAIR)
-    writers = [await asyncpg.connect(dsn) for _ in range(2)]
+    writers = [await pg_connect(dsn) for _ in range(2)]
     try:
         for _ in range(3):
             await asyncio.gather(
@@ -675,9 +676,9 @@ async def test_each_statement_of_a_transaction_locks_its_topics_in_sorted_order(
     """The first row of a multi-row statement locks the statement's topics and counts its rows
     down; the next statement of the same transaction must start over, or it would lock in row
     order and the two writers below would deadlock (40P01) on t:a and t:b."""
-    setup = await asyncpg.connect(dsn)
+    setup = await pg_connect(dsn)
     await setup.execute(SLOW_PAIR)
-    writers = [await asyncpg.connect(dsn) for _ in range(2)]
+    writers = [await pg_connect(dsn) for _ in range(2)]
 
     async def write(conn: asyncpg.Connection, first: list[str], second: list[str]) -> None:
         async with conn.transaction():

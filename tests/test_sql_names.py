@@ -16,6 +16,8 @@ import pytest
 from gateway.migrate import migrate
 from gateway.protocol import validate_topic
 
+from .pgconn import pg_connect
+
 pytestmark = pytest.mark.timeout(120)
 
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
@@ -138,7 +140,7 @@ async def test_upgrade_renames_functions_of_non_ascii_tables_and_leaves_the_trig
     re-publishes them under names that fit, dropping the old functions, with trigger bodies
     identical but for those names (byte-identical for an ASCII table)."""
     await migrate(blank_dsn, directory=migrations_dir(tmp_path, "before", 8))
-    db = await asyncpg.connect(blank_dsn)
+    db = await pg_connect(blank_dsn)
     try:
         assert await generated(db) == {}
         assert "left(n.nspname || '_' || c.relname, 36)" in await db.fetchval(
@@ -165,7 +167,7 @@ async def test_upgrade_renames_functions_of_non_ascii_tables_and_leaves_the_trig
         await db.close()
 
     await migrate(blank_dsn, directory=migrations_dir(tmp_path, "with_008", 9))
-    db = await asyncpg.connect(blank_dsn)
+    db = await pg_connect(blank_dsn)
     try:
         new = await generated(db)
         expected: set[str] = set()

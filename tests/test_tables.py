@@ -21,6 +21,7 @@ from gateway.resolver import Resolver
 from gateway.tables import TableEntry, display_ident, parse_tables, quote_ident
 
 from .gwtest import running_gateway
+from .pgconn import pg_pool
 
 # --- the parser ----------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ def test_the_demo_adds_its_table_unless_listed() -> None:
 
 
 async def check(dsn: str, tables: str) -> dict[str, Any]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    pool = await pg_pool(dsn, min_size=1, max_size=1)
     try:
         resolver = Resolver(pool, parse_tables(tables))
         await resolver.check()

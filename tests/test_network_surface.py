@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
 import json
 import os
 import struct
@@ -20,10 +19,8 @@ import aiohttp
 
 from gateway import config
 from gateway import protocol as p
-from gateway.clientscript import client_script
 
-from .gwtest import GatewayProcess, running_gateway, token
-from .test_protocol import WAIT
+from .gwtest import WAIT, GatewayProcess, running_gateway, token
 
 # --- raw WebSocket helpers ----------------------------------------------------------------------
 
@@ -158,43 +155,6 @@ async def test_a_websocket_ping_flood_is_rate_limited_and_closed_4029(dsn: str) 
             # At most the burst (2x the rate) was answered before the flood was cut off.
             assert seen.get(PONG, 0) <= 2 * rate, seen
             writer.close()
-
-
-# --- HTTP endpoints: the client script ------------------------------------------------------------
-
-
-async def test_the_client_script_is_served_gzipped_and_revalidated_with_an_etag(dsn: str) -> None:
-    """Every page that embeds the client downloads it: gzipped it is under 5 KB
-    (tests/test_client_size.py), so that is what the gateway must send, and a browser whose
-    copy is stale after max-age revalidates it with a 304 instead of downloading it again."""
-    async with running_gateway(dsn) as gw, aiohttp.ClientSession(auto_decompress=False) as http:
-        for name in ("gateway.js", "gateway.mjs"):
-            url = f"{gw.base}/client/{name}"
-            async with http.get(url, headers={"Accept-Encoding": "gzip, deflate, br"}) as r:
-                assert r.status == 200
-                assert r.headers.get("Content-Encoding") == "gzip", dict(r.headers)
-                assert "Accept-Encoding" in r.headers.get("Vary", "")
-                assert r.headers["Access-Control-Allow-Origin"] == "*"
-                body = await r.read()
-                assert len(body) <= 5 * 1024
-                assert gzip.decompress(body) == client_script(name)
-                etag = r.headers["ETag"]
-            # A client that does not take gzip gets the plain script.
-            async with http.get(url, headers={"Accept-Encoding": "identity"}) as r:
-                assert "Content-Encoding" not in r.headers
-                assert await r.read() == client_script(name)
-                plain_etag = r.headers["ETag"]
-            async with http.get(url, headers={"Accept-Encoding": "gzip;q=0"}) as r:
-                assert "Content-Encoding" not in r.headers
-            # Revalidation: the ETag the browser kept gets a 304 without a body.
-            for tag in (etag, plain_etag, f"W/{etag}", f'"nope", {etag}'):
-                async with http.get(url, headers={"If-None-Match": tag, "Accept-Encoding": "gzip"}) as r:
-                    assert r.status == 304, tag
-                    assert await r.read() == b""
-                    assert r.headers["ETag"] == etag
-                    assert "max-age" in r.headers["Cache-Control"]
-            async with http.get(url, headers={"If-None-Match": '"something-else"'}) as r:
-                assert r.status == 200
 
 
 # --- HTTP endpoints: what they reveal ---------------------------------------------------------------

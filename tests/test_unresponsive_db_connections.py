@@ -17,7 +17,8 @@ import asyncpg
 import pytest
 
 from .blackhole import BlackholeProxy
-from .gwtest import Client, Gateway, make_items_table, pg_connect, running_gateway
+from .gwtest import Client, Gateway, make_items_table, running_gateway
+from .pgconn import pg_connect
 
 pytestmark = pytest.mark.timeout(90)
 

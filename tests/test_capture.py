@@ -28,6 +28,8 @@ from gateway.config import ConfigError
 from gateway.resolver import Resolver
 from gateway.tables import parse_tables
 
+from .pgconn import pg_connect, pg_pool
+
 pytestmark = pytest.mark.timeout(120)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -185,7 +187,7 @@ async def test_the_grants_docs_give_a_writer_role_are_enough(
     await items(db)
     await db.execute(re.sub(r"\bapp\b", role, grants))
     await db.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON items TO {role}")
-    writer = await asyncpg.connect(as_role(dsn, role))
+    writer = await pg_connect(as_role(dsn, role))
     try:
         for awake in (False, True):  # the relay quiet (the trigger rings), then polling
             await db.execute(
@@ -209,7 +211,7 @@ async def test_the_grants_docs_give_a_writer_role_are_enough(
 
 
 async def resolver(dsn: str, tables: str) -> tuple[Resolver, asyncpg.Pool]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    pool = await pg_pool(dsn, min_size=1, max_size=1)
     r = Resolver(pool, parse_tables(tables))
     try:
         await r.check()
@@ -319,8 +321,8 @@ async def test_the_topic_expression_keeps_the_names_it_had_when_published(
         "SELECT gateway.publish('public.docs', $$'org:' || org_of(team)$$);"
         "RESET search_path"
     )
-    plain = await asyncpg.connect(dsn)  # search_path "$user", public: no app
-    shadowed = await asyncpg.connect(dsn, server_settings={"search_path": "evil, public"})
+    plain = await pg_connect(dsn)  # search_path "$user", public: no app
+    shadowed = await pg_connect(dsn, server_settings={"search_path": "evil, public"})
     try:
         await plain.execute("INSERT INTO docs VALUES (1, 1)")
         await shadowed.execute("INSERT INTO docs VALUES (2, 2)")

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import asyncpg
 import msgspec
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -38,6 +37,7 @@ from hypothesis import strategies as st
 from gateway import protocol as p
 
 from .gwtest import Client, Closed, Gateway, running_gateway, token
+from .pgconn import pg_connect
 
 MAX_FRAME = 4096
 USER = "fz"
@@ -77,7 +77,7 @@ class Background:
             async with running_gateway(self.dsn, **FUZZ_SETTINGS) as gw:
                 observer = await gw.connect("observer")
                 await observer.subscribe(OBSERVER_TOPIC)
-                db = await asyncpg.connect(self.dsn)
+                db = await pg_connect(self.dsn)
                 self.gw = gw
                 self._ready.set()
                 reader = asyncio.create_task(self._read(observer))

@@ -5,15 +5,14 @@ gateway only produces under failure (a deploy, a revoked right, a stream reset).
 on purpose, these tests run the client against ``ScriptedGateway``: a small aiohttp WebSocket peer
 that speaks the wire protocol with the real message types of ``gateway.protocol`` (so a frame the
 client gets wrong fails to decode here) and lets a test choose what the server does next. It stands
-in for the server, not for the database; the end-to-end tests against the real gateway and
-PostgreSQL live with the server's tests.
+in for the server, not for the database; the tests against the real gateway and PostgreSQL are
+test_browser_e2e.py, test_browser_recovery.py and test_browser_embed.py.
 
 Chromium comes from the system (``/usr/bin/chromium``); Playwright never downloads a browser.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,29 +27,20 @@ from aiohttp import WSMsgType, web
 
 from gateway import protocol as p
 
-from .gwtest import CHROMIUM, serving
-
-playwright_api = pytest.importorskip("playwright.async_api")
+from .browsertest import BROWSER_TESTS, rec, set_visibility, wait_for
+from .gwtest import serving
+from .polling import eventually
 
 STATIC = Path(__file__).resolve().parent.parent / "gateway" / "static"
 EPOCH = "ab12cd34"
 WAIT = 10.0  # upper bound for a condition to become true; never a measured duration
 
-# One browser for the module (starting Chromium is the slow part), a fresh context per test: the
-# module's tests and fixtures share one event loop for that.
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = BROWSER_TESTS
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Wait until ``predicate()`` holds; fail naming ``what`` if it never does."""
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+async def wait_rec(page: Any, expr: str) -> None:
+    """Wait until ``expr`` holds on the page (what its harness recorded)."""
+    await wait_for(page, expr, timeout_ms=int(WAIT * 1000))
 
 
 # --- the scripted server ---------------------------------------------------------------
@@ -301,14 +291,6 @@ HARNESS = """(opts) => {
 }"""
 
 
-async def rec(page: Any, name: str) -> Any:
-    return await page.evaluate(f"window.rec.{name}")
-
-
-async def wait_rec(page: Any, expr: str) -> None:
-    await page.wait_for_function(f"() => {expr}", timeout=WAIT * 1000)
-
-
 async def start(
     page: Any, site: Site, topic: str = "board:demo", since: dict[str, Any] | None = None
 ) -> None:
@@ -432,7 +414,7 @@ async def test_forbidden_subscribe_is_reported_and_not_retried(page: Any, site: 
     assert [(e["code"], e["topic"]) for e in errors] == [("forbidden", "room:9")]
 
     await gw.conns[0].ws.close(code=p.CloseCode.SERVICE_RESTART)
-    await until(lambda: len(gw.live()) == 1 and gw.live()[0].user is not None, "the reconnect")
+    await eventually(lambda: len(gw.live()) == 1 and gw.live()[0].user is not None, WAIT, "the reconnect")
     await wait_rec(page, "rec.states.filter(([s]) => s === 'open').length === 2")
     assert gw.conns[1].of(p.Subscribe) == []
 
@@ -471,7 +453,7 @@ async def test_token_is_refreshed_in_band_before_it_expires(page: Any, site: Sit
     await page.clock.install()
     await start(page, site)
     await page.clock.run_for(31_000)  # past "30 s before expiry", before it expires
-    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+    await eventually(lambda: len(gw.conns[0].of(p.Refresh)) == 1, WAIT, "a refresh frame")
     assert gw.conns[0].of(p.Refresh)[0].token == "alice.1"
     assert len(gw.conns) == 1
 
@@ -486,7 +468,7 @@ async def test_a_clock_an_hour_ahead_does_not_refresh_in_a_loop(page: Any, site:
     await page.clock.run_for(10_000)
     assert gw.conns[0].of(p.Refresh) == []
     await page.clock.run_for(25_000)  # half the token's life, by the gateway's count
-    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+    await eventually(lambda: len(gw.conns[0].of(p.Refresh)) == 1, WAIT, "a refresh frame")
     await page.clock.run_for(5_000)
     assert len(gw.conns[0].of(p.Refresh)) == 1
     assert len(gw.conns) == 1
@@ -525,10 +507,10 @@ async def test_a_refresh_for_another_user_reconnects_as_that_user(page: Any, sit
         }"""
     )
     await page.clock.run_for(31_000)  # the refresh is due
-    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+    await eventually(lambda: len(gw.conns[0].of(p.Refresh)) == 1, WAIT, "a refresh frame")
     await page.clock.run_for(1_000)  # past the first backoff step (at most 0.5 s)
-    await until(lambda: len(gw.conns) == 2 and gw.conns[1].user == "bob", "a connection as bob")
-    await until(lambda: gw.conns[0].ws.closed, "the connection as alice to close")
+    await eventually(lambda: len(gw.conns) == 2 and gw.conns[1].user == "bob", WAIT, "a connection as bob")
+    await eventually(lambda: gw.conns[0].ws.closed, WAIT, "the connection as alice to close")
     assert "token_user_changed" in [e["code"] for e in await rec(page, "errors")]
 
 
@@ -537,7 +519,7 @@ async def test_pings_keep_the_socket_busy(page: Any, site: Site) -> None:
     await page.clock.install()
     await start(page, site)
     await page.clock.run_for(26_000)
-    await until(lambda: len(gw.conns[0].of(p.Ping)) == 1, "a ping frame")
+    await eventually(lambda: len(gw.conns[0].of(p.Ping)) == 1, WAIT, "a ping frame")
 
 
 async def test_a_socket_that_stops_answering_is_replaced(page: Any, site: Site) -> None:
@@ -546,7 +528,7 @@ async def test_a_socket_that_stops_answering_is_replaced(page: Any, site: Site) 
     await page.clock.install()
     await start(page, site)
     await page.clock.run_for(26_000)
-    await until(lambda: len(gw.conns[0].of(p.Ping)) == 1, "a ping frame")
+    await eventually(lambda: len(gw.conns[0].of(p.Ping)) == 1, WAIT, "a ping frame")
     await page.clock.run_for(26_000)  # no pong by the next ping: give up on this socket
     await wait_rec(page, "rec.states.some(([s]) => s === 'reconnecting')")
     await page.clock.run_for(1_000)  # past the first backoff step (at most 0.5 s)
@@ -554,23 +536,12 @@ async def test_a_socket_that_stops_answering_is_replaced(page: Any, site: Site) 
     assert len(gw.conns) == 2
 
 
-async def set_visibility(page: Any, state: str) -> None:
-    """Make the page "hidden" or "visible" as a browser does when its tab is switched."""
-    await page.evaluate(
-        """(state) => {
-          Object.defineProperty(document, "visibilityState", { value: state, configurable: true });
-          document.dispatchEvent(new Event("visibilitychange"));
-        }""",
-        state,
-    )
-
-
 async def test_hidden_page_is_away_and_visible_page_online(page: Any, site: Site) -> None:
     gw = site.gateway
     await start(page, site)
     for state in ["hidden", "visible"]:
         await set_visibility(page, state)
-    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, "two status frames")
+    await eventually(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, WAIT, "two status frames")
     assert [f.status for f in gw.conns[0].of(p.SetStatus)] == ["away", "online"]
 
 
@@ -579,7 +550,7 @@ async def test_a_hidden_page_reconnects_away(page: Any, site: Site) -> None:
     gw = site.gateway
     await start(page, site)
     await set_visibility(page, "hidden")
-    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, "a status frame")
+    await eventually(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, WAIT, "a status frame")
     await gw.conns[0].ws.close(code=1012)  # a deploy moves it
     await wait_rec(page, "rec.subscribed.length === 2")
     assert [f.status for f in gw.conns[1].of(p.Auth)] == ["away"]
@@ -587,7 +558,7 @@ async def test_a_hidden_page_reconnects_away(page: Any, site: Site) -> None:
     assert gw.presence["alice"].status == "away"
 
     await set_visibility(page, "visible")
-    await until(lambda: len(gw.conns[1].of(p.SetStatus)) == 1, "a status frame")
+    await eventually(lambda: len(gw.conns[1].of(p.SetStatus)) == 1, WAIT, "a status frame")
     assert gw.conns[1].of(p.SetStatus)[0].status == "online"
 
 
@@ -602,14 +573,14 @@ async def test_a_status_dropped_for_the_frame_rate_is_sent_again_and_the_refresh
     await page.clock.install()
     await start(page, site)
     await set_visibility(page, "hidden")
-    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, "a status frame")
+    await eventually(lambda: len(gw.conns[0].of(p.SetStatus)) == 1, WAIT, "a status frame")
     await page.clock.run_for(1_500)
-    await until(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, "the status again")
+    await eventually(lambda: len(gw.conns[0].of(p.SetStatus)) == 2, WAIT, "the status again")
     assert gw.presence["alice"].status == "away"
     await page.clock.run_for(10_000)
     assert gw.conns[0].of(p.Refresh) == [], "the refresh is due 30 s after welcome, not 5 s after the error"
     await page.clock.run_for(25_000)
-    await until(lambda: len(gw.conns[0].of(p.Refresh)) == 1, "a refresh frame")
+    await eventually(lambda: len(gw.conns[0].of(p.Refresh)) == 1, WAIT, "a refresh frame")
 
 
 async def test_a_subscribe_answered_unavailable_is_retried_after_a_second_and_some_jitter(
@@ -628,7 +599,7 @@ async def test_a_subscribe_answered_unavailable_is_retried_after_a_second_and_so
     await page.clock.run_for(1_100)
     assert len(gw.conns[0].of(p.Subscribe)) == 1, "retried before its jitter"
     await page.clock.run_for(400)  # 1 s + 0.5 x 1 s
-    await until(lambda: len(gw.conns[0].of(p.Subscribe)) == 2, "the retry")
+    await eventually(lambda: len(gw.conns[0].of(p.Subscribe)) == 2, WAIT, "the retry")
     await wait_rec(page, "rec.subscribed.length === 1")
 
 
@@ -722,11 +693,11 @@ async def test_demo_page_reloads_the_rows_when_the_stream_cannot_be_recovered(pa
     gw = site.gateway
     await page.goto(site.url + "/demo")
     await page.wait_for_selector("#badge.open", timeout=WAIT * 1000)
-    await until(lambda: any("board:demo" in c.topics for c in gw.live()), "the board subscription")
+    await eventually(lambda: any("board:demo" in c.topics for c in gw.live()), WAIT, "the board subscription")
     assert gw.task_loads == 1
 
     gw.recoverable = False  # as after the log was trimmed past the page's position
     await gw.conns[0].ws.close(code=p.CloseCode.SERVICE_RESTART)
-    await until(lambda: gw.task_loads == 2, "the page to reload /demo/tasks")
+    await eventually(lambda: gw.task_loads == 2, WAIT, "the page to reload /demo/tasks")
     await page.click("#add")
     await page.wait_for_selector(".card[data-key='1']", timeout=WAIT * 1000)

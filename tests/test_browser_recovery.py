@@ -1,4 +1,6 @@
-"""The browser client (gateway/static/gateway.js) against the real gateway: the cases a review found it got wrong.
+"""The browser client (gateway/static/gateway.js) recovering against the real gateway: a stream
+that cannot be recovered, a subscription revoked at refresh, a refresh refused, a token function
+that hangs, frames refused for the rate, more subscriptions at once than the frame rate allows.
 
 Same setup as tests/test_browser_e2e.py: the real gateway in this process on a database of its
 own, Debian's Chromium through Playwright, a page under the gateway's origin whose token function
@@ -11,24 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
-
-import asyncpg
-import pytest
 
 from gateway import protocol as p
 from gateway.auth import mint_token
 
-from .gwtest import CHROMIUM, make_items_table, running_gateway, token
-from .test_browser_e2e import client_page, rec, wait_for
+from .browsertest import BROWSER_TESTS, client_page, rec, wait_for
+from .gwtest import make_items_table, running_gateway, token
+from .pgconn import connection
 
-pytest.importorskip("playwright.async_api")
-
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = BROWSER_TESTS
 
 HARNESS = """() => {
   window.rec = { states: [], conns: [], appErrors: [], events: [], errors: {}, subscribed: [],
@@ -68,17 +62,14 @@ HARNESS = """() => {
 def audit_page(
     browser: Any, base: str, mint: Callable[[], Any]
 ) -> contextlib.AbstractAsyncContextManager[Any]:
-    """test_browser_e2e's client page, with this module's harness (errors per topic, raw frames)."""
+    """A client page (tests/browsertest.py) with this module's harness (errors per topic, raw frames)."""
     return client_page(browser, base, mint, harness=HARNESS)
 
 
 async def sql(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         for s in statements:
             await conn.execute(s)
-    finally:
-        await conn.close()
 
 
 def insert(title: str, owner: int = 1) -> str:
@@ -97,7 +88,7 @@ async def alice_in_room_1(browser: Any, dsn: str, **settings: str) -> AsyncItera
             yield gw, page
 
 
-# --- 1. an unsolicited "subscribed" (recovered: false) on a live subscription is ignored ----------
+# --- a live subscription the gateway cannot recover is reported ---------------------------------
 
 
 async def test_live_not_recovered_frame_reaches_the_application(browser: Any, dsn: str) -> None:
@@ -127,7 +118,7 @@ async def test_live_not_recovered_frame_reaches_the_application(browser: Any, ds
         assert await rec(page, "notRecovered") != [], "onNotRecovered was never called"
 
 
-# --- 2. a subscription revoked at refresh stays in the client ------------------------------------
+# --- a subscription revoked at refresh is dropped and told so ------------------------------------
 
 
 async def test_subscription_revoked_at_refresh_is_dropped_and_reported_to_it(browser: Any, dsn: str) -> None:
@@ -171,7 +162,7 @@ async def test_subscription_revoked_at_refresh_is_dropped_and_reported_to_it(bro
             )
 
 
-# --- 3. a refresh the gateway rejects is never retried -------------------------------------------
+# --- a refresh the gateway rejects is retried -----------------------------------------------------
 
 
 async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any, dsn: str) -> None:
@@ -197,7 +188,8 @@ async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any
             await wait_for(page, "rec.subscribed.length === 1")
             await wait_for(page, "rec.appErrors.some((e) => e.code === 'bad_token')")
             # The first token is in force for ~8 s + 4 s grace; a retry of the refresh (the client
-            # retries a failing token function every 5 s) has ample time.
+            # retries a failing token function every 5 s) has ample time. A real wait, not the
+            # page's clock: what must pass is the token's expiry by the gateway's clock.
             await asyncio.sleep(10)
             registry = gw.state.ctx.registry
             assert registry.closed_by_code[p.CloseCode.TOKEN_EXPIRED] == 0, (
@@ -207,11 +199,13 @@ async def test_rejected_refresh_is_retried_before_the_token_expires(browser: Any
             assert await rec(page, "states") == ["connecting", "open"]
 
 
-# --- 4. a token function that never settles stalls the client for good --------------------------
+# --- a token function that never settles is given up on ------------------------------------------
 
 
 async def test_a_hung_token_function_does_not_stall_reconnects_forever(browser: Any, dsn: str) -> None:
     async with alice_in_room_1(browser, dsn) as (gw, page):
+        # The client's own deadline for a token is a timer in the page: its clock is driven.
+        await page.clock.install()
         # From now on the token endpoint hangs (a stuck fetch: browsers never time it out).
         await page.evaluate(
             """() => {
@@ -223,13 +217,15 @@ async def test_a_hung_token_function_does_not_stall_reconnects_forever(browser: 
         for session in list(gw.state.ctx.registry.sessions.values()):
             await session.close(p.CloseCode.SERVICE_RESTART, "test: reconnect")
         await wait_for(page, "rec.states.filter((s) => s === 'connecting').length === 2")
-        await asyncio.sleep(12)  # longer than the client's own handshake deadline (10 s)
+        await page.clock.run_for(12_000)  # longer than the client's own handshake deadline (10 s)
         await page.evaluate("window.hang = false")  # the endpoint answers again
-        # A client that gives up on a stuck token request retries, and comes back.
-        await wait_for(page, "rec.conns.length === 2", timeout_ms=25_000)
+        # A client that gives up on a stuck token request retries, and comes back: the attempt
+        # that was waiting when the endpoint recovered gives up in its turn, the next one connects.
+        await page.clock.run_for(12_000)
+        await wait_for(page, "rec.conns.length === 2")
 
 
-# --- 5. an unsubscribe the gateway rate-limited is taken as done ---------------------------------
+# --- an unsubscribe the gateway rate-limited is sent again ---------------------------------------
 
 
 async def test_rate_limited_unsubscribe_does_not_break_a_later_subscribe(browser: Any, dsn: str) -> None:
@@ -272,7 +268,7 @@ async def test_subscribing_again_while_an_unsubscribe_is_rate_limited_waits_for_
         assert [e["title"] for e in await rec(page, "events")] == ["after resubscribing"]
 
 
-# --- 6. many subscriptions at once get the client closed for flooding ----------------------------
+# --- many subscriptions at once stay under the frame rate ----------------------------------------
 
 
 async def test_as_many_subscriptions_as_the_gateway_allows_are_made_without_being_closed_4029(
