@@ -12,7 +12,8 @@ does notice (``pg_terminate_backend``, server shutdown) without waiting for the 
 
 Notifications are lost while disconnected; that is fine because the event log is the
 truth: ``on_connect`` runs after every (re)connect and the pipeline catches up every
-topic it serves from the log. The notification callback only enqueues.
+topic it serves from the log. The notification callback only enqueues, with the sender's
+backend pid: any session may NOTIFY the channel, so the pipeline acts only on the relay's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Listener:
     def __init__(
         self,
         dsn: str,
-        on_notify: Callable[[str], None],
+        on_notify: Callable[[str, int], None],
         on_connect: Callable[[], None],
         *,
         probe_interval: float = 5.0,
@@ -60,7 +61,7 @@ class Listener:
 
     def _callback(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self.last_notification = time.monotonic()
-        self._on_notify(payload)
+        self._on_notify(payload, pid)
 
     async def run(self) -> None:
         attempt = 0
