@@ -66,7 +66,9 @@ async def nothing_more(c: Client, seconds: float) -> None:
 async def commit_row(dsn: str, title: str) -> int:
     db = await pg_connect(dsn)
     try:
-        row_id: int = await db.fetchval("INSERT INTO items (owner_id, title) VALUES (7, $1) RETURNING id", title)
+        row_id: int = await db.fetchval(
+            "INSERT INTO items (owner_id, title) VALUES (7, $1) RETURNING id", title
+        )
         return row_id
     finally:
         await db.close()
@@ -79,7 +81,12 @@ async def test_a_forged_inline_doorbell_is_not_delivered_and_the_real_event_stil
     clients = [await subscribed(a), await subscribed(b)]
     epoch, head = clients[0][1]["epoch"], clients[0][1]["pos"]
     assert isinstance(head, int)
-    forged = {"v": 1, "tb": "public.items", "ts": time.time(), "ev": [[TOPIC, epoch, head + 1, "d", "424242"]]}
+    forged = {
+        "v": 1,
+        "tb": "public.items",
+        "ts": time.time(),
+        "ev": [[TOPIC, epoch, head + 1, "d", "424242"]],
+    }
     await stranger.execute("SELECT pg_notify('gateway', $1)", json.dumps(forged))
     for c, _ in clients:
         await nothing_more(c, 0.5)
