@@ -40,10 +40,19 @@ _EVENT_COLUMNS = (
 class EventLog:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self.head_reads = 0  # calls of heads(): what a doorbell flood would multiply
+
+    async def relay_pid(self) -> int | None:
+        """The backend pid of the relay that last took the lease: the one session whose doorbells
+        are acted on (anyone who can log in may NOTIFY the channel). None before any relay."""
+        async with self._pool.acquire() as conn:
+            pid: int | None = await conn.fetchval("SELECT backend_pid FROM gateway.relay")
+        return pid
 
     async def heads(self, topics: list[str]) -> dict[str, Head]:
         """Epoch and last position of each topic; (its first epoch, 0) for a topic never written
         to, which has no row (sql/009_first_epoch.sql): reading a head never writes or waits."""
+        self.head_reads += 1
         async with self._pool.acquire() as conn:
             rows = await conn.fetch("SELECT topic, epoch, pos FROM gateway.heads($1::text[])", topics)
         return {r["topic"]: Head(r["epoch"], r["pos"]) for r in rows}

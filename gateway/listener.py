@@ -12,7 +12,9 @@ does notice (``pg_terminate_backend``, server shutdown) without waiting for the 
 
 Notifications are lost while disconnected; that is fine because the event log is the
 truth: the pipeline's ``catch_up`` is called after every (re)connect and it catches up every
-topic it serves from the log. The notification callback only enqueues (``ring``).
+topic it serves from the log. The notification callback only enqueues (``ring``), with the
+sender's backend pid: any session may NOTIFY the channel, so the pipeline acts only on the
+relay's.
 """
 
 from __future__ import annotations

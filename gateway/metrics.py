@@ -83,6 +83,11 @@ class GatewayCollector(Collector):
             "gateway_notifications_received", "doorbells received", value=pipeline.received
         )
         yield CounterMetricFamily(
+            "gateway_notifications_untrusted",
+            "doorbells ignored because a session other than the relay's sent them",
+            value=pipeline.untrusted,
+        )
+        yield CounterMetricFamily(
             "gateway_events_resolved", "events resolved and encoded", value=pipeline.resolved
         )
         yield CounterMetricFamily("gateway_deliveries", "events handed to subscribers", value=hub.delivered)

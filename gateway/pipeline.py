@@ -27,6 +27,12 @@ Invariants (what makes "no lost events" hold):
   doorbell, the log is the truth.
 * If positions are missing from the log (pruned before they could be read), subscribers
   get ``subscribed`` with ``recovered: false`` and must reload: never a silent gap.
+* Only the relay's doorbells are acted on. Any role that can log in may NOTIFY the channel,
+  so a doorbell is a claim by its sender: it is believed only when the sender's backend pid
+  is the relay's (``gateway.relay.backend_pid``, re-read when a doorbell comes from another
+  pid, at most once a second). Any other doorbell is dropped unread and at most asks for one
+  catch-up from the log per second, so a flood of them costs a head read a second. A
+  position is never taken from a doorbell beyond the topic's head in the log.
 
 Only this module joins the listener's world (doorbells, the log, the resolver) with the
 hub's (frames); the hub never sees asyncpg and the listener never sees a socket.
@@ -58,6 +64,9 @@ OPS: dict[str, Op] = {"i": "insert", "u": "update", "d": "delete", "m": "message
 # Doorbells queued beyond this are replaced by one catch-up from the log: memory stays
 # bounded however far behind the pipeline falls, and nothing is lost.
 MAX_PENDING = 100_000
+# The relay's pid is re-read at most this often, and doorbells from other sessions cause at
+# most one catch-up from the log this often: a NOTIFY flood costs one head read a second.
+SENDER_CHECK_INTERVAL = 1.0
 
 
 class Member(Protocol):
@@ -74,7 +83,7 @@ class DoorbellSource(Protocol):
 
     Once attached, the source calls ``ring`` with each doorbell's payload (the JSON of
     docs/architecture.md, "The doorbell") and its sender (for PostgreSQL, the backend pid of
-    the relay that rang), and ``catch_up`` whenever doorbells may have been missed (after
+    the session that sent it: only the relay's are believed), and ``catch_up`` whenever doorbells may have been missed (after
     every connect and reconnect): the pipeline then re-reads every topic it serves from the
     log. Both only enqueue. ``connected`` says whether doorbells can arrive now (readiness)."""
 
@@ -143,6 +152,8 @@ UNREACHABLE = "the database is unreachable; subscribe again later"
 
 
 _RESYNC = object()
+# A catch-up owed to doorbells from other sessions, queued when its turn comes.
+_STRANGERS = object()
 
 
 class Pipeline:
@@ -174,11 +185,17 @@ class Pipeline:
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._streams: dict[str, Stream] = {}
         self._bad_doorbells = 0
+        self._relay_pid: int | None = None
+        self._relay_pid_read = -SENDER_CHECK_INTERVAL  # monotonic time of the last read
+        self._strangers_caught_up = -SENDER_CHECK_INTERVAL  # ... of the last catch-up they caused
+        self._strangers_timer: asyncio.TimerHandle | None = None
+        self._over_head_logged = False
         # counters for metrics
         self.received = 0
         self.resolved = 0
         self.log_reads = 0  # ranges read from the log: large statements, gaps, catch-ups
         self.not_recovered = 0
+        self.untrusted = 0  # doorbells from a session other than the relay's, ignored
         self.batch_size = Histogram(BATCH_BOUNDS)
         self.batch_seconds = Histogram(LATENCY_BOUNDS)
         # From about the commit (the start of the newest transaction the doorbell lists, as
@@ -191,12 +208,13 @@ class Pipeline:
         """Take doorbells from ``source`` from now on."""
         source.attach(self.notify, self.resync)
 
-    def notify(self, payload: str, sender: int = 0) -> None:
-        """One doorbell. The sender is not needed to deliver (the payload names the events)."""
+    def notify(self, payload: str, sender_pid: int) -> None:
+        """A doorbell, and the backend pid of the session that sent it: only the relay's
+        doorbells are believed (see the module's invariants)."""
         self.received += 1
         if self._queue.qsize() >= MAX_PENDING:
             self._drain_queue_to_resync()
-        self._queue.put_nowait(payload)
+        self._queue.put_nowait((payload, sender_pid))
 
     def resync(self) -> None:
         self._queue.put_nowait(_RESYNC)
@@ -251,18 +269,22 @@ class Pipeline:
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             started = time.perf_counter()
-            doorbells: list[str] = []
+            doorbells: list[tuple[str, int]] = []
             joins: list[JoinRequest] = []
             resync = failing
+            strangers = False
             for item in batch:
                 if item is _RESYNC:
                     resync = True
+                elif item is _STRANGERS:
+                    strangers = True
                 elif isinstance(item, JoinRequest):
                     joins.append(item)
-                elif isinstance(item, str):
+                elif isinstance(item, tuple):
                     doorbells.append(item)
             try:
-                await self._advance(doorbells, resync)
+                trusted, strangers = await self._from_relay(doorbells, strangers)
+                await self._advance(trusted, resync or self._strangers_catch_up(strangers))
                 if joins:
                     await self._join(joins)
                 if failing:
@@ -303,6 +325,56 @@ class Pipeline:
         self._queue.put_nowait(_RESYNC)
         for item in kept:
             self._queue.put_nowait(item)
+
+    # --- senders ------------------------------------------------------------------------
+
+    async def _from_relay(self, doorbells: list[tuple[str, int]], strangers: bool) -> tuple[list[str], bool]:
+        """The payloads the relay sent, and whether others (or an owed catch-up) want one.
+
+        A doorbell from a pid other than the known relay's re-reads the relay's pid (at most
+        once a second): after a lease change the new relay's first doorbell finds it. What
+        still comes from another session is dropped unread: the log, not the claim, decides."""
+        now = time.monotonic()
+        if (
+            any(pid != self._relay_pid for _, pid in doorbells)
+            and now - self._relay_pid_read >= SENDER_CHECK_INTERVAL
+        ):
+            self._relay_pid_read = now
+            pid = await self._log.relay_pid()
+            if pid != self._relay_pid:
+                log.debug("doorbells are believed from backend pid %s (the relay's) now", pid)
+            self._relay_pid = pid
+        trusted = [payload for payload, pid in doorbells if pid == self._relay_pid]
+        ignored = len(doorbells) - len(trusted)
+        if ignored:
+            self.untrusted += ignored
+            if self.untrusted == ignored or self.untrusted // 1000 > (self.untrusted - ignored) // 1000:
+                sender = next(pid for _, pid in doorbells if pid != self._relay_pid)
+                log.warning(
+                    "ignored %d doorbell(s) so far from sessions other than the relay's (e.g. backend pid %s): "
+                    "another database session notified channel 'gateway'; catching up from the log instead",
+                    self.untrusted,
+                    sender,
+                )
+        return trusted, strangers or ignored > 0
+
+    def _strangers_catch_up(self, wanted: bool) -> bool:
+        """Whether to catch up from the log now for doorbells from other sessions: at once if
+        the last such catch-up is a second old, else once when the second is up (queued)."""
+        if not wanted:
+            return False
+        now = time.monotonic()
+        wait = self._strangers_caught_up + SENDER_CHECK_INTERVAL - now
+        if wait <= 0:
+            self._strangers_caught_up = now
+            return True
+        if self._strangers_timer is None:
+            self._strangers_timer = asyncio.get_running_loop().call_later(wait, self._owe_catch_up)
+        return False
+
+    def _owe_catch_up(self) -> None:
+        self._strangers_timer = None
+        self._queue.put_nowait(_STRANGERS)
 
     # --- live path ----------------------------------------------------------------------
 
@@ -390,13 +462,34 @@ class Pipeline:
                 by_topic.setdefault(e.topic, []).append(
                     Pending(e.topic, epochs[e.topic], e.pos, e.op, e.tbl, e.key, e.data, e.ts)
                 )
-            for topic, _, lo, hi in to_read:
+            short = [t for t, _, lo, hi in to_read if len(by_topic.get(t, [])) != hi - lo + 1]
+            real_heads = await self._log.heads(short) if short else {}
+            for topic, epoch, lo, hi in to_read:
                 got = by_topic.get(topic, [])
+                real = real_heads.get(topic)
+                if real is not None and real.epoch == epoch and real.pos < hi:
+                    # A position claimed beyond what the log holds: never move the stream past
+                    # the real head, or every later event (at or below the claim) is dropped as
+                    # a duplicate and the topic freezes. Only the relay's doorbells get here, so
+                    # this is a bug or a tampered log, not traffic: logged once.
+                    if not self._over_head_logged:
+                        self._over_head_logged = True
+                        log.warning(
+                            "topic %s: a doorbell claimed position %d, beyond the head %d of the log; "
+                            "ignored (logged once)",
+                            topic,
+                            hi,
+                            real.pos,
+                        )
+                    stream = self._streams.get(topic)
+                    hi = targets[topic] = max(real.pos, stream.pos if stream is not None else 0)
+                    got = [p for p in got if p.pos <= hi]
                 if len(got) != hi - lo + 1:
                     # Some positions are gone from the log (pruned, or the topic was reset since
                     # they were rung): say so and skip to the head rather than deliver a stream
                     # with a hole in it.
-                    self._not_recovered(topic, Head(epochs[topic], hi), "events were pruned or reset")
+                    if hi >= lo:
+                        self._not_recovered(topic, Head(epoch, hi), "events were pruned or reset")
                     got = []
                 else:
                     self.log_reads += 1
