@@ -14,6 +14,7 @@ import logging
 import resource
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,6 +22,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .db import DB_ERRORS
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from .listener import Listener
+    from .presence import Presence
+    from .relay import Relay
 
 log = logging.getLogger("gateway.metrics")
 
@@ -125,6 +133,17 @@ class GatewayCollector(Collector):
             "gateway_notification_queue_usage", "pg_notification_queue_usage() (0..1)", value=self.queue_usage
         )
         yield GaugeMetricFamily("gateway_draining", "1 while draining", value=int(state.draining))
+        presence = ctx.presence
+        if presence is not None:
+            yield CounterMetricFamily(
+                "gateway_presence_heartbeats", "presence heartbeats renewed", value=presence.heartbeats
+            )
+            yield CounterMetricFamily(
+                "gateway_presence_heartbeat_failures",
+                "presence heartbeats that failed or missed their deadline",
+                value=presence.heartbeat_failures,
+            )
+        yield _db_sessions(state.pool, listener, relay, presence)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily(
             "gateway_process_cpu_seconds", "user+system CPU", value=usage.ru_utime + usage.ru_stime
@@ -133,6 +152,22 @@ class GatewayCollector(Collector):
             "gateway_process_max_rss_bytes", "peak resident memory", value=usage.ru_maxrss * 1024
         )
         yield GaugeMetricFamily("gateway_process_rss_bytes", "resident memory", value=_rss_bytes())
+
+
+def _db_sessions(
+    pool: asyncpg.Pool | None, listener: Listener, relay: Relay | None, presence: Presence | None
+) -> Metric:
+    """The PostgreSQL sessions this process holds, by use: what counts against
+    max_connections (docs/deploy.md: workers * (3 + GATEWAY_POOL_SIZE))."""
+    sessions = GaugeMetricFamily(
+        "gateway_db_sessions", "PostgreSQL sessions this process holds, by use", labels=["use"]
+    )
+    sessions.add_metric(["pool"], pool.get_size() if pool is not None else 0)
+    sessions.add_metric(["listener"], int(listener.connected))
+    sessions.add_metric(["relay"], int(relay is not None and relay.backend_pid is not None))
+    if presence is not None:
+        sessions.add_metric(["heartbeat"], int(presence.heartbeat.backend_pid is not None))
+    return sessions
 
 
 def _rss_bytes() -> int:
