@@ -1,0 +1,163 @@
+"""The operator's side: the metrics alerts are built on, the alert rules (deploy/prometheus/),
+the Grafana dashboard (deploy/grafana/), each against a real gateway and a real database.
+
+The rules are checked with Prometheus's own tools: ``promtool check rules`` and ``promtool test
+rules`` on synthetic series (deploy/prometheus/alerts.test.yaml), and end to end by a real
+Prometheus server scraping a real gateway. Those tests skip with the reason when Debian's
+``prometheus`` package is not installed (``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import asyncpg
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.gwtest import REPO, Gateway, running_gateway, wait_until
+
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yaml"
+ALERTS_TEST = PROMETHEUS_DIR / "alerts.test.yaml"
+DEPLOY_MD = REPO / "docs" / "deploy.md"
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`; .ci/run installs it)"
+)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape as {(sample name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def scrape(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return samples(await gw.metrics())
+
+
+async def gateway_role(db: asyncpg.Connection, dsn: str) -> str:
+    """A role of its own for the gateway, so a test can keep it out (ALTER ROLE ... NOLOGIN)."""
+    await db.execute("CREATE ROLE gw_test LOGIN SUPERUSER")
+    return dsn.replace("postgres@", "gw_test@", 1)
+
+
+# --- the metrics ---------------------------------------------------------------------------
+
+
+async def test_database_sessions_and_heartbeat_failures_are_counted(dsn: str) -> None:
+    db = await asyncpg.connect(dsn)
+    gw_dsn = await gateway_role(db, dsn)
+    try:
+        async with running_gateway(gw_dsn, presence="true") as gw:
+            presence = gw.state.ctx.presence
+            await wait_until(lambda: presence.heartbeats >= 1, 10, "a first heartbeat")
+            m = await scrape(gw)
+            for use in ("listener", "relay", "heartbeat"):
+                assert m[("gateway_db_sessions", (("use", use),))] == 1.0, use
+            assert m[("gateway_db_sessions", (("use", "pool"),))] >= 1.0
+            assert m[("gateway_presence_heartbeats_total", ())] >= 1.0
+            assert m[("gateway_presence_heartbeat_failures_total", ())] == 0.0
+
+            # The database keeps the gateway out: its heartbeat fails, and every session it
+            # held is gone (the pool's too: the pool reconnects only on demand).
+            await db.execute("ALTER ROLE gw_test NOLOGIN")
+            await db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'gw_test'"
+            )
+            await wait_until(lambda: presence.heartbeat_failures >= 2, 10, "heartbeat failures")
+            await wait_until(lambda: not gw.state.listener.connected, 10, "the listener to notice")
+            m = await scrape(gw)
+            assert m[("gateway_presence_heartbeat_failures_total", ())] >= 2.0
+            for use in ("listener", "heartbeat"):
+                assert m[("gateway_db_sessions", (("use", use),))] == 0.0, use
+
+            await db.execute("ALTER ROLE gw_test LOGIN")
+            before = presence.heartbeats
+            await wait_until(lambda: presence.heartbeats > before, 10, "the heartbeat to come back")
+            await gw.wait_ready()
+            m = await scrape(gw)
+            assert m[("gateway_db_sessions", (("use", "heartbeat"),))] == 1.0
+    finally:
+        await db.close()
+
+
+# --- the alert rules -----------------------------------------------------------------------
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def deploy_anchors() -> set[str]:
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", DEPLOY_MD.read_text(), re.MULTILINE)}
+
+
+def alert_rules() -> list[dict[str, object]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def test_every_alert_says_what_to_do_and_links_a_section_of_deploy_md_that_exists() -> None:
+    rules = alert_rules()
+    assert len(rules) >= 8
+    anchors = deploy_anchors()
+    for rule in rules:
+        ann = rule["annotations"]
+        assert isinstance(ann, dict)
+        assert rule["labels"]["severity"] in ("warning", "page"), rule["alert"]  # type: ignore[index]
+        link = ann["runbook_url"]
+        m = re.fullmatch(r".*docs/deploy\.md#([\w-]+)", link)
+        assert m, f"{rule['alert']}: runbook_url {link!r} is not a section of docs/deploy.md"
+        assert m.group(1) in anchors, f"{rule['alert']}: docs/deploy.md has no section #{m.group(1)}"
+        assert f"#{m.group(1)}" in ann["summary"], f"{rule['alert']}: the summary names no section"
+        assert len(ann["summary"]) > 40 and ann["description"], rule["alert"]
+
+
+@needs_promtool
+def test_promtool_checks_the_rules() -> None:
+    assert PROMTOOL is not None
+    out = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_promtool
+def test_promtool_unit_tests_of_the_rules_pass_and_cover_every_alert() -> None:
+    assert PROMTOOL is not None
+    out = subprocess.run(
+        [PROMTOOL, "test", "rules", ALERTS_TEST.name], capture_output=True, text=True, cwd=PROMETHEUS_DIR
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert {rule["alert"] for rule in alert_rules()} <= tested, "an alert no test sees firing"
+
+
+@needs_promtool
+def test_promtool_tests_fail_when_a_rule_is_broken(tmp_path: Path) -> None:
+    """The unit tests can fail: with one threshold changed, promtool reports it."""
+    assert PROMTOOL is not None
+    broken = ALERTS.read_text().replace("> 0.5", "> 0.9", 1)
+    assert broken != ALERTS.read_text()
+    (tmp_path / "alerts.yaml").write_text(broken)
+    shutil.copy(ALERTS_TEST, tmp_path / ALERTS_TEST.name)
+    out = subprocess.run(
+        [PROMTOOL, "test", "rules", ALERTS_TEST.name], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode != 0
+    assert "GatewayNotificationQueueHalfFull" in out.stdout + out.stderr
