@@ -9,17 +9,21 @@ Prometheus server scraping a real gateway. Those tests skip with the reason when
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
+import jsonschema
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gwtest import REPO, Gateway, running_gateway, wait_until
+from tests.gwtest import REPO, Closed, Gateway, running_gateway, wait_until
 
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yaml"
@@ -161,3 +165,143 @@ def test_promtool_tests_fail_when_a_rule_is_broken(tmp_path: Path) -> None:
     )
     assert out.returncode != 0
     assert "GatewayNotificationQueueHalfFull" in out.stdout + out.stderr
+
+
+# --- the dashboard -------------------------------------------------------------------------
+
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboard.json"
+PANEL_TYPES = {"row", "timeseries", "stat", "heatmap"}
+GRID_WIDTH = 24
+DS_REF = {"type": "prometheus", "uid": "${datasource}"}
+# What Grafana needs to import a dashboard and show its panels, and what we promise: every
+# query goes to the datasource the importer picks, with a refId and a PromQL expression.
+DASHBOARD_SCHEMA = {
+    "type": "object",
+    "required": ["uid", "title", "schemaVersion", "panels", "templating", "time"],
+    "properties": {
+        "uid": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,40}$"},
+        "title": {"type": "string", "minLength": 1},
+        "schemaVersion": {"type": "integer", "minimum": 36},
+        "templating": {
+            "type": "object",
+            "required": ["list"],
+            "properties": {
+                "list": {
+                    "type": "array",
+                    "items": {"type": "object", "required": ["name", "type"]},
+                }
+            },
+        },
+        "panels": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["id", "type", "title", "gridPos"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "type": {"enum": sorted(PANEL_TYPES)},
+                    "title": {"type": "string", "minLength": 1},
+                    "gridPos": {
+                        "type": "object",
+                        "required": ["x", "y", "w", "h"],
+                        "properties": {
+                            k: {"type": "integer", "minimum": 0 if k in "xy" else 1}
+                            for k in ("x", "y", "w", "h")
+                        },
+                    },
+                    "datasource": {"const": DS_REF},
+                    "targets": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["refId", "expr", "datasource"],
+                            "properties": {
+                                "refId": {"type": "string", "minLength": 1},
+                                "expr": {"type": "string", "minLength": 1},
+                                "datasource": {"const": DS_REF},
+                            },
+                        },
+                    },
+                },
+                "if": {"properties": {"type": {"not": {"const": "row"}}}},
+                "then": {"required": ["targets", "datasource", "description"]},
+            },
+        },
+    },
+}
+
+
+def dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return doc
+
+
+def dashboard_queries() -> list[str]:
+    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bgateway_[a-z_]+\b", expr))
+
+
+def test_the_dashboard_is_valid_and_its_panels_do_not_overlap() -> None:
+    doc = dashboard()
+    jsonschema.validate(doc, DASHBOARD_SCHEMA)
+    variables = {v["name"] for v in doc["templating"]["list"]}
+    assert {"datasource", "instance"} <= variables
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    cells: dict[tuple[int, int], str] = {}
+    for p in doc["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= GRID_WIDTH, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p["title"]
+        for t in p.get("targets", []):
+            # Every query follows the replica selector, and uses only variables that exist.
+            used = set(re.findall(r"\$(\w+)", t["expr"])) - {"__rate_interval"}
+            assert used <= variables, (p["title"], used)
+            assert all(
+                'instance=~"$instance"' in sel for sel in re.findall(r"gateway_\w+\{[^}]*\}", t["expr"])
+            )
+            assert metric_names(t["expr"]), (p["title"], t["expr"])
+    # What the issue asks the dashboard to show, each by the metric it reads.
+    wanted = {
+        "gateway_connections",
+        "gateway_subscriptions",
+        "gateway_deliveries_total",
+        "gateway_commit_to_send_seconds_bucket",
+        "gateway_relay_leader",
+        "gateway_relay_polls_total",
+        "gateway_notification_queue_usage",
+        "gateway_closes_total",
+        "gateway_process_cpu_seconds_total",
+        "gateway_process_rss_bytes",
+        "gateway_db_sessions",
+    }
+    used_metrics = set().union(*map(metric_names, dashboard_queries()))
+    assert wanted <= used_metrics, wanted - used_metrics
+    assert any(p["type"] == "heatmap" for p in doc["panels"])
+
+
+async def test_every_metric_the_dashboard_and_alerts_query_is_in_a_live_scrape(dsn: str) -> None:
+    rules_exprs = [str(rule["expr"]) for rule in alert_rules()]
+    async with running_gateway(dsn, presence="true") as gw:
+        await wait_until(lambda: gw.state.relay.leader, 10, "the relay to lead")
+        # Labelled series appear once something is counted: one refused upgrade (a plain GET
+        # on /ws) and one connection closed by the gateway (a bad token).
+        async with aiohttp.ClientSession() as http, http.get(gw.ws_url.replace("ws", "http", 1)) as r:
+            assert r.status == 400
+        client = await gw.connect()
+        await client.send({"type": "auth", "token": "not-a-token"})
+        with pytest.raises(Closed):
+            await client.recv()
+        await client.close()
+        scraped = {name for name, _labels in await scrape(gw)}
+    for expr in dashboard_queries() + rules_exprs:
+        missing = metric_names(expr) - scraped
+        assert not missing, f"{expr}: {sorted(missing)} not in the gateway's /metrics"
