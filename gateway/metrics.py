@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .config import ConfigError
 from .db import DB_ERRORS
 
 if TYPE_CHECKING:
@@ -48,6 +50,13 @@ class GatewayCollector(Collector):
         if ctx is None or pipeline is None or listener is None:
             return
         reg = ctx.registry
+        info = GaugeMetricFamily(
+            "gateway_worker",
+            "always 1; its label: this process's worker number under --workers",
+            labels=["worker"],
+        )
+        info.add_metric([str(worker_id())], 1)
+        yield info
         hub = pipeline.hub
         yield GaugeMetricFamily("gateway_connections", "open WebSocket connections", value=len(reg.sessions))
         refused = CounterMetricFamily(
@@ -183,18 +192,64 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 def install(app: web.Application) -> None:
-    """Register the collector and the /metrics route (before the app starts)."""
+    """Register the collector and the /metrics route (before the app starts), and with
+    GATEWAY_METRICS_PORT the worker's own metrics port."""
     collector = GatewayCollector(app)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     app[COLLECTOR], app[REGISTRY] = collector, registry
     app.router.add_get("/metrics", metrics_handler)
+    app.cleanup_ctx.append(_own_port)
+
+
+def worker_id() -> int:
+    """This process's worker number under `gateway serve --workers N` (0 when alone)."""
+    return int(os.environ.get("GATEWAY_WORKER_ID") or 0)
+
+
+async def _own_port(app: web.Application) -> AsyncIterator[None]:
+    """/metrics of this worker alone on GATEWAY_METRICS_PORT + its worker number.
+
+    Workers share the main port (SO_REUSEPORT), so a scrape there reaches whichever worker the
+    kernel picks. On a port of its own each worker is a scrape target (an `instance`) of its
+    own, and nothing changes on the hot path: the page is still built at scrape time.
+    """
+    from .server import STATE
+
+    s = app[STATE].settings
+    if not s.metrics_port:
+        yield
+        return
+    port = s.metrics_port + worker_id()
+    own = web.Application()
+
+    async def handler(request: web.Request) -> web.Response:
+        return await _page(app)
+
+    own.router.add_get("/metrics", handler)
+    runner = web.AppRunner(own, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, s.host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot serve this worker's metrics on {s.host}:{port} (GATEWAY_METRICS_PORT): {exc.strerror}"
+        ) from None
+    log.info("metrics of worker %d on http://%s:%d/metrics", worker_id(), s.host, port)
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    return await _page(request.app)
+
+
+async def _page(app: web.Application) -> web.Response:
     from .server import STATE
 
-    app = request.app
     collector = app[COLLECTOR]
     pool = app[STATE].pool
     if pool is not None:
