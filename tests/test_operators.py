@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,18 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gwtest import REPO, Closed, Gateway, running_gateway, wait_until
+from gateway import config
+from tests.gwtest import (
+    REPO,
+    SECRET,
+    Closed,
+    Gateway,
+    bare_env,
+    free_port,
+    running_gateway,
+    settings_env,
+    wait_until,
+)
 
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yaml"
@@ -305,3 +319,91 @@ async def test_every_metric_the_dashboard_and_alerts_query_is_in_a_live_scrape(d
     for expr in dashboard_queries() + rules_exprs:
         missing = metric_names(expr) - scraped
         assert not missing, f"{expr}: {sorted(missing)} not in the gateway's /metrics"
+
+
+# --- every worker's metrics ----------------------------------------------------------------
+
+
+def _free_port_pair() -> int:
+    """A port whose next port is free too (for two workers' metrics ports)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
+async def _get(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        assert r.status == 200, url
+        return await r.text()
+
+
+async def test_each_worker_serves_its_own_metrics_on_its_own_port(dsn: str, tmp_path: Path) -> None:
+    port, metrics_port = free_port(), _free_port_pair()
+    env = dict(bare_env(), **settings_env(dsn, port=port, metrics_port=metrics_port))
+    log = open(tmp_path / "supervisor.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    clients = []
+    try:
+        gw = Gateway(f"http://127.0.0.1:{port}")
+        await gw.wait_ready()
+        pages = {}
+        for worker in (0, 1):
+            url = f"http://127.0.0.1:{metrics_port + worker}/metrics"
+            await wait_until(lambda url=url: _answers(url), 15, f"worker metrics at {url}")  # type: ignore[misc]
+            pages[worker] = samples(await _get(url))
+            assert pages[worker][("gateway_worker", (("worker", str(worker)),))] == 1.0
+        # Connections spread over the workers by the kernel: the main port's /metrics shows one
+        # worker's count, the workers' own ports add up to all of them.
+        for i in range(16):
+            clients.append(await gw.connect(str(i)))
+
+        async def all_connections() -> bool:
+            counts = [
+                samples(await _get(f"http://127.0.0.1:{metrics_port + w}/metrics"))[
+                    ("gateway_connections", ())
+                ]
+                for w in (0, 1)
+            ]
+            # Both workers got some, or the test would not show that both are counted.
+            return sum(counts) == 16.0 and min(counts) > 0
+
+        await wait_until(all_connections, 10, "16 connections over both workers")
+        # Only /metrics there: the worker's own port is no second way in to the WebSocket.
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{metrics_port}/ws") as r:
+            assert r.status == 404
+    finally:
+        for c in clients:
+            await c.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+async def _answers(url: str) -> bool:
+    try:
+        await _get(url)
+    except aiohttp.ClientError:
+        return False
+    return True
+
+
+def test_metrics_port_settings_are_checked() -> None:
+    base = {"GATEWAY_DATABASE_URL": "postgresql://u@h/d", "GATEWAY_JWT_SECRET": SECRET}
+    with pytest.raises(config.ConfigError, match="include GATEWAY_PORT=8081"):
+        config.load({**base, "GATEWAY_METRICS_PORT": "8080", "GATEWAY_PORT": "8081", "GATEWAY_WORKERS": "2"})
+    with pytest.raises(config.ConfigError, match="ports up to 65536"):
+        config.load({**base, "GATEWAY_METRICS_PORT": "65535", "GATEWAY_WORKERS": "2"})
+    with pytest.raises(config.ConfigError, match="GATEWAY_METRICS is false"):
+        config.load({**base, "GATEWAY_METRICS_PORT": "9100", "GATEWAY_METRICS": "false"})
+    assert config.load({**base, "GATEWAY_METRICS_PORT": "9100", "GATEWAY_WORKERS": "4"}).metrics_port == 9100
