@@ -9,6 +9,7 @@ Prometheus server scraping a real gateway. Those tests skip with the reason when
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -407,3 +408,155 @@ def test_metrics_port_settings_are_checked() -> None:
     with pytest.raises(config.ConfigError, match="GATEWAY_METRICS is false"):
         config.load({**base, "GATEWAY_METRICS_PORT": "9100", "GATEWAY_METRICS": "false"})
     assert config.load({**base, "GATEWAY_METRICS_PORT": "9100", "GATEWAY_WORKERS": "4"}).metrics_port == 9100
+
+
+# --- end to end: a real Prometheus scraping a real gateway ---------------------------------
+
+PROMETHEUS = shutil.which("prometheus")
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None, reason="prometheus not installed (Debian package `prometheus`; .ci/run installs it)"
+)
+
+
+class PrometheusServer:
+    """``prometheus`` on a loopback port, scraping ``targets`` every second with alerts.yaml."""
+
+    def __init__(self, tmp_path: Path, targets: list[str]) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.config = tmp_path / "prometheus.yml"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(ALERTS)],
+                    "scrape_configs": [{"job_name": "gateway", "static_configs": [{"targets": targets}]}],
+                }
+            )
+        )
+        self.data = tmp_path / "prometheus-data"
+        self.log_path = tmp_path / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert PROMETHEUS is not None
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={self.config}",
+                    f"--storage.tsdb.path={self.data}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    async def api(self, path: str, **params: str) -> Any:
+        async with aiohttp.ClientSession() as http, http.get(self.base + path, params=params) as r:
+            body = await r.json()
+        assert body["status"] == "success", (path, params, body)
+        return body["data"]
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        data = await self.api("/api/v1/query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    async def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
+        data = await self.api("/api/v1/alerts")
+        return [a for a in data["alerts"] if a["state"] == state]
+
+    async def wait_ready(self) -> None:
+        async def ready() -> bool:
+            assert self.proc is not None
+            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+            try:
+                async with aiohttp.ClientSession() as http, http.get(self.base + "/-/ready") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(ready, 30, "prometheus to start")
+
+
+def dashboard_query(expr: str) -> str:
+    """A dashboard query as Grafana sends it: variables replaced (all replicas; a rate window
+    of 4 scrape intervals, as Grafana's $__rate_interval)."""
+    return expr.replace("$instance", ".*").replace("$__rate_interval", "4s")
+
+
+@needs_prometheus
+async def test_prometheus_scrapes_a_gateway_and_the_listener_alert_fires_and_resolves(
+    dsn: str, tmp_path: Path
+) -> None:
+    db = await asyncpg.connect(dsn)
+    gw_dsn = await gateway_role(db, dsn)
+    prom: PrometheusServer | None = None
+    try:
+        async with running_gateway(gw_dsn, presence="true") as gw:
+            client = await gw.connect("1")
+            await client.subscribe("user:1")
+            target = gw.base.removeprefix("http://")
+            prom = PrometheusServer(tmp_path, [target])
+            prom.start()
+            await prom.wait_ready()
+
+            async def scraped(expr: str, value: str) -> bool:
+                result = await prom.query(expr)  # type: ignore[union-attr]
+                return bool(result) and result[0]["value"][1] == value
+
+            await wait_until(lambda: scraped(f'up{{instance="{target}"}}', "1"), 20, "the first scrape")
+            await wait_until(
+                lambda: scraped("sum(gateway_relay_leader)", "1"), 10, "the relay leader scraped"
+            )
+            # Every query of the dashboard is PromQL Prometheus accepts; those that show the
+            # state of now have the values of the gateway.
+            for expr in dashboard_queries():
+                await prom.query(dashboard_query(expr))
+            assert await scraped(dashboard_query(dashboard_queries()[0]), "1")  # Connections
+            await asyncio.sleep(3)  # a few more scrapes: rates have two samples
+            assert await prom.alerts() == [] and await prom.alerts("pending") == []
+
+            # The fault: the listener's connection killed, and the gateway's role kept out.
+            listener = gw.state.listener
+            await db.execute("ALTER ROLE gw_test NOLOGIN")
+            assert await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
+            await wait_until(lambda: not listener.connected, 10, "the listener to notice")
+
+            async def firing() -> list[dict[str, Any]]:
+                return [
+                    a
+                    for a in await prom.alerts()  # type: ignore[union-attr]
+                    if a["labels"]["alertname"] == "GatewayListenerDisconnected"
+                ]
+
+            # `for: 30s`, evaluated every second.
+            await wait_until(firing, 60, "GatewayListenerDisconnected to fire")
+            [alert] = await firing()
+            assert alert["labels"]["instance"] == target and alert["labels"]["severity"] == "page"
+            assert "docs/deploy.md#listener-disconnected" in alert["annotations"]["summary"]
+            assert target in alert["annotations"]["summary"]
+
+            # The gateway may log in again: the listener reconnects and the alert resolves.
+            await db.execute("ALTER ROLE gw_test LOGIN")
+            await gw.wait_ready()
+            await wait_until(lambda: _not(firing()), 20, "the alert to resolve")
+            await client.close()
+    finally:
+        if prom is not None:
+            prom.stop()
+        await db.close()
+
+
+async def _not(value: Any) -> bool:
+    return not await value
