@@ -365,6 +365,12 @@ class Settings:
         "worker 1, and so on (the main port's /metrics reaches one worker at a time); 0: off",
         parse_port,
     )
+    status_token: str = _setting(
+        "",
+        "serve an HTML status page at /status to requests carrying this token (HTTP basic auth "
+        "password, or Authorization: Bearer); empty: no status page",
+        secret=True,
+    )
 
     def masked(self) -> dict[str, str]:
         """Every setting as text, secrets masked: safe to log."""
@@ -466,6 +472,8 @@ def _check(s: Settings) -> None:
                 f"GATEWAY_METRICS_PORT={s.metrics_port} is not valid: the workers' metrics ports "
                 f"{s.metrics_port}-{last} include GATEWAY_PORT={s.port}"
             )
+    if s.status_token and len(s.status_token) < 16:
+        raise ConfigError("GATEWAY_STATUS_TOKEN is too short: expected at least 16 characters")
     # Imported here: gateway.authz and gateway.tables import this module.
     from gateway.authz import function_sql, validate_topic
     from gateway.protocol import PRESENCE_PREFIX
