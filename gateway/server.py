@@ -92,6 +92,10 @@ def build_app(settings: Settings) -> web.Application:
         from . import metrics
 
         metrics.install(app)
+    if settings.status_token:
+        from . import status
+
+        status.install(app, settings.status_token)
     return app
 
 
