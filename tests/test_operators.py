@@ -10,6 +10,7 @@ Prometheus server scraping a real gateway. Those tests skip with the reason when
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -17,6 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +67,18 @@ async def scrape(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return samples(await gw.metrics())
 
 
-async def gateway_role(db: asyncpg.Connection, dsn: str) -> str:
-    """A role of its own for the gateway, so a test can keep it out (ALTER ROLE ... NOLOGIN)."""
-    await db.execute("CREATE ROLE gw_test LOGIN SUPERUSER")
-    return dsn.replace("postgres@", "gw_test@", 1)
+@contextlib.asynccontextmanager
+async def gateway_role(db: asyncpg.Connection, dsn: str) -> AsyncIterator[tuple[str, str]]:
+    """A role of its own for the gateway, so a test can keep it out (ALTER ROLE ... NOLOGIN):
+    (its name, the gateway's URL). Roles belong to the whole cluster, which other tests share:
+    the name is unique, and the role is dropped after the test."""
+    role = f"gw_ops_{uuid.uuid4().hex[:12]}"
+    await db.execute(f"CREATE ROLE {role} LOGIN SUPERUSER")
+    try:
+        yield role, dsn.replace("postgres@", f"{role}@", 1)
+    finally:
+        await db.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+        await db.execute(f"DROP ROLE {role}")
 
 
 # --- the metrics ---------------------------------------------------------------------------
@@ -75,9 +86,8 @@ async def gateway_role(db: asyncpg.Connection, dsn: str) -> str:
 
 async def test_database_sessions_and_heartbeat_failures_are_counted(dsn: str) -> None:
     db = await asyncpg.connect(dsn)
-    gw_dsn = await gateway_role(db, dsn)
     try:
-        async with running_gateway(gw_dsn, presence="true") as gw:
+        async with gateway_role(db, dsn) as (role, gw_dsn), running_gateway(gw_dsn, presence="true") as gw:
             presence = gw.state.ctx.presence
             await wait_until(lambda: presence.heartbeats >= 1, 10, "a first heartbeat")
             m = await scrape(gw)
@@ -89,9 +99,9 @@ async def test_database_sessions_and_heartbeat_failures_are_counted(dsn: str) ->
 
             # The database keeps the gateway out: its heartbeat fails, and every session it
             # held is gone (the pool's too: the pool reconnects only on demand).
-            await db.execute("ALTER ROLE gw_test NOLOGIN")
+            await db.execute(f"ALTER ROLE {role} NOLOGIN")
             await db.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'gw_test'"
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
             )
             await wait_until(lambda: presence.heartbeat_failures >= 2, 10, "heartbeat failures")
             await wait_until(lambda: not gw.state.listener.connected, 10, "the listener to notice")
@@ -100,7 +110,7 @@ async def test_database_sessions_and_heartbeat_failures_are_counted(dsn: str) ->
             for use in ("listener", "heartbeat"):
                 assert m[("gateway_db_sessions", (("use", use),))] == 0.0, use
 
-            await db.execute("ALTER ROLE gw_test LOGIN")
+            await db.execute(f"ALTER ROLE {role} LOGIN")
             before = presence.heartbeats
             await wait_until(lambda: presence.heartbeats > before, 10, "the heartbeat to come back")
             await gw.wait_ready()
@@ -500,10 +510,9 @@ async def test_prometheus_scrapes_a_gateway_and_the_listener_alert_fires_and_res
     dsn: str, tmp_path: Path
 ) -> None:
     db = await asyncpg.connect(dsn)
-    gw_dsn = await gateway_role(db, dsn)
     prom: PrometheusServer | None = None
     try:
-        async with running_gateway(gw_dsn, presence="true") as gw:
+        async with gateway_role(db, dsn) as (role, gw_dsn), running_gateway(gw_dsn, presence="true") as gw:
             client = await gw.connect("1")
             await client.subscribe("user:1")
             target = gw.base.removeprefix("http://")
@@ -529,7 +538,7 @@ async def test_prometheus_scrapes_a_gateway_and_the_listener_alert_fires_and_res
 
             # The fault: the listener's connection killed, and the gateway's role kept out.
             listener = gw.state.listener
-            await db.execute("ALTER ROLE gw_test NOLOGIN")
+            await db.execute(f"ALTER ROLE {role} NOLOGIN")
             assert await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
             await wait_until(lambda: not listener.connected, 10, "the listener to notice")
 
@@ -548,7 +557,7 @@ async def test_prometheus_scrapes_a_gateway_and_the_listener_alert_fires_and_res
             assert target in alert["annotations"]["summary"]
 
             # The gateway may log in again: the listener reconnects and the alert resolves.
-            await db.execute("ALTER ROLE gw_test LOGIN")
+            await db.execute(f"ALTER ROLE {role} LOGIN")
             await gw.wait_ready()
             await wait_until(lambda: _not(firing()), 20, "the alert to resolve")
             await client.close()
