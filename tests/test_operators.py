@@ -569,3 +569,21 @@ async def test_prometheus_scrapes_a_gateway_and_the_listener_alert_fires_and_res
 
 async def _not(value: Any) -> bool:
     return not await value
+
+
+async def test_a_metrics_port_taken_stops_the_gateway_with_a_clear_error(dsn: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(bare_env(), **settings_env(dsn, port=free_port(), metrics_port=port, workers=1))
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "gateway", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 2, out.stderr
+    assert f"cannot serve this worker's metrics on 127.0.0.1:{port} (GATEWAY_METRICS_PORT)" in out.stderr
