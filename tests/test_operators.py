@@ -587,3 +587,31 @@ async def test_a_metrics_port_taken_stops_the_gateway_with_a_clear_error(dsn: st
         )
     assert out.returncode == 2, out.stderr
     assert f"cannot serve this worker's metrics on 127.0.0.1:{port} (GATEWAY_METRICS_PORT)" in out.stderr
+
+
+def _deploy_yaml_blocks() -> list[str]:
+    text = DEPLOY_MD.read_text()
+    section = text[text.index("## Metrics, alerts and the dashboard") :]
+    return re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+
+
+def test_the_yaml_in_the_metrics_section_of_deploy_md_parses() -> None:
+    blocks = _deploy_yaml_blocks()
+    assert len(blocks) >= 5
+    for block in blocks:
+        assert isinstance(yaml.safe_load(block), dict), block
+
+
+@needs_promtool
+def test_the_static_scrape_config_of_deploy_md_is_valid_for_promtool(tmp_path: Path) -> None:
+    """Copy-paste as the docs say: prometheus.yml beside alerts.yaml. (Debian builds Prometheus
+    without Kubernetes discovery, so the pod job is only parsed, above.)"""
+    assert PROMTOOL is not None
+    [static] = [b for b in _deploy_yaml_blocks() if "static_configs" in b]
+    (tmp_path / "prometheus.yml").write_text(static)
+    shutil.copy(ALERTS, tmp_path / "alerts.yaml")
+    out = subprocess.run(
+        [PROMTOOL, "check", "config", "prometheus.yml"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 rule files found" in out.stdout + out.stderr
