@@ -427,6 +427,18 @@ class Settings:
         "info", "debug, info, warning or error", parse_choice("debug", "info", "warning", "error")
     )
     metrics: bool = _setting(True, "serve Prometheus metrics at /metrics", parse_bool)
+    metrics_port: int = _setting(
+        0,
+        "also serve /metrics on a port of each worker's own: this port for worker 0, the next for "
+        "worker 1, and so on (the main port's /metrics reaches one worker at a time); 0: off",
+        parse_port,
+    )
+    status_token: str = _setting(
+        "",
+        "serve an HTML status page at /status to requests carrying this token (HTTP basic auth "
+        "password, or Authorization: Bearer); empty: no status page",
+        secret=True,
+    )
 
     def masked(self) -> dict[str, str]:
         """Every setting as text, secrets masked: safe to log."""
@@ -507,6 +519,22 @@ def _check(s: Settings) -> None:
         raise ConfigError(
             "GATEWAY_HEARTBEAT_TTL is not valid: expected more than twice GATEWAY_HEARTBEAT_INTERVAL"
         )
+    if s.metrics_port:
+        if not s.metrics:
+            raise ConfigError("GATEWAY_METRICS_PORT is set but GATEWAY_METRICS is false: expected both on")
+        # One port per worker, from metrics_port up; GATEWAY_WORKERS=0 means one per core.
+        last = s.metrics_port + max(s.workers or os.cpu_count() or 1, 1) - 1
+        if last > 65535:
+            raise ConfigError(
+                f"GATEWAY_METRICS_PORT={s.metrics_port} is not valid: its workers would need ports up to {last}"
+            )
+        if s.metrics_port <= s.port <= last:
+            raise ConfigError(
+                f"GATEWAY_METRICS_PORT={s.metrics_port} is not valid: the workers' metrics ports "
+                f"{s.metrics_port}-{last} include GATEWAY_PORT={s.port}"
+            )
+    if s.status_token and len(s.status_token) < 16:
+        raise ConfigError("GATEWAY_STATUS_TOKEN is too short: expected at least 16 characters")
 
 
 def jwt_algorithms(s: Settings) -> tuple[str, ...]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
 import asyncpg
@@ -23,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .config import Settings
+from .errors import ConfigError
 from .listener import Listener
 from .pgerrors import DB_ERRORS
 from .pipeline import Pipeline
@@ -38,6 +41,7 @@ class Source(Protocol):
     """What the collector reads at scrape time: the server's state (gateway/server.py), whose
     resources exist once the application has started (no scrape comes before)."""
 
+    settings: Settings
     draining: bool
     refused: Counter[str]
 
@@ -67,6 +71,13 @@ class GatewayCollector(Collector):
         state = self._state
         pipeline, listener = state.pipeline, state.listener
         reg = state.ctx.registry
+        info = GaugeMetricFamily(
+            "gateway_worker",
+            "always 1; its label: this process's worker number under --workers",
+            labels=["worker"],
+        )
+        info.add_metric([str(worker_id())], 1)
+        yield info
         hub = pipeline.hub
         yield GaugeMetricFamily("gateway_connections", "open WebSocket connections", value=len(reg.sessions))
         refused = CounterMetricFamily(
@@ -156,6 +167,22 @@ class GatewayCollector(Collector):
             "gateway_notification_queue_usage", "pg_notification_queue_usage() (0..1)", value=self.queue_usage
         )
         yield GaugeMetricFamily("gateway_draining", "1 while draining", value=int(state.draining))
+        presence = state.ctx.presence
+        if presence is not None:
+            yield CounterMetricFamily(
+                "gateway_presence_heartbeats", "presence heartbeats renewed", value=presence.heartbeats
+            )
+            yield CounterMetricFamily(
+                "gateway_presence_heartbeat_failures",
+                "presence heartbeats that failed or missed their deadline",
+                value=presence.heartbeat_failures,
+            )
+        sessions = GaugeMetricFamily(
+            "gateway_db_sessions", "PostgreSQL sessions this process holds, by use", labels=["use"]
+        )
+        for use, n in db_sessions(state).items():
+            sessions.add_metric([use], n)
+        yield sessions
         usage = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily(
             "gateway_process_cpu_seconds", "user+system CPU", value=usage.ru_utime + usage.ru_stime
@@ -164,6 +191,20 @@ class GatewayCollector(Collector):
             "gateway_process_max_rss_bytes", "peak resident memory", value=usage.ru_maxrss * 1024
         )
         yield GaugeMetricFamily("gateway_process_rss_bytes", "resident memory", value=_rss_bytes())
+
+
+def db_sessions(state: Source) -> dict[str, int]:
+    """The PostgreSQL sessions this process holds, by use: what counts against
+    max_connections (docs/deploy.md: workers * (3 + GATEWAY_POOL_SIZE))."""
+    sessions = {
+        "pool": state.pool.get_size(),
+        "listener": int(state.listener.connected),
+        "relay": int(state.relay.backend_pid is not None),
+    }
+    presence = state.ctx.presence
+    if presence is not None:
+        sessions["heartbeat"] = int(presence.heartbeat.backend_pid is not None)
+    return sessions
 
 
 def _rss_bytes() -> int:
@@ -180,16 +221,60 @@ SOURCE = web.AppKey("metrics_source", Source)
 
 
 def install(app: web.Application, state: Source) -> None:
-    """Register the collector of ``state`` and the /metrics route (before the app starts)."""
+    """Register the collector of ``state`` and the /metrics route (before the app starts), and
+    with GATEWAY_METRICS_PORT the worker's own metrics port."""
     collector = GatewayCollector(state)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     app[COLLECTOR], app[REGISTRY], app[SOURCE] = collector, registry, state
     app.router.add_get("/metrics", metrics_handler)
+    app.cleanup_ctx.append(_own_port)
+
+
+def worker_id() -> int:
+    """This process's worker number under `gateway serve --workers N` (0 when alone)."""
+    return int(os.environ.get("GATEWAY_WORKER_ID") or 0)
+
+
+async def _own_port(app: web.Application) -> AsyncIterator[None]:
+    """/metrics of this worker alone on GATEWAY_METRICS_PORT + its worker number.
+
+    Workers share the main port (SO_REUSEPORT), so a scrape there reaches whichever worker the
+    kernel picks. On a port of its own each worker is a scrape target (an `instance`) of its
+    own, and nothing changes on the hot path: the page is still built at scrape time.
+    """
+    s = app[SOURCE].settings
+    if not s.metrics_port:
+        yield
+        return
+    port = s.metrics_port + worker_id()
+    own = web.Application()
+
+    async def handler(request: web.Request) -> web.Response:
+        return await _page(app)
+
+    own.router.add_get("/metrics", handler)
+    runner = web.AppRunner(own, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, s.host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot serve this worker's metrics on {s.host}:{port} (GATEWAY_METRICS_PORT): {exc.strerror}"
+        ) from None
+    log.info("metrics of worker %d on http://%s:%d/metrics", worker_id(), s.host, port)
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    app = request.app
+    return await _page(request.app)
+
+
+async def _page(app: web.Application) -> web.Response:
     collector = app[COLLECTOR]
     try:
         async with asyncio.timeout(1.0):

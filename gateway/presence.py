@@ -137,6 +137,11 @@ class Presence:
         self.changes_published = 0
         self.syncs = 0
         self.sweeps_done = 0
+        # Heartbeats renewed and failed (an error or the deadline): a failing heartbeat gets
+        # this replica declared dead by the others after GATEWAY_HEARTBEAT_TTL, and all its
+        # users shown offline, so operators alert on the failures (deploy/prometheus/).
+        self.heartbeats = 0
+        self.heartbeat_failures = 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -391,6 +396,7 @@ class Presence:
             except DB_ERRORS as exc:
                 self._reachable_since = None
                 failures += 1
+                self.heartbeat_failures += 1
                 if failures == 1:
                     why = f"{type(exc).__name__}: {exc}" if str(exc) else "no answer"
                     log.warning(
@@ -405,6 +411,7 @@ class Presence:
                 # heartbeat that gets through finds this replica's row gone.
                 continue
             self._reached()
+            self.heartbeats += 1
             if failures:
                 log.info("presence heartbeat renewed again after %d failed attempt(s)", failures)
                 failures = 0

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from . import clientscript, metrics
+from . import clientscript, metrics, status
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
@@ -135,6 +135,8 @@ def build_app(settings: Settings) -> web.Application:
     clientscript.install(app)
     if settings.metrics:
         metrics.install(app, state)
+    if settings.status_token:
+        status.install(app, state, settings.status_token)
     return app
 
 
