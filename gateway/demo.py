@@ -114,10 +114,12 @@ async def prepare_database(dsn: str) -> None:
 async def activity_step(conn: asyncpg.Connection, rng: random.Random) -> str:
     """One small change on the board, named by what it did: add, start, finish or remove.
 
-    A task flows To do -> Doing -> Done -> removed. The step picks at random among the moves
-    the board allows: a column holds at most COLUMN_MAX tasks, the board LOW to HIGH besides
-    task #1. As many tasks flow into each column as out of it, so the board neither drifts
-    to everything Done nor empties; task #1 is never touched."""
+    A task flows To do -> Doing -> Done -> removed. The step picks among the moves the board
+    allows (a column holds at most COLUMN_MAX tasks, the board LOW to HIGH besides task #1),
+    the likelier the more room the move's target column has and the more tasks its source
+    column holds, and a quarter as likely when it would take the last task of a column. As
+    many tasks flow into each column as out of it, so the board neither drifts to everything
+    Done nor empties a column for long; task #1 is never touched."""
     rows = await conn.fetch(
         "SELECT id, status FROM public.demo_tasks WHERE board = 'demo' AND id <> $1 ORDER BY updated_at, id",
         PINNED_ID,
@@ -127,18 +129,24 @@ async def activity_step(conn: asyncpg.Connection, rng: random.Random) -> str:
         ids[row["status"]].append(row["id"])
     n = len(rows)
     todo, doing, done = (ids[status] for status in STATUSES)
-    moves = []
+
+    def weight(source: list[int] | None, target: list[int] | None) -> float:
+        room = COLUMN_MAX - len(target) if target is not None else COLUMN_MAX
+        held = len(source) if source is not None else COLUMN_MAX
+        return min(room, held) * (0.25 if held == 1 else 1.0)
+
+    moves: dict[str, float] = {}
     if n < HIGH and len(todo) < COLUMN_MAX:
-        moves.append("add")
+        moves["add"] = weight(None, todo)
     if todo and len(doing) < COLUMN_MAX:
-        moves.append("start")
+        moves["start"] = weight(todo, doing)
     if doing and len(done) < COLUMN_MAX:
-        moves.append("finish")
+        moves["finish"] = weight(doing, done)
     if done and n > LOW:
-        moves.append("remove")
+        moves["remove"] = weight(done, None)
     if not moves:  # only a board a visitor filled far past HIGH: removing one of its tasks
-        moves.append("remove" if done else "finish" if doing else "start")
-    move = rng.choice(moves)
+        moves["remove" if done else "finish" if doing else "start"] = 1.0
+    move = rng.choices(list(moves), weights=list(moves.values()))[0]
     if move == "add":
         await conn.execute(
             "INSERT INTO public.demo_tasks (title, assignee) VALUES ($1, $2)",
