@@ -87,15 +87,18 @@ async def prepare_database(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(SCHEMA)
-        await conn.execute(
-            "INSERT INTO public.demo_tasks (id, title) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        added = await conn.fetchval(
+            "INSERT INTO public.demo_tasks (id, title) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING RETURNING id",
             PINNED_ID,
             PINNED_TITLE,
         )
-        # An explicit id leaves the sequence behind; past every id, the next insert cannot collide.
-        await conn.execute(
-            "SELECT setval(pg_get_serial_sequence('public.demo_tasks', 'id'), max(id)) FROM public.demo_tasks"
-        )
+        if added is not None:
+            # An explicit id leaves a fresh table's sequence at it: the next insert would
+            # collide. Past every id, and never back (ids of deleted rows are not reused).
+            await conn.execute(
+                "SELECT setval(seq, greatest(max(id), nextval(seq) - 1)) "
+                "FROM public.demo_tasks, pg_get_serial_sequence('public.demo_tasks', 'id') AS seq GROUP BY seq"
+            )
         others = await conn.fetchval(
             "SELECT count(*) FROM public.demo_tasks WHERE board = 'demo' AND id <> $1", PINNED_ID
         )

@@ -85,14 +85,14 @@ async def test_task_1_comes_back_on_the_next_start_and_ids_go_on(dsn: str) -> No
     await demo.prepare_database(dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("DELETE FROM public.demo_tasks WHERE id = $1", demo.PINNED_ID)
+        last = await conn.fetchval("INSERT INTO public.demo_tasks (title) VALUES ('x') RETURNING id")
+        await conn.execute("DELETE FROM public.demo_tasks WHERE id IN ($1, $2)", demo.PINNED_ID, last)
         await demo.prepare_database(dsn)  # a second `gateway demo` on the same DATABASE_URL
         assert await pinned(conn) is not None
         assert await conn.execute(demo.TRY_SQL) == "UPDATE 1"
-        # Inserting without an id still works: the sequence is past task #1.
-        top = await conn.fetchval("SELECT max(id) FROM public.demo_tasks")
-        new_id = await conn.fetchval("INSERT INTO public.demo_tasks (title) VALUES ('x') RETURNING id")
-        assert new_id > top
+        # Inserting without an id still works, and no id is used twice.
+        new_id = await conn.fetchval("INSERT INTO public.demo_tasks (title) VALUES ('y') RETURNING id")
+        assert new_id > last
     finally:
         await conn.close()
 
