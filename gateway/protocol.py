@@ -284,11 +284,13 @@ _TOO_DEEP = "the frame's JSON is nested too deeply"
 
 
 class BadFrame(Exception):
-    """A client frame that is not a valid message: ``code`` and ``message`` for its error reply."""
+    """A client frame that is not a valid message: ``code`` and ``message`` for its error reply,
+    and the ``id`` and ``topic`` the frame carried, if any, for the reply to echo."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, req_id: int | None = None, topic: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+        self.id, self.topic = req_id, topic
 
 
 def decode_frame(data: bytes | str) -> ClientMessage:
@@ -301,18 +303,30 @@ def decode_frame(data: bytes | str) -> ClientMessage:
     except RecursionError:
         raise BadFrame(ErrorCode.BAD_JSON, _TOO_DEEP) from None
     except msgspec.DecodeError as exc:
-        raise BadFrame(*describe_decode_error(data, exc)) from None
+        raise describe_decode_error(data, exc) from None
 
 
-def describe_decode_error(data: bytes | str, exc: msgspec.DecodeError) -> tuple[str, str]:
-    """Turn a decode failure into (error code, message naming what was wrong)."""
+def describe_decode_error(data: bytes | str, exc: msgspec.DecodeError) -> BadFrame:
+    """Turn a decode failure into the error naming what was wrong.
+
+    A frame that is a JSON object but not a valid message (a misspelled field, an unknown
+    type) still answers a request: its ``id`` (an integer) and ``topic`` (text) are read
+    from the untyped object, so the client can match the error to what it sent."""
     try:
-        msgspec.json.decode(data)
+        value = msgspec.json.decode(data)
     except RecursionError:
-        return ErrorCode.BAD_JSON, _TOO_DEEP
+        return BadFrame(ErrorCode.BAD_JSON, _TOO_DEEP)
     except msgspec.DecodeError:
-        return ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}"
+        return BadFrame(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}")
+    req_id: int | None = None
+    topic: str | None = None
+    if isinstance(value, dict):
+        # bool is an int subclass, but `"id": true` names no request.
+        if isinstance(value.get("id"), int) and not isinstance(value["id"], bool):
+            req_id = value["id"]
+        if isinstance(value.get("topic"), str):
+            topic = value["topic"]
     text = str(exc)
     if text.startswith("Invalid value") and text.endswith("at `$.type`"):
-        return ErrorCode.BAD_MESSAGE, f"{text}: the type must be one of {', '.join(CLIENT_TYPES)}"
-    return ErrorCode.BAD_MESSAGE, text
+        text = f"{text}: the type must be one of {', '.join(CLIENT_TYPES)}"
+    return BadFrame(ErrorCode.BAD_MESSAGE, text, req_id, topic)

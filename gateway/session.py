@@ -302,10 +302,15 @@ class Session:
             try:
                 frame = p.decode_frame(msg.data)
             except p.BadFrame as exc:
-                self.error(exc.code, exc.message)
+                self.error(exc.code, exc.message, exc.id, exc.topic)
                 continue
             if not isinstance(frame, p.Auth):
-                self.error(p.ErrorCode.NOT_AUTHENTICATED, 'send {"type": "auth", "token": ...} first')
+                self.error(
+                    p.ErrorCode.NOT_AUTHENTICATED,
+                    'send {"type": "auth", "token": ...} first',
+                    getattr(frame, "id", None),
+                    getattr(frame, "topic", None),
+                )
                 continue
             try:
                 self.identity = await self.ctx.authenticator.verify(frame.token)
@@ -390,9 +395,11 @@ class Session:
             msg = p.decode_frame(data)  # bounded by max_frame_bytes, so cheap even in a flood
         except p.BadFrame as exc:
             if limited:
-                self.error(p.ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+                self.error(
+                    p.ErrorCode.RATE_LIMITED, "too many messages; this one was dropped", exc.id, exc.topic
+                )
             else:
-                self.error(exc.code, exc.message)
+                self.error(exc.code, exc.message, exc.id, exc.topic)
             return
         if limited:
             # Name the request, so a client waiting for its answer is not left hanging.

@@ -281,6 +281,7 @@ class Runner:
         self.progress("[ramp] starting gateway")
         await gw.start()
         steps: list[dict[str, Any]] = []
+        commit_times: array[float] = array("d")  # of every step, for the throughput series
         try:
             fleet = Fleet(gw.ws_url, SECRET, clients, p.procs, "live")
             try:
@@ -290,6 +291,7 @@ class Runner:
                     mark = len(fleet.samples.lat)
                     cpu0, t0 = gw.cpu(), time.time()
                     w = await self._write(f"ramp {label}", fleet, topics, rate, seconds)
+                    commit_times.extend(w.commit_times)
                     heads = await db.heads(self.dsn, topics)
                     behind = await fleet.sync(heads, p.sync_timeout)
                     cpu = gw.cpu() - cpu0
@@ -368,7 +370,12 @@ class Runner:
             "client_errors": [e for r in rows for e in r["errors"]][:10],
             "latency_ms": latency_summary(fleet.samples.lat),
             "histogram": histogram(fleet.samples.lat),
-            "series": time_series(fleet.samples.rt, fleet.samples.lat, array("d"), fleet.samples.rt[0])
+            "series": time_series(
+                fleet.samples.rt,
+                fleet.samples.lat,
+                commit_times,
+                min(fleet.samples.rt[0], commit_times[0] if commit_times else fleet.samples.rt[0]),
+            )
             if fleet.samples.rt
             else {},
         }

@@ -104,6 +104,66 @@ async def test_demo_page_shows_committed_rows_and_who_is_online(
     errors.check()
 
 
+# Every user the page has listed under "Who's online" since this ran (the list is re-rendered
+# on every presence change, so a name shown for a moment is caught too).
+WATCH_USERS = """() => {
+  window.listed = new Set();
+  const note = () => document.querySelectorAll("#users li:not(.empty)").forEach(
+    (li) => listed.add(li.firstChild.textContent.trim()));
+  new MutationObserver(note).observe(document.getElementById("users"), { childList: true, subtree: true });
+  note();
+}"""
+
+
+async def test_a_second_tab_shows_no_ghost_user(browser: Any, dsn: str, tmp_path: Path) -> None:
+    """A new tab connects under the name chosen last in this browser, not a random one that
+    would be listed to everyone, then linger as a ghost once the visitor typed their name."""
+    demo = DemoProcess(dsn, tmp_path / "demo.log", presence="true", presence_grace="0.5")
+    await demo.start()
+    errors = BrowserErrors()
+    context = await browser.new_context(viewport=VIEWPORT)
+    try:
+        first = await context.new_page()
+        errors.watch(first)
+        await first.goto(demo.base + "/demo")
+        await first.wait_for_selector("#badge.open", timeout=WAIT_MS)
+        name = await first.input_value("#name")  # a random name: the first visit
+        await first.wait_for_selector(f"#users li:has-text('{name}')", timeout=WAIT_MS)
+        await first.evaluate(WATCH_USERS)
+
+        # The visitor opens a second tab (same browser: a sessionStorage of its own, the same
+        # localStorage) and connects under another name.
+        second = await context.new_page()
+        errors.watch(second)
+        await second.goto(demo.base + "/demo")
+        await second.wait_for_selector("#badge.open", timeout=WAIT_MS)
+        assert await second.text_content("#badge") == f"live as {name}"
+        await second.fill("#name", "carol")
+        await second.click("#who button[type=submit]")
+        await second.wait_for_function(
+            "document.getElementById('badge').textContent === 'live as carol'", timeout=WAIT_MS
+        )
+        await first.wait_for_selector("#users li:has-text('carol')", timeout=WAIT_MS)
+        # Three times the presence grace: a name connected and left meanwhile would be gone
+        # from the list by now, but not from what the first tab has seen.
+        await asyncio.sleep(1.5)
+        assert sorted(await first.evaluate("[...listed]")) == sorted([name, "carol"])
+
+        # A tab opened later starts as the name chosen last; a reload keeps the tab's own name.
+        third = await context.new_page()
+        errors.watch(third)
+        await third.goto(demo.base + "/demo")
+        await third.wait_for_selector("#badge.open", timeout=WAIT_MS)
+        assert await third.text_content("#badge") == "live as carol"
+        await first.reload()
+        await first.wait_for_selector("#badge.open", timeout=WAIT_MS)
+        assert await first.text_content("#badge") == f"live as {name}"
+    finally:
+        await context.close()
+        await demo.stop()
+    errors.check()
+
+
 # --- nothing lost or doubled across a gateway restart -------------------------------------------
 
 

@@ -599,6 +599,61 @@ async def test_well_formed_json_but_wrong_message_is_bad_message(dsn: str) -> No
         await c.close()
 
 
+# (a frame that is not a valid message, the `id` and `topic` its error must echo)
+ECHOED: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    (
+        {"type": "subscribe", "topic": "user:1", "id": 7, "sinse": {"pos": 1, "epoch": "e"}},
+        {"id": 7, "topic": "user:1"},
+    ),
+    ({"type": "subscribe", "topc": "user:1", "id": 8}, {"id": 8}),
+    (
+        {"type": "subscribe", "topic": "user:1", "id": 9, "since": {"pos": "x", "epoch": "e"}},
+        {"id": 9, "topic": "user:1"},
+    ),
+    ({"type": "unsubscribe", "topic": "room:7", "id": 10, "extra": 1}, {"id": 10, "topic": "room:7"}),
+    ({"type": "ping", "id": 11, "extra": 1}, {"id": 11}),
+    ({"type": "subscibe", "topic": "room:7", "id": 12}, {"id": 12, "topic": "room:7"}),
+    ({"type": "status", "status": "busy", "id": 13}, {"id": 13}),
+    ({"type": "subscribe", "topic": 7, "id": 14}, {"id": 14}),
+    # What is not an integer id or a text topic is no request's: nothing to echo.
+    ({"type": "subscribe", "topic": "user:1", "id": "one"}, {"topic": "user:1"}),
+    ({"type": "subscribe", "topic": "user:1", "id": True}, {"topic": "user:1"}),
+    ({"type": "subscribe", "topic": "user:1", "id": 1.5}, {"topic": "user:1"}),
+    ({"type": "subscribe", "topic": ["user:1"], "id": None}, {}),
+]
+
+
+def echoed(frame: dict[str, Any]) -> dict[str, Any]:
+    return {k: frame[k] for k in ("id", "topic") if k in frame}
+
+
+async def test_a_bad_message_is_answered_with_the_request_s_id_and_topic(dsn: str) -> None:
+    """docs/protocol.md: errors answer a request with its id. A misspelled field must not
+    leave the client waiting for an answer it cannot match to its request."""
+    async with running_gateway(dsn, message_rate=1000) as gw:
+        c = await gw.connect("1")
+        for frame, expected in ECHOED:
+            await c.send(json.dumps(frame))
+            error = await expect_error(c, "bad_message")
+            assert echoed(error) == expected, f"{frame}: {error}"
+        await assert_alive(c)
+        await c.close()
+
+
+async def test_frames_before_auth_are_answered_with_their_id_and_topic(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw)
+        await c.send({"type": "subscribe", "topic": "user:1", "id": 1})
+        assert echoed(await expect_error(c, "not_authenticated")) == {"id": 1, "topic": "user:1"}
+        await c.send({"type": "subscribe", "topic": "user:1", "id": 2, "sinse": None})
+        assert echoed(await expect_error(c, "bad_message")) == {"id": 2, "topic": "user:1"}
+        await c.send({"type": "ping"})
+        assert echoed(await expect_error(c, "not_authenticated")) == {}
+        await c.auth(token("1"))
+        await assert_alive(c)
+        await c.close()
+
+
 async def test_binary_frame_is_refused_before_and_after_auth(dsn: str) -> None:
     async with running_gateway(dsn) as gw:
         c = await open_raw(gw)

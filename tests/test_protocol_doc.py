@@ -4,20 +4,27 @@ Checked: every message type has a section (a heading naming it in backticks) and
 that decodes with the gateway's own decoder for its direction; every error code is a row of the
 error table; the close-code table has exactly the codes of ``CLOSE_CODES`` with their numbers,
 and its "reconnect" column matches ``RECONNECT_AFTER``. Nothing documented that does not exist.
+The token's claims table and its complete example agree with gateway/auth.py's verifier: the
+example verifies, each claim marked required is refused when missing, each optional one is
+not, and every example token carries those claims, signed with the secret the page names.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 import typing
 from pathlib import Path
 from typing import Any
 
+import jwt
 import msgspec
 import pytest
 
 from gateway import protocol as p
+from gateway.auth import Authenticator, TokenError
+from gateway.config import load
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -143,3 +150,94 @@ def test_the_refusals_before_the_upgrade_are_the_code_s_in_its_order(doc: str) -
     for (_, _, when), refusal in zip(rows, p.REFUSALS, strict=True):
         retry = f"Retry-After: {refusal.retry_after}"
         assert (retry in when) == (refusal.retry_after is not None), (refusal, when)
+
+
+# --- the token ---------------------------------------------------------------------------------
+
+
+def claims_example(doc: str) -> dict[str, Any]:
+    blocks = re.findall(r"^```json claims\n(.*?)^```", doc, re.M | re.S)
+    assert len(blocks) == 1, "docs/protocol.md needs one ```json claims block: a complete token's claims"
+    claims: dict[str, Any] = json.loads(blocks[0])
+    return claims
+
+
+def claims_rows(doc: str) -> list[tuple[str, str]]:
+    """(claim, required) per row of the claims table: required is yes, no or when <setting> is set."""
+    start = doc.index("| claim | required |")
+    end = doc.find("\n\n", start)
+    return [(unquote(row[0]), row[1]) for row in table(doc[start:end])]
+
+
+def example_secret(doc: str) -> str:
+    m = re.search(r"signed with the secret `([^`]+)`", doc)
+    assert m, "docs/protocol.md does not name the secret its example tokens are signed with"
+    return m.group(1)
+
+
+def verifier(doc: str, **env: str) -> Authenticator:
+    """The gateway's own verifier, configured the way the page's settings name it."""
+    return Authenticator(load({"GATEWAY_JWT_SECRET": example_secret(doc), **env}))
+
+
+async def verifies(auth: Authenticator, claims: dict[str, Any], secret: str) -> bool:
+    try:
+        await auth.verify(jwt.encode(claims, secret, algorithm="HS256"))
+    except TokenError:
+        return False
+    return True
+
+
+def test_every_example_token_is_signed_and_carries_the_example_s_claims(doc: str) -> None:
+    example = claims_example(doc)
+    tokens = re.findall(r"eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+", doc)
+    assert len(tokens) >= 3, "the auth and refresh examples should show complete tokens"
+    for tok in tokens:
+        assert jwt.get_unverified_header(tok) == {"alg": "HS256", "typ": "JWT"}, tok
+        # Its exp is in the past by design (the examples are fixed); the signature and the
+        # claims are what is checked here.
+        claims = jwt.decode(tok, example_secret(doc), algorithms=["HS256"], options={"verify_exp": False})
+        assert claims.keys() == example.keys(), claims
+        assert {k: v for k, v in claims.items() if k not in ("iat", "exp")} == {
+            k: v for k, v in example.items() if k not in ("iat", "exp")
+        }
+        assert claims["exp"] > claims["iat"]
+    first = jwt.decode(tokens[0], example_secret(doc), algorithms=["HS256"], options={"verify_exp": False})
+    assert first == example, "the first example token is the one whose claims the page shows"
+    welcome = next(ex for ex in json_examples(doc) if ex["type"] == "welcome")
+    assert welcome["expires"] == example["exp"] and welcome["user"] == example["sub"]
+
+
+async def test_the_claims_table_says_what_the_verifier_requires(doc: str) -> None:
+    secret = example_secret(doc)
+    now = int(time.time())
+    # The example, issued now: it verifies and names its user.
+    example = {**claims_example(doc), "iat": now, "exp": now + 300}
+    auth = verifier(doc)
+    identity = await auth.verify(jwt.encode(example, secret, algorithm="HS256"))
+    assert identity.user == example["sub"]
+    assert dict(identity.claims) == example
+
+    rows = claims_rows(doc)
+    documented = {claim for claim, _ in rows}
+    assert {"exp", "sub", "aud", "iss", "iat", "nbf", "topics"} <= documented, documented
+    required = {claim for claim, need in rows if need == "yes"}
+    # The required claims alone are enough...
+    assert await verifies(auth, {k: example[k] for k in required}, secret)
+    for claim, need in rows:
+        if need == "yes":
+            # ...and each of them is needed.
+            assert not await verifies(auth, {k: v for k, v in example.items() if k != claim}, secret), claim
+        elif need == "no":
+            assert await verifies(auth, {k: v for k, v in example.items() if k != claim}, secret), claim
+        else:
+            m = re.fullmatch(r"when `(GATEWAY_[A-Z_]+)` is set", need)
+            assert m, f"claim {claim}: 'required' must be yes, no or when `GATEWAY_...` is set, not {need!r}"
+            strict = verifier(doc, **{m.group(1): "example-value"})
+            assert not await verifies(strict, example, secret), f"{claim} is required with {m.group(1)}"
+            assert await verifies(strict, {**example, claim: "example-value"}, secret), claim
+            # Without the setting the claim is not checked at all.
+            assert await verifies(auth, {**example, claim: "another-value"}, secret), claim
+    # Optional time claims are checked when present: not in the future.
+    for claim in ("iat", "nbf"):
+        assert not await verifies(auth, {**example, claim: now + 3600}, secret), claim

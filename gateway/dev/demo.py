@@ -40,6 +40,17 @@ TOPIC = "board:demo"
 TOKEN_TTL = 120.0  # short, so the page shows an in-band token refresh every couple of minutes
 _NAME = re.compile(r"^[A-Za-z0-9 _.-]{1,40}$")
 
+# Task #1 is the visitor's: the command printed at start (and shown on the page) moves it
+# between To do and Done, and works however long the demo has run, because the activity
+# generator never changes or deletes it. prepare_database() puts it back if it is gone.
+PINNED_ID = 1
+PINNED_TITLE = "Move me with the UPDATE shown above"
+TRY_SQL = "UPDATE demo_tasks SET status = CASE status WHEN 'done' THEN 'todo' ELSE 'done' END WHERE id = 1"
+
+# The generator keeps LOW to HIGH tasks besides task #1, at most COLUMN_MAX per status.
+LOW, HIGH, COLUMN_MAX = 6, 12, 4
+STATUSES = ("todo", "doing", "done")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS public.demo_tasks (
     id         bigserial PRIMARY KEY,
@@ -65,8 +76,9 @@ THINGS = [
 PEOPLE = ["ada", "grace", "linus", "margaret", "ken", "barbara", None]
 
 
-def random_title() -> str:
-    return f"{random.choice(VERBS)} {random.choice(THINGS)}"
+def random_title(rng: random.Random | None = None) -> str:
+    rng = rng or random.Random()
+    return f"{rng.choice(VERBS)} {rng.choice(THINGS)}"
 
 
 async def prepare_database(dsn: str) -> None:
@@ -76,46 +88,98 @@ async def prepare_database(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(SCHEMA)
-        if not await conn.fetchval("SELECT count(*) FROM public.demo_tasks"):
-            for _ in range(5):
-                await conn.execute(
-                    "INSERT INTO public.demo_tasks (title, status, assignee) VALUES ($1, $2, $3)",
-                    random_title(),
-                    random.choice(["todo", "doing", "done"]),
-                    random.choice(PEOPLE),
-                )
+        added = await conn.fetchval(
+            "INSERT INTO public.demo_tasks (id, title) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING RETURNING id",
+            PINNED_ID,
+            PINNED_TITLE,
+        )
+        if added is not None:
+            # An explicit id leaves a fresh table's sequence at it: the next insert would
+            # collide. Past every id, and never back (ids of deleted rows are not reused).
+            await conn.execute(
+                "SELECT setval(seq, greatest(max(id), nextval(seq) - 1)) "
+                "FROM public.demo_tasks, pg_get_serial_sequence('public.demo_tasks', 'id') AS seq GROUP BY seq"
+            )
+        others = await conn.fetchval(
+            "SELECT count(*) FROM public.demo_tasks WHERE board = 'demo' AND id <> $1", PINNED_ID
+        )
+        # A board with something in every column from the first moment.
+        for i in range(LOW - others):
+            await conn.execute(
+                "INSERT INTO public.demo_tasks (title, status, assignee) VALUES ($1, $2, $3)",
+                random_title(),
+                STATUSES[i % len(STATUSES)],
+                random.choice(PEOPLE),
+            )
     finally:
         await conn.close()
 
 
+async def activity_step(conn: asyncpg.Connection, rng: random.Random) -> str:
+    """One small change on the board, named by what it did: add, start, finish or remove.
+
+    A task flows To do -> Doing -> Done -> removed. The step picks among the moves the board
+    allows (a column holds at most COLUMN_MAX tasks, the board LOW to HIGH besides task #1),
+    the likelier the more room the move's target column has and the more tasks its source
+    column holds, and a quarter as likely when it would take the last task of a column. As
+    many tasks flow into each column as out of it, so the board neither drifts to everything
+    Done nor empties a column for long; task #1 is never touched."""
+    rows = await conn.fetch(
+        "SELECT id, status FROM public.demo_tasks WHERE board = 'demo' AND id <> $1 ORDER BY updated_at, id",
+        PINNED_ID,
+    )
+    ids: dict[str, list[int]] = {status: [] for status in STATUSES}
+    for row in rows:
+        ids[row["status"]].append(row["id"])
+    n = len(rows)
+    todo, doing, done = (ids[status] for status in STATUSES)
+
+    def weight(source: list[int] | None, target: list[int] | None) -> float:
+        room = COLUMN_MAX - len(target) if target is not None else COLUMN_MAX
+        held = len(source) if source is not None else COLUMN_MAX
+        return min(room, held) * (0.25 if held == 1 else 1.0)
+
+    moves: dict[str, float] = {}
+    if n < HIGH and len(todo) < COLUMN_MAX:
+        moves["add"] = weight(None, todo)
+    if todo and len(doing) < COLUMN_MAX:
+        moves["start"] = weight(todo, doing)
+    if doing and len(done) < COLUMN_MAX:
+        moves["finish"] = weight(doing, done)
+    if done and n > LOW:
+        moves["remove"] = weight(done, None)
+    if not moves:  # only a board a visitor filled far past HIGH: removing one of its tasks
+        moves["remove" if done else "finish" if doing else "start"] = 1.0
+    move = rng.choices(list(moves), weights=list(moves.values()))[0]
+    if move == "add":
+        await conn.execute(
+            "INSERT INTO public.demo_tasks (title, assignee) VALUES ($1, $2)",
+            random_title(rng),
+            rng.choice(PEOPLE),
+        )
+    elif move in ("start", "finish"):
+        await conn.execute(
+            "UPDATE public.demo_tasks SET status = $2, assignee = coalesce(assignee, $3), updated_at = now() "
+            "WHERE id = $1",
+            rng.choice(todo if move == "start" else doing),
+            "doing" if move == "start" else "done",
+            rng.choice(PEOPLE[:-1]),
+        )
+    else:
+        await conn.execute("DELETE FROM public.demo_tasks WHERE id = $1", done[0])  # the oldest Done
+    return move
+
+
 async def activity(dsn: str, interval: float = 1.5) -> None:
     """Commit a small random change every ``interval`` seconds so the page keeps moving."""
+    rng = random.Random()
     conn: asyncpg.Connection | None = None
     while True:
-        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+        await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
         try:
             if conn is None or conn.is_closed():
                 conn = await asyncpg.connect(dsn)
-            count = await conn.fetchval("SELECT count(*) FROM public.demo_tasks")
-            roll = random.random()
-            if count < 6 or (roll < 0.25 and count < 14):
-                await conn.execute(
-                    "INSERT INTO public.demo_tasks (title, assignee) VALUES ($1, $2)",
-                    random_title(),
-                    random.choice(PEOPLE),
-                )
-            elif roll < 0.4 or count > 14:
-                await conn.execute(
-                    "DELETE FROM public.demo_tasks WHERE id = (SELECT id FROM public.demo_tasks "
-                    "WHERE status = 'done' ORDER BY updated_at LIMIT 1)"
-                )
-            else:
-                await conn.execute(
-                    "UPDATE public.demo_tasks SET status = CASE status WHEN 'todo' THEN 'doing' ELSE 'done' END, "
-                    "assignee = coalesce(assignee, $1), updated_at = now() "
-                    "WHERE id = (SELECT id FROM public.demo_tasks WHERE status <> 'done' ORDER BY random() LIMIT 1)",
-                    random.choice(PEOPLE[:-1]),
-                )
+            await activity_step(conn, rng)
         except DB_ERRORS as exc:
             log.warning("activity generator: %s", exc)
             conn = None
@@ -175,22 +239,27 @@ def add_demo_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_static("/demo/static", STATIC)
 
 
+def banner(settings: Settings) -> str:
+    """What `gateway demo` prints once it is up: the page, and a commit to try by hand."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    # The password is never printed; where there is one, the line says what *** stands for.
+    masked = mask_dsn(settings.database_url)
+    hint = "\n    (*** is the database password)" if masked != settings.database_url else ""
+    return (
+        f"\n  Demo running: open http://{host}:{settings.port}/demo\n"
+        f"  Open a second tab and connect under another name to see presence.\n"
+        f"  Commit a change yourself (it moves task #1 between To do and Done):\n"
+        f"    psql '{masked}' -c \"{TRY_SQL}\"{hint}\n"
+        f"  Ctrl-C stops everything.\n"
+    )
+
+
 async def _run(settings: Settings) -> None:
     await prepare_database(settings.database_url)
     app = build_app(settings)
     add_demo_routes(app, settings)
     generator = asyncio.create_task(activity(settings.database_url))
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    # The password is never printed; where there is one, the line says what *** stands for.
-    masked = mask_dsn(settings.database_url)
-    hint = "  (*** is the database password)" if masked != settings.database_url else ""
-    print(
-        f"\n  Demo running: open http://{host}:{settings.port}/demo\n"
-        f"  Open a second tab with another name to see presence. Commit a change yourself:\n"
-        f"    psql '{masked}' -c \"UPDATE demo_tasks SET status = 'done' WHERE id = 1\"{hint}\n"
-        f"  Ctrl-C stops everything.\n",
-        flush=True,
-    )
+    print(banner(settings), flush=True)
     try:
         await serve(settings, app=app)
     finally:
