@@ -13,9 +13,11 @@ from collections import Counter
 
 import asyncpg
 
-from gateway import demo
+from gateway.clientscript import STATIC
 from gateway.config import Settings
-from gateway.server import STATIC
+from gateway.dev import demo
+
+from .pgconn import pg_connect
 
 STEPS = 600  # about fifteen minutes of the demo
 
@@ -45,7 +47,7 @@ def test_the_printed_command_is_the_one_the_page_shows() -> None:
 async def test_the_board_keeps_moving_in_every_column_and_task_1_stays(dsn: str) -> None:
     await demo.prepare_database(dsn)
     rng = random.Random(23)
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         first = await pinned(conn)
         assert first is not None and first["title"] == demo.PINNED_TITLE
@@ -83,7 +85,7 @@ async def test_the_board_keeps_moving_in_every_column_and_task_1_stays(dsn: str)
 
 async def test_task_1_comes_back_on_the_next_start_and_ids_go_on(dsn: str) -> None:
     await demo.prepare_database(dsn)
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         last = await conn.fetchval("INSERT INTO public.demo_tasks (title) VALUES ('x') RETURNING id")
         await conn.execute("DELETE FROM public.demo_tasks WHERE id IN ($1, $2)", demo.PINNED_ID, last)
@@ -99,7 +101,7 @@ async def test_task_1_comes_back_on_the_next_start_and_ids_go_on(dsn: str) -> No
 
 async def test_a_fresh_table_gets_task_1_and_the_sequence_after_it(dsn: str) -> None:
     await demo.prepare_database(dsn)
-    conn = await asyncpg.connect(dsn)
+    conn = await pg_connect(dsn)
     try:
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM public.demo_tasks ORDER BY id")]
         assert ids == list(range(1, demo.LOW + 2)), ids  # task #1, then the seeded ones
