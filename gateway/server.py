@@ -38,6 +38,7 @@ from .hub import Hub
 from .listener import Listener
 from .log import EventLog
 from .logs import QUIET_BAD_REQUESTS, REDACT_BEARER
+from .migrate import prerelease_problem
 from .pipeline import Pipeline
 from .ratelimit import TokenBucket
 from .relay import Relay
@@ -199,6 +200,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
         if missing:
             raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
+        problem = await prerelease_problem(pool, f"the database at {mask_dsn(s.database_url)}")
+        if problem:
+            raise ConfigError(problem)
         resolver = Resolver(pool, parse_tables(s.tables))
         await resolver.check()
         authenticator = Authenticator(s)

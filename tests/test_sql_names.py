@@ -6,19 +6,15 @@ gateway.emit_many() accept.
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
 from gateway.authz import validate_topic
-from gateway.migrate import migrate
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
 # The kinds of function publish() generates per table (sql/004; 'doorbell' until then).
 KINDS = ("topic", "row_topic", "capture_insert", "capture_update", "capture_delete")
 GENERATED_SQL = "^(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_"
@@ -110,91 +106,6 @@ async def test_long_non_ascii_table_is_published_again_and_unpublished_without_l
     assert await generated(db) == before
     assert await gateway_triggers(db, qualified) == []
     assert await db.fetchval("SELECT count(*) FROM gateway.published") == 0
-
-
-def migrations_dir(tmp_path: Path, name: str, below: int) -> Path:
-    """A directory holding the repository's migrations whose version is below ``below``."""
-    directory = tmp_path / name
-    directory.mkdir()
-    for path in sorted(REPO_SQL.glob("*.sql")):
-        if int(path.name.split("_", 1)[0]) < below:
-            shutil.copy(path, directory / path.name)
-    return directory
-
-
-def normalized(definition: str) -> str:
-    """A generated function's definition with the generated names left out."""
-    return re.sub(
-        r'(?<![A-Za-z0-9_])(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_[^"(\s]*',
-        r"\1_",
-        definition,
-    )
-
-
-async def test_upgrade_renames_functions_of_non_ascii_tables_and_leaves_the_triggers_as_they_were(
-    blank_dsn: str, tmp_path: Path
-) -> None:
-    """A database that published tables before sql/008, with capture_name() as it was: 008
-    re-publishes them under names that fit, dropping the old functions, with trigger bodies
-    identical but for those names (byte-identical for an ASCII table)."""
-    await migrate(blank_dsn, directory=migrations_dir(tmp_path, "before", 8))
-    db = await asyncpg.connect(blank_dsn)
-    try:
-        assert await generated(db) == {}
-        assert "left(n.nspname || '_' || c.relname, 36)" in await db.fetchval(
-            "SELECT prosrc FROM pg_proc WHERE oid = 'gateway.capture_name(regclass, text)'::regprocedure"
-        ), "this test needs capture_name() as it was before sql/008"
-        tables = {
-            "public.items": "public.items",
-            '"public"."история_покупок_клиентов_магазина"': "public.история_покупок_клиентов_магазина",
-            '"склад_данных"."注文履歴テーブルの非常に長い名前です"': "склад_данных.注文履歴テーブルの非常に長い名前です",
-        }
-        await db.execute('CREATE SCHEMA "склад_данных"')
-        for table in (*tables, '"public"."заказы_покупателей_интернет_ма"'):
-            await db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, owner int)")
-            await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", table)
-        # Unpublished before the upgrade: the old unpublish() left its functions behind.
-        await db.execute("""SELECT gateway.unpublish('"public"."заказы_покупателей_интернет_ма"')""")
-        old = await generated(db)
-        assert len(old) == 4 * len(KINDS)
-        # Over 60 bytes: cut by PostgreSQL (capture_name() means at most 60), the bug at hand.
-        assert any(len(n.encode()) > 60 for n in old)
-        items_old = {n: d for n, d in old.items() if n in await expected_names(db, "items")}
-        assert len(items_old) == len(KINDS)
-    finally:
-        await db.close()
-
-    await migrate(blank_dsn, directory=migrations_dir(tmp_path, "with_008", 9))
-    db = await asyncpg.connect(blank_dsn)
-    try:
-        new = await generated(db)
-        expected: set[str] = set()
-        for table in tables:
-            expected |= await expected_names(db, table)
-        assert all(len(n.encode()) <= NAME_LIMIT for n in expected)
-        # The published tables' old functions are gone; those the unpublished table left
-        # behind stay until it is published or unpublished again.
-        left_behind = {n for n in old if "заказы" in n}
-        assert set(new) == expected | left_behind
-        assert len(set(old) - set(new)) == 2 * len(KINDS)  # the two non-ASCII tables'
-        assert len(left_behind) == len(KINDS)
-        # The triggers run the same code: an ASCII table's functions did not even change name.
-        assert {n: new[n] for n in items_old} == items_old
-        assert sorted(normalized(d) for n, d in new.items() if n in expected) == sorted(
-            normalized(d) for n, d in old.items() if "заказы" not in n
-        )
-        for i, (table, table_name) in enumerate(tables.items()):
-            await check_capture(db, table, table_name, 10 + i)
-
-        await db.execute(
-            """SELECT gateway.publish('"public"."заказы_покупателей_интернет_ма"', 'owner::text')"""
-        )
-        for table in (*tables, '"public"."заказы_покупателей_интернет_ма"'):
-            await db.execute("SELECT gateway.unpublish($1)", table)
-            assert await gateway_triggers(db, table) == []
-        assert await generated(db) == {}
-    finally:
-        await db.close()
 
 
 async def test_unpublish_keeps_the_functions_the_topic_expression_calls(db: asyncpg.Connection) -> None:
