@@ -106,7 +106,6 @@ class EventLog:
             try:
                 for sql, arg in (
                     (_PRUNE_OLD, max_age),
-                    (_PRUNE_OLD_UNTRACKED, max_age),
                     (_PRUNE_MANY, max_events),
                 ):
                     while True:
@@ -124,14 +123,8 @@ class EventLog:
 # seconds. Fewer than $2 deleted means a younger event was among them: the walk stops there.
 _PRUNE_OLD = (
     "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
-    "SELECT o.ctid FROM (SELECT ctid, created_at FROM gateway.events WHERE xid IS NOT NULL ORDER BY xid LIMIT $2) AS o "
+    "SELECT o.ctid FROM (SELECT ctid, created_at FROM gateway.events ORDER BY xid LIMIT $2) AS o "
     "WHERE o.created_at < now() - make_interval(secs => $1)))"
-)
-# Events written before sql/003 recorded transaction ids.
-_PRUNE_OLD_UNTRACKED = (
-    "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
-    "SELECT ctid FROM gateway.events WHERE xid IS NULL AND created_at < now() - make_interval(secs => $1) "
-    "LIMIT $2))"
 )
 # Each topic's events more than $1 positions behind its head.
 _PRUNE_MANY = (

@@ -97,7 +97,7 @@ CREATE TABLE gateway.events (
     key        text,
     data       jsonb,
     created_at timestamptz NOT NULL DEFAULT now(),
-    xid        xid8 DEFAULT pg_current_xact_id(),
+    xid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (topic, pos)
 );
 CREATE INDEX events_xid ON gateway.events (xid);

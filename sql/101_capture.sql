@@ -40,34 +40,23 @@ LANGUAGE sql STABLE AS $$
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table
 $$;
 
--- The functions publish() generated for a table, however they were named:
--- * the functions its capture triggers (and the statement trigger of pre-release versions,
---   gateway_doorbell) run;
+-- The functions publish() generated for a table:
+-- * the functions its capture triggers run;
 -- * its row_topic function: the generated function taking a row of the table;
--- * the functions named as capture_name() names them, and as pre-release versions named them
---   (cut by characters, then cut again to 63 bytes by PostgreSQL): leftovers whose triggers
---   are gone still keep publish() from creating functions of the same name;
+-- * the functions named as capture_name() names them: leftovers whose triggers are gone
+--   would still keep publish() from creating functions of the same name;
 -- * its topic function, called by name in the bodies of the others (PostgreSQL records no
 --   dependency that would lead to it: its parameters are the columns' types).
 CREATE FUNCTION gateway.generated_functions(p_table regclass) RETURNS SETOF regprocedure
 LANGUAGE sql STABLE AS $$
-    WITH kinds AS (
-        SELECT unnest(ARRAY['topic', 'row_topic', 'capture_insert', 'capture_update', 'capture_delete',
-                            'doorbell']) AS kind
-    ), names AS (
-        SELECT gateway.capture_name(p_table, kinds.kind) AS name FROM kinds
-        UNION
-        SELECT gateway.clip_name(kinds.kind || '_' || left(n.nspname || '_' || c.relname, 36) || '_'
-                                 || left(md5(n.nspname || '.' || c.relname), 8),
-                                 current_setting('max_identifier_length')::integer)
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, kinds
-        WHERE c.oid = p_table
+    WITH names AS (
+        SELECT gateway.capture_name(p_table, kind) AS name
+        FROM unnest(ARRAY['topic', 'row_topic', 'capture_insert', 'capture_update', 'capture_delete']) AS kind
     ), found AS (
         SELECT p.oid, p.proname, p.prosrc
         FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
         WHERE t.tgrelid = p_table AND p.pronamespace = 'gateway'::regnamespace
-          AND t.tgname IN ('gateway_capture_insert', 'gateway_capture_update', 'gateway_capture_delete',
-                           'gateway_doorbell')
+          AND t.tgname IN ('gateway_capture_insert', 'gateway_capture_update', 'gateway_capture_delete')
         UNION
         SELECT p.oid, p.proname, p.prosrc
         FROM pg_proc p JOIN pg_class c ON c.oid = p_table
@@ -78,13 +67,12 @@ LANGUAGE sql STABLE AS $$
         FROM pg_proc p
         WHERE p.pronamespace = 'gateway'::regnamespace AND p.proname IN (SELECT names.name FROM names)
     ), called AS (
-        -- publish() writes the topic function's name with format('gateway.%I'), uncut: unquote
-        -- it and cut it as PostgreSQL did when it created the function. Not in the topic
-        -- function itself: that is the caller's expression, whose functions are the caller's.
-        SELECT gateway.clip_name(CASE WHEN left(m[1], 1) = '"'
-                                      THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
-                                      ELSE m[1] END,
-                                 current_setting('max_identifier_length')::integer) AS name
+        -- publish() writes the topic function's name with format('gateway.%I'): unquote it.
+        -- Not in the topic function itself: that is the caller's expression, whose functions
+        -- are the caller's.
+        SELECT CASE WHEN left(m[1], 1) = '"'
+                    THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
+                    ELSE m[1] END AS name
         FROM found, regexp_matches(found.prosrc, 'gateway\.("(?:[^"]|"")+"|[a-z_][a-z0-9_]*)\(', 'g') AS m
         WHERE found.proname NOT LIKE 'topic\_%'
     )
@@ -112,7 +100,6 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS gateway_capture_insert ON %s', p_table);
     EXECUTE format('DROP TRIGGER IF EXISTS gateway_capture_update ON %s', p_table);
     EXECUTE format('DROP TRIGGER IF EXISTS gateway_capture_delete ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS gateway_doorbell ON %s', p_table);
     DELETE FROM gateway.published WHERE tbl = p_table;
     FOREACH f IN ARRAY generated LOOP
         EXECUTE format('DROP FUNCTION %s', f);
@@ -498,7 +485,7 @@ BEGIN
         RETURN NULL;  -- unpublished meanwhile
     END IF;
     -- ONLY: the rows of this table; an inheritance child truncated with it fires its own.
-    -- Its topics are locked in sorted order first, like a multi-row statement's (sql/001).
+    -- Its topics are locked in sorted order first, like a multi-row statement's (publish()).
     EXECUTE format('SELECT gateway.lock_topics(ARRAY(SELECT DISTINCT gateway.%I(t) FROM ONLY %s AS t))',
                    p.row_topic, p.tbl);
     -- The table as the row triggers name it (publish(): schema.table, unquoted). log_event

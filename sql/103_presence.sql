@@ -58,7 +58,7 @@ CREATE TABLE gateway.presence (
     PRIMARY KEY (topic, user_id)
 );
 COMMENT ON COLUMN gateway.presence.closed_at IS
-    'when a connection of the user was last removed while she kept another (sql/013)';
+    'when a connection of the user was last removed while she kept another';
 CREATE INDEX presence_user_id ON gateway.presence (user_id);
 -- The sweep looks for users inside the grace only: a small set, whatever the number online.
 CREATE INDEX presence_left_at ON gateway.presence (left_at) WHERE left_at IS NOT NULL;

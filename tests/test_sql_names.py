@@ -15,9 +15,9 @@ from gateway.authz import validate_topic
 
 pytestmark = pytest.mark.timeout(120)
 
-# The kinds of function publish() generates per table (sql/004; 'doorbell' until then).
+# The kinds of function publish() generates per table.
 KINDS = ("topic", "row_topic", "capture_insert", "capture_update", "capture_delete")
-GENERATED_SQL = "^(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_"
+GENERATED_SQL = "^(topic|row_topic|capture_insert|capture_update|capture_delete)_"
 NAME_LIMIT = 63  # PostgreSQL's max_identifier_length, in bytes
 
 
