@@ -57,7 +57,7 @@ def validate_topic(topic: str) -> str | None:
     """None if ``topic`` is a valid topic name, else a sentence saying what is wrong.
 
     gateway.emit() refuses the same topics with gateway.invalid_topic_reason()
-    (sql/008_publish_names.sql): change both together (tests/test_sql_names.py compares them).
+    (sql/100_event_log.sql): change both together (tests/test_sql_names.py compares them).
     """
     if not isinstance(topic, str):
         return "the topic must be a string"

@@ -1,7 +1,8 @@
 """Reads of the event log (``gateway.events``, ``gateway.topics``) and its retention.
 
-The log is written only by the capture trigger and ``gateway.emit`` (sql/001). Here the
-gateway reads topic heads, ranges of positions, replay windows, and prunes old events.
+The log is written only by the capture trigger and ``gateway.emit`` (sql/101_capture.sql,
+sql/100_event_log.sql). Here the gateway reads topic heads, ranges of positions, replay
+windows, and prunes old events.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class EventLog:
 
     async def heads(self, topics: list[str]) -> dict[str, Head]:
         """Epoch and last position of each topic; (its first epoch, 0) for a topic never written
-        to, which has no row (sql/009_first_epoch.sql): reading a head never writes or waits."""
+        to, which has no row (sql/100_event_log.sql): reading a head never writes or waits."""
         async with self._pool.acquire() as conn:
             rows = await conn.fetch("SELECT topic, epoch, pos FROM gateway.heads($1::text[])", topics)
         return {r["topic"]: Head(r["epoch"], r["pos"]) for r in rows}
@@ -96,7 +97,7 @@ class EventLog:
         Deletes go in batches so no statement holds locks or bloats WAL for long.
 
         By age, the log is walked from its oldest transaction id up and the walk stops at the
-        first batch holding an event still inside the window (sql/006_no_age_index.sql): an
+        first batch holding an event still inside the window (sql/100_event_log.sql): an
         event is pruned once it and every event of a lower transaction id are past ``max_age``.
         """
         deleted = 0

@@ -127,7 +127,7 @@ class Event(msgspec.Struct, tag="event", omit_defaults=True):
     row: msgspec.Raw | None = None
     data: msgspec.Raw | None = None
     # Unix seconds when the writing transaction *began* (gateway.events.created_at defaults to
-    # now(), sql/001), not when it committed: PostgreSQL records no commit time unless
+    # now(), sql/100_event_log.sql), not when it committed: PostgreSQL records no commit time unless
     # track_commit_timestamp is on. An event listed in a row doorbell carries the doorbell's
     # ts instead: the start of the newest transaction listed with it (relay.doorbells()).
     ts: float | None = None

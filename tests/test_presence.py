@@ -319,7 +319,7 @@ async def test_a_dead_replicas_user_is_graced_from_her_latest_close_not_its_last
     """Alice has a tab on a replica that dies and another that she closes after its last
     heartbeat. When the sweep removes the dead replica, she was last seen at that close, not
     at the heartbeat: a grace shorter than the time since the heartbeat must not make her
-    offline at once (sql/013_presence_last_close.sql)."""
+    offline at once (closed_at, sql/103_presence.sql)."""
     open_other, close_other = LATER_CLOSES[closed]
     grace = datetime.timedelta(seconds=2)
     conn = await pg_connect(dsn)
@@ -485,7 +485,7 @@ async def test_concurrent_transitions_of_one_user_on_many_replicas_converge(dsn:
 
 async def test_the_snapshot_reads_no_offline_user(dsn: str) -> None:
     """Users once seen stay in gateway.presence, offline. A subscribe's snapshot must not read
-    them: with many, a reconnect storm of subscribes keeps the pool busy (sql/007_presence.sql)."""
+    them: with many, a reconnect storm of subscribes keeps the pool busy (sql/103_presence.sql)."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(

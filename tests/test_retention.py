@@ -85,7 +85,7 @@ async def test_prune_by_count_and_age_keeps_heads_and_positions_continue(dsn: st
 
 
 async def test_pruning_by_age_stops_at_the_first_event_inside_the_window(dsn: str) -> None:
-    """Pruning by age walks the log in transaction order (sql/006_no_age_index.sql): an old
+    """Pruning by age walks the log in transaction order (sql/100_event_log.sql): an old
     event written after a young one waits for that one, and then goes with it."""
     db = await pg_connect(dsn)
     await emit(db, "room:a", 3)

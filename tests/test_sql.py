@@ -259,7 +259,7 @@ async def test_row_moved_between_topics(db: asyncpg.Connection, bells: Doorbells
 
 async def test_row_moved_between_topics_by_a_column_not_the_key(db: asyncpg.Connection) -> None:
     # The update trigger computes the old topic only when a column the expression reads
-    # changed (sql/012): here two columns, and an update of the other column moves nothing.
+    # changed (sql/101_capture.sql): here two columns, and an update of the other column moves nothing.
     await db.execute("CREATE TABLE docs (id int PRIMARY KEY, org text, team int, body text)")
     await db.execute("SELECT gateway.publish('docs', $$org || ':' || team$$)")
     await db.execute("INSERT INTO docs VALUES (1, 'acme', 1, 'a')")
@@ -280,7 +280,7 @@ async def test_row_moved_between_topics_by_a_column_not_the_key(db: asyncpg.Conn
 
 async def test_row_moved_by_a_change_its_type_calls_equal(db: asyncpg.Connection) -> None:
     # numeric 1.0 = 1.00, but the topics they make differ: the row moved, and the trigger
-    # must not take the equal columns for an unchanged topic (sql/012).
+    # must not take the equal columns for an unchanged topic (sql/101_capture.sql).
     await db.execute("CREATE TABLE prices (id int PRIMARY KEY, price numeric)")
     await db.execute("SELECT gateway.publish('prices', $$'price:' || price$$)")
     await db.execute("INSERT INTO prices VALUES (1, 1.0)")
@@ -294,7 +294,7 @@ async def test_row_moved_by_a_change_its_type_calls_equal(db: asyncpg.Connection
 
 async def test_topic_made_of_a_column_with_its_own_collation(db: asyncpg.Connection) -> None:
     # The topic's text took the column's collation, which cannot be compared with the heads'
-    # ("C"): statements of several rows, and moves, failed (fixed in sql/014).
+    # ("C"): statements of several rows, and moves, failed before topics compared as bytes.
     await db.execute('CREATE TABLE people (id int PRIMARY KEY, name text COLLATE "POSIX")')
     await db.execute("SELECT gateway.publish('people', $$'person:' || name$$)")
     await db.execute("INSERT INTO people VALUES (1, 'ann'), (2, 'bob')")
@@ -324,7 +324,7 @@ async def test_emit_and_reset_a_topic_made_of_a_column_with_its_own_collation(db
 
 
 async def test_row_moved_by_a_change_a_case_insensitive_collation_calls_equal(db: asyncpg.Connection) -> None:
-    # Equal under the column's collation, different topics (sql/014).
+    # Equal under the column's collation, different topics (compared as bytes).
     if not await db.fetchval("SELECT EXISTS (SELECT FROM pg_collation WHERE collprovider = 'i')"):
         pytest.skip("this PostgreSQL was built without ICU: no nondeterministic collations")
     await db.execute(

@@ -1,6 +1,6 @@
-"""Names in the SQL API (sql/008_publish_names.sql), against a real PostgreSQL: the functions
-gateway.publish() generates, the primary key it picks, and the topics gateway.emit() and
-gateway.emit_many() accept.
+"""Names in the SQL API (sql/101_capture.sql, sql/100_event_log.sql), against a real
+PostgreSQL: the functions gateway.publish() generates, the primary key it picks, and the
+topics gateway.emit() and gateway.emit_many() accept.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ async def test_long_non_ascii_table_is_published_again_and_unpublished_without_l
 
     await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", qualified)
     first = await generated(db)
-    # Published twice: before sql/008 this failed, "function ... already exists".
+    # Published twice: when names were cut by characters, not bytes, this failed ("function
+    # ... already exists").
     await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", qualified)
     names = await expected_names(db, qualified)
     assert set(await generated(db)) - set(before) == names == set(first) - set(before)
@@ -133,7 +134,7 @@ async def test_unpublish_keeps_the_functions_the_topic_expression_calls(db: asyn
     ],
 )
 async def test_one_column_primary_key_is_the_default_key(db: asyncpg.Connection, ddl: str, key: str) -> None:
-    """A primary key of one column is used whatever its name (before sql/008 a comma in it
+    """A primary key of one column is used whatever its name (a comma in it once
     read as a composite key) and whatever columns it INCLUDEs (which are not part of the key)."""
     await db.execute(ddl)
     await db.execute("SELECT gateway.publish('t', $$'user:' || owner$$)")
