@@ -86,9 +86,14 @@ ALTER TABLE gateway.topics ENABLE ALWAYS TRIGGER gateway_first_epoch;
 -- INSERT statement prepares its CHECK expressions anew, which costs every captured row.
 -- `xid` is the transaction that wrote the event: the relay (102_relay.sql) reads the events
 -- of the transactions committed since it last looked through the index on it, and pruning by
--- age (gateway/log.py) walks the log in its order. There is deliberately no index on
--- created_at: every event INSERT would pay for it, and pruning, once a minute, does not
--- need it.
+-- age (gateway/log.py) walks the log from its oldest transaction id up, through the same
+-- index, stopping at the first event still inside the window. Transaction ids are taken at a
+-- transaction's first write, so that order is the age order (created_at is the transaction's
+-- start) except where a transaction began before an older one's first write: its events are
+-- pruned with the one in front. There is deliberately no index on created_at: every event
+-- INSERT, so every captured row change, would pay for it, while only pruning would read it,
+-- once a minute; and a BRIN index would not stay useful (pruning frees space at the front of
+-- the table, new events fill it, and then every block range spans old to new times).
 CREATE TABLE gateway.events (
     topic      text COLLATE "C" NOT NULL,
     pos        bigint NOT NULL,
