@@ -91,15 +91,23 @@ LANGUAGE plpgsql AS $$
 DECLARE
     generated regprocedure[];
     f regprocedure;
+    trigger_name name;
 BEGIN
     IF p_table IS NULL THEN
         RAISE EXCEPTION 'gateway.unpublish: the table must not be NULL';
     END IF;
     -- Before the triggers go: they lead to their functions.
     generated := ARRAY(SELECT gateway.generated_functions(p_table));
-    EXECUTE format('DROP TRIGGER IF EXISTS gateway_capture_insert ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS gateway_capture_update ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS gateway_capture_delete ON %s', p_table);
+    -- The triggers there are, rather than DROP TRIGGER IF EXISTS: that says "does not exist,
+    -- skipping" for each missing one, so a table's first publish() printed three notices.
+    FOR trigger_name IN
+        SELECT t.tgname FROM pg_trigger t
+        WHERE t.tgrelid = p_table AND NOT t.tgisinternal
+          AND t.tgname IN ('gateway_capture_insert', 'gateway_capture_update', 'gateway_capture_delete')
+        ORDER BY t.tgname
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, p_table);
+    END LOOP;
     DELETE FROM gateway.published WHERE tbl = p_table;
     FOREACH f IN ARRAY generated LOOP
         EXECUTE format('DROP FUNCTION %s', f);
@@ -503,9 +511,10 @@ CREATE FUNCTION gateway.published_truncate_trigger() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        -- A table dropped since has no triggers left to drop.
-        IF EXISTS (SELECT FROM pg_class WHERE oid = OLD.tbl) THEN
-            EXECUTE format('DROP TRIGGER IF EXISTS gateway_capture_truncate ON %s', OLD.tbl);
+        -- A table dropped since has no triggers left to drop (nor one whose TRUNCATE trigger
+        -- was dropped by hand: checked first, so that nothing says "does not exist, skipping").
+        IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = OLD.tbl AND tgname = 'gateway_capture_truncate') THEN
+            EXECUTE format('DROP TRIGGER gateway_capture_truncate ON %s', OLD.tbl);
         END IF;
         RETURN NULL;
     END IF;

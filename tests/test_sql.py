@@ -401,6 +401,28 @@ async def test_publish_errors_name_the_table(
     assert await db.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass") == 0
 
 
+async def test_publish_and_unpublish_print_no_notices(db: asyncpg.Connection) -> None:
+    # A table's first publish() printed "trigger ... does not exist, skipping" for each capture
+    # trigger it was about to create: noise every new user saw, meaning nothing.
+    notices: list[str] = []
+    db.add_log_listener(lambda _conn, message: notices.append(message.message))
+    await db.execute("CREATE TABLE quiet (id int PRIMARY KEY, owner int)")
+    for statement in (
+        "SELECT gateway.publish('quiet', $$'user:' || owner$$)",  # the first time
+        "SELECT gateway.publish('quiet', $$'user:' || owner$$)",  # again
+        "SELECT gateway.unpublish('quiet')",
+        "SELECT gateway.unpublish('quiet')",  # again: nothing left to drop
+        "SELECT gateway.publish('quiet', $$'user:' || owner$$)",
+        "DROP TRIGGER gateway_capture_truncate ON quiet",  # by hand
+        "SELECT gateway.unpublish('quiet')",
+    ):
+        await db.execute(statement)
+    # Notices arrive in order: once this one is in, any before it would be too.
+    await db.execute("DO $$ BEGIN RAISE NOTICE 'the last one'; END $$")
+    await wait_until(lambda: "the last one" in notices, 10, "the notice")
+    assert notices == ["the last one"]
+
+
 async def test_publish_again_replaces_and_unpublish_stops(db: asyncpg.Connection, bells: Doorbells) -> None:
     await make_items(db)
     await db.execute("SELECT gateway.publish('items', $$'user:' || owner$$)")
