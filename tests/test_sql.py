@@ -401,6 +401,21 @@ async def test_publish_errors_name_the_table(
     assert await db.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass") == 0
 
 
+async def test_fill_template_fills_each_placeholder_once_and_refuses_a_missing_one(
+    db: asyncpg.Connection,
+) -> None:
+    # publish() builds the row triggers with it: a value is never searched for placeholders
+    # itself (a table may be named "a{op}"), a JSON null fills in nothing, and a typo in a
+    # template is an error, not a trigger with "{tabel}" in it.
+    fill = "SELECT gateway.fill_template($1, $2::jsonb)"
+    assert await db.fetchval(fill, "x {a} {b}{c} '{}' {a}", '{"a": "{b}", "b": "B", "c": null}') == (
+        "x {b} B '{}' {b}"
+    )
+    assert await db.fetchval(fill, "", "{}") == ""
+    with pytest.raises(asyncpg.RaiseError, match=r"no value for the placeholder \{tabel\}"):
+        await db.fetchval(fill, "INSERT ... {tabel}", '{"table": "t"}')
+
+
 async def test_publish_and_unpublish_print_no_notices(db: asyncpg.Connection) -> None:
     # A table's first publish() printed "trigger ... does not exist, skipping" for each capture
     # trigger it was about to create: noise every new user saw, meaning nothing.
