@@ -344,7 +344,7 @@ class Settings:
         10.0, "cap of the listener's reconnect backoff", parse_duration, minimum=0.1
     )
     batch_max: int = _setting(1000, "notifications resolved together in one batch", parse_int, minimum=1)
-    # Relay (sql/003, gateway/relay.py): one replica rings the doorbells of committed events
+    # Relay (sql/102_relay.sql, gateway/relay.py): one replica rings the doorbells of committed events
     relay_poll_interval: float = _setting(
         0.005,
         "how often the relay reads new events while writes are frequent (writers then send no NOTIFY); "

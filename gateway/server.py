@@ -39,6 +39,7 @@ from .eventlog import EventLog
 from .hub import Hub
 from .listener import Listener
 from .logsetup import QUIET_BAD_REQUESTS, REDACT_BEARER
+from .migrate import prerelease_problem
 from .pgerrors import DB_ERRORS
 from .pipeline import Pipeline
 from .presence import Presence
@@ -195,6 +196,9 @@ async def _checked_resolver(pool: asyncpg.Pool, s: Settings) -> Resolver:
     missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
     if missing:
         raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
+    problem = await prerelease_problem(pool, f"the database at {mask_dsn(s.database_url)}")
+    if problem:
+        raise ConfigError(problem)
     resolver = Resolver(pool, parse_tables(s.tables))
     await resolver.check()
     return resolver
