@@ -44,6 +44,7 @@ from .relay import Relay
 from .resolver import Resolver
 from .session import Registry, Session, SessionContext
 from .tables import parse_tables
+from .websocket import GatewayWebSocketResponse
 
 log = logging.getLogger("gateway.server")
 # aiohttp's WebSocket handshake logs the subprotocols a client offered (a bearer.<token>).
@@ -370,7 +371,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     s = state.settings
     ctx = state.ctx
     assert ctx is not None
-    ws = web.WebSocketResponse(
+    ws = GatewayWebSocketResponse(
         protocols=(SUBPROTOCOL,),
         compress=s.compression,
         # aiohttp refuses frames of max_msg_size bytes or more; the setting is the largest accepted.
