@@ -33,7 +33,7 @@ from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
 from .config import ConfigError, Settings, mask_dsn, require_database_url
-from .db import DB_ERRORS
+from .db import DB_ERRORS, PoolConnectWatch
 from .hub import Hub
 from .listener import Listener
 from .log import EventLog
@@ -191,6 +191,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             timeout=10,
             command_timeout=s.db_timeout,
             reset=_keep_session,
+            connect=PoolConnectWatch(),
         )
     except _CONNECT_ERRORS as exc:
         raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
