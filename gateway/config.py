@@ -271,7 +271,7 @@ class Settings:
         1 << 20,
         "bytes queued to one client before it is cut off as a slow consumer; a resume whose "
         "replay is more than half of it gets recovered=false. The kernel's send buffer of the "
-        "client's socket holds at most 256 KiB more (SO_SNDBUF)",
+        "client's socket holds at most about 320 KiB more (SO_SNDBUF)",
         parse_int,
         minimum=1024,
     )
