@@ -15,7 +15,8 @@
    megabytes in the kernel besides the ``GATEWAY_SEND_QUEUE_BYTES`` the gateway counts.
    ``SEND_BUFFER_BYTES`` is set on each upgraded socket (SO_SNDBUF; Linux doubles the value
    for its bookkeeping and stops growing it), so a stuck client costs at most
-   ``GATEWAY_SEND_QUEUE_BYTES`` plus ``2 * SEND_BUFFER_BYTES``.
+   ``GATEWAY_SEND_QUEUE_BYTES`` plus ``2 * SEND_BUFFER_BYTES`` plus one packet (the kernel
+   takes a write while it holds less than its limit; a packet is up to 64 KiB).
 
 Both are done when the upgrade completes (``_post_start``), before any frame is read.
 """

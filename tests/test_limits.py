@@ -602,6 +602,9 @@ async def _fill_and_measure(
     unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
     queued = transport.get_write_buffer_size()
     print(f"server socket: SO_SNDBUF {sndbuf}, in the kernel {unsent}, in the gateway's queue {queued}")
-    assert queued > 1 << 20, "the client must be stuck with the kernel buffer full"
+    # Bytes still in the gateway's queue half a second later: the kernel takes no more.
+    assert queued > 0, "the client must be stuck with the kernel buffer full"
     assert sndbuf == 2 * SEND_BUFFER_BYTES  # Linux doubles what is set, and no longer grows it
-    assert unsent <= 2 * SEND_BUFFER_BYTES
+    # The kernel takes a write while it holds less than SO_SNDBUF, so the last one may go over
+    # by one packet (up to 64 KiB on loopback).
+    assert unsent <= 2 * SEND_BUFFER_BYTES + 65536
