@@ -293,6 +293,15 @@ class Settings:
         parse_duration,
         minimum=0,
     )
+    max_token_lifetime: float = _setting(
+        86400.0,
+        "a token's exp counts as at most this long after the token was verified, whatever it says: "
+        "the connection is then closed (4005, after GATEWAY_JWT_LEEWAY and GATEWAY_EXPIRY_GRACE) "
+        "unless the client sent refresh, and each refresh starts a new period. Bounds how long a "
+        "token minted with an exp far away keeps a connection open",
+        parse_duration,
+        minimum=1,
+    )
     authz_function: str = _setting(
         "gateway.authorize",
         "SQL function (user_id text, topic text, claims jsonb) -> boolean deciding topics not granted by "
@@ -329,7 +338,8 @@ class Settings:
     send_queue_bytes: int = _setting(
         1 << 20,
         "bytes queued to one client before it is cut off as a slow consumer; a resume whose "
-        "replay is more than half of it gets recovered=false",
+        "replay is more than half of it gets recovered=false. The kernel's send buffer of the "
+        "client's socket holds at most about 320 KiB more (SO_SNDBUF)",
         parse_int,
         minimum=1024,
     )
