@@ -83,7 +83,17 @@
       this._generation = 0;
       // what the application asked for
       this._status = "online";
-      this._onVisibility = () => this._syncStatus();
+      // listeners added with onState(), besides options.onState
+      this._listeners = new Set();
+      this._onVisibility = () => {
+        this._syncStatus();
+        // Back in view: mobile browsers and background tabs kill sockets, and the backoff may
+        // be 20 s away. Try within a second instead; the jitter keeps a fleet of tabs, shown
+        // again together (a laptop waking), from arriving at once. Offline, `online` will.
+        if (this.state === "reconnecting" && root.document.visibilityState === "visible" && root.navigator.onLine !== false) {
+          this._timer("retry", () => this._connect(), Math.random() * 1000);
+        }
+      };
       this._onOnline = () => this.state === "reconnecting" && this._connect();
       if (root.document) root.document.addEventListener("visibilitychange", this._onVisibility);
       if (root.addEventListener) root.addEventListener("online", this._onOnline);
@@ -113,6 +123,12 @@
 
     close() {
       if (this.state !== "closed") this._finish(1000, "closed by the application", true);
+    }
+
+    // Another onState listener (a UI framework's bindings, say); returns the function removing it.
+    onState(fn) {
+      this._listeners.add(fn);
+      return () => this._listeners.delete(fn);
     }
 
     _add(sub) {
@@ -467,6 +483,7 @@
     _setState(state, detail) {
       this.state = state;
       call(this.options.onState, state, detail);
+      for (const fn of this._listeners) call(fn, state, detail);
     }
 
     // Errors no subscription owns go to options.onError, or the console: never lost.
