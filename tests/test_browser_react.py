@@ -59,16 +59,16 @@ PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><t
   window.rec = {};
   const gw = window.gw = connect("/ws", { token: () => window.mintToken() });
 
-  function Items({ topic }) {
-    const { rows, events, state, subscribed, error } = useTopic(topic, { limit: 3 });
-    rec.items = { titles: [...rows.values()].map((r) => r.title), ops: events.map((e) => e.op), state, subscribed,
-                  error: error && error.message };
-    return h("ul", { id: "items" }, [...rows].map(([key, row]) => h("li", { key }, row.title)));
+  function Items({ topic, id, limit }) {
+    const { rows, events, state, subscribed, error } = useTopic(topic, { limit });
+    rec[id] = { titles: [...rows.values()].map((r) => r.title), ops: events.map((e) => e.op), state, subscribed,
+                error: error && error.message };
+    return h("ul", { id }, [...rows].map(([key, row]) => h("li", { key }, row.title)));
   }
-  function Online() {
-    const { users } = usePresence("presence:global");
-    rec.online = [...users.keys()].sort();
-    return h("p", { id: "online" }, rec.online.join(","));
+  function Online({ id }) {
+    const { users, error } = usePresence("presence:global");
+    rec[id] = error ? error.message : [...users.keys()].sort();
+    return h("p", { id }, [...users.keys()].join(","));
   }
   function State() {
     rec.state = useConnectionState();
@@ -76,8 +76,12 @@ PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><t
   }
   function App() {
     const [topic, setTopic] = React.useState("room:1");
-    window.setTopic = setTopic;
-    return h(GatewayProvider, { gateway: gw }, h(Items, { topic }), h(Online), h(State));
+    const [second, setSecond] = React.useState(false);
+    Object.assign(window, { setTopic, setSecond });
+    // `second`: another component on room:1, keeping fewer events
+    return h(GatewayProvider, { gateway: gw }, h(Items, { topic, id: "items", limit: 3 }),
+             second && h(Items, { topic: "room:1", id: "items2", limit: 1 }),
+             h(Online, { id: "online" }), h(Online, { id: "online2" }), h(State));
   }
   ReactDOM.createRoot(document.getElementById("root")).render(h(React.StrictMode, null, h(App)));
 </script>"""
@@ -139,9 +143,9 @@ async def react_page(browser: Any, gw: Gateway, packed: Path, mint: Callable[[],
     errors.check()
 
 
-async def wait_rendered(page: Any, titles: list[str]) -> None:
+async def wait_rendered(page: Any, titles: list[str], list_id: str = "items") -> None:
     """Wait until the list React rendered shows ``titles``, in order."""
-    shown = "JSON.stringify([...document.querySelectorAll('#items li')].map((li) => li.textContent))"
+    shown = f"JSON.stringify([...document.querySelectorAll('#{list_id} li')].map((li) => li.textContent))"
     await wait_for(page, f"{shown} === {json.dumps(json.dumps(titles, separators=(',', ':')))}")
 
 
@@ -188,11 +192,46 @@ async def test_use_topic_renders_the_rows_as_they_are_committed(
             await page.evaluate("setTopic(null)")
             await wait_for(page, "!rec.items.subscribed")
             await wait_rendered(page, [])
-            for _ in range(100):
-                if topics_held(gw) == [set()]:
-                    break
-                await page.wait_for_timeout(20)
-            assert topics_held(gw) == [set()]
+            await wait_topics_held(gw, page, [set()])
+
+
+async def wait_topics_held(gw: Gateway, page: Any, topics: list[set[str]]) -> None:
+    """Wait until the gateway holds ``topics`` for its connections (unsubscribes take a round trip)."""
+    for _ in range(250):
+        if topics_held(gw) == topics:
+            return
+        await page.wait_for_timeout(20)
+    assert topics_held(gw) == topics
+
+
+async def test_components_on_one_topic_share_its_subscription(browser: Any, items: str, packed: Path) -> None:
+    """The client takes one subscription per topic: a second useTopic of it must not be refused."""
+    dsn = items
+    async with running_gateway(dsn, tables="public.items") as gw:
+        async with react_page(browser, gw, packed, lambda: token("alice", topics=["room:1"])) as page:
+            await wait_for(page, "rec.items.subscribed")
+            await insert_items(dsn, 1, ["before"])
+            await wait_rendered(page, ["before"])
+
+            await page.evaluate("setSecond(true)")
+            # joins with what the first one has: no second subscription, no refusal
+            await wait_rendered(page, ["before"], "items2")
+            await insert_items(dsn, 1, ["after"])
+            await wait_rendered(page, ["before", "after"])
+            await wait_rendered(page, ["before", "after"], "items2")
+            views = await page.evaluate("[rec.items, rec.items2]")
+            assert [v["ops"] for v in views] == [["insert", "insert"], ["insert"]]  # each its own limit
+            assert [v["error"] for v in views] == [None, None]
+            assert topics_held(gw) == [{"room:1"}]
+
+            # The first leaves; the second keeps the subscription, and its rows keep coming.
+            await page.evaluate("setTopic(null)")
+            await wait_rendered(page, [])
+            await insert_items(dsn, 1, ["later"])
+            await wait_rendered(page, ["before", "after", "later"], "items2")
+            assert topics_held(gw) == [{"room:1"}]
+            await page.evaluate("setSecond(false)")
+            await wait_topics_held(gw, page, [set()])
 
 
 async def test_use_topic_reports_a_forbidden_topic(browser: Any, items: str, packed: Path) -> None:
@@ -221,6 +260,8 @@ async def test_use_presence_and_connection_state_follow_who_is_online(
                 await wait_for(bob, 'JSON.stringify(rec.online) === \'["alice","bob"]\'')
             await wait_for(alice, "JSON.stringify(rec.online) === '[\"alice\"]'")
             assert await alice.locator("#state").inner_text() == "open"
+            # a second component on the same presence topic shares its subscription
+            assert await alice.evaluate("rec.online2") == ["alice"]
 
             # useConnectionState follows the connection: closed for good by the application.
             await alice.evaluate("gw.close()")

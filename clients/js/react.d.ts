@@ -57,7 +57,12 @@ export interface TopicView<Row = unknown, Data = unknown> {
   notRecovered: NotRecoveredInfo | null;
 }
 
-/** Subscribe to `topic` while mounted (nothing while it is null or undefined). */
+/**
+ * Subscribe to `topic` while mounted (nothing while it is null or undefined). Hooks on the
+ * same topic and connection share one subscription: the first one's `rows` and `since` start
+ * it, each keeps its own `limit` of events, the last one to unmount ends it. A new `topic` or
+ * `since` starts over.
+ */
 export declare function useTopic<Row = unknown, Data = unknown>(
   topic: string | null | undefined,
   options?: UseTopicOptions<Row, Data>,
@@ -74,7 +79,7 @@ export interface PresenceView {
   error: GatewayError | Error | null;
 }
 
-/** Who is on a presence topic while mounted (nothing while it is null or undefined). */
+/** Who is on a presence topic while mounted (nothing while it is null or undefined); hooks on one topic share its subscription. */
 export declare function usePresence(
   topic: `presence:${string}` | null | undefined,
   options?: UsePresenceOptions,
