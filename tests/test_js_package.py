@@ -125,6 +125,12 @@ def test_typed_usage_examples_compile_and_the_types_refuse_misuse() -> None:
     run([node, str(tsc), "-p", "test"], PACKAGE)
 
 
+def test_a_page_script_is_typed_through_the_global() -> None:
+    """TypeScript for a page with <script src=".../gateway.js"> (no modules): the global PgGateway."""
+    node, tsc = installed_tsc()
+    run([node, str(tsc), "-p", "test/tsconfig.script.json"], PACKAGE)
+
+
 def test_tsc_catches_a_wrong_use() -> None:
     """The check above can fail: the same compiler and settings on one misuse, unmarked."""
     node, tsc = installed_tsc()
