@@ -28,16 +28,24 @@ from .test_browser_e2e import VIEWPORT, BrowserErrors, insert_items, wait_for
 
 pytest.importorskip("playwright.async_api")
 
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-    pytest.mark.asyncio(loop_scope="module"),
-]
-
 PACKAGE = REPO / "clients" / "js"
 REACT_UMD = {
     "react.js": PACKAGE / "node_modules" / "react" / "umd" / "react.development.js",
     "react-dom.js": PACKAGE / "node_modules" / "react-dom" / "umd" / "react-dom.development.js",
 }
+
+# Skipped before any fixture starts (a PostgreSQL, a browser) when what they need is missing.
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    pytest.mark.skipif(
+        shutil.which("npm") is None, reason="needs npm (Debian package npm) to pack clients/js"
+    ),
+    pytest.mark.skipif(
+        not all(path.exists() for path in REACT_UMD.values()),
+        reason="no React in clients/js/node_modules: run `make js`",
+    ),
+    pytest.mark.asyncio(loop_scope="module"),
+]
 # The package imports these names from "react"; the UMD build has them on window.React.
 REACT_SHIM = """const R = window.React;
 export default R;
@@ -91,11 +99,7 @@ PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><t
 def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The npm package as ``npm pack`` makes it, unpacked."""
     npm = shutil.which("npm")
-    if not npm:
-        pytest.skip("needs npm (Debian package npm) to pack clients/js")
-    for path in REACT_UMD.values():
-        if not path.exists():
-            pytest.skip(f"no {path.name} in clients/js/node_modules: run `make js`")
+    assert npm is not None  # pytestmark skips without it
     into = tmp_path_factory.mktemp("npm-pack")
     out = subprocess.run(
         [npm, "pack", "--json", "--pack-destination", str(into)],
