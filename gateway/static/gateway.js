@@ -5,6 +5,9 @@
  * server replays what was missed, or answers "recovered": false and the application reloads.
  * Dropped sockets are retried with full-jitter backoff. Wire protocol: gateway/protocol.py.
  */
+// Also published as the npm package pg-ws-gateway, with its types and React hooks: clients/js/
+// (`npm pack` copies this file there; edit it here). The block comment above is served, these
+// line comments are not (the gateway strips whole-line // comments), so notes go in them.
 (function (root) {
   "use strict";
 
