@@ -10,7 +10,10 @@ What is checked here:
 * the gateway refuses to serve a table whose rows row-level security hides from it (they
   would reach subscribers as deletes), and reads a published parent's own rows, not those of
   its inheritance children;
-* the grants docs/sql.md gives a writer role are enough to write a published table.
+* the grants docs/sql.md gives a writer role are enough to write a published table and to
+  emit, and leave it no way to change the log, the heads or anything else of the gateway's
+  (the capture triggers and emit are SECURITY DEFINER, with a search_path of their own);
+* the grants docs/sql.md gives the gateway's own role are enough for `gateway serve`.
 """
 
 from __future__ import annotations
@@ -176,18 +179,29 @@ async def test_publish_again_keeps_how_the_triggers_are_enabled(db: asyncpg.Conn
     assert {r["tgenabled"] for r in await db.fetch(enabled) if r["tgrelid"] == "items"} == {"O"}
 
 
-async def test_the_grants_docs_give_a_writer_role_are_enough(
-    dsn: str, db: asyncpg.Connection, role: str
-) -> None:
+def sql_block(heading: str) -> str:
+    """The first ```sql block of the section of docs/sql.md under ``heading``."""
     text = (DOCS / "sql.md").read_text()
-    found = re.search(r"## Writer roles\n.*?```sql\n(.*?)```", text, re.S)
-    assert found, "docs/sql.md has no '## Writer roles' section with the grants in an sql block"
-    grants = found.group(1)
+    found = re.search(rf"## {re.escape(heading)}\n.*?```sql\n(.*?)```", text, re.S)
+    assert found, f"docs/sql.md has no '## {heading}' section with the grants in an sql block"
+    return found.group(1)
+
+
+async def writer_with_documented_grants(dsn: str, db: asyncpg.Connection, role: str) -> asyncpg.Connection:
+    """A connection as ``role``, given what "Writer roles" in docs/sql.md gives ``app`` and
+    every privilege on the published table ``items``."""
+    grants = sql_block("Writer roles")
     assert " app" in grants
     await items(db)
     await db.execute(re.sub(r"\bapp\b", role, grants))
     await db.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON items TO {role}")
-    writer = await pg_connect(as_role(dsn, role))
+    return await pg_connect(as_role(dsn, role))
+
+
+async def test_the_grants_docs_give_a_writer_role_are_enough(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    writer = await writer_with_documented_grants(dsn, db, role)
     try:
         for awake in (False, True):  # the relay quiet (the trigger rings), then polling
             await db.execute(
@@ -199,12 +213,119 @@ async def test_the_grants_docs_give_a_writer_role_are_enough(
                 "INSERT INTO items VALUES (1, 3, 'a') ON CONFLICT (id) DO UPDATE SET owner_id = 3"
             )
             await writer.execute("UPDATE items SET title = 'c'")
+            await writer.execute("UPDATE items SET owner_id = 4 WHERE id = 1")  # moved: two events
             await writer.execute("DELETE FROM items WHERE id = 2")
             await writer.execute("SELECT gateway.emit('room:1', '{}')")
+            await writer.execute("""SELECT gateway.emit_many('{room:1,room:2}', '{"{}","{}"}')""")
             await writer.execute("TRUNCATE items")
+        # What an application reads for a consistent initial load.
+        assert await writer.fetchval("SELECT pos FROM gateway.heads('{user:4}')") == 4
+        assert await writer.fetchval("SELECT gateway.invalid_topic_reason('room 1')") is not None
     finally:
         await writer.close()
-    assert len(await events(db)) == 2 * 8
+    assert len(await events(db)) == 2 * 10
+    assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'room:1'") == 4
+
+
+async def test_a_writer_can_change_no_table_of_the_gateway_schema(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    # With the grants docs/sql.md once gave writers (INSERT on events, UPDATE on topics), a
+    # writer could insert an event at head + 1, after which every write to the topic failed
+    # with a duplicate key, or set a head back (pos = -9), hiding later events from live
+    # subscribers. Now only the gateway's SECURITY DEFINER functions write the log.
+    writer = await writer_with_documented_grants(dsn, db, role)
+    try:
+        await writer.execute("INSERT INTO items VALUES (1, 1, 'a')")
+        attacks = [
+            "INSERT INTO gateway.events (topic, pos, op, tbl, key) VALUES ('user:1', 2, 'd', 'public.items', '9')",
+            "UPDATE gateway.topics SET pos = -9 WHERE topic = 'user:1'",
+        ]
+        tables = [
+            r["t"]
+            for r in await db.fetch(
+                "SELECT format('gateway.%I', relname) AS t FROM pg_class "
+                "WHERE relnamespace = 'gateway'::regnamespace AND relkind = 'r' ORDER BY 1"
+            )
+        ]
+        assert "gateway.events" in tables and "gateway.relay" in tables
+        for t in tables:
+            attacks += [
+                f"INSERT INTO {t} DEFAULT VALUES",
+                f"UPDATE {t} SET {await first_column(db, t)} = NULL",
+                f"DELETE FROM {t}",
+                f"TRUNCATE {t}",
+                f"SELECT FROM {t}",
+            ]
+        attacks += [
+            "SELECT setval('gateway.relay_awake_until', 1)",
+            # The internal functions, and those that change what is published.
+            "SELECT gateway.advance('user:1')",
+            "SELECT gateway.lock_topics('{user:1,user:2}')",
+            "SELECT gateway.log_event('public.items', 'd', 'user:1', '9')",
+            "SELECT gateway.reset_topic('user:1')",
+            "SELECT gateway.relay_poll(pg_current_snapshot()::text, 10)",
+            "SELECT gateway.presence_connect('r', 'c', 'u')",
+            "SELECT gateway.presence_sweep('1s', '1s')",
+            "SELECT gateway.fill_template('{a}', '{\"a\": \"b\"}')",
+            "SELECT gateway.publish('public.items', $$'user:1'$$)",
+            "SELECT gateway.unpublish('public.items')",
+            "SELECT gateway.unpublish_dropped()",
+            "SELECT gateway.republish_all()",
+        ]
+        for sql in attacks:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await writer.execute(sql)
+        # The topic is whole: the next writes continue it.
+        await writer.execute("INSERT INTO items VALUES (2, 1, 'b')")
+        await writer.execute("UPDATE items SET title = 'c' WHERE id = 1")
+    finally:
+        await writer.close()
+    assert [e[1] for e in await events(db)] == [1, 2, 3]
+    assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'user:1'") == 3
+
+
+async def first_column(db: asyncpg.Connection, table: str) -> str:
+    name: str = await db.fetchval(
+        "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = $1::regclass AND attnum = 1", table
+    )
+    return name
+
+
+async def test_a_writer_s_search_path_cannot_take_over_the_gateway_s_functions(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    # The capture triggers and emit run as the schema's owner. Were their search_path the
+    # caller's, a writer could put an operator of its own in front of pg_catalog's (here the
+    # `bigint + integer` that advances a head) and have it run as the owner.
+    writer = await writer_with_documented_grants(dsn, db, role)
+    await writer.close()
+    await db.execute(
+        f"CREATE SCHEMA evil AUTHORIZATION {role};"
+        f"SET ROLE {role};"
+        "CREATE FUNCTION evil.plus(bigint, integer) RETURNS bigint LANGUAGE plpgsql AS "
+        "$$BEGIN RAISE EXCEPTION 'the writer''s operator ran as %', current_user; END$$;"
+        "CREATE OPERATOR evil.+ (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = evil.plus);"
+        "RESET ROLE"
+    )
+    writer = await pg_connect(as_role(dsn, role), server_settings={"search_path": "evil, pg_catalog, public"})
+    try:
+        with pytest.raises(asyncpg.RaiseError, match="operator ran as"):
+            await writer.execute("SELECT 1::bigint + 1")  # in its own queries, its operator is found
+        for sql in (
+            "INSERT INTO items VALUES (1, 1, 'a')",
+            "INSERT INTO items VALUES (2, 1, 'a'), (3, 2, 'b')",
+            "UPDATE items SET owner_id = 3 WHERE id = 1",
+            "DELETE FROM items WHERE id = 2",
+            "SELECT gateway.emit('room:1', '{}')",
+            "SELECT gateway.emit_many('{room:1}', '{\"{}\"}')",
+            "SELECT * FROM gateway.heads('{room:1}')",
+            "TRUNCATE items",
+        ):
+            await writer.execute(sql)
+    finally:
+        await writer.close()
+    assert len(await events(db)) == 8
 
 
 # --- what the gateway reads ----------------------------------------------------------------------
@@ -287,7 +408,7 @@ async def test_a_statement_after_a_merge_still_locks_its_topics_before_its_first
         "CREATE TABLE lock_calls (n serial, events bigint);"
         "ALTER FUNCTION gateway.lock_topics(text[]) RENAME TO lock_topics_logged;"
         "CREATE FUNCTION gateway.lock_topics(p_topics text[]) RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
-        "INSERT INTO lock_calls (events) "
+        "INSERT INTO public.lock_calls (events) "  # the triggers run with search_path pg_catalog, pg_temp
         "SELECT count(*) FROM gateway.events WHERE xid = pg_current_xact_id(); "
         "PERFORM gateway.lock_topics_logged(p_topics); END $$"
     )
