@@ -18,6 +18,7 @@ What is checked here:
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -27,11 +28,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from gateway import resolver as resolver_module
 from gateway.config import ConfigError
 from gateway.resolver import Resolver
 from gateway.tables import parse_tables
 
+from .gwtest import running_gateway
 from .pgconn import pg_connect, pg_pool
+from .polling import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,6 +61,17 @@ async def items(db: asyncpg.Connection) -> None:
 async def role(dsn: str, db: asyncpg.Connection) -> AsyncIterator[str]:
     """A login role of the test's own (roles are cluster-wide), dropped after it."""
     name = f"gw_edge_{uuid.uuid4().hex[:10]}"
+    await db.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        yield name
+    finally:
+        await db.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
+
+
+@pytest.fixture
+async def gw_role(dsn: str, db: asyncpg.Connection) -> AsyncIterator[str]:
+    """A second login role of the test's own, for the gateway."""
+    name = f"gw_serve_{uuid.uuid4().hex[:10]}"
     await db.execute(f"CREATE ROLE {name} LOGIN")
     try:
         yield name
@@ -328,6 +343,58 @@ async def test_a_writer_s_search_path_cannot_take_over_the_gateway_s_functions(
     assert len(await events(db)) == 8
 
 
+async def test_the_grants_docs_give_the_gateway_s_role_are_enough(
+    dsn: str, db: asyncpg.Connection, role: str, gw_role: str
+) -> None:
+    # gateway serve as a role that owns nothing: the relay's lease and poll, rows read and
+    # checked by their row_topic function, presence (connect, heartbeat, sweep, disconnect,
+    # prune) and retention; a writer with the writer grants writes the table.
+    grants = sql_block("The gateway's role")
+    assert " gw" in grants
+    writer = await writer_with_documented_grants(dsn, db, role)
+    await db.execute(re.sub(r"\bgw\b", gw_role, grants))
+    assert not await db.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = $1", gw_role)
+    try:
+        async with running_gateway(
+            as_role(dsn, gw_role),
+            tables="public.items",
+            presence="true",
+            heartbeat_interval="0.5",
+            heartbeat_ttl="2",
+            presence_grace="0",
+            presence_retention="1s",
+            retention_interval="1",
+            retention_max_events="2",
+        ) as gw:
+            alice = await gw.connect("1")
+            assert (await alice.subscribe("user:1"))["pos"] == 0
+            await eventually(
+                lambda: db.fetchval("SELECT holder IS NOT NULL FROM gateway.relay"), 10, "the relay's lease"
+            )
+            for title in ("a", "b", "c"):
+                await writer.execute("INSERT INTO items VALUES ($1, 1, $2)", ord(title), title)
+            got = await alice.events(3)
+            assert [(e["pos"], e["row"]["title"]) for e in got] == [(1, "a"), (2, "b"), (3, "c")]
+            await eventually(
+                lambda: db.fetchval("SELECT status = 'online' FROM gateway.presence WHERE user_id = '1'"),
+                10,
+                "user 1 online",
+            )
+            await alice.close()
+            await eventually(  # disconnected, offline after the grace, then pruned
+                lambda: db.fetchval("SELECT NOT EXISTS (SELECT FROM gateway.presence WHERE user_id = '1')"),
+                20,
+                "user 1's presence row to be pruned",
+            )
+            await eventually(  # retention keeps the newest 2 events per topic
+                lambda: db.fetchval("SELECT min(pos) = 2 FROM gateway.events WHERE topic = 'user:1'"),
+                20,
+                "retention to prune user:1's first event",
+            )
+    finally:
+        await writer.close()
+
+
 # --- what the gateway reads ----------------------------------------------------------------------
 
 
@@ -371,6 +438,42 @@ async def test_a_table_whose_rows_row_level_security_hides_from_the_gateway_is_r
         _, pool = await resolver(as_role(dsn, role), "public.items")
         await pool.close()
     await db.execute("SELECT gateway.unpublish('public.items'); DROP TABLE items")
+
+
+async def test_a_dropped_key_column_is_named_with_the_way_to_fix_it(
+    db: asyncpg.Connection, dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once the key column is gone, every write to the table fails in its capture triggers
+    # (docs/sql.md), and the gateway cannot read the rows of the events logged before.
+    await db.execute(
+        "CREATE TABLE items (id int PRIMARY KEY, uid int UNIQUE, owner_id int);"
+        "SELECT gateway.publish('public.items', $$'user:' || owner_id$$, 'uid');"
+        "INSERT INTO items VALUES (1, 1, 1)"
+    )
+    r, pool = await resolver(dsn, "public.items")
+    await db.execute("ALTER TABLE items DROP COLUMN uid")
+    for sql in ("INSERT INTO items VALUES (2, 1)", "UPDATE items SET owner_id = 2", "DELETE FROM items"):
+        with pytest.raises(asyncpg.UndefinedColumnError, match='has no field "uid"'):
+            await db.execute(sql)
+    with pytest.raises(asyncpg.UndefinedColumnError, match="uid"):
+        await db.execute("TRUNCATE items")
+
+    # At run time: one log line saying what is wrong and how to fix it.
+    caplog.set_level(logging.ERROR, logger="gateway.resolver")
+    monkeypatch.setattr(resolver_module, "UNREADABLE_RETRY", 0.0)  # tried again at once
+    for _ in range(3):
+        assert r.allowed("public.items")
+        assert await r.fetch({"public.items": {"1"}}) == {}
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert len(lines) == 1, lines
+    assert "key column uid is gone" in lines[0] and "SELECT gateway.unpublish('public.items')" in lines[0]
+    await pool.close()
+
+    # At start: the same, with the table's topic expression to publish it with.
+    with pytest.raises(ConfigError) as err:
+        await resolver(dsn, "public.items")
+    assert "key column 'uid', which it no longer has" in str(err.value)
+    assert "SELECT gateway.publish('public.items', $$'user:' || owner_id$$, '<column>')" in str(err.value)
 
 
 async def test_the_gateway_reads_a_published_parent_without_its_inheritance_children(
