@@ -248,7 +248,7 @@ class Resolver:
         if spec.name in self._unreadable:
             pass  # said once; said again only after the table was readable in between
         elif isinstance(exc, asyncpg.UndefinedColumnError) and exc.args[:1] == (
-            f"column t.{spec.key} does not exist",
+            f"column t.{spec.key} does not exist",  # the message; str() adds a HINT when there is one
         ):
             log.error(
                 "cannot read rows of %s: its key column %s is gone, so every write to the table "
