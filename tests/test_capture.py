@@ -152,6 +152,36 @@ async def test_an_application_trigger_writing_the_same_table_logs_every_row(db: 
 # --- sessions ----------------------------------------------------------------------------------
 
 
+async def test_the_topic_function_is_inlined_into_the_security_definer_triggers(
+    db: asyncpg.Connection,
+) -> None:
+    # The capture triggers are SECURITY DEFINER with a SET clause (which PostgreSQL never
+    # inlines); the generated topic function they call must stay a plain SQL function that is
+    # inlined into them, or every changed row would pay for one more function call.
+    await items(db)
+    secdef = await db.fetch(
+        "SELECT p.proname, p.prosecdef, p.proconfig FROM pg_proc p JOIN pg_trigger t ON t.tgfoid = p.oid "
+        "WHERE t.tgrelid = 'items'::regclass AND NOT t.tgisinternal ORDER BY 1"
+    )
+    assert len(secdef) == 4  # insert, update, delete, truncate
+    assert all(r["prosecdef"] and "search_path=pg_catalog, pg_temp" in r["proconfig"] for r in secdef), secdef
+    await db.execute("SET track_functions = 'all'")
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a'), (2, 2, 'b')")
+    await db.execute("UPDATE items SET owner_id = 3 WHERE id = 1")  # the old row's topic too
+    await db.execute("DELETE FROM items WHERE id = 2")
+    await db.execute("SELECT pg_stat_force_next_flush()")
+    await db.execute("SELECT 1")  # the flush happens when the session goes idle
+    calls = {
+        r["funcname"]: r["calls"]
+        for r in await db.fetch(
+            "SELECT funcname, calls FROM pg_stat_user_functions WHERE schemaname = 'gateway'"
+        )
+    }
+    capture = {name for name in calls if name.startswith("capture_") and "_public_items_" in name}
+    assert len(capture) == 3, calls  # the statistics are there: the three row triggers ran
+    assert not [name for name in calls if name.startswith("topic_public_items_")], calls
+
+
 async def test_publish_again_keeps_how_the_triggers_are_enabled(db: asyncpg.Connection) -> None:
     # Triggers do not fire under session_replication_role = replica (a logical replication
     # subscriber's apply, some bulk loaders) unless enabled ALWAYS: docs/sql.md says how. A
