@@ -458,10 +458,22 @@ async def test_a_migration_after_a_published_table_was_dropped_succeeds_without_
             "DROP TABLE public.items CASCADE; SELECT gateway.republish_all()"
         )
         await owner.close()
+
+        # A superuser's publish() still hands the functions to the schema's owner: the capture
+        # functions run as their owner, which must not be a superuser it never chose.
+        await admin.execute(
+            "CREATE TABLE public.others (id int PRIMARY KEY, owner_id int);"
+            "SELECT gateway.publish('public.others', $$'user:' || owner_id$$)"
+        )
+        owners = await admin.fetch(
+            "SELECT DISTINCT p.proowner::regrole::text AS o FROM pg_proc p "
+            "WHERE p.oid IN (SELECT gateway.generated_functions('public.others'))"
+        )
+        assert [r["o"] for r in owners] == [role]
         dropped = [n for n in notices if "was dropped" in n]
         assert len(dropped) == 3 and all("public_items_" in n or "public_memos_" in n for n in dropped), (
             notices
         )
     finally:
-        await admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await admin.execute(f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}")
         await admin.close()
