@@ -150,15 +150,24 @@ $$;
 
 -- The head of each topic: its epoch and last position, (first epoch, 0) for a topic that has
 -- no row. One index lookup per topic (the LIMIT keeps the planner from joining the whole of
--- gateway.topics, which has a row per topic ever written to).
--- SECURITY DEFINER (see "Who may do what" at the end of this file): applications call it for
--- a consistent initial load, and their roles may not read gateway.topics.
-CREATE FUNCTION gateway.heads(p_topics text[], OUT topic text, OUT epoch text, OUT pos bigint)
+-- gateway.topics, which has a row per topic ever written to). The gateway's own read: a plain
+-- SQL function, inlined into the calling query, so that a prepared statement is planned once.
+CREATE FUNCTION gateway.topic_heads(p_topics text[], OUT topic text, OUT epoch text, OUT pos bigint)
 RETURNS SETOF record
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT u.topic, coalesce(h.epoch, gateway.first_epoch(u.topic)), coalesce(h.pos, 0)
     FROM (SELECT DISTINCT n.name FROM unnest(p_topics) AS n(name) WHERE n.name IS NOT NULL) AS u(topic)
     LEFT JOIN LATERAL (SELECT r.epoch, r.pos FROM gateway.topics AS r WHERE r.topic = u.topic LIMIT 1) AS h ON true
+$$;
+
+-- The same for applications (a consistent initial load: docs/guarantees.md), whose roles may
+-- not read gateway.topics: SECURITY DEFINER (see "Who may do what" at the end of this file).
+-- That costs what the gateway's reads should not pay: a function with a SET clause is not
+-- inlined, and its query is planned again at every call (about twice topic_heads' time).
+CREATE FUNCTION gateway.heads(p_topics text[], OUT topic text, OUT epoch text, OUT pos bigint)
+RETURNS SETOF record
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT h.topic, h.epoch, h.pos FROM gateway.topic_heads(p_topics) AS h
 $$;
 
 -- Start a topic's stream over: its events are deleted and its next event is position 1 of a
@@ -291,6 +300,7 @@ $$;
 -- invalid_topic_reason() stay callable by everyone: applications use them.
 REVOKE EXECUTE ON FUNCTION
     gateway.new_epoch(), gateway.topic_first_epoch(), gateway.advance(text), gateway.lock_topics(text[]),
+    gateway.topic_heads(text[]),
     gateway.reset_topic(text), gateway.refuse_topic(text, text, text),
     gateway.emit(text, jsonb), gateway.emit_many(text[], jsonb[])
 FROM PUBLIC;

@@ -306,6 +306,7 @@ async def test_a_writer_can_change_no_table_of_the_gateway_schema(
             "SELECT setval('gateway.relay_awake_until', 1)",
             # The internal functions, and those that change what is published.
             "SELECT gateway.advance('user:1')",
+            "SELECT * FROM gateway.topic_heads('{user:1}')",  # heads() is theirs
             "SELECT gateway.lock_topics('{user:1,user:2}')",
             "SELECT gateway.log_event('public.items', 'd', 'user:1', '9')",
             "SELECT gateway.reset_topic('user:1')",
