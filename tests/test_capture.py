@@ -506,6 +506,11 @@ async def test_a_dropped_key_column_is_named_with_the_way_to_fix_it(
     assert "key column 'uid', which it no longer has" in str(err.value)
     assert "SELECT gateway.publish('public.items', $$'user:' || owner_id$$, '<column>')" in str(err.value)
 
+    # A migration that publishes every table again stops, saying the same.
+    with pytest.raises(asyncpg.RaiseError, match="key column uid, which it no longer has") as failed:
+        await db.execute("SELECT gateway.republish_all()")
+    assert "SELECT gateway.unpublish('items')" in (failed.value.hint or "")
+
 
 async def test_the_gateway_reads_a_published_parent_without_its_inheritance_children(
     dsn: str, db: asyncpg.Connection
