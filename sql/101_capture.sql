@@ -155,6 +155,19 @@ BEGIN
 END
 $$;
 
+-- The same at once, at every DROP that can take a table, for whoever drops it (hence SECURITY
+-- DEFINER): optional, since only a superuser may create the event trigger that calls it
+-- (docs/sql.md, "Publish a table"); nothing depends on it.
+--   CREATE EVENT TRIGGER gateway_unpublish_dropped ON sql_drop
+--   WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+--   EXECUTE FUNCTION gateway.unpublish_dropped_at_drop();
+CREATE FUNCTION gateway.unpublish_dropped_at_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM gateway.unpublish_dropped();
+END
+$$;
+
 -- Appends one event of a row change and rings the relay when it is quiet: used for the rarer
 -- events, the delete where an UPDATE moved a row from and the deletes of a TRUNCATE (the row
 -- triggers do the same inline: a function call per changed row is measurable in the writer's
@@ -629,7 +642,8 @@ $$;
 -- of the table: only the owner (and superusers) may call it and the functions that change
 -- what is published.
 REVOKE EXECUTE ON FUNCTION
-    gateway.unpublish(regclass), gateway.unpublish_dropped(), gateway.log_event(text, "char", text, text),
+    gateway.unpublish(regclass), gateway.unpublish_dropped(), gateway.unpublish_dropped_at_drop(),
+    gateway.log_event(text, "char", text, text),
     gateway.fill_template(text, jsonb), gateway.publish(regclass, text, text), gateway.capture_truncate(),
     gateway.published_truncate_trigger(), gateway.republish_all()
 FROM PUBLIC;

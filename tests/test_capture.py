@@ -471,6 +471,33 @@ async def test_a_table_whose_rows_row_level_security_hides_from_the_gateway_is_r
     await db.execute("SELECT gateway.unpublish('public.items'); DROP TABLE items")
 
 
+async def test_the_optional_event_trigger_forgets_a_table_when_it_is_dropped(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    # Installed by a superuser (docs/sql.md); the table's owner, who may not write
+    # gateway.published, drops it.
+    await db.execute(
+        f"CREATE TABLE items (id int PRIMARY KEY, owner_id int); ALTER TABLE items OWNER TO {role};"
+        "SELECT gateway.publish('public.items', $$'user:' || owner_id$$);"
+        "CREATE EVENT TRIGGER gateway_unpublish_dropped ON sql_drop "
+        "WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED') "
+        "EXECUTE FUNCTION gateway.unpublish_dropped_at_drop()"
+    )
+    try:
+        tbl = await db.fetchval("SELECT 'items'::regclass::oid")
+        suffix = await db.fetchval("SELECT substr(row_topic, 11) FROM gateway.published")
+        owner = await pg_connect(as_role(dsn, role))
+        try:
+            await owner.execute("DROP TABLE items CASCADE")
+        finally:
+            await owner.close()
+        assert await db.fetchval("SELECT count(*) FROM gateway.published WHERE tbl::oid = $1", tbl) == 0
+        left = "SELECT count(*) FROM pg_proc WHERE pronamespace = 'gateway'::regnamespace AND proname LIKE '%' || $1"
+        assert await db.fetchval(left, suffix) == 0
+    finally:
+        await db.execute("DROP EVENT TRIGGER gateway_unpublish_dropped")
+
+
 async def test_a_dropped_key_column_is_named_with_the_way_to_fix_it(
     db: asyncpg.Connection, dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
