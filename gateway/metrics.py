@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .broker import Broker
 from .config import Settings
 from .errors import ConfigError
 from .listener import Listener
@@ -55,7 +56,7 @@ class Source(Protocol):
     def pipeline(self) -> Pipeline: ...
 
     @property
-    def listener(self) -> Listener: ...
+    def listener(self) -> Listener | Broker: ...
 
     @property
     def relay(self) -> Relay: ...
