@@ -126,6 +126,10 @@ class Broker:
         self._subs: dict[str, Any] = {}
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._lost = asyncio.Event()
+        self._last_error = ""
+        self._catch_up_timer: asyncio.TimerHandle | None = None
         self.connected = False
         # state, read by metrics and /status (the same names as the PostgreSQL listener's)
         self.reconnects = 0
@@ -217,7 +221,10 @@ class Broker:
             await msg.respond(self._tables.encode())
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        self._stopping = True
+        if self._catch_up_timer is not None:
+            self._catch_up_timer.cancel()
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._close()
@@ -288,7 +295,12 @@ class Broker:
     async def _check_heads(self) -> None:
         """Re-read every served topic's head from the log, often while NATS is out."""
         while True:
-            await asyncio.sleep(self._check_interval if self.connected else OUTAGE_CHECK_INTERVAL)
+            # Woken early when the connection is lost: the outage's pace starts at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._lost.wait(), self._check_interval if self.connected else OUTAGE_CHECK_INTERVAL
+                )
+            self._lost.clear()
             self._catch_up()
 
     async def _on_error(self, exc: Exception) -> None:
@@ -302,16 +314,31 @@ class Broker:
                 )
             self._catch_up()
             return
-        log.warning("broker: %s: %s", type(exc).__name__, exc)
+        error = f"{type(exc).__name__}: {exc}"
+        if error != self._last_error:  # each distinct error once per outage, not once per retry
+            self._last_error = error
+            log.warning("broker: %s", error)
+
+    def _catch_up_soon(self) -> None:
+        """One catch-up for a burst of dropped doorbells, not one per doorbell."""
+        if self._catch_up_timer is None:
+            self._catch_up_timer = asyncio.get_running_loop().call_later(0.1, self._catch_up_now)
+
+    def _catch_up_now(self) -> None:
+        self._catch_up_timer = None
+        self._catch_up()
 
     async def _on_disconnected(self) -> None:
+        if self._stopping:
+            return
         if self.connected:
             log.warning("broker disconnected: catching up from the log every %gs", OUTAGE_CHECK_INTERVAL)
         self.connected = False
-        self._catch_up()
+        self._lost.set()
 
     async def _on_reconnected(self) -> None:
         self.connected = True
+        self._last_error = ""
         self.reconnects += 1
         log.info("broker reconnected: catching up from the log")
         self._catch_up()

@@ -139,8 +139,26 @@ class GatewayCollector(Collector):
         ):
             yield HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.sum)
         yield GaugeMetricFamily(
-            "gateway_listener_connected", "1 if LISTEN is up", value=int(listener.connected)
+            "gateway_listener_connected",
+            "1 if the doorbell source (LISTEN, or the broker with GATEWAY_BROKER) is up",
+            value=int(listener.connected),
         )
+        if isinstance(listener, Broker):
+            yield CounterMetricFamily(
+                "gateway_broker_published",
+                "doorbells this process's relay published",
+                value=listener.published,
+            )
+            yield CounterMetricFamily(
+                "gateway_broker_publish_errors",
+                "polls whose doorbells could not all be published (readers catch up from the log)",
+                value=listener.publish_errors,
+            )
+            yield CounterMetricFamily(
+                "gateway_broker_slow_consumer",
+                "doorbells NATS dropped for this process as a slow consumer (each caught up from the log)",
+                value=listener.slow_consumer,
+            )
         yield CounterMetricFamily(
             "gateway_listener_reconnects", "listener reconnections", value=listener.reconnects
         )

@@ -169,6 +169,35 @@ async def test_a_lost_last_doorbell_is_found_by_the_head_check(items: str, nats:
             await c.close()
 
 
+@needs_nats
+async def test_a_broker_outage_keeps_the_process_ready_and_delivering_from_the_log(
+    items: str, nats: NatsServer
+) -> None:
+    async with running_gateway(items, tables=TABLES, broker=nats.url, broker_check_interval="60") as gw:
+        broker = gw.state.listener
+        c = await gw.connect("1")
+        ack = await c.subscribe(TOPIC)
+        nats.kill()
+        await eventually(lambda: not broker.connected, 10, "the broker connection to be seen lost")
+        assert (await gw.ready())[0] == 200
+        assert "gateway_listener_connected 0.0" in await gw.metrics()
+        conn = await pg_connect(items)
+        try:
+            await conn.execute("INSERT INTO items (owner_id, title) VALUES (1, 'during the outage')")
+            (e,) = await c.events(1, timeout=5)  # within the outage's one-second catch-ups
+            assert e["pos"] == ack["pos"] + 1
+            nats.start()
+            await eventually(lambda: broker.connected, 15, "the broker to reconnect")
+            assert broker.reconnects == 1
+            await conn.execute("INSERT INTO items (owner_id, title) VALUES (1, 'after')")
+            (e,) = await c.events(1, timeout=5)
+            assert e["pos"] == ack["pos"] + 2
+            assert "gateway_broker_published" in await gw.metrics()
+        finally:
+            await conn.close()
+            await c.close()
+
+
 # --- several processes ----------------------------------------------------------------------
 
 
