@@ -379,7 +379,9 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if state.draining:
         problems.append("draining")
-    if not state.listener.connected:
+    # A broker outage leaves a process ready: it delivers from the log every second meanwhile,
+    # and every replica leaving the load balancer at once would be the bigger outage.
+    if not state.listener.connected and not isinstance(state.listener, Broker):
         problems.append("listener not connected")
     problems.extend(f"{t.get_name()} task stopped" for t in state.tasks if t.done())
     try:
