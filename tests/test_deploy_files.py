@@ -170,6 +170,10 @@ def test_gen_env_sample_check_flags_a_stale_file(tmp_path: Path) -> None:
 # --- Dockerfile --------------------------------------------------------------------------
 
 
+def dockerfile_text() -> str:
+    return (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined; heredoc bodies skipped."""
     out: list[tuple[str, str]] = []
@@ -195,6 +199,14 @@ def test_dockerfile_builds_the_image_the_brief_describes() -> None:
     assert args_of["ARG"] and "python:3.11-slim" in args_of["ARG"][0]
     runs = " ".join(args_of["RUN"])
     assert "-c requirements.lock" in runs and "--no-deps ." in runs
+    # The image can run with GATEWAY_BROKER: the requirements its heredoc writes include the
+    # nats extra (run here, against this pyproject.toml).
+    script = re.search(r"<<'PY' > /tmp/runtime-requirements.txt\n(.*?)\nPY\n", dockerfile_text(), re.S)
+    assert script is not None, "the Dockerfile no longer writes its requirements with a python heredoc"
+    written = subprocess.run(
+        [sys.executable, "-c", script.group(1)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert any(r.startswith("nats-py") for r in written) and any(r.startswith("asyncpg") for r in written)
     # The migrations are installed with the package, so the image needs no GATEWAY_SQL_DIR.
     copy_sql = ins.index(("COPY", "sql ./sql"))
     install = next(i for i, (w, a) in enumerate(ins) if w == "RUN" and "--no-deps ." in a)
