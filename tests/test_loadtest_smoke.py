@@ -185,9 +185,9 @@ def test_replicas_scenario_runs_both_engines_with_nothing_lost(tmp_path: Path) -
     if not (shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")):
         pytest.skip("nats-server not found (Debian package nats-server; .ci/run installs it)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+    tiny = ["--replicas", "2", "--clients", "8", "--seconds", "2", "--rate", "50"]
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.replicas", "--replicas", "2", "--clients", "8", "--seconds", "2"]
-        + ["--rate", "50", "--out", str(tmp_path)],
+        [sys.executable, "-m", "loadtest.replicas", *tiny, "--out", str(tmp_path)],
         cwd=REPO,
         env=env,
         capture_output=True,
