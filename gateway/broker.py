@@ -122,7 +122,7 @@ class Broker:
         self._nc: Any = None
         self._ring: Callable[[str, int], None] = lambda payload, sender: None
         self._catch_up: Callable[[], None] = lambda: None
-        # topic -> its subscription (None while the server has not confirmed it yet)
+        # topic -> its subscription; and, per wanted topic, done once the server has the interest
         self._subs: dict[str, Any] = {}
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,17 +164,21 @@ class Broker:
         }
         if self._creds:
             options["user_credentials"] = self._creds
-        tls = self._tls_context()
+        try:
+            tls = self._tls_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"the broker's TLS files cannot be used: {exc}") from None
         if tls is not None:
             options["tls"] = tls
         # With max_reconnect_attempts < 0 nats-py's first connect would retry forever:
-        # bounded here, so a wrong URL or a broker down stops the start with an error.
+        # bounded here, so a wrong URL, a wrong password or a broker down stops the start
+        # with an error (the last one the attempts met: "Authorization Violation", ...).
         try:
             self._nc = await asyncio.wait_for(nats.connect(**options), self._connect_timeout * 2)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise ConfigError(
-                f"cannot connect to the broker at {self.where()}: {type(exc).__name__}: {exc}"
-            ) from None
+            cause = self._last_error or f"{type(exc).__name__}: {exc}"
+            raise ConfigError(f"cannot connect to the broker at {self.where()}: {cause}") from None
+        self._last_error = ""
         self.connected = True
         log.info("broker connected (%s)", self.where())
         try:
