@@ -198,6 +198,37 @@ async def test_a_broker_outage_keeps_the_process_ready_and_delivering_from_the_l
             await c.close()
 
 
+@needs_nats
+async def test_a_broker_with_a_password_admits_the_right_one_only(items: str, tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats-auth.log", user="gw", password="right-password").start()
+    try:
+        wrong = GatewayProcess(
+            items,
+            tmp_path / "wrong.log",
+            tables=TABLES,
+            broker=server.url.replace("right-password", "Wr0ngPassw0rd"),
+        )
+        with pytest.raises(AssertionError, match="did not start"):
+            await wrong.start()
+        text = wrong.log_path.read_text()
+        assert "cannot connect to the broker at nats://***@127.0.0.1" in text
+        assert "Authorization Violation" in text
+        assert "Wr0ngPassw0rd" not in text  # the password is never printed
+        async with running_gateway(items, tables=TABLES, broker=server.url) as gw:
+            c = await gw.connect("1")
+            ack = await c.subscribe(TOPIC)
+            conn = await pg_connect(items)
+            try:
+                await conn.execute("INSERT INTO items (owner_id, title) VALUES (1, 'authenticated')")
+            finally:
+                await conn.close()
+            (e,) = await c.events(1, timeout=5)
+            assert e["pos"] == ack["pos"] + 1
+            await c.close()
+    finally:
+        server.stop()
+
+
 # --- several processes ----------------------------------------------------------------------
 
 
