@@ -214,10 +214,11 @@ class GatewayCollector(Collector):
 
 def db_sessions(state: Source) -> dict[str, int]:
     """The PostgreSQL sessions this process holds, by use: what counts against
-    max_connections (docs/deploy.md: workers * (3 + GATEWAY_POOL_SIZE))."""
+    max_connections (docs/deploy.md, "Database sessions per deployment shape")."""
     sessions = {
         "pool": state.pool.get_size(),
-        "listener": int(state.listener.connected),
+        # With GATEWAY_BROKER the doorbells come from NATS: no LISTEN session.
+        "listener": int(isinstance(state.listener, Listener) and state.listener.connected),
         "relay": int(state.relay.backend_pid is not None),
     }
     presence = state.ctx.presence

@@ -125,6 +125,7 @@ async def test_delivery_through_the_broker_with_interest_per_topic_and_no_listen
         c = await gw.connect("1")
         ack = await c.subscribe(TOPIC)
         assert set(broker._subs) == {TOPIC}
+        assert 'gateway_db_sessions{use="listener"} 0.0' in await gw.metrics()
         conn = await pg_connect(items)
         try:
             for i in range(5):
