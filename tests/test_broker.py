@@ -263,6 +263,32 @@ async def test_a_process_with_other_tables_refuses_to_start(
 
 
 @needs_nats
+async def test_serve_with_two_workers_on_one_broker(items: str, nats: NatsServer, tmp_path: Path) -> None:
+    # Each worker has its own broker connection; the second asks the first for its tables.
+    gw = GatewayProcess(
+        items, tmp_path / "two.log", tables=TABLES, broker=nats.url, broker_check_interval="60"
+    )
+    gw.env["GATEWAY_WORKERS"] = "2"
+    await gw.start()
+    try:
+        clients = [await gw.connect("1") for _ in range(6)]  # SO_REUSEPORT spreads them
+        acks = [await c.subscribe(TOPIC) for c in clients]
+        conn = await pg_connect(items)
+        try:
+            await conn.execute("INSERT INTO items (owner_id, title) VALUES (1, 'to both workers')")
+        finally:
+            await conn.close()
+        for c, ack in zip(clients, acks, strict=True):
+            (e,) = await c.events(1, timeout=5)
+            assert e["pos"] == ack["pos"] + 1
+            await c.close()
+    finally:
+        await gw.stop()
+    assert "GATEWAY_TABLES differs" not in gw.log_path.read_text()
+    assert gw.log_path.read_text().count("broker connected") == 2
+
+
+@needs_nats
 async def test_resume_on_another_process_through_the_broker(
     items: str, nats: NatsServer, tmp_path: Path
 ) -> None:
