@@ -6,7 +6,8 @@ load writers wait on each other. Instead, the capture triggers only append to th
 relay finds events committed since it last looked, by the transaction ids they record, and NOTIFYs the
 usual doorbells (``{"v":1,"tb":..,"ev":[..]}``, ``{"v":1,"rg":[..]}``) on channel
 ``gateway`` from its own transaction, many events per notification. Every replica's listener
-and pipeline work exactly as before.
+and pipeline work exactly as before. With ``GATEWAY_BROKER`` the same doorbells go to
+NATS instead, cut per topic (an ``Outlet``: gateway/broker.py), and nothing is NOTIFYed.
 
 Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing
 transaction sends (once, however many rows it writes) when the relay is not polling, and then
