@@ -163,6 +163,12 @@ class Broker:
             "reconnected_cb": self._on_reconnected,
         }
         if self._creds:
+            try:
+                import nkeys  # noqa: F401  (nats-py signs with it; not a dependency of nats-py)
+            except ImportError:
+                raise ConfigError(
+                    "GATEWAY_BROKER_CREDS is set but the nkeys package is not installed: pip install nkeys"
+                ) from None
             options["user_credentials"] = self._creds
         try:
             tls = self._tls_context()
