@@ -424,7 +424,9 @@ class Settings:
         secret=True,
     )
     broker_creds: str = _setting(
-        "", "a NATS credentials file (`.creds`: user JWT and NKey seed) for the broker connection"
+        "",
+        "a NATS credentials file (`.creds`: user JWT and NKey seed) for the broker connection; "
+        "needs `pip install nkeys`",
     )
     broker_tls_ca: str = _setting(
         "", "CA certificate file (PEM) the broker's TLS certificate is checked against; empty: the system's"
