@@ -9,6 +9,7 @@ validation errors, which name the variable and what it expects.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -98,6 +99,12 @@ def require_database_url(s: Settings) -> str:
     return s.database_url
 
 
+def _mask_userinfo(url: str) -> str:
+    """A URL without its user info (a password, or a NATS token standing alone)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
+
+
 def mask_dsn(dsn: str) -> str:
     """The DSN with its passwords replaced, for logs and error messages: the one after the user
     name (up to the last "@", so an unescaped "#" or "/" in it is covered too) and the
@@ -113,6 +120,33 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
         return t
 
     return parse
+
+
+def parse_broker(text: str) -> tuple[str, ...]:
+    urls = parse_list(text)
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError:
+            raise ValueError("NATS URLs such as nats://user:password@host:4222") from None
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ValueError(
+                "NATS URLs such as nats://user:password@host:4222 (or tls://...), comma-separated"
+            )
+    return urls
+
+
+_SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def parse_subject_prefix(text: str) -> str:
+    t = text.strip()
+    if not _SUBJECT_PREFIX.match(t):
+        raise ValueError(
+            "NATS subject tokens of letters, digits, _ and - separated by dots, such as gateway.prod"
+        )
+    return t
 
 
 def _identity(text: str) -> str:
@@ -379,6 +413,41 @@ class Settings:
         parse_duration,
         minimum=0.5,
     )
+    # Broker (optional, gateway/broker.py): NATS fans doorbells out instead of LISTEN
+    broker: tuple[str, ...] = _setting(
+        (),
+        "NATS server URL(s) for fan-out (comma-separated, one per server of a NATS cluster): "
+        "`nats://user:password@host:4222`, `nats://token@host:4222`, or `tls://...` for TLS. Credentials "
+        "are required (in the URL or GATEWAY_BROKER_CREDS) unless every host is loopback. Needs "
+        "`pip install 'pg-ws-gateway[nats]'`. Empty: PostgreSQL LISTEN only",
+        parse_broker,
+        secret=True,
+    )
+    broker_creds: str = _setting(
+        "",
+        "a NATS credentials file (`.creds`: user JWT and NKey seed) for the broker connection; "
+        "needs `pip install nkeys`",
+    )
+    broker_tls_ca: str = _setting(
+        "", "CA certificate file (PEM) the broker's TLS certificate is checked against; empty: the system's"
+    )
+    broker_tls_cert: str = _setting(
+        "", "client certificate file (PEM) for brokers that require TLS client auth"
+    )
+    broker_tls_key: str = _setting("", "the client certificate's private key file (PEM)")
+    broker_subject_prefix: str = _setting(
+        "gateway",
+        "first tokens of every NATS subject the gateway uses: one prefix per database when several "
+        "share a NATS cluster",
+        parse_subject_prefix,
+    )
+    broker_check_interval: float = _setting(
+        5.0,
+        "with a broker, how often each process re-reads the heads of its topics from the log, so an "
+        "event whose doorbell was lost is delivered anyway (every second while NATS is unreachable)",
+        parse_duration,
+        minimum=0.1,
+    )
     # Event log
     replay_max_events: int = _setting(
         10000, "most events replayed on resume; older positions get recovered=false", parse_int, minimum=0
@@ -458,6 +527,8 @@ class Settings:
             text = ",".join(value) if isinstance(value, tuple) else str(value)
             if f.name == "database_url":
                 text = mask_dsn(text)
+            elif f.name == "broker":
+                text = ",".join(_mask_userinfo(u) for u in value)
             elif f.metadata["secret"] and text:
                 text = "***"
             out[env_name(f.name)] = text
@@ -543,8 +614,34 @@ def _check(s: Settings) -> None:
                 f"GATEWAY_METRICS_PORT={s.metrics_port} is not valid: the workers' metrics ports "
                 f"{s.metrics_port}-{last} include GATEWAY_PORT={s.port}"
             )
+    if s.broker:
+        _check_broker(s)
     if s.status_token and len(s.status_token) < 16:
         raise ConfigError("GATEWAY_STATUS_TOKEN is too short: expected at least 16 characters")
+
+
+def _check_broker(s: Settings) -> None:
+    """The broker is trusted like the database (docs/security.md): anyone who can publish on
+    its subjects can ring doorbells, so a broker beyond this machine needs credentials."""
+    for url in s.broker:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not (parts.username or parts.password or s.broker_creds or loopback):
+            raise ConfigError(
+                f"GATEWAY_BROKER has {parts.scheme}://{parts.netloc} without credentials: expected "
+                "nats://user:password@host, nats://token@host or GATEWAY_BROKER_CREDS "
+                "(only a loopback broker may go without)"
+            )
+    if s.broker_tls_key and not s.broker_tls_cert:
+        raise ConfigError("GATEWAY_BROKER_TLS_KEY is set without GATEWAY_BROKER_TLS_CERT: expected both")
+    for name in ("broker_creds", "broker_tls_ca", "broker_tls_cert", "broker_tls_key"):
+        path = getattr(s, name)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{env_name(name)}={path} is not valid: no such file")
 
 
 def jwt_algorithms(s: Settings) -> tuple[str, ...]:

@@ -45,6 +45,9 @@ def _ignore_catch_up() -> None:
 class Listener:
     """The PostgreSQL doorbell source (gateway/pipeline.py, ``DoorbellSource``)."""
 
+    # Any session may NOTIFY the channel: the pipeline believes only the relay's pid.
+    verify_senders = True
+
     def __init__(
         self,
         dsn: str,
@@ -71,6 +74,12 @@ class Listener:
 
     def attach(self, ring: Callable[[str, int], None], catch_up: Callable[[], None]) -> None:
         self._ring, self._catch_up = ring, catch_up
+
+    async def want(self, topic: str) -> None:
+        """LISTEN hears every topic's doorbells: nothing to subscribe to."""
+
+    def drop(self, topic: str) -> None:
+        pass
 
     def _callback(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self.last_notification = time.monotonic()

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .broker import Broker
 from .config import Settings
 from .errors import ConfigError
 from .listener import Listener
@@ -55,7 +56,7 @@ class Source(Protocol):
     def pipeline(self) -> Pipeline: ...
 
     @property
-    def listener(self) -> Listener: ...
+    def listener(self) -> Listener | Broker: ...
 
     @property
     def relay(self) -> Relay: ...
@@ -138,8 +139,26 @@ class GatewayCollector(Collector):
         ):
             yield HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.sum)
         yield GaugeMetricFamily(
-            "gateway_listener_connected", "1 if LISTEN is up", value=int(listener.connected)
+            "gateway_listener_connected",
+            "1 if the doorbell source (LISTEN, or the broker with GATEWAY_BROKER) is up",
+            value=int(listener.connected),
         )
+        if isinstance(listener, Broker):
+            yield CounterMetricFamily(
+                "gateway_broker_published",
+                "doorbells this process's relay published",
+                value=listener.published,
+            )
+            yield CounterMetricFamily(
+                "gateway_broker_publish_errors",
+                "polls whose doorbells could not all be published (readers catch up from the log)",
+                value=listener.publish_errors,
+            )
+            yield CounterMetricFamily(
+                "gateway_broker_slow_consumer",
+                "doorbells NATS dropped for this process as a slow consumer (each caught up from the log)",
+                value=listener.slow_consumer,
+            )
         yield CounterMetricFamily(
             "gateway_listener_reconnects", "listener reconnections", value=listener.reconnects
         )
@@ -195,10 +214,11 @@ class GatewayCollector(Collector):
 
 def db_sessions(state: Source) -> dict[str, int]:
     """The PostgreSQL sessions this process holds, by use: what counts against
-    max_connections (docs/deploy.md: workers * (3 + GATEWAY_POOL_SIZE))."""
+    max_connections (docs/deploy.md, "Database sessions per deployment shape")."""
     sessions = {
         "pool": state.pool.get_size(),
-        "listener": int(state.listener.connected),
+        # With GATEWAY_BROKER the doorbells come from NATS: no LISTEN session.
+        "listener": int(isinstance(state.listener, Listener) and state.listener.connected),
         "relay": int(state.relay.backend_pid is not None),
     }
     presence = state.ctx.presence

@@ -1,7 +1,7 @@
 """The pipeline: doorbells and subscription joins, processed in order by one task.
 
 Lifecycle: ``run()`` is one task for the life of the process. Doorbells come from one
-``DoorbellSource`` (the PostgreSQL listener), which calls ``notify()`` and ``resync()``
+``DoorbellSource`` (the PostgreSQL listener, or a NATS broker), which calls ``notify()`` and ``resync()``
 (enqueue only) once the pipeline ``consume()``s it; sessions call ``join()`` and ``leave()``.
 
 Invariants (what makes "no lost events" hold):
@@ -27,6 +27,9 @@ Invariants (what makes "no lost events" hold):
   doorbell, the log is the truth.
 * If positions are missing from the log (pruned before they could be read), subscribers
   get ``subscribed`` with ``recovered: false`` and must reload: never a silent gap.
+* A topic is wanted from the doorbell source (``want``) before its first join reads the
+  head, and dropped after its last subscriber leaves: a source that routes by interest (NATS)
+  then delivers every doorbell sent after that read.
 * Only the relay's doorbells are acted on. Any role that can log in may NOTIFY the channel,
   so a doorbell is a claim by its sender: it is believed only when the sender's backend pid
   is the relay's (``gateway.relay.backend_pid``, re-read when a doorbell comes from another
@@ -78,18 +81,48 @@ class Member(Protocol):
 
 
 class DoorbellSource(Protocol):
-    """Where doorbells come from: PostgreSQL's LISTEN today (gateway/listener.py); a second
-    fan-out engine takes its place by offering the same.
+    """Where doorbells come from: PostgreSQL's LISTEN (gateway/listener.py), or a broker
+    (gateway/broker.py, NATS) that takes its place by offering the same.
 
     Once attached, the source calls ``ring`` with each doorbell's payload (the JSON of
-    docs/architecture.md, "The doorbell") and its sender (for PostgreSQL, the backend pid of
-    the session that sent it: only the relay's are believed), and ``catch_up`` whenever doorbells may have been missed (after
-    every connect and reconnect): the pipeline then re-reads every topic it serves from the
-    log. Both only enqueue. ``connected`` says whether doorbells can arrive now (readiness)."""
+    docs/architecture.md, "The doorbell") and its sender, and ``catch_up`` whenever doorbells
+    may have been missed (after every connect and reconnect): the pipeline then re-reads every
+    topic it serves from the log. Both only enqueue. ``connected`` says whether doorbells can
+    arrive now (readiness).
+
+    ``verify_senders``: whether a doorbell's sender must be checked. On PostgreSQL any role
+    that can log in may NOTIFY the channel, so the sender is the backend pid of the session
+    that sent it and only the relay's is believed. A broker is trusted like the database
+    (docs/security.md): its doorbells carry no pid and are believed as they come.
+
+    ``want(topic)`` (awaited before a topic's first join reads the head) and ``drop(topic)``
+    (after its last subscriber left) say which topics this process serves: a source that
+    routes by interest receives only their doorbells from then on; LISTEN receives all."""
 
     connected: bool
+    verify_senders: bool
 
     def attach(self, ring: Callable[[str, int], None], catch_up: Callable[[], None]) -> None: ...
+
+    async def want(self, topic: str) -> None: ...
+
+    def drop(self, topic: str) -> None: ...
+
+
+class _NoSource:
+    """Until ``consume()``: doorbells come from nowhere, and every sender would be checked."""
+
+    connected = False
+    verify_senders = True
+
+    def attach(self, ring: Callable[[str, int], None], catch_up: Callable[[], None]) -> None:
+        pass
+
+    async def want(self, topic: str) -> None:
+        pass
+
+    def drop(self, topic: str) -> None:
+        pass
 
 
 class Doorbell(msgspec.Struct):
@@ -184,6 +217,9 @@ class Pipeline:
         self._replay_max_bytes = replay_max_bytes
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._streams: dict[str, Stream] = {}
+        self._source: DoorbellSource = _NoSource()
+        # Per topic, who joined and has not left yet: the topics the source is told we want.
+        self._wanted: dict[str, set[Member]] = {}
         self._bad_doorbells = 0
         self._relay_pid: int | None = None
         self._relay_pid_read = -SENDER_CHECK_INTERVAL  # monotonic time of the last read
@@ -206,6 +242,7 @@ class Pipeline:
 
     def consume(self, source: DoorbellSource) -> None:
         """Take doorbells from ``source`` from now on."""
+        self._source = source
         source.attach(self.notify, self.resync)
 
     def notify(self, payload: str, sender_pid: int) -> None:
@@ -225,7 +262,10 @@ class Pipeline:
         The slow part runs here, in the caller's task, before the join is queued for the
         pipeline task: a resume's replay. It holds up this subscriber only; in the pipeline
         task it would hold up every topic's delivery."""
+        self._wanted.setdefault(topic, set()).add(member)
         try:
+            # Before the head is read: a doorbell sent after that read must reach us.
+            await self._source.want(topic)
             head = (await self._log.heads([topic]))[topic]
             prefetched = None
             if since is not None:
@@ -252,9 +292,16 @@ class Pipeline:
         return Prefetched(recovered, head.epoch, head.pos, early)
 
     def leave(self, topic: str, member: Member) -> None:
+        """``member`` no longer wants ``topic`` (also after a failed join; twice is harmless)."""
         self.hub.remove(topic, member)
         if not self.hub.has(topic):
             self._streams.pop(topic, None)
+        wanted = self._wanted.get(topic)
+        if wanted is not None:
+            wanted.discard(member)
+            if not wanted:
+                del self._wanted[topic]
+                self._source.drop(topic)
 
     def position(self, topic: str) -> Stream | None:
         return self._streams.get(topic)
@@ -334,6 +381,8 @@ class Pipeline:
         A doorbell from a pid other than the known relay's re-reads the relay's pid (at most
         once a second): after a lease change the new relay's first doorbell finds it. What
         still comes from another session is dropped unread: the log, not the claim, decides."""
+        if not self._source.verify_senders:
+            return [payload for payload, _ in doorbells], strangers
         now = time.monotonic()
         if (
             any(pid != self._relay_pid for _, pid in doorbells)

@@ -6,7 +6,8 @@ load writers wait on each other. Instead, the capture triggers only append to th
 relay finds events committed since it last looked, by the transaction ids they record, and NOTIFYs the
 usual doorbells (``{"v":1,"tb":..,"ev":[..]}``, ``{"v":1,"rg":[..]}``) on channel
 ``gateway`` from its own transaction, many events per notification. Every replica's listener
-and pipeline work exactly as before.
+and pipeline work exactly as before. With ``GATEWAY_BROKER`` the same doorbells go to
+NATS instead, cut per topic (an ``Outlet``: gateway/broker.py), and nothing is NOTIFYed.
 
 Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing
 transaction sends (once, however many rows it writes) when the relay is not polling, and then
@@ -47,6 +48,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable
+from typing import Protocol
 
 import asyncpg
 import msgspec
@@ -92,6 +94,14 @@ _NOTIFY = "SELECT count(pg_notify('gateway', p)) FROM unnest($1::text[]) AS p"
 Row = tuple[str, str | None, int, str, str | None, str | None, float]
 _decode_rows = msgspec.json.Decoder(list[Row]).decode
 _encode = msgspec.json.encode
+
+
+class Outlet(Protocol):
+    """Where the relay rings instead of ``NOTIFY gateway``: a broker (gateway/broker.py)."""
+
+    async def ring(self, rows: list[Row] | None) -> int:
+        """Publish the doorbells of ``rows`` (``None``: a sync); return the messages sent."""
+        ...
 
 
 def doorbells(rows: Iterable[Row]) -> list[str]:
@@ -171,8 +181,11 @@ class Relay:
         lease: float = 3.0,
         batch: int = 5000,
         max_delay: float = 10.0,
+        outlet: Outlet | None = None,
     ) -> None:
         self._dsn = dsn
+        # With a broker, doorbells go there and nothing is NOTIFYed on channel gateway.
+        self._outlet = outlet
         # Who holds the lease, for an operator reading gateway.relay: host, pid, and a random
         # part so a restarted process never renews its predecessor's lease.
         self.replica_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -325,16 +338,19 @@ class Relay:
         if not rows:
             self.polls += 1
             return 0
-        if len(rows) > self._batch:
+        too_many = len(rows) > self._batch
+        if too_many:
             log.warning(
                 "relay: more than %d events committed since the last poll: asking for a sync", self._batch
             )
-            payloads = ['{"v":1,"sync":true}']
+        if self._outlet is not None:
+            sent = await self._outlet.ring(None if too_many else rows)
         else:
-            payloads = doorbells(rows)
-        await conn.fetchval(_NOTIFY, payloads)
+            payloads = ['{"v":1,"sync":true}'] if too_many else doorbells(rows)
+            await conn.fetchval(_NOTIFY, payloads)
+            sent = len(payloads)
         # Counted once rung, so a poll counted has committed its doorbells (tests rely on it).
         self.polls += 1
-        self.notifications += len(payloads)
+        self.notifications += sent
         self.rung += len(rows)
         return len(rows)

@@ -34,6 +34,7 @@ from . import clientscript, metrics, status
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
+from .broker import Broker, require_client
 from .config import ConfigError, Settings, jwt_algorithms, mask_dsn, require_database_url
 from .eventlog import EventLog
 from .hub import Hub
@@ -62,10 +63,11 @@ BEARER_PREFIX = "bearer."
 
 @dataclass(frozen=True)
 class Background:
-    """What runs beside the requests, for /readyz, /metrics and tests: the doorbell source and
-    the relay (their tasks, and retention's, are in ``State.tasks``)."""
+    """What runs beside the requests, for /readyz, /metrics and tests: the doorbell source (the
+    LISTEN connection, or the broker with GATEWAY_BROKER) and the relay (their tasks, and
+    retention's, are in ``State.tasks``)."""
 
-    listener: Listener
+    listener: Listener | Broker
     relay: Relay
 
 
@@ -109,7 +111,7 @@ class State:
         return self.app[SESSIONS]
 
     @property
-    def listener(self) -> Listener:
+    def listener(self) -> Listener | Broker:
         return self.app[BACKGROUND].listener
 
     @property
@@ -122,6 +124,8 @@ STATE = web.AppKey("state", State)
 
 def build_app(settings: Settings) -> web.Application:
     require_database_url(settings)
+    if settings.broker:
+        require_client()
     app = web.Application()
     state = app[STATE] = State(settings, app)
     if settings.connect_rate > 0:
@@ -155,6 +159,8 @@ async def check(settings: Settings) -> None:
     schema, a listed table or column that is not there), so the error is printed once and
     no worker is started."""
     jwt_algorithms(settings)
+    if settings.broker:
+        require_client()
     pool = await _open_pool(settings, 1)
     try:
         await _checked_resolver(pool, settings)
@@ -259,15 +265,33 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """The listener (the pipeline's doorbell source), the relay and log retention."""
+    """The doorbell source (LISTEN, or the broker), the relay and log retention."""
     state, s, pool = app[STATE], app[STATE].settings, app[POOL]
-    listener = Listener(
-        s.database_url,
-        probe_interval=s.probe_interval,
-        probe_timeout=s.probe_timeout,
-        max_delay=s.reconnect_max_delay,
-    )
-    app[PIPELINE].consume(listener)
+    source: Listener | Broker
+    tasks = []
+    if s.broker:
+        # No LISTEN connection: the relay publishes to NATS, and this process receives the
+        # doorbells of the topics it serves only.
+        source = broker = Broker(
+            s.broker,
+            prefix=s.broker_subject_prefix,
+            creds=s.broker_creds,
+            tls_ca=s.broker_tls_ca,
+            tls_cert=s.broker_tls_cert,
+            tls_key=s.broker_tls_key,
+            check_interval=s.broker_check_interval,
+            tables=s.tables,
+        )
+        await broker.start()
+    else:
+        source = listener = Listener(
+            s.database_url,
+            probe_interval=s.probe_interval,
+            probe_timeout=s.probe_timeout,
+            max_delay=s.reconnect_max_delay,
+        )
+        tasks.append(_task(listener.run(), "listener"))
+    app[PIPELINE].consume(source)
     relay = Relay(
         s.database_url,
         poll_interval=s.relay_poll_interval,
@@ -275,24 +299,25 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         wake_rate=s.relay_wake_rate,
         lease=s.relay_lease,
         max_delay=s.reconnect_max_delay,
+        outlet=source if isinstance(source, Broker) else None,
     )
-    tasks = [
-        _task(listener.run(), "listener"),
+    tasks += [
         _task(relay.run(), "relay"),
         _task(_retention(s, EventLog(pool)), "retention"),
     ]
-    app[BACKGROUND] = Background(listener, relay)
+    app[BACKGROUND] = Background(source, relay)
     async with _tasks(state, tasks):
         log.info(
-            "gateway ready: tables %s",
+            "gateway ready: tables %s%s",
             ", ".join(t.entry.display for t in app[RESOLVER].tables.values()) or "(none)",
+            f"; doorbells through the broker at {source.where()}" if isinstance(source, Broker) else "",
         )
         try:
             yield
         finally:
             # Before their tasks are cancelled: the relay hands its lease over on the way out.
             await relay.stop()
-            await listener.stop()
+            await source.stop()
 
 
 def _task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -360,7 +385,9 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if state.draining:
         problems.append("draining")
-    if not state.listener.connected:
+    # A broker outage leaves a process ready: it delivers from the log every second meanwhile,
+    # and every replica leaving the load balancer at once would be the bigger outage.
+    if not state.listener.connected and not isinstance(state.listener, Broker):
         problems.append("listener not connected")
     problems.extend(f"{t.get_name()} task stopped" for t in state.tasks if t.done())
     try:

@@ -28,6 +28,7 @@ from typing import Protocol
 from aiohttp import web
 
 from . import metrics
+from .listener import Listener
 from .pgerrors import DB_ERRORS
 
 log = logging.getLogger("gateway.status")
@@ -112,6 +113,7 @@ class Snapshot:
     subscriptions: int
     topics: int
     listener_connected: bool
+    listener_kind: str  # where doorbells come from: "LISTEN", or "NATS" with GATEWAY_BROKER
     listener_reconnects: int
     last_doorbell: float | None  # seconds ago; None: none yet
     relay_role: str
@@ -159,6 +161,7 @@ async def snapshot(state: Source) -> Snapshot:
         subscriptions=pipeline.hub.subscription_count(),
         topics=len(pipeline.hub.topics()),
         listener_connected=listener.connected,
+        listener_kind="LISTEN" if isinstance(listener, Listener) else "NATS",
         listener_reconnects=listener.reconnects,
         last_doorbell=time.monotonic() - listener.last_notification if listener.last_notification else None,
         relay_role=role,
@@ -229,7 +232,7 @@ def render(s: Snapshot) -> str:
         (
             "listener",
             _state(s.listener_connected, "connected" if s.listener_connected else "disconnected")
-            + f", {s.listener_reconnects} reconnection(s)",
+            + f", {s.listener_reconnects} reconnection(s) ({s.listener_kind})",
         ),
         ("last doorbell", e(_ago(s.last_doorbell))),
         ("relay role", _state(s.relay_role != "not connected", s.relay_role) + f", {s.relay_polls} poll(s)"),

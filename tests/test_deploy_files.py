@@ -173,6 +173,10 @@ def test_gen_env_sample_check_flags_a_stale_file(tmp_path: Path) -> None:
 # --- Dockerfile --------------------------------------------------------------------------
 
 
+def dockerfile_text() -> str:
+    return (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined; heredoc bodies skipped."""
     out: list[tuple[str, str]] = []
@@ -198,6 +202,14 @@ def test_dockerfile_builds_the_image_the_brief_describes() -> None:
     assert args_of["ARG"] and "python:3.11-slim" in args_of["ARG"][0]
     runs = " ".join(args_of["RUN"])
     assert "-c requirements.lock" in runs and "--no-deps ." in runs
+    # The image can run with GATEWAY_BROKER: the requirements its heredoc writes include the
+    # nats extra (run here, against this pyproject.toml).
+    script = re.search(r"<<'PY' > /tmp/runtime-requirements.txt\n(.*?)\nPY\n", dockerfile_text(), re.S)
+    assert script is not None, "the Dockerfile no longer writes its requirements with a python heredoc"
+    written = subprocess.run(
+        [sys.executable, "-c", script.group(1)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert any(r.startswith("nats-py") for r in written) and any(r.startswith("asyncpg") for r in written)
     # The migrations are installed with the package, so the image needs no GATEWAY_SQL_DIR.
     copy_sql = ins.index(("COPY", "sql ./sql"))
     install = next(i for i, (w, a) in enumerate(ins) if w == "RUN" and "--no-deps ." in a)
@@ -657,3 +669,83 @@ def test_deploy_docs_name_only_files_that_exist() -> None:
     for path in paths - {"deploy/gateway.env"}:
         assert (ROOT / path).exists(), f"docs/deploy.md names {path}, which does not exist"
     assert "deploy/gateway.env.sample" in paths, "the page must point at the list of every setting"
+
+
+# --- NATS (optional fan-out engine) ----------------------------------------------------------
+
+K8S_NATS = K8S / "nats"
+
+
+def nats_manifests() -> list[tuple[Path, dict[str, Any]]]:
+    return [
+        (path, d)
+        for path in sorted(K8S_NATS.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for d in yaml_docs(path)
+    ]
+
+
+def nats_object(kind: str) -> dict[str, Any]:
+    found = [d for _, d in nats_manifests() if d["kind"] == kind]
+    assert len(found) == 1, f"expected exactly one {kind} in deploy/k8s/nats, found {len(found)}"
+    return found[0]
+
+
+def test_nats_kustomization_lists_every_manifest_and_names_no_namespace() -> None:
+    (kustomization,) = yaml_docs(K8S_NATS / "kustomization.yaml")
+    assert set(kustomization["resources"]) == {p.name for p in K8S_NATS.glob("*.yaml")} - {
+        "kustomization.yaml"
+    }
+    for path, d in nats_manifests():
+        assert "namespace" not in d["metadata"], f"{path.name} names a namespace"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_nats_manifests_match_the_api_schemas(version: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (PyPI) is not installed")
+    version = kv.latest_version() if version == "latest" else version
+    for path, d in nats_manifests():
+        try:
+            kv.validate(d, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"nats/{path.name} ({d['kind']}) is not valid for Kubernetes {version}: {exc}")
+
+
+def test_nats_cluster_is_three_nodes_routed_by_their_stable_names(tmp_path: Path) -> None:
+    sts = nats_object("StatefulSet")
+    service = nats_object("Service")
+    assert sts["spec"]["replicas"] == 3
+    assert (
+        sts["spec"]["serviceName"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    )
+    conf = nats_object("ConfigMap")["data"]["nats.conf"]
+    routes = re.findall(r"nats-route://([\w.-]+):6222", conf)
+    name = sts["metadata"]["name"]
+    assert routes == [f"{name}-{i}.{service['metadata']['name']}" for i in range(3)]
+    lame_duck = float(re.search(r"lame_duck_duration: (\d+)s", conf).group(1))  # type: ignore[union-attr]
+    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > lame_duck
+    # The gateway refuses a broker without credentials: the server requires them.
+    assert "password: $NATS_PASSWORD" in conf
+    # The configuration is one nats-server accepts (with the pod's environment).
+    binary = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")
+    if binary is None:
+        pytest.skip("nats-server is not installed (CI installs it: apt-get install -y nats-server)")
+    (tmp_path / "nats.conf").write_text(conf)
+    result = subprocess.run(
+        [binary, "-c", str(tmp_path / "nats.conf"), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"POD_NAME": "nats-0", "NATS_PASSWORD": "x"},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_nats_service_is_optional_and_requires_a_password() -> None:
+    (compose,) = yaml_docs(DEPLOY / "compose.yaml")
+    nats = compose["services"]["nats"]
+    assert nats["profiles"] == ["nats"]
+    assert "--user" in nats["command"] and "--pass" in nats["command"]
+    # The URL docs/deploy.md gives for compose is one the gateway accepts.
+    url = "nats://gateway:secret@nats:4222"
+    assert config.load({"GATEWAY_BROKER": url}).broker == (url,)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,29 @@ def test_the_page_has_a_summary_linking_every_section_and_rounded_numbers(tmp_pa
     assert min(heights) == 0 and max(heights) > 150, heights
     # 1,000 deliveries per commit: on a linear axis the commits would lie on zero.
     assert min(throughput_commit_heights(page, "fanout")) > 10
+
+
+@pytest.mark.timeout(300)
+def test_replicas_scenario_runs_both_engines_with_nothing_lost(tmp_path: Path) -> None:
+    """``python -m loadtest.replicas`` at tiny scale: PostgreSQL only, then NATS."""
+    if not (shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")):
+        pytest.skip("nats-server not found (Debian package nats-server; .ci/run installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+    tiny = ["--replicas", "2", "--clients", "8", "--seconds", "2", "--rate", "50"]
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.replicas", *tiny, "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = {r["engine"]: r for r in json.loads((tmp_path / "replicas.json").read_text())}
+    assert set(runs) == {"postgres", "nats"}
+    for r in runs.values():
+        assert r["lost"] == 0 and r["duplicated"] == 0 and r["commits"] > 0, r
+    # Without a broker every process hears every doorbell; with one, only its own topics'.
+    assert runs["nats"]["doorbells_per_process"] < runs["postgres"]["doorbells_per_process"], runs
+    # No LISTEN connection with a broker (the pools may differ by what they grew to).
+    assert runs["postgres"]["db_sessions"] > runs["nats"]["db_sessions"], runs

@@ -121,7 +121,7 @@ async def test_status_page_in_chromium_shows_counts_and_states_never_users_or_to
         text = await page.inner_text("body")
         assert "2 authenticated, 2 sockets open" in text
         assert "2 on 2 topic(s)" in text
-        assert "connected, 0 reconnection(s)" in text
+        assert "connected, 0 reconnection(s) (LISTEN)" in text
         relay_roles = {gw.state.relay.leader, other.state.relay.leader}
         assert relay_roles == {True, False}
         if gw.state.relay.leader:
