@@ -25,13 +25,16 @@ def binary() -> str | None:
 class NatsServer:
     """One nats-server; ``kill()`` is kill -9, ``start()`` again comes back on the same port."""
 
-    def __init__(self, log_path: Path, *, user: str = "", password: str = "") -> None:
+    def __init__(
+        self, log_path: Path, *, user: str = "", password: str = "", args: tuple[str, ...] = ()
+    ) -> None:
         path = binary()
         assert path is not None
         self.path = path
         self.port = free_port()
         self.log_path = log_path
         self.user, self.password = user, password
+        self.args = args  # more command-line options (TLS)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,6 +46,7 @@ class NatsServer:
         args = [self.path, "-a", "127.0.0.1", "-p", str(self.port), "-l", str(self.log_path)]
         if self.user:
             args += ["--user", self.user, "--pass", self.password]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -446,3 +447,73 @@ async def relay_pid_is(dsn: str, pid: int) -> bool:
 async def relay_pid_is_not(dsn: str, pid: int) -> bool:
     holder = await relay_holder_pid(dsn)
     return holder is not None and holder != pid
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, signed by it (openssl)."""
+    files = {
+        name: directory / name
+        for name in ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")
+    }
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
+            "-keyout", str(files["ca.key"]), "-out", str(files["ca.pem"]))  # fmt: skip
+    for who, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        csr = directory / f"{who}.csr"
+        ext = directory / f"{who}.ext"
+        ext.write_text(extra + "\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+                "-keyout", str(files[f"{who}.key"]), "-out", str(csr))  # fmt: skip
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(files["ca.pem"]), "-CAkey", str(files["ca.key"]),
+                "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(files[f"{who}.pem"]))  # fmt: skip
+    return files
+
+
+@needs_nats
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not found (Debian package openssl)")
+async def test_a_broker_over_mutual_tls_admits_a_trusted_client_only(items: str, tmp_path: Path) -> None:
+    certs = _certificates(tmp_path)
+    server = NatsServer(
+        tmp_path / "nats-tls.log",
+        args=(
+            "--tlsverify",
+            "--tlscert",
+            str(certs["server.pem"]),
+            "--tlskey",
+            str(certs["server.key"]),
+            "--tlscacert",
+            str(certs["ca.pem"]),
+        ),
+    ).start()
+    url = f"tls://127.0.0.1:{server.port}"
+    try:
+        # Without the client certificate the server refuses the handshake: the start says so.
+        anonymous = GatewayProcess(
+            items, tmp_path / "anonymous.log", tables=TABLES, broker=url, broker_tls_ca=str(certs["ca.pem"])
+        )
+        with pytest.raises(AssertionError, match="did not start"):
+            await anonymous.start()
+        assert "cannot connect to the broker" in anonymous.log_path.read_text()
+        async with running_gateway(
+            items,
+            tables=TABLES,
+            broker=url,
+            broker_tls_ca=str(certs["ca.pem"]),
+            broker_tls_cert=str(certs["client.pem"]),
+            broker_tls_key=str(certs["client.key"]),
+        ) as gw:
+            c = await gw.connect("1")
+            ack = await c.subscribe(TOPIC)
+            conn = await pg_connect(items)
+            try:
+                await conn.execute("INSERT INTO items (owner_id, title) VALUES (1, 'over tls')")
+            finally:
+                await conn.close()
+            (e,) = await c.events(1, timeout=5)
+            assert e["pos"] == ack["pos"] + 1 and e["row"]["title"] == "over tls"
+            await c.close()
+    finally:
+        server.stop()
