@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from . import clientscript, metrics, status
+from . import __version__, clientscript, metrics, status
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
@@ -346,7 +346,8 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    # The version lets a rolling deploy be watched replica by replica (docs/release.md).
+    return web.json_response({"ok": True, "version": __version__})
 
 
 async def readyz(request: web.Request) -> web.Response:
