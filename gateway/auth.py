@@ -28,7 +28,9 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -47,6 +49,10 @@ log = logging.getLogger(__name__)
 # Longest token accepted; bigger input is rejected before any parsing work.
 MAX_TOKEN_CHARS = 16384
 MAX_USER_CHARS = 200
+# The latest time a token's exp, nbf or iat may name: 9999-12-31T23:59:59Z. A number beyond it
+# is no time an issuer means (2^63, 1e300), and a float that large has lost its seconds.
+MAX_NUMERIC_DATE = 253402300799
+TIME_CLAIMS = ("exp", "nbf", "iat")
 # The JWKS fetch: deadline, largest document read, and the age after which cached keys
 # are refreshed in the background (so a withdrawn key stops working within this time).
 JWKS_TIMEOUT = 5.0
@@ -78,6 +84,7 @@ class TokenError(Exception):
             "unknown_key",
             "algorithm_not_allowed",
             "no_user",
+            "bad_grant",
         }
     )
 
@@ -140,6 +147,21 @@ def _parse_jwks(doc: Any) -> dict[str | None, _Jwk]:
     return keys
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, for an error message that does not repeat the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "a number"
+
+
 def _unverified_header(token: str) -> dict[str, Any]:
     """The token's header, to pick the key. Only a hint: PyJWT parses the token again.
 
@@ -169,6 +191,8 @@ class Authenticator:
         self._audience = settings.jwt_audience or None
         self._issuer = settings.jwt_issuer or None
         self._leeway = settings.jwt_leeway
+        self._max_lifetime = settings.max_token_lifetime
+        self._topics_claim = settings.jwt_topics_claim
         require = ["exp"]
         if self._audience:
             require.append("aud")
@@ -182,6 +206,11 @@ class Authenticator:
             "verify_iss": bool(self._issuer),
             # The user claim is checked below (it may be an integer; PyJWT wants sub as text).
             "verify_sub": False,
+            # exp, nbf and iat are checked below: PyJWT reads them with int(), which takes the
+            # string "9999999999" and any huge number (a token that never expires).
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
             # A JWKS key below PyJWT's minimum (RSA < 2048 bits) is refused instead of
             # accepted with a warning on every verification.
             "enforce_minimum_key_length": True,
@@ -239,11 +268,69 @@ class Authenticator:
         else:
             key = await self._public_key(header.get("kid"), alg)
         payload = self._decode(token, key, alg)
+        now = time.time()
+        exp = self._times(payload, now)
+        user = self._user(payload)
+        self._check_grants(payload.get(self._topics_claim))
         return Identity(
-            user=self._user(payload),
+            user=user,
             claims=MappingProxyType(payload),
-            expires=float(payload["exp"]),
+            # However far away the token's exp is, a connection is only trusted for
+            # GATEWAY_MAX_TOKEN_LIFETIME from this verification on; a refresh starts a new period.
+            expires=min(exp, now + self._max_lifetime),
         )
+
+    def _times(self, payload: dict[str, Any], now: float) -> float:
+        """Check exp, nbf and iat (signature already verified); returns exp.
+
+        RFC 7519 makes them NumericDates: JSON numbers of seconds since 1970, fractions allowed.
+        A string, a boolean or a number past MAX_NUMERIC_DATE is refused rather than read as
+        some time: an issuer that writes one has a bug, and guessing could mean "never expires".
+        """
+        for claim in TIME_CLAIMS:
+            if claim not in payload:
+                continue
+            value = payload[claim]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TokenError(
+                    "malformed",
+                    f"the token's {claim} must be a number of seconds since 1970 (RFC 7519 NumericDate), "
+                    f"not {_json_kind(value)}",
+                )
+            if not (math.isfinite(value) and 0 <= value <= MAX_NUMERIC_DATE):
+                raise TokenError(
+                    "malformed",
+                    f"the token's {claim} is not a time: it must be between 0 and {MAX_NUMERIC_DATE} "
+                    "(9999-12-31) seconds since 1970",
+                )
+        exp = float(payload["exp"])  # required: PyJWT refused a token without it
+        if exp <= now - self._leeway:
+            raise TokenError("expired", "the token has expired")
+        for claim in ("nbf", "iat"):
+            if claim in payload and payload[claim] > now + self._leeway:
+                raise TokenError(
+                    "not_yet_valid", f"the token is not valid yet (its {claim} is in the future)"
+                )
+        return exp
+
+    def _check_grants(self, grants: Any) -> None:
+        """Refuse a token whose topics claim holds a pattern over users' private topics.
+
+        ``user:alice*`` covers ``user:alice2`` and ``user:*`` every user's own topic: such a
+        grant is almost certainly an issuer's mistake, and silently ignoring it would hide that
+        mistake while honouring it would leak private topics. Exact ``user:<id>`` grants stay
+        allowed (an issuer may deliberately share one user's topic with another).
+        """
+        if not isinstance(grants, list):
+            return  # authz reports a claim that is not a list, and grants nothing from it
+        for grant in grants:
+            if isinstance(grant, str) and grant.startswith("user:") and "*" in grant:
+                # Short enough for a close frame's reason (123 bytes) after "bad token: ".
+                raise TokenError(
+                    "bad_grant",
+                    f"the {self._topics_claim} claim grants {grant[:40]!r}: a pattern over user: topics "
+                    "covers other users' private topics",
+                )
 
     def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
         try:
@@ -256,13 +343,6 @@ class Authenticator:
                 issuer=self._issuer,
                 leeway=self._leeway,
             )
-        except jwt.ExpiredSignatureError:
-            raise TokenError("expired", "the token has expired") from None
-        except jwt.ImmatureSignatureError as exc:
-            which = "iat" if "iat" in str(exc) else "nbf"
-            raise TokenError(
-                "not_yet_valid", f"the token is not valid yet (its {which} is in the future)"
-            ) from None
         except jwt.InvalidSignatureError:
             raise TokenError("bad_signature", "the token's signature does not verify") from None
         except jwt.InvalidAudienceError:
@@ -300,7 +380,22 @@ class Authenticator:
             raise TokenError("no_user", f"the token's {claim} is longer than {MAX_USER_CHARS} characters")
         if not value.isprintable():
             # Control characters in a user id would end up in logs and presence lists.
-            raise TokenError("no_user", f"the token's {claim} contains control characters")
+            raise TokenError(
+                "no_user",
+                f"the token's {claim} contains control characters or spaces other than U+0020",
+            )
+        if value.strip() != value:
+            # "alice " would be a second user that looks like alice in every log and presence
+            # list; no identity provider means it.
+            raise TokenError("no_user", f"the token's {claim} starts or ends with a space")
+        if not unicodedata.is_normalized("NFC", value):
+            # "é" as one code point and as "e" plus a combining accent look the same but are
+            # different strings, so different users. Refused rather than normalised: the
+            # gateway's user id must equal the application's own (in `user:<id>` topics, the
+            # SQL authorization function, presence), and silently changing it would break that.
+            raise TokenError(
+                "no_user", f"the token's {claim} is not in Unicode normal form NFC; issue NFC user ids"
+            )
         return value
 
     # --- JWKS -----------------------------------------------------------------------

@@ -64,7 +64,8 @@ def topic_matches(pattern: str, topic: str) -> bool:
     """Whether a grant covers a topic: equal, or ``kind:prefix*`` and the topic starts with ``kind:prefix``.
 
     The wildcard is only allowed after the ``kind:`` part, so ``room:*`` never covers
-    ``roomx:7`` and a bare ``*`` (every topic, every user's private one included) grants nothing.
+    ``roomx:7`` and a bare ``*`` (every topic, every user's private one included) grants nothing;
+    nor does a pattern over the ``user:`` kind (``user:alice*`` covers ``user:alice2``).
     """
     if pattern == topic:
         return True
@@ -74,6 +75,11 @@ def topic_matches(pattern: str, topic: str) -> bool:
     kind, sep, _ = prefix.partition(":")
     if not pattern.endswith("*") or not sep or not kind or "*" in prefix:
         _report_bad_grant(pattern, "a wildcard must follow kind:, as in room:*")
+        return False
+    if kind == "user":
+        # Would cover other users' private topics. Authenticator.verify refuses such tokens;
+        # this keeps an Identity made any other way from honouring one.
+        _report_bad_grant(pattern, "patterns over user: topics are never honoured")
         return False
     return len(topic) > len(prefix) and topic.startswith(prefix)
 

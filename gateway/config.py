@@ -293,6 +293,15 @@ class Settings:
         parse_duration,
         minimum=0,
     )
+    max_token_lifetime: float = _setting(
+        86400.0,
+        "a token's exp counts as at most this long after the token was verified, whatever it says: "
+        "the connection is then closed (4005, after GATEWAY_JWT_LEEWAY and GATEWAY_EXPIRY_GRACE) "
+        "unless the client sent refresh, and each refresh starts a new period. Bounds how long a "
+        "token minted with an exp far away keeps a connection open",
+        parse_duration,
+        minimum=1,
+    )
     authz_function: str = _setting(
         "gateway.authorize",
         "SQL function (user_id text, topic text, claims jsonb) -> boolean deciding topics not granted by "
@@ -329,7 +338,8 @@ class Settings:
     send_queue_bytes: int = _setting(
         1 << 20,
         "bytes queued to one client before it is cut off as a slow consumer; a resume whose "
-        "replay is more than half of it gets recovered=false",
+        "replay is more than half of it gets recovered=false. The kernel's send buffer of the "
+        "client's socket holds at most about 320 KiB more (SO_SNDBUF)",
         parse_int,
         minimum=1024,
     )
@@ -344,7 +354,7 @@ class Settings:
         10.0, "cap of the listener's reconnect backoff", parse_duration, minimum=0.1
     )
     batch_max: int = _setting(1000, "notifications resolved together in one batch", parse_int, minimum=1)
-    # Relay (sql/003, gateway/relay.py): one replica rings the doorbells of committed events
+    # Relay (sql/102_relay.sql, gateway/relay.py): one replica rings the doorbells of committed events
     relay_poll_interval: float = _setting(
         0.005,
         "how often the relay reads new events while writes are frequent (writers then send no NOTIFY); "

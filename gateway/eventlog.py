@@ -1,7 +1,8 @@
 """Reads of the event log (``gateway.events``, ``gateway.topics``) and its retention.
 
-The log is written only by the capture trigger and ``gateway.emit`` (sql/001). Here the
-gateway reads topic heads, ranges of positions, replay windows, and prunes old events.
+The log is written only by the capture trigger and ``gateway.emit`` (sql/101_capture.sql,
+sql/100_event_log.sql). Here the gateway reads topic heads, ranges of positions, replay
+windows, and prunes old events.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class EventLog:
 
     async def heads(self, topics: list[str]) -> dict[str, Head]:
         """Epoch and last position of each topic; (its first epoch, 0) for a topic never written
-        to, which has no row (sql/009_first_epoch.sql): reading a head never writes or waits."""
+        to, which has no row (sql/100_event_log.sql): reading a head never writes or waits."""
         self.head_reads += 1
         async with self._pool.acquire() as conn:
             rows = await conn.fetch("SELECT topic, epoch, pos FROM gateway.heads($1::text[])", topics)
@@ -105,7 +106,7 @@ class EventLog:
         Deletes go in batches so no statement holds locks or bloats WAL for long.
 
         By age, the log is walked from its oldest transaction id up and the walk stops at the
-        first batch holding an event still inside the window (sql/006_no_age_index.sql): an
+        first batch holding an event still inside the window (sql/100_event_log.sql): an
         event is pruned once it and every event of a lower transaction id are past ``max_age``.
         """
         deleted = 0
@@ -115,7 +116,6 @@ class EventLog:
             try:
                 for sql, arg in (
                     (_PRUNE_OLD, max_age),
-                    (_PRUNE_OLD_UNTRACKED, max_age),
                     (_PRUNE_MANY, max_events),
                 ):
                     while True:
@@ -133,14 +133,8 @@ class EventLog:
 # seconds. Fewer than $2 deleted means a younger event was among them: the walk stops there.
 _PRUNE_OLD = (
     "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
-    "SELECT o.ctid FROM (SELECT ctid, created_at FROM gateway.events WHERE xid IS NOT NULL ORDER BY xid LIMIT $2) AS o "
+    "SELECT o.ctid FROM (SELECT ctid, created_at FROM gateway.events ORDER BY xid LIMIT $2) AS o "
     "WHERE o.created_at < now() - make_interval(secs => $1)))"
-)
-# Events written before sql/003 recorded transaction ids.
-_PRUNE_OLD_UNTRACKED = (
-    "DELETE FROM gateway.events WHERE ctid = ANY(ARRAY("
-    "SELECT ctid FROM gateway.events WHERE xid IS NULL AND created_at < now() - make_interval(secs => $1) "
-    "LIMIT $2))"
 )
 # Each topic's events more than $1 positions behind its head.
 _PRUNE_MANY = (

@@ -1,5 +1,9 @@
 """Numbered SQL migrations: ``sql/NNN_name.sql``, applied in version order.
 
+- The baseline, files 100 to 104, is the schema's first version (sql/README.md); releases add
+  migrations after it. Versions below 100 belonged to the pre-release chain of migrations
+  (001 to 017): a database that recorded any of them was built by it and is refused, with the
+  way to start over (:func:`prerelease_problem`), by ``gateway migrate`` and ``gateway serve``.
 - Applied migrations are recorded in ``gateway.migrations`` (version, name, checksum, applied_at).
 - Everything happens under a session advisory lock on a fixed key, so replicas starting
   together cannot both apply a migration: the second waits, then finds it applied.
@@ -43,6 +47,9 @@ LOCK_KEY = 0x67775F6D69677261
 SQL_DIR_ENV = "GATEWAY_SQL_DIR"
 _FILE_NAME = re.compile(r"^(?P<version>\d+)_(?P<slug>[A-Za-z0-9][A-Za-z0-9_.-]*)\.sql$")
 _CONNECT_TIMEOUT = 10.0
+# The version of the baseline's first file; every version below belonged to the pre-release
+# chain, so that a database it built is never taken for one at the baseline.
+BASELINE_VERSION = 100
 
 _CREATE_TABLE = """
 CREATE SCHEMA IF NOT EXISTS gateway;
@@ -62,7 +69,7 @@ class MigrationError(RuntimeError):
 @dataclass(frozen=True)
 class Migration:
     version: int
-    name: str  # the file name, e.g. 001_event_log.sql
+    name: str  # the file name, e.g. 100_event_log.sql
     path: Path
     sql: str
     checksum: str  # sha256 of the file's bytes
@@ -105,8 +112,9 @@ def installed_sql_dir() -> Path:
 def load_migrations(directory: Path | None = None) -> list[Migration]:
     """The migrations of ``directory`` (default :func:`sql_dir`) in version order.
 
-    Every ``*.sql`` file must be named ``NNN_name.sql`` and versions must be unique; other
-    files (README.md, ...) are ignored.
+    Every ``*.sql`` file must be named ``NNN_name.sql``, with a version of at least
+    :data:`BASELINE_VERSION`, and versions must be unique; other files (README.md, ...) are
+    ignored.
     """
     directory = sql_dir() if directory is None else directory
     if not directory.is_dir():
@@ -119,6 +127,12 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
                 f"{path}: migration files must be named NNN_name.sql (a number, an underscore, a name)"
             )
         version = int(m.group("version"))
+        if version < BASELINE_VERSION:
+            raise MigrationError(
+                f"{path}: version {version} is below {BASELINE_VERSION}, the baseline's first; the "
+                "numbers below belonged to the pre-release migrations: number a new migration after "
+                "the last one (sql/README.md)"
+            )
         if version > 2**31 - 1:
             raise MigrationError(f"{path}: version {version} is too large (at most {2**31 - 1})")
         if version in by_version:
@@ -183,6 +197,38 @@ async def _recorded(conn: asyncpg.Connection) -> dict[int, asyncpg.Record]:
     return {r["version"]: r for r in rows}
 
 
+def _prerelease_message(where: str, versions: Sequence[int]) -> str:
+    shown = ", ".join(map(str, versions[:5])) + (", ..." if len(versions) > 5 else "")
+    return (
+        f"{where} was set up by a pre-release version of the gateway: gateway.migrations records "
+        f"migrations numbered below {BASELINE_VERSION} ({shown}), which this version no longer has, and "
+        "that schema cannot be upgraded in place. Start over: drop the gateway's schema with "
+        "`DROP SCHEMA gateway CASCADE` (this deletes the event log, presence and the capture triggers "
+        "of your published tables, and anything of yours that uses them; your tables and their rows "
+        "stay), or use a new database; then run `gateway migrate` and call gateway.publish() again "
+        "for each table. Clients resuming from before are told their history was not recovered."
+    )
+
+
+async def prerelease_problem(conn: asyncpg.Connection | asyncpg.Pool, where: str) -> str | None:
+    """Why the database cannot be used as it is, if the pre-release chain of migrations built
+    it (``where`` names it in the message, which says how to start over); else None.
+
+    Read from gateway.migrations; a role that may not read it is not checked (nor is a schema
+    applied by hand, without it).
+    """
+    readable = await conn.fetchval(
+        "SELECT CASE WHEN to_regclass('gateway.migrations') IS NULL THEN false "
+        "ELSE has_table_privilege(to_regclass('gateway.migrations'), 'SELECT') END"
+    )
+    if not readable:
+        return None
+    rows = await conn.fetch(
+        "SELECT version FROM gateway.migrations WHERE version < $1 ORDER BY version", BASELINE_VERSION
+    )
+    return _prerelease_message(where, [r["version"] for r in rows]) if rows else None
+
+
 def _compare(migrations: Sequence[Migration], recorded: dict[int, asyncpg.Record]) -> list[MigrationStatus]:
     result: list[MigrationStatus] = []
     files = {m.version: m for m in migrations}
@@ -235,6 +281,9 @@ async def migrate(dsn: str, *, directory: Path | None = None) -> list[str]:
         except asyncpg.PostgresError as e:
             raise MigrationError(f"cannot create gateway.migrations in {mask_dsn(dsn)}: {e}") from e
         recorded = await _recorded(conn)
+        old = sorted(v for v in recorded if v < BASELINE_VERSION)
+        if old:
+            raise MigrationError(_prerelease_message(mask_dsn(dsn), old))
         for s in _compare(migrations, recorded):
             if s.state == "changed":
                 log.warning(
@@ -264,6 +313,9 @@ async def status(dsn: str, *, directory: Path | None = None) -> list[MigrationSt
         recorded = await _recorded(conn) if exists else {}
     finally:
         await _close(conn)
+    old = sorted(v for v in recorded if v < BASELINE_VERSION)
+    if old:
+        raise MigrationError(_prerelease_message(mask_dsn(dsn), old))
     return _compare(migrations, recorded)
 
 

@@ -1,6 +1,6 @@
 """Presence: who is online, across every replica, with no ghosts after a crash.
 
-The state lives in PostgreSQL (sql/002_presence.sql); this module feeds it and reads it:
+The state lives in PostgreSQL (sql/103_presence.sql); this module feeds it and reads it:
 
 * ``connected`` / ``disconnected`` / ``set_status`` never touch the database themselves:
   they record the connection's new state and wake one writer task, which sends every
@@ -157,7 +157,7 @@ class Presence:
             ok = True  # cannot tell; the writer keeps trying to register
         if not ok:
             raise ConfigError(
-                "the database has no presence tables (sql/002_presence.sql): run `gateway migrate`"
+                "the database has no presence tables (sql/103_presence.sql): run `gateway migrate`"
             )
         await self._sync()
         self._tasks = [

@@ -129,7 +129,7 @@ class Event(msgspec.Struct, tag="event", omit_defaults=True):
     row: msgspec.Raw | None = None
     data: msgspec.Raw | None = None
     # Unix seconds when the writing transaction *began* (gateway.events.created_at defaults to
-    # now(), sql/001), not when it committed: PostgreSQL records no commit time unless
+    # now(), sql/100_event_log.sql), not when it committed: PostgreSQL records no commit time unless
     # track_commit_timestamp is on. An event listed in a row doorbell carries the doorbell's
     # ts instead: the start of the newest transaction listed with it (relay.doorbells()).
     ts: float | None = None
@@ -153,7 +153,7 @@ def validate_topic(topic: str) -> str | None:
     """None if ``topic`` is a valid topic name, else a sentence saying what is wrong.
 
     gateway.emit() refuses the same topics with gateway.invalid_topic_reason()
-    (sql/008_publish_names.sql): change both together (tests/test_sql_names.py compares them).
+    (sql/100_event_log.sql): change both together (tests/test_sql_names.py compares them).
     """
     if not isinstance(topic, str):
         return "the topic must be a string"

@@ -1,4 +1,4 @@
-"""The relay: one replica at a time rings the doorbells of committed events (sql/003).
+"""The relay: one replica at a time rings the doorbells of committed events (sql/102_relay.sql).
 
 Why: a writer that NOTIFYs inside its own transaction makes PostgreSQL serialize its commit
 with every other notifying commit (a cluster-wide lock held across the WAL flush), so under
@@ -67,7 +67,7 @@ PAYLOAD_MAX = 7000
 STRETCH_RATE = 1000.0
 MAX_STRETCH = 4.0
 
-# Free when it ran out, or when its holder's session is gone (sql/005_relay_takeover.sql).
+# Free when it ran out, or when its holder's session is gone (sql/102_relay.sql).
 _TAKE_LEASE = """
 UPDATE gateway.relay AS r
 SET holder = $1, lease_until = now() + make_interval(secs => $2), backend_pid = pg_backend_pid(),
@@ -82,7 +82,7 @@ WHERE holder = $1 AND lease_until > now()
 RETURNING 1
 """
 _RELEASE_LEASE = "UPDATE gateway.relay SET lease_until = '-infinity' WHERE holder = $1"
-# The snapshot now and the events of transactions committed since $1 (sql/004_lean_capture.sql).
+# The snapshot now and the events of transactions committed since $1 (sql/102_relay.sql).
 _POLL = "SELECT snapshot, events FROM gateway.relay_poll($1, $2)"
 _OWN_XID = "SELECT pg_current_xact_id()::text::bigint"
 _SET_FLAG = "SELECT setval('gateway.relay_awake_until', $1)"

@@ -32,7 +32,7 @@ log = logging.getLogger("gateway.resolver")
 UNREADABLE_RETRY = 30.0
 _TABLE_ERRORS = (asyncpg.SyntaxOrAccessError, asyncpg.DataError)
 
-# Tables and their names as the capture triggers write them in events (sql/008, publish()).
+# Tables and their names as the capture triggers write them in events (sql/101_capture.sql, publish()).
 _PUBLISHED = (
     "SELECT c.oid, n.nspname, c.relname FROM gateway.published p "
     "JOIN pg_class c ON c.oid = p.tbl JOIN pg_namespace n ON n.oid = c.relnamespace"

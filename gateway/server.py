@@ -39,7 +39,8 @@ from .eventlog import EventLog
 from .hub import Hub
 from .listener import Listener
 from .logsetup import QUIET_BAD_REQUESTS, REDACT_BEARER
-from .pgerrors import DB_ERRORS
+from .migrate import prerelease_problem
+from .pgerrors import DB_ERRORS, PoolConnectWatch
 from .pipeline import Pipeline
 from .presence import Presence
 from .ratelimit import TokenBucket
@@ -47,6 +48,7 @@ from .relay import Relay
 from .resolver import Resolver
 from .session import Registry, Session, SessionContext
 from .tables import parse_tables
+from .websocket import GatewayWebSocketResponse
 
 log = logging.getLogger("gateway.server")
 # aiohttp's WebSocket handshake logs the subprotocols a client offered (a bearer.<token>).
@@ -183,6 +185,7 @@ async def _open_pool(s: Settings, size: int) -> asyncpg.Pool:
             timeout=10,
             command_timeout=s.db_timeout,
             reset=_keep_session,
+            connect=PoolConnectWatch(),
         )
     except _CONNECT_ERRORS as exc:
         raise ConfigError(f"cannot connect to the database at {mask_dsn(s.database_url)}: {exc}") from None
@@ -195,6 +198,9 @@ async def _checked_resolver(pool: asyncpg.Pool, s: Settings) -> Resolver:
     missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
     if missing:
         raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
+    problem = await prerelease_problem(pool, f"the database at {mask_dsn(s.database_url)}")
+    if problem:
+        raise ConfigError(problem)
     resolver = Resolver(pool, parse_tables(s.tables))
     await resolver.check()
     return resolver
@@ -405,7 +411,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     s = state.settings
     ctx = state.ctx
-    ws = web.WebSocketResponse(
+    ws = GatewayWebSocketResponse(
         protocols=(SUBPROTOCOL,),
         compress=s.compression,
         # aiohttp refuses frames of max_msg_size bytes or more; the setting is the largest accepted.

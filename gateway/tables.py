@@ -69,7 +69,7 @@ class TableEntry:
 
     @property
     def event_name(self) -> str:
-        """How the capture triggers name the table in events (sql/008, publish():
+        """How the capture triggers name the table in events (sql/101_capture.sql, publish():
         ``format('%s.%s', nspname, relname)``, unquoted): what clients see as ``table``."""
         return f"{self.schema}.{self.table}"
 

@@ -457,7 +457,7 @@ class Runner:
 
     async def writer_cost(self, pgbench: str | None) -> dict[str, Any]:
         """Measured with a gateway running, as in production: its relay is what spares
-        writers the NOTIFY under load (sql/003), and its CPU counts against the writers'."""
+        writers the NOTIFY under load (sql/102_relay.sql), and its CPU counts against the writers'."""
         p = self.plan
         gw = self._gateway("writer-cost")
         self.progress("[writer_cost] starting gateway")

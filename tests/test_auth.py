@@ -212,6 +212,93 @@ async def test_exp_required(hs: Authenticator) -> None:
     assert info.value.reason == "malformed"
 
 
+def signed(payload_json: str, secret: str = SECRET) -> str:
+    """An HS256 token over exactly this payload text (numbers JSON libraries would not write)."""
+    signing_input = _b64(b'{"alg":"HS256","typ":"JWT"}') + "." + _b64(payload_json.encode())
+    sig = _b64(hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest())
+    return f"{signing_input}.{sig}"
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize(
+    "value",
+    ['"9999999999"', '"1700000000"', "true", "null", "[1]", "{}", "1e300", str(2**63), "-1", "NaN", "Infinity"],
+    ids=["string-far", "string-past", "bool", "null", "list", "object", "1e300", "2^63", "negative", "nan", "inf"],
+)  # fmt: skip
+async def test_time_claims_must_be_sane_numbers(hs: Authenticator, claim: str, value: str) -> None:
+    """A correctly signed token whose exp/nbf/iat is no NumericDate is refused, with a sentence
+    naming the claim: PyJWT alone reads them with int(), so "9999999999" or 1e300 for exp
+    gave a connection that never expires."""
+    now = int(time.time())
+    fields = {"sub": '"alice"', "iat": str(now), "exp": str(now + 300), claim: value}
+    token = signed("{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}")
+    with pytest.raises(TokenError, match=claim) as info:
+        await hs.verify(token)
+    assert info.value.reason == "malformed"
+    assert "9999999999" not in str(info.value)
+
+
+async def test_time_claims_may_be_fractional(hs: Authenticator) -> None:
+    now = time.time()  # RFC 7519: a NumericDate may have a fraction
+    identity = await hs.verify(
+        signed(f'{{"sub":"alice","iat":{now - 1.5},"nbf":{now - 1.5},"exp":{now + 60.25}}}')
+    )
+    assert identity.expires == pytest.approx(now + 60.25)
+
+
+async def test_exp_counts_at_most_the_max_token_lifetime() -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET, max_token_lifetime=60))
+    far = int(time.time()) + 10 * 365 * 86400
+    before = time.time()
+    identity = await auth.verify(jwt.encode(claims(exp=far), SECRET, algorithm="HS256"))
+    assert before + 60 <= identity.expires <= time.time() + 60
+    # A token expiring sooner than the cap keeps its own exp.
+    soon = int(time.time()) + 30
+    assert (await auth.verify(jwt.encode(claims(exp=soon), SECRET))).expires == soon
+    # The default cap is a day.
+    assert Settings().max_token_lifetime == 86400
+    default = Authenticator(Settings(jwt_secret=SECRET))
+    assert (await default.verify(jwt.encode(claims(exp=far), SECRET))).expires <= time.time() + 86400
+
+
+@pytest.mark.parametrize("grant", ["user:*", "user:alice*", "user:a*"])
+async def test_patterns_over_user_topics_are_refused(hs: Authenticator, grant: str) -> None:
+    """user:alice* covers user:alice2, user:* every user's private topic: a token granting
+    one is refused outright (HTTP 401 / close 4001), naming the grant."""
+    token = jwt.encode(claims(topics=["room:1", grant]), SECRET, algorithm="HS256")
+    with pytest.raises(TokenError, match=r"pattern over user: topics") as info:
+        await hs.verify(token)
+    assert info.value.reason == "bad_grant" and grant in str(info.value)
+    # Exact user topics and patterns over other kinds stay allowed.
+    ok = jwt.encode(claims(topics=["user:bob", "room:*", "doc:team-1-*"]), SECRET, algorithm="HS256")
+    assert (await hs.verify(ok)).user == "alice"
+
+
+async def test_user_topic_patterns_follow_the_topics_claim_setting() -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET, jwt_topics_claim="grants"))
+    assert await reason(auth, jwt.encode(claims(grants=["user:*"]), SECRET)) == "bad_grant"
+    assert (await auth.verify(jwt.encode(claims(topics=["user:*"]), SECRET))).user == "alice"
+
+
+@pytest.mark.parametrize(
+    "sub",
+    ["alice ", " alice", "alice\u00a0", "cafe\u0301"],
+    ids=["trailing-space", "leading-space", "no-break-space", "not-nfc"],
+)
+async def test_user_ids_that_only_look_like_another_are_refused(hs: Authenticator, sub: str) -> None:
+    assert await reason(hs, jwt.encode(claims(sub=sub), SECRET, algorithm="HS256")) == "no_user"
+
+
+@pytest.mark.parametrize(
+    "sub", ["alice", "Alice Smith", "caf\u00e9", "\u0430lice", "\u7528\u6237-7", "42"],
+    ids=["ascii", "inner-space", "nfc-accent", "cyrillic-a", "cjk", "digits"],
+)  # fmt: skip
+async def test_user_ids_accepted_as_the_issuer_wrote_them(hs: Authenticator, sub: str) -> None:
+    """NFC text without outer spaces is taken as is, other scripts and mixed scripts included
+    (docs/security.md says why look-alikes are not refused)."""
+    assert (await hs.verify(jwt.encode(claims(sub=sub), SECRET, algorithm="HS256"))).user == sub
+
+
 @pytest.mark.parametrize("claim", ["nbf", "iat"])
 async def test_not_yet_valid(hs: Authenticator, claim: str) -> None:
     token = jwt.encode(claims(**{claim: int(time.time()) + 3600}), SECRET, algorithm="HS256")

@@ -104,8 +104,12 @@ def test_topic_patterns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptu
         assert not topic_matches("*", "room:7")
         assert not topic_matches("room*", "roomx:7")
         assert not topic_matches("*:7", "room:7")
+        # Other users' private topics: the token is refused when verified; never honoured here.
+        assert not topic_matches("user:*", "user:bob")
+        assert not topic_matches("user:alice*", "user:alice2")
+    assert topic_matches("user:bob", "user:bob"), "an exact user: grant is the issuer's choice"
     reported = [r.getMessage() for r in caplog.records if "ignoring topic grant" in r.getMessage()]
-    assert len(reported) == 3, reported
+    assert len(reported) == 5, reported
 
 
 # --- own topic and token grants -----------------------------------------------------

@@ -279,7 +279,7 @@ async def test_a_statement_after_a_merge_still_locks_its_topics_before_its_first
     # insert, update and delete triggers shared one counter, so a MERGE whose kinds of rows
     # interleave could leave it above zero, and the next statement of the transaction took
     # its first rows for the rest of the MERGE: they took their topics' locks in row order,
-    # before the sorted locking, which can deadlock (fixed in sql/016).
+    # before the sorted locking, which can deadlock (each trigger now has its own, sql/101_capture.sql).
     await items(db)
     await db.execute("INSERT INTO items SELECT g, g, 'x' FROM generate_series(1, 4) AS g")
     # lock_topics, logging how many events the transaction had logged when it was called.
@@ -309,9 +309,9 @@ async def test_a_statement_after_a_merge_still_locks_its_topics_before_its_first
 async def test_the_topic_expression_keeps_the_names_it_had_when_published(
     dsn: str, db: asyncpg.Connection
 ) -> None:
-    # The topic function's names were looked up in each writer's search_path (fixed in
-    # sql/017): a writer without the schema failed, one with a function of the same name
-    # earlier in its path computed another topic.
+    # The topic function's names were once looked up in each writer's search_path (now bound
+    # when publish() runs, sql/101_capture.sql): a writer without the schema failed, one with a
+    # function of the same name earlier in its path computed another topic.
     await db.execute(
         "CREATE SCHEMA app; CREATE SCHEMA evil;"
         "CREATE FUNCTION app.org_of(team int) RETURNS text LANGUAGE sql AS $$SELECT 'acme' || team$$;"

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +25,8 @@ import pytest
 import yaml
 
 from gateway import config
+
+from .gwtest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -354,6 +357,124 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
         (DEPLOY / "nginx.conf").read_text(encoding="utf-8").replace("proxy_read_timeout", "read_timeout")
     )
     assert nginx_check(broken, tmp_path).returncode != 0, "nginx -t did not catch a typo"
+
+
+class _Backend(http.server.BaseHTTPRequestHandler):
+    """Stands in for a replica: every path answers 200 (/readyz included, for HAProxy's check)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def backend() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+SECRET_MARK = "s3cr3t-t0ken-in-the-url"
+
+
+def _requests_with_a_token_in_the_url(port: int) -> None:
+    """What a client that wrongly puts its token in the URL sends: a WebSocket upgrade to
+    /ws?token=..., and a page with the token in its own URL fetching the client script."""
+    import http.client
+
+    for path, headers in (
+        (
+            f"/ws?token={SECRET_MARK}",
+            {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+        ),
+        (f"/client/gateway.js?access_token={SECRET_MARK}", {"Referer": f"http://app/page?token={SECRET_MARK}"}),
+    ):  # fmt: skip
+        for _ in range(50):  # the proxy may still be starting
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("GET", path, headers=headers)
+                conn.getresponse().read()
+                conn.close()
+                break
+            except (ConnectionRefusedError, http.client.RemoteDisconnected):
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"the proxy on port {port} never answered")
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return out + err
+
+
+def test_haproxy_logs_no_query_string(tmp_path: Path, backend: int) -> None:
+    """The shipped haproxy.cfg, run for real: a token in the URL does not reach its log."""
+    haproxy = require_binary("haproxy")
+    port, stats = free_port(), free_port()
+    text = (DEPLOY / "haproxy.cfg").read_text(encoding="utf-8")
+    text = re.sub(r"\nresolvers docker\n(?:[ \t]+.*\n|\s*\n)*?(?=\S)", "\n", text)  # Docker's DNS only
+    text = re.sub(r"server-template .*", f"server gw1 127.0.0.1:{backend} check", text)
+    text = text.replace("bind :8080", f"bind 127.0.0.1:{port}").replace(
+        "bind :8404", f"bind 127.0.0.1:{stats}"
+    )
+    text = re.sub(r"maxconn 50000", "maxconn 1000", text)  # no raised fd limit here
+    assert "\nresolvers docker" not in text
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    proc = subprocess.Popen(
+        [haproxy, "-f", str(cfg), "-db"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _requests_with_a_token_in_the_url(port)
+        time.sleep(0.5)  # the log line is written when the session ends
+    finally:
+        log = _stop(proc)
+    assert "GET /ws HTTP/1.1" in log and "GET /client/gateway.js HTTP/1.1" in log, log
+    assert SECRET_MARK not in log, log
+
+
+def test_nginx_logs_no_query_string(tmp_path: Path, backend: int) -> None:
+    """The shipped nginx.conf, run for real: a token in the URL does not reach its logs."""
+    nginx = require_binary("nginx")
+    port = free_port()
+    text = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
+    text = text.replace("server gateway:8080", f"server 127.0.0.1:{backend}")
+    text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    text = text.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
+    text = re.sub(r"worker_processes \w+;", "worker_processes 1;", text)
+    text = re.sub(r"worker_rlimit_nofile \d+;", "", text)
+    text = re.sub(r"worker_connections \d+;", "worker_connections 256;", text)
+    (tmp_path / "logs").mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    proc = subprocess.Popen(
+        [nginx, "-p", str(tmp_path), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _requests_with_a_token_in_the_url(port)
+    finally:
+        log = _stop(proc)
+    assert '"GET /ws HTTP/1.1" 200' in log and '"GET /client/gateway.js HTTP/1.1" 200' in log, log
+    assert '"http://app/page"' in log, "the Referer is logged without its query"
+    assert SECRET_MARK not in log, log
 
 
 # --- Kubernetes --------------------------------------------------------------------------

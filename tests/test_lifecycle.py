@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -160,3 +162,34 @@ async def test_a_socket_still_authenticating_when_draining_starts_is_closed_1012
             await client.close()
     finally:
         gw.kill()
+
+
+@pytest.mark.timeout(120)
+async def test_a_postgres_restart_logs_one_line_per_outage_without_tracebacks(
+    dsn: str, tmp_path: Path, pg_restart: Any
+) -> None:
+    """asyncpg's pool logged "Failed to restore the pool connection floor" with a full
+    traceback at every retry, 12 to 14 times per replica per restart. An expected reconnect
+    is one warning line naming the cause, then one line when the database is back."""
+    log_path = tmp_path / "gw.log"
+    gw = await GatewayProcess(dsn, log_path).start()
+    try:
+        c = await gw.connect("1")
+        await c.subscribe("user:1")
+        await c.close()
+        for _ in range(2):  # two outages: each gets its own line
+            await pg_restart.adown()
+            await asyncio.sleep(3)  # the pool retries meanwhile
+            await pg_restart.aup()
+            await gw.wait_ready(30)
+            await asyncio.sleep(1)
+    finally:
+        await gw.stop()
+    text = log_path.read_text()
+    assert "Traceback" not in text, text[-4000:]
+    assert "Failed to restore the pool connection floor" not in text, text[-4000:]
+    lost = [line for line in text.splitlines() if "database pool cannot connect" in line]
+    assert len(lost) == 2, text[-4000:]
+    assert all("warning" in line.lower() for line in lost), lost
+    back = [line for line in text.splitlines() if "database pool connected again" in line]
+    assert len(back) == 2, text[-4000:]

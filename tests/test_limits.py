@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import os
+import socket
+import struct
+import termios
 from typing import Any
 
 import aiohttp
@@ -18,6 +22,7 @@ import pytest
 
 from gateway import protocol as p
 from gateway.ratelimit import TokenBucket
+from gateway.websocket import SEND_BUFFER_BYTES, _MaskedFramesOnly
 
 from .gwtest import (
     WAIT,
@@ -414,3 +419,195 @@ async def test_other_clients_unaffected_while_one_misbehaves(dsn: str) -> None:
         await assert_alive(victim)
         await db.close()
         await victim.close()
+
+
+# --- raw WebSocket framing: what aiohttp's client never sends -----------------------------
+
+
+def ws_frame(payload: bytes, *, opcode: int = 0x1, masked: bool = True) -> bytes:
+    """One final client frame, masked with a random key unless ``masked`` is false."""
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes([0x80 | opcode, mask_bit | n])
+    elif n < 1 << 16:
+        head = bytes([0x80 | opcode, mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, mask_bit | 127]) + n.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def raw_upgrade(gw: Gateway, user: str, *, rcvbuf: int | None = None, tail: bytes = b"") -> Any:
+    """A WebSocket opened by hand (token in the Authorization header), with ``tail`` sent in
+    the same write as the upgrade request. Returns (reader, writer) past the 101 answer."""
+
+    host, port = gw.base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Protocol: gateway.v1\r\nAuthorization: Bearer {token(user)}\r\n\r\n".encode()
+        + tail
+    )
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    return reader, writer
+
+
+async def read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(opcode, payload) of the next frame from the server (server frames are never masked)."""
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), WAIT)
+    assert not b1 & 0x80, "a server frame must not be masked"
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    return b0 & 0x0F, await asyncio.wait_for(reader.readexactly(n), WAIT)
+
+
+async def server_close_code(reader: asyncio.StreamReader) -> int:
+    while True:
+        opcode, payload = await read_server_frame(reader)
+        if opcode == 0x8:
+            return int.from_bytes(payload[:2], "big")
+
+
+def ping(req: int, pad: int = 0) -> bytes:
+    """A ping frame's text, made ``pad`` bytes longer with JSON whitespace."""
+    return b'{"type": "ping",' + b" " * pad + f'"id": {req}}}'.encode()
+
+
+async def test_masked_frames_of_every_length_encoding_are_read(dsn: str) -> None:
+    """The mask check follows frame boundaries: 7-bit and 16-bit lengths, frames split across
+    writes byte by byte and several in one write, all get their answer."""
+    async with running_gateway(dsn, message_rate=1000) as gw:
+        reader, writer = await raw_upgrade(gw, "1", tail=ws_frame(ping(1)))
+        frames = [ws_frame(ping(i, pad)) for i, pad in ((2, 0), (3, 300), (4, 5000))]
+        writer.write(b"".join(frames))
+        for byte in ws_frame(ping(5, 200)):
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0)
+        writer.write(ws_frame(b"", opcode=0x9))  # a masked ping control frame
+        seen: list[Any] = []
+        while len(seen) < 6:
+            opcode, payload = await read_server_frame(reader)
+            if opcode == 0xA:
+                seen.append("pong")
+            elif opcode == 0x1 and json.loads(payload)["type"] == "pong":
+                seen.append(json.loads(payload)["id"])
+        assert sorted(seen, key=str) == [1, 2, 3, 4, 5, "pong"]
+        writer.close()
+
+
+@pytest.mark.parametrize("where", ["after-auth", "first-frame", "with-the-upgrade", "control-frame"])
+async def test_an_unmasked_client_frame_closes_1002(dsn: str, where: str) -> None:
+    """RFC 6455 5.1: the server MUST close the connection on a frame that is not masked."""
+    async with running_gateway(dsn) as gw:
+        bad = (
+            ws_frame(b"", opcode=0x9, masked=False)
+            if where == "control-frame"
+            else ws_frame(ping(9), masked=False)
+        )
+        reader, writer = await raw_upgrade(gw, "1", tail=bad if where == "with-the-upgrade" else b"")
+        if where == "after-auth":
+            writer.write(ws_frame(ping(1)))
+            while True:
+                opcode, payload = await read_server_frame(reader)
+                if opcode == 0x1 and json.loads(payload) == {"type": "pong", "id": 1}:
+                    break
+        if where != "with-the-upgrade":
+            writer.write(bad)
+        assert await server_close_code(reader) == 1002
+        # ...and the socket is closed, whatever else the client sends.
+        writer.write(ws_frame(ping(2)))
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        writer.close()
+
+
+def test_the_mask_check_follows_frames_split_at_every_byte() -> None:
+    """The header reader in front of aiohttp's, fed every way a stream can be cut: frames with
+    7-, 16- and 64-bit lengths pass whole to the reader; an unmasked frame after them fails."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = b""
+            self.error: Exception | None = None
+
+        def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+            self.data += data
+            return False, b""
+
+        def set_exception(self, exc: Exception) -> None:
+            self.error = exc
+
+    good = ws_frame(b"a" * 5) + ws_frame(b"b" * 300) + ws_frame(b"c" * 70000) + ws_frame(b"", opcode=0x9)
+    bad = ws_frame(b"d" * 3, masked=False)
+    for cut in [*range(0, 20), *range(300, 330), len(good) - 3, len(good) + 1]:
+        sink = Sink()
+        check = _MaskedFramesOnly(sink, sink)
+        stream = good + bad
+        results = [check.feed_data(stream[:cut]), check.feed_data(stream[cut:])]
+        assert sink.error is not None and "masked" in str(sink.error), cut
+        assert results[-1] == (True, b"")
+        assert sink.data == stream[:cut], "a read holding the unmasked frame is not passed on"
+    sink = Sink()
+    check = _MaskedFramesOnly(sink, sink)
+    for i in range(len(good)):
+        assert check.feed_data(good[i : i + 1]) == (False, b"")
+    assert sink.error is None and sink.data == good
+
+
+async def test_a_client_that_never_reads_holds_a_bounded_kernel_send_buffer(dsn: str) -> None:
+    """Linux grows a socket's send buffer up to net.ipv4.tcp_wmem's maximum (4 MB): a stuck
+    client held that much in the gateway's kernel beside GATEWAY_SEND_QUEUE_BYTES. The gateway
+    sets SO_SNDBUF on every upgraded socket; measured here on the server's side of a client
+    that stops reading, once the kernel buffer is full and the gateway's own queue grows."""
+    async with running_gateway(dsn, send_queue_bytes=64 << 20) as gw:
+        reader, writer = await raw_upgrade(gw, "1")
+        try:
+            await _fill_and_measure(dsn, gw, reader, writer)
+        finally:
+            writer.transport.abort()
+
+
+async def _fill_and_measure(
+    dsn: str, gw: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+
+    writer.write(ws_frame(json.dumps({"type": "subscribe", "topic": "user:1", "id": 1}).encode()))
+    while True:
+        opcode, payload = await read_server_frame(reader)
+        if opcode == 0x1 and json.loads(payload)["type"] == "subscribed":
+            break
+    # From here on the client reads nothing.
+    (session,) = gw.state.ctx.registry.sessions.values()
+    transport = session._transport
+    sock = transport.get_extra_info("socket")
+    db = await pg_connect(dsn)
+    blob = "z" * 60_000
+    for i in range(400):  # up to 24 MB, far more than any kernel buffer here takes
+        await emit(db, "user:1", {"i": i, "blob": blob})
+        if i % 10 == 9 and transport.get_write_buffer_size() > 1 << 20:
+            break  # the kernel takes no more: the rest waits in the gateway's queue
+    await db.close()
+    await asyncio.sleep(0.5)
+    sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    queued = transport.get_write_buffer_size()
+    print(f"server socket: SO_SNDBUF {sndbuf}, in the kernel {unsent}, in the gateway's queue {queued}")
+    # Bytes still in the gateway's queue half a second later: the kernel takes no more.
+    assert queued > 0, "the client must be stuck with the kernel buffer full"
+    assert sndbuf == 2 * SEND_BUFFER_BYTES  # Linux doubles what is set, and no longer grows it
+    # The kernel takes a write while it holds less than SO_SNDBUF, so the last one may go over
+    # by one packet (up to 64 KiB on loopback).
+    assert unsent <= 2 * SEND_BUFFER_BYTES + 65536

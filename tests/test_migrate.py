@@ -20,6 +20,7 @@ import pytest
 from gateway.dev.pgcluster import Postgres, free_port
 from gateway.migrate import MigrationError, format_status, load_migrations, migrate, sql_dir, status
 
+from .gwtest import bare_env, settings_env
 from .pgconn import pg_connect
 
 REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
@@ -62,7 +63,7 @@ async def test_migrations_apply_and_are_recorded(blank_dsn: str) -> None:
     ]
     assert await recorded(blank_dsn) == expected
     rows = await fetch(blank_dsn, "SELECT to_regclass('gateway.events') IS NOT NULL AS ok")
-    assert rows[0]["ok"], "001_event_log.sql did not create gateway.events"
+    assert rows[0]["ok"], "100_event_log.sql did not create gateway.events"
     assert {s.state for s in await status(blank_dsn)} == {"applied"}
 
 
@@ -198,6 +199,90 @@ async def test_status_of_an_empty_database_changes_nothing(blank_dsn: str) -> No
     assert rows[0]["untouched"]
 
 
+# The pre-release chain of migrations, as gateway.migrations recorded it: replaced by the
+# baseline (100_event_log.sql ...), which cannot be applied over it.
+PRERELEASE_CHAIN = [
+    "001_event_log.sql", "002_presence.sql", "003_relay.sql", "004_lean_capture.sql",
+    "005_relay_takeover.sql", "006_no_age_index.sql", "007_presence.sql", "008_publish_names.sql",
+    "009_first_epoch.sql", "010_truncate.sql", "011_ring_off.sql", "012_cheaper_capture.sql",
+    "013_presence_last_close.sql", "014_topics_as_bytes.sql", "015_keep_trigger_state.sql",
+    "016_rows_left_per_kind.sql", "017_topic_bound_at_publish.sql",
+]  # fmt: skip
+
+
+async def record_prerelease_chain(dsn: str) -> None:
+    """Leave in the database what the pre-release chain left in gateway.migrations (and the
+    gateway.events it created, so that the schema looks migrated to a quick check)."""
+    conn = await pg_connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE SCHEMA gateway; CREATE TABLE gateway.migrations (version int PRIMARY KEY, "
+            "name text NOT NULL, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); "
+            "CREATE TABLE gateway.events (topic text, pos bigint)"
+        )
+        await conn.executemany(
+            "INSERT INTO gateway.migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            [(int(n[:3]), n, hashlib.sha256(n.encode()).hexdigest()) for n in PRERELEASE_CHAIN],
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_database_built_by_the_prerelease_chain_is_refused_with_the_way_to_start_over(
+    blank_dsn: str,
+) -> None:
+    await record_prerelease_chain(blank_dsn)
+    before = await recorded(blank_dsn)
+
+    for attempt in (migrate(blank_dsn), status(blank_dsn)):
+        with pytest.raises(MigrationError) as info:
+            await attempt
+        text = str(info.value)
+        assert "pre-release version of the gateway" in text
+        assert "below 100 (1, 2, 3, 4, 5, ...)" in text
+        assert "DROP SCHEMA gateway CASCADE" in text and "new database" in text
+        assert "`gateway migrate`" in text and "gateway.publish() again" in text
+    # Nothing applied, nothing recorded.
+    assert await recorded(blank_dsn) == before
+    rows = await fetch(blank_dsn, "SELECT to_regclass('gateway.topics') IS NULL AS untouched")
+    assert rows[0]["untouched"]
+
+    # Doing as it says works.
+    conn = await pg_connect(blank_dsn)
+    try:
+        await conn.execute("DROP SCHEMA gateway CASCADE")
+    finally:
+        await conn.close()
+    assert await migrate(blank_dsn) == REPO_FILES
+
+
+def test_serve_and_migrate_refuse_a_database_of_the_prerelease_chain(blank_dsn: str) -> None:
+    asyncio.run(record_prerelease_chain(blank_dsn))
+    env = bare_env()
+    env.update(settings_env(blank_dsn, workers=1, port=0))
+    for command in ("serve", "migrate"):
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", command],
+            env=env,
+            cwd=REPO_SQL.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 2, (command, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+        assert "pre-release version of the gateway" in r.stderr, (command, r.stderr)
+        assert "DROP SCHEMA gateway CASCADE" in r.stderr, (command, r.stderr)
+
+
+def test_a_migration_numbered_below_the_baseline_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "100_baseline.sql").write_text("SELECT 1;")
+    (tmp_path / "018_next.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"018_next\.sql: version 18 is below 100, the baseline's first"):
+        load_migrations(tmp_path)
+
+
 async def test_unreachable_database_is_named_without_its_password() -> None:
     url = f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/nowhere"
     with pytest.raises(MigrationError) as info:
@@ -208,16 +293,16 @@ async def test_unreachable_database_is_named_without_its_password() -> None:
 
 def test_badly_named_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("ignored: not an .sql file")
-    (tmp_path / "001_ok.sql").write_text("SELECT 1;")
+    (tmp_path / "100_ok.sql").write_text("SELECT 1;")
     (tmp_path / "setup.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=r"setup\.sql: migration files must be named NNN_name\.sql"):
         load_migrations(tmp_path)
 
 
 def test_duplicate_versions_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "002_a.sql").write_text("SELECT 1;")
-    (tmp_path / "2_b.sql").write_text("SELECT 1;")
-    with pytest.raises(MigrationError, match=r"2_b\.sql and .*002_a\.sql have the same version 2"):
+    (tmp_path / "0200_a.sql").write_text("SELECT 1;")
+    (tmp_path / "200_b.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"200_b\.sql and .*0200_a\.sql have the same version 200"):
         load_migrations(tmp_path)
 
 

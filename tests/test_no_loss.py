@@ -595,8 +595,9 @@ async def test_gap_on_live_path_is_filled_from_log_before_later_events(items: st
         assert first["pos"] == 1
 
         # Append three events by hand, with no doorbell: two rows written with the capture
-        # trigger switched off, and one hand-made message, all without a transaction id, so
-        # the relay never finds them (gateway/relay.py). The gateway cannot know of them.
+        # trigger switched off, and one hand-made message, all with a transaction id older
+        # than any snapshot the relay has seen (3, the first normal one), so the relay never
+        # finds them (gateway/relay.py). The gateway cannot know of them.
         async with db.transaction():
             await db.execute("SET LOCAL session_replication_role = replica")
             ids = [
@@ -611,7 +612,7 @@ async def test_gap_on_live_path_is_filled_from_log_before_later_events(items: st
             assert hd == 4
             await db.executemany(
                 "INSERT INTO gateway.events (topic, pos, op, tbl, key, data, xid) "
-                'VALUES ($1, $2, $3::text::"char", $4, $5, $6::jsonb, NULL)',
+                "VALUES ($1, $2, $3::text::\"char\", $4, $5, $6::jsonb, '3'::xid8)",
                 [
                     (TOPIC, 2, "i", TABLES, ids[0], None),
                     (TOPIC, 3, "i", TABLES, ids[1], None),

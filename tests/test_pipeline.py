@@ -268,7 +268,7 @@ async def test_a_long_replay_does_not_hold_up_delivery_to_others(dsn: str) -> No
 
 async def test_joining_a_topic_an_open_transaction_is_creating_waits_for_nothing(dsn: str) -> None:
     """A writer's open transaction is creating the topic's row (its first event). Subscribing
-    to that topic reads its head without writing (sql/009_first_epoch.sql), so it is answered
+    to that topic reads its head without writing (sql/100_event_log.sql), so it is answered
     at once with the topic's first epoch, and the writer's event continues that stream."""
     await make_items_table(dsn)
     async with running_gateway(dsn, tables="public.items") as gw:

@@ -23,9 +23,10 @@ import asyncpg
 import pytest
 
 from gateway.heartbeat import BEAT
+from gateway.migrate import migrate
 from gateway.presence import _SNAPSHOT
 
-from .gwtest import REPO, Client, GatewayProcess, running_gateway, token, wait_for_lock_wait
+from .gwtest import Client, GatewayProcess, running_gateway, token, wait_for_lock_wait
 from .pgconn import pg_connect
 from .polling import eventually
 
@@ -160,12 +161,12 @@ async def cluster(dsn: str, tmp_path: Path) -> AsyncIterator[Cluster]:
 # --- the SQL functions, directly -----------------------------------------------------------
 
 
-async def test_migration_is_idempotent(dsn: str) -> None:
+async def test_migrating_again_keeps_presence_state(dsn: str) -> None:
+    # The SQL files are applied once each (gateway.migrations records them), not re-run.
     conn = await pg_connect(dsn)
     try:
         await conn.execute("SELECT gateway.presence_connect('r1', 'c1', 'alice')")
-        for name in ("002_presence.sql", "007_presence.sql", "013_presence_last_close.sql"):
-            await conn.execute((REPO / "sql" / name).read_text())
+        assert await migrate(dsn) == []
         rows = await conn.fetch("SELECT user_id, status FROM gateway.presence")
         assert [tuple(r) for r in rows] == [("alice", "online")]
     finally:
@@ -308,7 +309,7 @@ async def test_a_dead_replicas_user_is_graced_from_her_latest_close_not_its_last
     """Alice has a tab on a replica that dies and another that she closes after its last
     heartbeat. When the sweep removes the dead replica, she was last seen at that close, not
     at the heartbeat: a grace shorter than the time since the heartbeat must not make her
-    offline at once (sql/013_presence_last_close.sql)."""
+    offline at once (closed_at, sql/103_presence.sql)."""
     open_other, close_other = LATER_CLOSES[closed]
     grace = datetime.timedelta(seconds=2)
     conn = await pg_connect(dsn)
@@ -477,7 +478,7 @@ async def test_concurrent_transitions_of_one_user_on_many_replicas_converge(dsn:
 
 async def test_the_snapshot_reads_no_offline_user(dsn: str) -> None:
     """Users once seen stay in gateway.presence, offline. A subscribe's snapshot must not read
-    them: with many, a reconnect storm of subscribes keeps the pool busy (sql/007_presence.sql)."""
+    them: with many, a reconnect storm of subscribes keeps the pool busy (sql/103_presence.sql)."""
     conn = await pg_connect(dsn)
     try:
         await conn.execute(

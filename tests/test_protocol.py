@@ -288,6 +288,56 @@ async def test_token_expiry_closes_4005_after_grace(dsn: str) -> None:
         await c.close()
 
 
+async def test_a_token_that_expires_in_ten_years_holds_a_connection_for_the_max_lifetime(dsn: str) -> None:
+    """GATEWAY_MAX_TOKEN_LIFETIME caps how long one verification is trusted; a refresh (even with
+    the same token) is verified again and starts a new period."""
+    async with running_gateway(dsn, expiry_grace="0.2s", jwt_leeway="0", max_token_lifetime="2s") as gw:
+        forever = token("1", ttl=10 * 365 * 86400)
+        c = await open_raw(gw)
+        welcome = await c.auth(forever)
+        welcomed_at = time.monotonic()
+        assert welcome["expires_in"] <= 2 and welcome["expires"] <= time.time() + 2
+        await asyncio.sleep(1.2)
+        await c.send({"type": "refresh", "token": forever})
+        refreshed = await c.expect("refreshed")
+        refreshed_at = time.monotonic()
+        # (expires is in whole seconds: 1.2 s later it is at least one more.)
+        assert refreshed["expires"] > welcome["expires"] and refreshed["expires_in"] <= 2
+        # Past the first period (2 s + 0.2 s grace) the connection still works...
+        await asyncio.sleep(max(0.0, welcomed_at + 2.5 - time.monotonic()))
+        await assert_alive(c)
+        # ...and it is closed at the end of the second one.
+        assert await close_code(c) == p.CloseCode.TOKEN_EXPIRED
+        assert 2.0 <= time.monotonic() - refreshed_at < WAIT
+        await c.close()
+
+
+async def test_a_token_with_a_user_pattern_is_refused_before_and_after_the_upgrade(dsn: str) -> None:
+    async with running_gateway(dsn) as gw:
+        bad = token("1", topics=["user:*"])
+        host, port = gw.base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() + b"\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + bad.encode() + b"\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), WAIT)
+        writer.close()
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 401 "), answer
+        refusal = json.loads(body)
+        assert refusal["error"] == "bad_token" and "user:*" in refusal["message"], refusal
+        c = await open_raw(gw)
+        await c.send({"type": "auth", "token": bad})
+        with pytest.raises(Closed) as info:
+            await c.recv(WAIT)
+        assert info.value.code == p.CloseCode.UNAUTHORIZED
+        assert info.value.reason.endswith("covers other users' private topics"), "the whole sentence fits"
+        await c.close()
+
+
 async def test_refresh_before_expiry_keeps_the_connection_open(dsn: str) -> None:
     async with running_gateway(dsn, expiry_grace="0.5s", jwt_leeway="0") as gw:
         c = await open_raw(gw)

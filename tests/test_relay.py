@@ -1,4 +1,4 @@
-"""The relay (gateway/relay.py, sql/003_relay.sql) against a real PostgreSQL: writers ring it
+"""The relay (gateway/relay.py, sql/102_relay.sql) against a real PostgreSQL: writers ring it
 only when it is quiet, it rings every committed event across its busy/quiet switches, and
 another replica's relay takes over, losing nothing, when the leader's connection dies."""
 

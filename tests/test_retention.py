@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import pytest
 
 from gateway.eventlog import RETENTION_LOCK, EventLog
 
@@ -85,7 +86,7 @@ async def test_prune_by_count_and_age_keeps_heads_and_positions_continue(dsn: st
 
 
 async def test_pruning_by_age_stops_at_the_first_event_inside_the_window(dsn: str) -> None:
-    """Pruning by age walks the log in transaction order (sql/006_no_age_index.sql): an old
+    """Pruning by age walks the log in transaction order (sql/100_event_log.sql): an old
     event written after a young one waits for that one, and then goes with it."""
     db = await pg_connect(dsn)
     await emit(db, "room:a", 3)
@@ -100,8 +101,9 @@ async def test_pruning_by_age_stops_at_the_first_event_inside_the_window(dsn: st
         await age(db, "room:a", 3)
         assert await log.prune(max_events=100, max_age=3600, batch=2) == 4
         assert [await positions(db, t) for t in ("room:a", "room:b", "room:c")] == [[], [], [1, 2]]
-        # Events from before sql/003 have no transaction id; they are pruned by age alone.
-        await db.execute("UPDATE gateway.events SET xid = NULL WHERE topic = 'room:c' AND pos = 1")
+        # Every event has its transaction id, so the walk in that order meets every event.
+        with pytest.raises(asyncpg.NotNullViolationError):
+            await db.execute("UPDATE gateway.events SET xid = NULL WHERE topic = 'room:c' AND pos = 1")
         await age(db, "room:c", 1)
         assert await log.prune(max_events=100, max_age=3600) == 1
         assert await positions(db, "room:c") == [2]

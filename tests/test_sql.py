@@ -15,7 +15,6 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,7 +27,6 @@ from .gwtest import relay_running, wait_for_lock_wait
 from .pgconn import pg_connect
 from .polling import eventually
 
-MIGRATIONS = sorted((Path(__file__).resolve().parent.parent / "sql").glob("[0-9][0-9][0-9]_*.sql"))
 NOTIFY_LIMIT = 8000  # PostgreSQL rejects payloads of 8000 bytes or more
 
 pytestmark = pytest.mark.timeout(120)
@@ -262,7 +260,7 @@ async def test_row_moved_between_topics(db: asyncpg.Connection, bells: Doorbells
 
 async def test_row_moved_between_topics_by_a_column_not_the_key(db: asyncpg.Connection) -> None:
     # The update trigger computes the old topic only when a column the expression reads
-    # changed (sql/012): here two columns, and an update of the other column moves nothing.
+    # changed (sql/101_capture.sql): here two columns, and an update of the other column moves nothing.
     await db.execute("CREATE TABLE docs (id int PRIMARY KEY, org text, team int, body text)")
     await db.execute("SELECT gateway.publish('docs', $$org || ':' || team$$)")
     await db.execute("INSERT INTO docs VALUES (1, 'acme', 1, 'a')")
@@ -283,7 +281,7 @@ async def test_row_moved_between_topics_by_a_column_not_the_key(db: asyncpg.Conn
 
 async def test_row_moved_by_a_change_its_type_calls_equal(db: asyncpg.Connection) -> None:
     # numeric 1.0 = 1.00, but the topics they make differ: the row moved, and the trigger
-    # must not take the equal columns for an unchanged topic (sql/012).
+    # must not take the equal columns for an unchanged topic (sql/101_capture.sql).
     await db.execute("CREATE TABLE prices (id int PRIMARY KEY, price numeric)")
     await db.execute("SELECT gateway.publish('prices', $$'price:' || price$$)")
     await db.execute("INSERT INTO prices VALUES (1, 1.0)")
@@ -297,7 +295,7 @@ async def test_row_moved_by_a_change_its_type_calls_equal(db: asyncpg.Connection
 
 async def test_topic_made_of_a_column_with_its_own_collation(db: asyncpg.Connection) -> None:
     # The topic's text took the column's collation, which cannot be compared with the heads'
-    # ("C"): statements of several rows, and moves, failed (fixed in sql/014).
+    # ("C"): statements of several rows, and moves, failed before topics compared as bytes.
     await db.execute('CREATE TABLE people (id int PRIMARY KEY, name text COLLATE "POSIX")')
     await db.execute("SELECT gateway.publish('people', $$'person:' || name$$)")
     await db.execute("INSERT INTO people VALUES (1, 'ann'), (2, 'bob')")
@@ -327,7 +325,7 @@ async def test_emit_and_reset_a_topic_made_of_a_column_with_its_own_collation(db
 
 
 async def test_row_moved_by_a_change_a_case_insensitive_collation_calls_equal(db: asyncpg.Connection) -> None:
-    # Equal under the column's collation, different topics (sql/014).
+    # Equal under the column's collation, different topics (compared as bytes).
     if not await db.fetchval("SELECT EXISTS (SELECT FROM pg_collation WHERE collprovider = 'i')"):
         pytest.skip("this PostgreSQL was built without ICU: no nondeterministic collations")
     await db.execute(
@@ -402,6 +400,43 @@ async def test_publish_errors_name_the_table(
     with pytest.raises(asyncpg.RaiseError, match=message):
         await db.execute(f"SELECT gateway.publish('t', {args})")
     assert await db.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass") == 0
+
+
+async def test_fill_template_fills_each_placeholder_once_and_refuses_a_missing_one(
+    db: asyncpg.Connection,
+) -> None:
+    # publish() builds the row triggers with it: a value is never searched for placeholders
+    # itself (a table may be named "a{op}"), a JSON null fills in nothing, and a typo in a
+    # template is an error, not a trigger with "{tabel}" in it.
+    fill = "SELECT gateway.fill_template($1, $2::jsonb)"
+    assert await db.fetchval(fill, "x {a} {b}{c} '{}' {a}", '{"a": "{b}", "b": "B", "c": null}') == (
+        "x {b} B '{}' {b}"
+    )
+    assert await db.fetchval(fill, "", "{}") == ""
+    with pytest.raises(asyncpg.RaiseError, match=r"no value for the placeholder \{tabel\}"):
+        await db.fetchval(fill, "INSERT ... {tabel}", '{"table": "t"}')
+
+
+async def test_publish_and_unpublish_print_no_notices(db: asyncpg.Connection) -> None:
+    # A table's first publish() printed "trigger ... does not exist, skipping" for each capture
+    # trigger it was about to create: noise every new user saw, meaning nothing.
+    notices: list[str] = []
+    db.add_log_listener(lambda _conn, message: notices.append(message.message))
+    await db.execute("CREATE TABLE quiet (id int PRIMARY KEY, owner int)")
+    for statement in (
+        "SELECT gateway.publish('quiet', $$'user:' || owner$$)",  # the first time
+        "SELECT gateway.publish('quiet', $$'user:' || owner$$)",  # again
+        "SELECT gateway.unpublish('quiet')",
+        "SELECT gateway.unpublish('quiet')",  # again: nothing left to drop
+        "SELECT gateway.publish('quiet', $$'user:' || owner$$)",
+        "DROP TRIGGER gateway_capture_truncate ON quiet",  # by hand
+        "SELECT gateway.unpublish('quiet')",
+    ):
+        await db.execute(statement)
+    # Notices arrive in order: once this one is in, any before it would be too.
+    await db.execute("DO $$ BEGIN RAISE NOTICE 'the last one'; END $$")
+    await eventually(lambda: "the last one" in notices, 10, "the notice")
+    assert notices == ["the last one"]
 
 
 async def test_publish_again_replaces_and_unpublish_stops(db: asyncpg.Connection, bells: Doorbells) -> None:
@@ -529,16 +564,16 @@ async def test_a_topic_s_first_row_starts_with_the_epoch_heads_reported(db: asyn
     assert {r["topic"]: r["epoch"] for r in told}["user:1"] == await epoch_of(db, "user:1")
 
 
-async def test_migration_twice_is_harmless(db: asyncpg.Connection, bells: Doorbells) -> None:
+async def test_migrating_again_is_harmless(dsn: str, db: asyncpg.Connection, bells: Doorbells) -> None:
     await make_items(db)
     await db.execute("INSERT INTO items VALUES (1, 1, 'a')")
     await db.execute(
         "CREATE OR REPLACE FUNCTION gateway.authorize(user_id text, topic text, claims jsonb) "
         "RETURNS boolean LANGUAGE sql STABLE AS 'SELECT true'"
     )
+    # Each SQL file is applied once (gateway.migrations records it): nothing runs again.
     for _ in range(2):
-        for path in MIGRATIONS:
-            await db.execute(path.read_text())
+        assert await migrate(dsn) == []
     assert await db.fetchval("SELECT gateway.authorize('u', 't', '{}')") is True  # kept
     await db.execute("UPDATE items SET body = 'b'")
     assert [(p, op) for _t, p, op, _tbl, _k in await events(db)] == [(1, "i"), (2, "u")]

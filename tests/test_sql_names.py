@@ -1,29 +1,23 @@
-"""Names in the SQL API (sql/008_publish_names.sql), against a real PostgreSQL: the functions
-gateway.publish() generates, the primary key it picks, and the topics gateway.emit() and
-gateway.emit_many() accept.
+"""Names in the SQL API (sql/101_capture.sql, sql/100_event_log.sql), against a real
+PostgreSQL: the functions gateway.publish() generates, the primary key it picks, and the
+topics gateway.emit() and gateway.emit_many() accept.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from gateway.migrate import migrate
 from gateway.protocol import validate_topic
-
-from .pgconn import pg_connect
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO_SQL = Path(__file__).resolve().parent.parent / "sql"
-# The kinds of function publish() generates per table (sql/004; 'doorbell' until then).
+# The kinds of function publish() generates per table.
 KINDS = ("topic", "row_topic", "capture_insert", "capture_update", "capture_delete")
-GENERATED_SQL = "^(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_"
+GENERATED_SQL = "^(topic|row_topic|capture_insert|capture_update|capture_delete)_"
 NAME_LIMIT = 63  # PostgreSQL's max_identifier_length, in bytes
 
 
@@ -95,7 +89,8 @@ async def test_long_non_ascii_table_is_published_again_and_unpublished_without_l
 
     await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", qualified)
     first = await generated(db)
-    # Published twice: before sql/008 this failed, "function ... already exists".
+    # Published twice: when names were cut by characters, not bytes, this failed ("function
+    # ... already exists").
     await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", qualified)
     names = await expected_names(db, qualified)
     assert set(await generated(db)) - set(before) == names == set(first) - set(before)
@@ -112,91 +107,6 @@ async def test_long_non_ascii_table_is_published_again_and_unpublished_without_l
     assert await generated(db) == before
     assert await gateway_triggers(db, qualified) == []
     assert await db.fetchval("SELECT count(*) FROM gateway.published") == 0
-
-
-def migrations_dir(tmp_path: Path, name: str, below: int) -> Path:
-    """A directory holding the repository's migrations whose version is below ``below``."""
-    directory = tmp_path / name
-    directory.mkdir()
-    for path in sorted(REPO_SQL.glob("*.sql")):
-        if int(path.name.split("_", 1)[0]) < below:
-            shutil.copy(path, directory / path.name)
-    return directory
-
-
-def normalized(definition: str) -> str:
-    """A generated function's definition with the generated names left out."""
-    return re.sub(
-        r'(?<![A-Za-z0-9_])(topic|row_topic|capture_insert|capture_update|capture_delete|doorbell)_[^"(\s]*',
-        r"\1_",
-        definition,
-    )
-
-
-async def test_upgrade_renames_functions_of_non_ascii_tables_and_leaves_the_triggers_as_they_were(
-    blank_dsn: str, tmp_path: Path
-) -> None:
-    """A database that published tables before sql/008, with capture_name() as it was: 008
-    re-publishes them under names that fit, dropping the old functions, with trigger bodies
-    identical but for those names (byte-identical for an ASCII table)."""
-    await migrate(blank_dsn, directory=migrations_dir(tmp_path, "before", 8))
-    db = await pg_connect(blank_dsn)
-    try:
-        assert await generated(db) == {}
-        assert "left(n.nspname || '_' || c.relname, 36)" in await db.fetchval(
-            "SELECT prosrc FROM pg_proc WHERE oid = 'gateway.capture_name(regclass, text)'::regprocedure"
-        ), "this test needs capture_name() as it was before sql/008"
-        tables = {
-            "public.items": "public.items",
-            '"public"."история_покупок_клиентов_магазина"': "public.история_покупок_клиентов_магазина",
-            '"склад_данных"."注文履歴テーブルの非常に長い名前です"': "склад_данных.注文履歴テーブルの非常に長い名前です",
-        }
-        await db.execute('CREATE SCHEMA "склад_данных"')
-        for table in (*tables, '"public"."заказы_покупателей_интернет_ма"'):
-            await db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, owner int)")
-            await db.execute("SELECT gateway.publish($1, $$'user:' || owner$$)", table)
-        # Unpublished before the upgrade: the old unpublish() left its functions behind.
-        await db.execute("""SELECT gateway.unpublish('"public"."заказы_покупателей_интернет_ма"')""")
-        old = await generated(db)
-        assert len(old) == 4 * len(KINDS)
-        # Over 60 bytes: cut by PostgreSQL (capture_name() means at most 60), the bug at hand.
-        assert any(len(n.encode()) > 60 for n in old)
-        items_old = {n: d for n, d in old.items() if n in await expected_names(db, "items")}
-        assert len(items_old) == len(KINDS)
-    finally:
-        await db.close()
-
-    await migrate(blank_dsn, directory=migrations_dir(tmp_path, "with_008", 9))
-    db = await pg_connect(blank_dsn)
-    try:
-        new = await generated(db)
-        expected: set[str] = set()
-        for table in tables:
-            expected |= await expected_names(db, table)
-        assert all(len(n.encode()) <= NAME_LIMIT for n in expected)
-        # The published tables' old functions are gone; those the unpublished table left
-        # behind stay until it is published or unpublished again.
-        left_behind = {n for n in old if "заказы" in n}
-        assert set(new) == expected | left_behind
-        assert len(set(old) - set(new)) == 2 * len(KINDS)  # the two non-ASCII tables'
-        assert len(left_behind) == len(KINDS)
-        # The triggers run the same code: an ASCII table's functions did not even change name.
-        assert {n: new[n] for n in items_old} == items_old
-        assert sorted(normalized(d) for n, d in new.items() if n in expected) == sorted(
-            normalized(d) for n, d in old.items() if "заказы" not in n
-        )
-        for i, (table, table_name) in enumerate(tables.items()):
-            await check_capture(db, table, table_name, 10 + i)
-
-        await db.execute(
-            """SELECT gateway.publish('"public"."заказы_покупателей_интернет_ма"', 'owner::text')"""
-        )
-        for table in (*tables, '"public"."заказы_покупателей_интернет_ма"'):
-            await db.execute("SELECT gateway.unpublish($1)", table)
-            assert await gateway_triggers(db, table) == []
-        assert await generated(db) == {}
-    finally:
-        await db.close()
 
 
 async def test_unpublish_keeps_the_functions_the_topic_expression_calls(db: asyncpg.Connection) -> None:
@@ -224,7 +134,7 @@ async def test_unpublish_keeps_the_functions_the_topic_expression_calls(db: asyn
     ],
 )
 async def test_one_column_primary_key_is_the_default_key(db: asyncpg.Connection, ddl: str, key: str) -> None:
-    """A primary key of one column is used whatever its name (before sql/008 a comma in it
+    """A primary key of one column is used whatever its name (a comma in it once
     read as a composite key) and whatever columns it INCLUDEs (which are not part of the key)."""
     await db.execute(ddl)
     await db.execute("SELECT gateway.publish('t', $$'user:' || owner$$)")

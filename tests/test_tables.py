@@ -125,7 +125,7 @@ def test_a_table_listed_twice_is_refused_after_folding() -> None:
 
 
 def test_two_tables_that_events_would_name_alike_are_refused() -> None:
-    # Events name a table schema.table, unquoted (sql/008): both would be a.b.c.
+    # Events name a table schema.table, unquoted (sql/101_capture.sql): both would be a.b.c.
     with pytest.raises(
         ConfigError, match=r"lists \"a\.b\"\.c and a\.\"b\.c\", two tables that events both name 'a\.b\.c'"
     ):

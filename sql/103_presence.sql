@@ -27,9 +27,25 @@
 -- Row locks rather than advisory locks: a sweep of a dead replica with 50 000 users would
 -- otherwise need 50 000 entries in the shared lock table.
 --
--- Every statement here is idempotent, so running the file twice changes nothing.
+-- A user once seen keeps a row in gateway.presence, offline, until gateway.presence_prune
+-- deletes it (the gateway calls it with GATEWAY_PRESENCE_RETENTION). A subscribe's snapshot
+-- (gateway/presence.py: WHERE topic = $1 AND status <> 'offline' ORDER BY user_id) reads only
+-- the users who are not offline, through the index presence_live, however many offline rows
+-- a topic has: a reconnect storm of presence subscribes must not hold every pool connection
+-- for a walk over them.
+--
+-- gateway.presence.closed_at keeps the latest time a connection of the user was removed
+-- while she kept another (on any replica). When the sweep removes a dead replica, a user it
+-- leaves with no connection enters the grace from the last moment she is known to have been
+-- connected: the latest of the replica's last heartbeat (or her connection's start), her last
+-- status change and closed_at. Without closed_at, a user who had a second tab and closed it
+-- after that heartbeat would be marked offline at once with a grace shorter than the ttl, and
+-- a reload at that moment would make her flicker offline and back. A column of its own rather
+-- than last_seen: last_seen is published to clients (events and snapshots) as "when the status
+-- took its current value", and closing one of several tabs changes no status. What it costs:
+-- docs/performance-history.md.
 
-CREATE TABLE IF NOT EXISTS gateway.presence (
+CREATE TABLE gateway.presence (
     topic     text NOT NULL,
     user_id   text NOT NULL,
     status    text NOT NULL CHECK (status IN ('online', 'away', 'offline')),
@@ -37,19 +53,29 @@ CREATE TABLE IF NOT EXISTS gateway.presence (
     last_seen timestamptz NOT NULL DEFAULT now(),
     -- Set while the user has no connection but is not offline yet (inside the grace).
     left_at   timestamptz,
+    -- When a connection of the user was last removed while she kept another (see above).
+    closed_at timestamptz,
     PRIMARY KEY (topic, user_id)
 );
-CREATE INDEX IF NOT EXISTS presence_user_id ON gateway.presence (user_id);
+COMMENT ON COLUMN gateway.presence.closed_at IS
+    'when a connection of the user was last removed while she kept another';
+CREATE INDEX presence_user_id ON gateway.presence (user_id);
 -- The sweep looks for users inside the grace only: a small set, whatever the number online.
-CREATE INDEX IF NOT EXISTS presence_left_at ON gateway.presence (left_at) WHERE left_at IS NOT NULL;
+CREATE INDEX presence_left_at ON gateway.presence (left_at) WHERE left_at IS NOT NULL;
+-- A subscribe's snapshot: the users who are not offline, in snapshot order, and nothing else.
+-- (With `status` in index predicates no status change is a HOT update; measured as no
+-- dearer per connection: docs/performance-history.md.)
+CREATE INDEX presence_live ON gateway.presence (topic, user_id) WHERE status <> 'offline';
+-- presence_prune's candidates, oldest first.
+CREATE INDEX presence_offline ON gateway.presence (last_seen) WHERE status = 'offline';
 
-CREATE TABLE IF NOT EXISTS gateway.replicas (
+CREATE TABLE gateway.replicas (
     replica_id   text PRIMARY KEY,
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     started_at   timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE TABLE IF NOT EXISTS gateway.presence_connections (
+CREATE TABLE gateway.presence_connections (
     replica_id   text NOT NULL,
     conn_id      text NOT NULL,
     user_id      text NOT NULL,
@@ -57,12 +83,12 @@ CREATE TABLE IF NOT EXISTS gateway.presence_connections (
     connected_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (replica_id, conn_id)
 );
-CREATE INDEX IF NOT EXISTS presence_connections_user_id ON gateway.presence_connections (user_id);
+CREATE INDEX presence_connections_user_id ON gateway.presence_connections (user_id);
 
 -- --- internal steps (each caller runs them in one transaction) ------------------------
 
 -- Lock the presence rows of p_users, in (topic, user_id) order.
-CREATE OR REPLACE FUNCTION gateway.presence_lock(p_users text[]) RETURNS void
+CREATE FUNCTION gateway.presence_lock(p_users text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM 1 FROM gateway.presence WHERE user_id = ANY (p_users) ORDER BY topic, user_id FOR UPDATE;
@@ -72,8 +98,10 @@ $$;
 -- Derive the status of p_users (locked by the caller) from their connections and store it.
 -- p_at[i] is when p_users[i] was last known connected, used as left_at for a user left
 -- with no connection (now() for a disconnect, the last heartbeat for a dead replica).
--- Returns the status changes to publish; entering the grace changes no status.
-CREATE OR REPLACE FUNCTION gateway.presence_settle(p_users text[], p_at timestamptz[])
+-- Returns the status changes to publish; entering the grace changes no status. A user left
+-- with no connection enters the grace at the latest of p_at, her last status change and
+-- closed_at.
+CREATE FUNCTION gateway.presence_settle(p_users text[], p_at timestamptz[])
 RETURNS TABLE (topic text, data jsonb)
 LANGUAGE sql AS $$
     WITH u AS (
@@ -94,8 +122,9 @@ LANGUAGE sql AS $$
             status = coalesce(old.derived, p.status),
             last_seen = CASE WHEN old.derived IS DISTINCT FROM p.status AND old.derived IS NOT NULL
                              THEN now() ELSE p.last_seen END,
-            -- GREATEST: a status change after the dead replica's last heartbeat is later news.
-            left_at = CASE WHEN old.derived IS NULL THEN greatest(old.at, p.last_seen) END
+            -- GREATEST: a status change, or the close of another of her connections, after
+            -- the dead replica's last heartbeat is later news (GREATEST skips a NULL closed_at).
+            left_at = CASE WHEN old.derived IS NULL THEN greatest(old.at, p.last_seen, p.closed_at) END
         FROM old
         WHERE p.topic = old.topic AND p.user_id = old.user_id
           AND (   (old.derived IS NOT NULL AND (old.derived <> p.status OR p.left_at IS NOT NULL))
@@ -111,7 +140,7 @@ LANGUAGE sql AS $$
 $$;
 
 -- Mark offline those of p_users (locked by the caller) whose grace has passed.
-CREATE OR REPLACE FUNCTION gateway.presence_expire(p_users text[], p_grace interval)
+CREATE FUNCTION gateway.presence_expire(p_users text[], p_grace interval)
 RETURNS TABLE (topic text, data jsonb)
 LANGUAGE sql AS $$
     WITH upd AS (
@@ -129,7 +158,7 @@ LANGUAGE sql AS $$
 $$;
 
 -- Append status changes to their topics' logs: one gateway.emit_many, so one doorbell.
-CREATE OR REPLACE FUNCTION gateway.presence_publish(p_topics text[], p_data jsonb[]) RETURNS integer
+CREATE FUNCTION gateway.presence_publish(p_topics text[], p_data jsonb[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     n integer := coalesce(cardinality(p_topics), 0);
@@ -151,13 +180,14 @@ $$;
 -- and its row is created or renewed (registration, and repair after an outage).
 -- Returns the number of status changes published, or -1 when the replica is not registered
 -- (it was declared dead): nothing was done, register with p_full first.
-CREATE OR REPLACE FUNCTION gateway.presence_apply(
+CREATE FUNCTION gateway.presence_apply(
     p_replica text, p_topics text[], p_conn_ids text[], p_users text[], p_statuses text[],
     p_full boolean DEFAULT false
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_users text[];
+    v_closed text[];
     v_topics text[];
     v_data jsonb[];
 BEGIN
@@ -216,18 +246,40 @@ BEGIN
     PERFORM gateway.presence_lock(v_users);
 
     IF p_full THEN
-        DELETE FROM gateway.presence_connections c
-        WHERE c.replica_id = p_replica AND NOT (c.conn_id = ANY (p_conn_ids));
+        WITH gone AS (
+            DELETE FROM gateway.presence_connections c
+            WHERE c.replica_id = p_replica AND NOT (c.conn_id = ANY (p_conn_ids))
+            RETURNING c.user_id
+        )
+        SELECT array_agg(gone.user_id) INTO v_closed FROM gone;
     END IF;
-    DELETE FROM gateway.presence_connections c
-    USING unnest(p_conn_ids, p_statuses) AS x(conn_id, status)
-    WHERE c.replica_id = p_replica AND c.conn_id = x.conn_id AND x.status IS NULL;
+    WITH gone AS (
+        DELETE FROM gateway.presence_connections c
+        USING unnest(p_conn_ids, p_statuses) AS x(conn_id, status)
+        WHERE c.replica_id = p_replica AND c.conn_id = x.conn_id AND x.status IS NULL
+        RETURNING c.user_id
+    )
+    SELECT coalesce(v_closed, '{}') || coalesce(array_agg(gone.user_id), '{}') INTO v_closed FROM gone;
     INSERT INTO gateway.presence_connections AS c (replica_id, conn_id, user_id, status)
     SELECT p_replica, x.conn_id, x.user_id, x.status
     FROM unnest(p_conn_ids, p_users, p_statuses) AS x(conn_id, user_id, status)
     WHERE x.status IS NOT NULL
     ON CONFLICT (replica_id, conn_id) DO UPDATE SET status = excluded.status
     WHERE c.status <> excluded.status;
+
+    -- Users who closed a connection and keep another (on any replica): when, so that if those
+    -- are on a replica that dies, the sweep counts their grace from here at the earliest.
+    -- Only users of v_users, whose rows are locked already, so no lock is taken out of order
+    -- (a closed connection of a user not in it means a caller that named the wrong user).
+    -- A closed_at later than now() (a transaction that began after this one) is kept.
+    IF cardinality(v_closed) > 0 THEN
+        UPDATE gateway.presence p SET closed_at = now()
+        FROM (SELECT DISTINCT x.user_id FROM unnest(v_closed) AS x(user_id)
+              JOIN unnest(v_users) AS l(user_id) ON l.user_id = x.user_id) AS k
+        WHERE p.user_id = k.user_id
+          AND (p.closed_at IS NULL OR p.closed_at < now())
+          AND EXISTS (SELECT FROM gateway.presence_connections c WHERE c.user_id = p.user_id);
+    END IF;
 
     SELECT array_agg(s.topic), array_agg(s.data) INTO v_topics, v_data
     FROM gateway.presence_settle(v_users, array_fill(now(), ARRAY[cardinality(v_users)])) AS s;
@@ -237,7 +289,7 @@ $$;
 
 -- One connection opened (for SQL clients and tests; the gateway batches with presence_apply).
 -- Registers the replica if it has no row yet.
-CREATE OR REPLACE FUNCTION gateway.presence_connect(
+CREATE FUNCTION gateway.presence_connect(
     p_replica text, p_conn_id text, p_user text, p_status text DEFAULT 'online',
     p_topics text[] DEFAULT ARRAY['presence:global']
 ) RETURNS integer
@@ -252,7 +304,7 @@ END
 $$;
 
 -- One connection closed. Returns the number of status changes (0: the user is in the grace).
-CREATE OR REPLACE FUNCTION gateway.presence_disconnect(p_replica text, p_conn_id text) RETURNS integer
+CREATE FUNCTION gateway.presence_disconnect(p_replica text, p_conn_id text) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_user text;
@@ -267,7 +319,7 @@ END
 $$;
 
 -- One connection's status set ('online' or 'away').
-CREATE OR REPLACE FUNCTION gateway.presence_set_status(p_replica text, p_conn_id text, p_status text)
+CREATE FUNCTION gateway.presence_set_status(p_replica text, p_conn_id text, p_status text)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -288,7 +340,7 @@ $$;
 -- The replica is alive: one UPDATE of its row per interval, whatever its number of
 -- connections. False when it has no row (it was declared dead and swept, or never
 -- registered): the caller registers again with presence_apply(..., p_full => true).
-CREATE OR REPLACE FUNCTION gateway.presence_heartbeat(p_replica text) RETURNS boolean
+CREATE FUNCTION gateway.presence_heartbeat(p_replica text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE gateway.replicas SET heartbeat_at = now() WHERE replica_id = p_replica;
@@ -298,7 +350,7 @@ $$;
 
 -- Remove replicas (rows already deleted and returned by the caller, with their last
 -- heartbeat) : lock their users, delete their connections, settle. Internal.
-CREATE OR REPLACE FUNCTION gateway.presence_drop_connections(
+CREATE FUNCTION gateway.presence_drop_connections(
     p_replicas text[], p_heartbeats timestamptz[], p_also_lock text[], p_grace interval
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -326,6 +378,14 @@ BEGIN
     END IF;
     PERFORM gateway.presence_lock(v_users || coalesce(p_also_lock, '{}'));
     DELETE FROM gateway.presence_connections c WHERE c.replica_id = ANY (p_replicas);
+    -- Users who keep a connection on another replica: their removed ones were last known open
+    -- at v_at (now() for a replica shutting down). Should those others die later with an
+    -- older last heartbeat, the grace starts from here at the earliest. Rows locked above.
+    UPDATE gateway.presence p SET closed_at = u.at
+    FROM unnest(v_users, v_at) AS u(user_id, at)
+    WHERE p.user_id = u.user_id
+      AND (p.closed_at IS NULL OR p.closed_at < u.at)
+      AND EXISTS (SELECT FROM gateway.presence_connections c WHERE c.user_id = p.user_id);
     SELECT array_agg(s.topic), array_agg(s.data) INTO v_topics, v_data
     FROM gateway.presence_settle(v_users, v_at) AS s;
     IF p_grace IS NOT NULL THEN
@@ -341,7 +401,7 @@ $$;
 -- Clean shutdown of a replica: its connections are removed and its users enter the grace
 -- (another replica's sweep marks them offline after it unless they reconnect elsewhere).
 -- Also the way to remove a replica by hand. Returns the number of status changes.
-CREATE OR REPLACE FUNCTION gateway.presence_unregister(p_replica text) RETURNS integer
+CREATE FUNCTION gateway.presence_unregister(p_replica text) RETURNS integer
 LANGUAGE plpgsql AS $$
 BEGIN
     DELETE FROM gateway.replicas WHERE replica_id = p_replica;
@@ -356,7 +416,7 @@ $$;
 -- With p_users: only the grace check for those users (a replica calls it when the grace
 -- of a user that left it has passed, so the grace is honoured promptly).
 -- Returns the number of status changes published.
-CREATE OR REPLACE FUNCTION gateway.presence_sweep(p_ttl interval, p_grace interval, p_users text[] DEFAULT NULL)
+CREATE FUNCTION gateway.presence_sweep(p_ttl interval, p_grace interval, p_users text[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -393,3 +453,68 @@ BEGIN
     RETURN gateway.presence_drop_connections(v_dead, v_hb, v_due, p_grace);
 END
 $$;
+
+-- Delete up to p_limit rows of users offline and last seen more than p_older_than ago.
+-- Returns how many, or -1 when it did nothing this time (another replica is pruning, or
+-- presence writes kept the table for 100 ms): call it again later. Deleting publishes
+-- nothing: the user was offline for every subscriber already, and a user missing from the
+-- table is offline in a snapshot too.
+--
+-- Why the table lock: presence_apply creates a connecting user's row (INSERT .. ON CONFLICT
+-- DO NOTHING, which locks nothing when the row exists) before it locks the row. A row deleted
+-- between the two would leave the user connected without a row: online, shown to nobody.
+-- SHARE ROW EXCLUSIVE waits for every transaction that has written to gateway.presence (each
+-- holds ROW EXCLUSIVE on it until it ends) and makes new ones wait at their first write, so
+-- the delete sees every connection there is, and none is on its way. Held for one batch (a
+-- few milliseconds), waited for at most 100 ms (lock_timeout): pruning can wait, presence
+-- writes should not. Snapshot reads are never blocked.
+CREATE FUNCTION gateway.presence_prune(p_older_than interval, p_limit integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql
+SET lock_timeout = '100ms'
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    IF p_older_than IS NULL OR p_older_than <= interval '0' THEN
+        RAISE EXCEPTION 'gateway.presence_prune: the age must be a positive interval, not %',
+            coalesce(p_older_than::text, 'NULL');
+    END IF;
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        RAISE EXCEPTION 'gateway.presence_prune: the batch size must be 1 or more, not %',
+            coalesce(p_limit::text, 'NULL');
+    END IF;
+    -- b"gw_prune" read as an integer: one pruner at a time across all replicas.
+    IF NOT pg_try_advisory_xact_lock(7455532644696419941) THEN
+        RETURN -1;
+    END IF;
+    -- Usually there is nothing to do: then no table lock, so no write waits.
+    IF NOT EXISTS (
+        SELECT FROM gateway.presence o
+        WHERE o.status = 'offline' AND o.last_seen < now() - p_older_than
+    ) THEN
+        RETURN 0;
+    END IF;
+    BEGIN
+        LOCK TABLE gateway.presence IN SHARE ROW EXCLUSIVE MODE;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN -1;
+    END;
+    WITH gone AS (
+        DELETE FROM gateway.presence p
+        WHERE p.ctid = ANY (ARRAY(
+            SELECT o.ctid FROM gateway.presence o
+            WHERE o.status = 'offline' AND o.left_at IS NULL AND o.last_seen < now() - p_older_than
+              AND NOT EXISTS (SELECT FROM gateway.presence_connections c WHERE c.user_id = o.user_id)
+            ORDER BY o.last_seen
+            LIMIT p_limit
+            -- A row someone else has locked is left for next time: they may be about to write
+            -- to the table, so wait for this transaction, which must not wait for them.
+            FOR UPDATE SKIP LOCKED))
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_n FROM gone;
+    RETURN v_n;
+END
+$$;
+

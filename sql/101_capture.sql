@@ -1,0 +1,540 @@
+-- Capture: gateway.publish() attaches to a table the triggers that log its changes.
+--
+--   SELECT gateway.publish('public.items', $$'user:' || owner_id$$);
+--
+-- Every INSERT, UPDATE, DELETE and TRUNCATE of a published table appends one event per
+-- changed row to gateway.events (100_event_log.sql), in the writer's transaction, and wakes
+-- the relay when it is quiet (102_relay.sql). The writer pays for this inside its own
+-- transaction, so the generated row triggers are cut down to what measured cheapest: see
+-- "Why the triggers look like this" above gateway.publish(), and docs/performance-history.md
+-- for the measurements.
+
+-- What gateway.publish() set up, per table: the gateway reads rows by this key column and
+-- checks their topic with the generated row_topic function.
+CREATE TABLE gateway.published (
+    tbl        regclass PRIMARY KEY,
+    key_column text NOT NULL,
+    topic      text NOT NULL,
+    row_topic  text NOT NULL
+);
+
+-- The longest prefix of p_text that is at most p_bytes bytes long, cut between characters
+-- (byte lengths in the database's encoding, as PostgreSQL counts names).
+CREATE FUNCTION gateway.clip_name(p_text text, p_bytes integer) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT CASE WHEN octet_length(p_text) <= p_bytes THEN p_text
+                ELSE (SELECT left(p_text, max(k)) FROM generate_series(0, p_bytes) AS k
+                      WHERE octet_length(left(p_text, k)) <= p_bytes)
+           END
+$$;
+
+-- Name of a function publish() generates for a table: <kind>_<schema>_<table>_<hash>,
+-- readable, and unique per table even where the readable part is cut. At most 63 bytes
+-- (PostgreSQL's max_identifier_length, which counts bytes: 30 Cyrillic letters take 60, 30
+-- CJK ones 90), whatever the table is called: the longest kind (capture_update, 14) + '_' +
+-- 36 bytes cut between two characters + '_' + 8 hex digits = 60.
+CREATE FUNCTION gateway.capture_name(p_table regclass, p_kind text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT p_kind || '_' || gateway.clip_name(n.nspname || '_' || c.relname, 36) || '_'
+           || left(md5(n.nspname || '.' || c.relname), 8)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table
+$$;
+
+-- The functions publish() generated for a table:
+-- * the functions its capture triggers run;
+-- * its row_topic function: the generated function taking a row of the table;
+-- * the functions named as capture_name() names them: leftovers whose triggers are gone
+--   would still keep publish() from creating functions of the same name;
+-- * its topic function, called by name in the bodies of the others (PostgreSQL records no
+--   dependency that would lead to it: its parameters are the columns' types).
+CREATE FUNCTION gateway.generated_functions(p_table regclass) RETURNS SETOF regprocedure
+LANGUAGE sql STABLE AS $$
+    WITH names AS (
+        SELECT gateway.capture_name(p_table, kind) AS name
+        FROM unnest(ARRAY['topic', 'row_topic', 'capture_insert', 'capture_update', 'capture_delete']) AS kind
+    ), found AS (
+        SELECT p.oid, p.proname, p.prosrc
+        FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+        WHERE t.tgrelid = p_table AND p.pronamespace = 'gateway'::regnamespace
+          AND t.tgname IN ('gateway_capture_insert', 'gateway_capture_update', 'gateway_capture_delete')
+        UNION
+        SELECT p.oid, p.proname, p.prosrc
+        FROM pg_proc p JOIN pg_class c ON c.oid = p_table
+        WHERE p.pronamespace = 'gateway'::regnamespace AND p.proname LIKE 'row\_topic\_%'
+          AND p.pronargs = 1 AND p.proargtypes[0] = c.reltype
+        UNION
+        SELECT p.oid, p.proname, p.prosrc
+        FROM pg_proc p
+        WHERE p.pronamespace = 'gateway'::regnamespace AND p.proname IN (SELECT names.name FROM names)
+    ), called AS (
+        -- publish() writes the topic function's name with format('gateway.%I'): unquote it.
+        -- Not in the topic function itself: that is the caller's expression, whose functions
+        -- are the caller's.
+        SELECT CASE WHEN left(m[1], 1) = '"'
+                    THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
+                    ELSE m[1] END AS name
+        FROM found, regexp_matches(found.prosrc, 'gateway\.("(?:[^"]|"")+"|[a-z_][a-z0-9_]*)\(', 'g') AS m
+        WHERE found.proname NOT LIKE 'topic\_%'
+    )
+    SELECT found.oid::regprocedure FROM found
+    UNION
+    SELECT p.oid::regprocedure
+    FROM pg_proc p
+    WHERE p.pronamespace = 'gateway'::regnamespace AND p.proname LIKE 'topic\_%'
+      AND p.proname IN (SELECT called.name FROM called)
+$$;
+
+-- Stop publishing a table's changes: drops its triggers and generated functions (and, through
+-- the trigger on gateway.published below, its TRUNCATE trigger).
+CREATE FUNCTION gateway.unpublish(p_table regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    generated regprocedure[];
+    f regprocedure;
+    trigger_name name;
+BEGIN
+    IF p_table IS NULL THEN
+        RAISE EXCEPTION 'gateway.unpublish: the table must not be NULL';
+    END IF;
+    -- Before the triggers go: they lead to their functions.
+    generated := ARRAY(SELECT gateway.generated_functions(p_table));
+    -- The triggers there are, rather than DROP TRIGGER IF EXISTS: that says "does not exist,
+    -- skipping" for each missing one, so a table's first publish() printed three notices.
+    FOR trigger_name IN
+        SELECT t.tgname FROM pg_trigger t
+        WHERE t.tgrelid = p_table AND NOT t.tgisinternal
+          AND t.tgname IN ('gateway_capture_insert', 'gateway_capture_update', 'gateway_capture_delete')
+        ORDER BY t.tgname
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, p_table);
+    END LOOP;
+    DELETE FROM gateway.published WHERE tbl = p_table;
+    FOREACH f IN ARRAY generated LOOP
+        EXECUTE format('DROP FUNCTION %s', f);
+    END LOOP;
+END
+$$;
+
+-- Appends one event of a row change and rings the relay when it is quiet: used for the rarer
+-- events, the delete where an UPDATE moved a row from and the deletes of a TRUNCATE (the row
+-- triggers do the same inline: a function call per changed row is measurable in the writer's
+-- cost). Returns the position, or NULL when the topic is NULL (not published).
+CREATE FUNCTION gateway.log_event(p_tbl text, p_op "char", p_topic text, p_key text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_pos bigint;
+BEGIN
+    IF p_topic IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT a.pos INTO v_pos FROM gateway.advance(p_topic) AS a;
+    INSERT INTO gateway.events (topic, pos, op, tbl, key) VALUES (p_topic, v_pos, p_op, p_tbl, p_key);
+    PERFORM gateway.ring();
+    RETURN v_pos;
+END
+$$;
+
+-- Fill the {name} placeholders of a template with the values p_values names so (a JSON object
+-- of texts; a JSON null fills in nothing). One pass: a value is never searched for
+-- placeholders itself, so a table named "a{op}" stays as it is. A placeholder with no value
+-- is an error, so that a typo in a template cannot go unnoticed. Used by publish() below.
+CREATE FUNCTION gateway.fill_template(p_template text, p_values jsonb) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    missing text;
+BEGIN
+    SELECT m[1] INTO missing
+    FROM regexp_matches(p_template, '\{([a-z_]+)\}', 'g') AS m
+    WHERE NOT p_values ? m[1]
+    LIMIT 1;
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'gateway.fill_template: no value for the placeholder {%}', missing;
+    END IF;
+    -- Each piece is a placeholder (m[2] its name), a run of text without braces, or a brace.
+    RETURN coalesce((
+        SELECT string_agg(CASE WHEN m[2] IS NULL THEN m[1] ELSE p_values ->> m[2] END, '' ORDER BY k)
+        FROM regexp_matches(p_template, '(\{([a-z_]+)\}|[^{]+|\{)', 'g') WITH ORDINALITY AS r(m, k)
+    ), '');
+END
+$$;
+
+-- Attach the capture triggers to a table:
+--   SELECT gateway.publish('public.items', $$'user:' || owner_id$$);
+-- `p_topic` is an SQL expression over the row's columns giving its topic (rows where it
+-- is NULL are not published). `p_key` is the key column (default: the primary key, which
+-- must then have a single key column). Calling it again replaces the previous settings, and
+-- keeps how the table's capture triggers were enabled (ENABLE ALWAYS, ENABLE REPLICA or
+-- DISABLE, as an operator set them: see docs/sql.md); unpublish() then publish() starts
+-- afresh.
+--
+-- It generates for this table, in schema gateway (names from capture_name()):
+--   topic_<table>(the columns the expression uses): the expression as an SQL function;
+--   row_topic_<table>(a row of the table): the same for a whole row (used by the gateway);
+--   capture_insert_/capture_update_/capture_delete_<table>(): AFTER ... FOR EACH ROW
+--     triggers appending the row's event(s) and ringing the relay when it is quiet: the
+--     template `row_trigger` below, with `moved_row` in the update trigger;
+-- and the TRUNCATE trigger comes with the row in gateway.published (capture_truncate below).
+--
+-- Why the triggers look like this (the measurements: docs/performance-history.md):
+-- - Row triggers, not one statement trigger over transition tables: capturing transition
+--   tables and querying them (CTEs, window functions, INSERT ... ON CONFLICT every time)
+--   costs several times what two cached single-row statements cost.
+-- - The position: UPDATE the topic row (one statement) and INSERT it only if missing. The
+--   event: one INSERT. These two are the floor of a durable, gap-free log. A NULL topic
+--   matches no head, so it is checked only when the UPDATE found none.
+-- - No statement trigger and no doorbell list: each row trigger rings the relay itself, and
+--   only when the relay is quiet (102_relay.sql); PostgreSQL sends a transaction's identical
+--   notifications once, so a statement (or a whole transaction) of many rows still sends one
+--   NOTIFY. The flag is read after the row's event is written, so the relay's switch to quiet
+--   (gateway/relay.py) still covers every writer.
+-- - PL/pgSQL sets up each expression or plan again in every new transaction, so the code runs
+--   few statements: names and the table are constants, one function per operation instead of
+--   branching on TG_OP; the rarer paths (several rows, moved rows) are in functions called
+--   only then. Assignments instead of PERFORM where there is a choice: PERFORM starts an
+--   executor; an expression does not.
+-- - A statement of several rows is recognised by `PERFORM FROM <transition table> OFFSET 1;
+--   IF FOUND` (cheaper than an EXISTS sub-select, and than counting), and only then uses a
+--   transaction-local setting, gateway.rows_left_<table oid>_<i, u or d>: the first row locks
+--   all the statement's topics in sorted order (gateway.lock_topics: two statements cannot
+--   deadlock on them) and stores how many rows are left; the others count down, so the next
+--   statement starts over at zero. Each trigger has its own setting: a MERGE or an upsert
+--   fires them interleaved, in the order its rows come, and a shared one could be left above
+--   zero, so that the next statement took its first rows for the MERGE's last ones and
+--   locked their topics one by one, in row order. (Such a statement still locks its inserted
+--   rows' topics and its updated rows' topics as two groups: docs/sql.md.)
+-- - An update computes the old row's topic, to see whether the row moved, only when a column
+--   the topic expression reads (or the key) changed. Equal columns give the same topic only
+--   if equal means identical, which is not so for every type (numeric 1.0 = 1.00, but their
+--   texts differ; a case-insensitive collation), so this is done only when every such column
+--   is of a type where it is (integers, boolean, uuid, date, timestamps, and text or varchar
+--   under a deterministic collation); otherwise the old topic is computed on every row. (A
+--   topic is a function of the row's columns: the gateway already relies on that when it
+--   checks, reading a row, that the row still belongs to its event's topic.) The old and new
+--   topics are compared COLLATE "C": under a case-insensitive collation 'person:Ann' =
+--   'person:ann', two topics. A row that moved touches two topics: they are locked in sorted
+--   order too.
+-- - The topic expression becomes an SQL function with parameters named like the columns: it
+--   reads as written, and PostgreSQL inlines it into the trigger's cached expression. Its
+--   body is SQL-standard (LANGUAGE sql RETURN ...), parsed once, when publish() creates it,
+--   with publish()'s search_path: the names in it (a function of the application's own, a
+--   type, an operator) mean what they meant then, whoever writes the row, and PostgreSQL
+--   records what it calls, so dropping such a function while a topic uses it is refused
+--   instead of breaking every write. (A COLLATE in its body would not make the topic compare
+--   as bytes: PostgreSQL gives an inlined call the collation of its arguments.)
+-- - The topics of rows are not checked against the gateway's rule for topics (as emit()'s
+--   are): a check per row would cost every writer, and the expression is written once, by
+--   whoever publishes the table.
+-- A partitioned table is published through its parent; its row triggers fire for rows
+-- written through a partition too.
+CREATE FUNCTION gateway.publish(p_table regclass, p_topic text, p_key text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    tbl_name text;
+    kind "char";
+    key_type regtype;
+    key_count bigint;
+    key_list text;
+    key_same text;
+    cols_changed text;
+    topic_fn text;
+    mark text;
+    params text;
+    new_args text;
+    old_args text;
+    row_args text;
+    plain_args text;
+    probe text;
+    trigger_states jsonb;
+    trigger_name text;
+    trigger_state text;
+    -- A row trigger. {function}: its name; {topic_fn}: the topic function and {row_args} the
+    -- row's columns it reads (NEW.c or OLD.c); {rows}: the transition table of the statement's
+    -- rows (all of them are in it before the first AFTER ROW trigger fires); {rows_left}: the
+    -- transaction-local setting counting the rows of a multi-row statement still to come;
+    -- {statement_topics}: a query of the statement's topics; {moved_row}: the update
+    -- trigger's extra step, `moved_row` below ('' for the others); {op}: i, u or d; {table}:
+    -- the table as events name it (schema.table, unquoted); {row}: NEW or OLD; {key}: the key
+    -- column. Names and literals are quoted before they are filled in.
+    row_trigger text := $t$
+        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql AS $body$
+        DECLARE
+            gw_topic text := {topic_fn}({row_args});
+            gw_pos bigint;
+            gw_x text;
+        BEGIN
+            PERFORM FROM {rows} OFFSET 1;
+            IF FOUND THEN
+                -- Several rows: at the first, lock all their topics in sorted order.
+                gw_x := current_setting({rows_left}, true);
+                IF gw_x IS NULL OR gw_x IN ('', '0') THEN
+                    PERFORM gateway.lock_topics(ARRAY({statement_topics}));
+                    gw_x := (SELECT count(*) FROM {rows})::text;
+                END IF;
+                gw_x := set_config({rows_left}, (gw_x::bigint - 1)::text, true);
+            END IF;
+    {moved_row}
+            UPDATE gateway.topics SET pos = pos + 1 WHERE topic = gw_topic RETURNING pos INTO gw_pos;
+            IF NOT FOUND THEN
+                IF gw_topic IS NULL THEN
+                    RETURN NULL;  -- not published (no head has a NULL topic)
+                END IF;
+                INSERT INTO gateway.topics AS h (topic, pos) VALUES (gw_topic, 1)
+                ON CONFLICT (topic) DO UPDATE SET pos = h.pos + 1
+                RETURNING h.pos INTO gw_pos;
+            END IF;
+            INSERT INTO gateway.events (topic, pos, op, tbl, key) VALUES (gw_topic, gw_pos, '{op}', {table}, ({row}.{key})::text);
+            -- gateway.ring(), inline: wake the relay unless it polls anyway.
+            IF coalesce(pg_sequence_last_value('gateway.relay_awake_until'), 0)
+               < date_part('epoch', clock_timestamp()) * 1000 THEN
+                IF current_setting('gateway.ring', true) IS DISTINCT FROM 'off' THEN
+                    gw_x := pg_notify('gateway_poll', '');
+                END IF;
+            END IF;
+            RETURN NULL;
+        END
+    $body$
+    $t$;
+    -- The update trigger's step for a row that moved. {if_columns_changed} and {end_if}
+    -- enclose it in `IF <the key or a column the topic reads changed> THEN ... END IF;` when
+    -- the column types allow (see above), else are empty; {key_changed}: the key comparison;
+    -- {old_args}: the old row's columns the topic function reads.
+    moved_row text := $m$
+            -- A row that moved to another topic (or got another key) is deleted where it was.
+            -- It touches two topics: lock them in sorted order (a multi-row statement has).
+            {if_columns_changed}
+            IF {key_changed} OR {topic_fn}({old_args}) COLLATE "C" IS DISTINCT FROM gw_topic THEN
+                PERFORM gateway.lock_topics(ARRAY[{topic_fn}({old_args}), gw_topic]);
+                gw_pos := gateway.log_event({table}, 'd', {topic_fn}({old_args}), (OLD.{key})::text);
+            END IF;
+            {end_if}
+            $m$;
+BEGIN
+    IF p_table IS NULL THEN
+        RAISE EXCEPTION 'gateway.publish: the table must not be NULL';
+    END IF;
+    SELECT format('%s.%s', n.nspname, c.relname), c.relkind INTO tbl_name, kind
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'gateway.publish: % is not a table', tbl_name;
+    END IF;
+    IF p_topic IS NULL OR btrim(p_topic) = '' THEN
+        RAISE EXCEPTION 'gateway.publish: the topic expression for % is empty', tbl_name;
+    END IF;
+
+    IF p_key IS NULL THEN
+        -- Counted, not told apart by commas in the list of names: a name may hold a comma.
+        -- Only the first indnkeyatts columns are the key; the rest are INCLUDE columns.
+        SELECT count(*), min(a.attname::text), string_agg(quote_ident(a.attname), ', ' ORDER BY k.n)
+        INTO key_count, p_key, key_list
+        FROM pg_index i CROSS JOIN generate_series(0, i.indnkeyatts - 1) AS k(n)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[k.n]
+        WHERE i.indrelid = p_table AND i.indisprimary;
+        IF key_count = 0 THEN
+            RAISE EXCEPTION 'gateway.publish: % has no primary key; pass the key column as the third argument', tbl_name;
+        END IF;
+        IF key_count > 1 THEN
+            RAISE EXCEPTION 'gateway.publish: % has a composite primary key (%); pass one unique column as the third argument', tbl_name, key_list;
+        END IF;
+    END IF;
+    SELECT a.atttypid INTO key_type
+    FROM pg_attribute a WHERE a.attrelid = p_table AND a.attname = p_key AND a.attnum > 0 AND NOT a.attisdropped;
+    IF key_type IS NULL THEN
+        RAISE EXCEPTION 'gateway.publish: % has no column %', tbl_name, p_key;
+    END IF;
+    -- An UPDATE compares the old and new key: directly if the type has an equality, else as text.
+    BEGIN
+        EXECUTE format('SELECT NULL::%s IS DISTINCT FROM NULL::%s', key_type, key_type);
+        key_same := format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', p_key);
+    EXCEPTION WHEN OTHERS THEN
+        key_same := format('(OLD.%1$I)::text IS DISTINCT FROM (NEW.%1$I)::text', p_key);
+    END;
+
+    -- Fail now, with the table's name, if the expression does not work on this table. The
+    -- probe view also tells which columns the expression uses: those it depends on.
+    probe := 'gateway_publish_probe_' || pg_backend_pid();
+    BEGIN
+        EXECUTE format('CREATE TEMPORARY VIEW %I AS SELECT (%s)::text AS topic FROM %s', probe, p_topic, p_table);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'gateway.publish: topic expression % does not work on %: %', p_topic, tbl_name, SQLERRM;
+    END;
+    SELECT string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum),
+           string_agg(format('NEW.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('OLD.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('($1).%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           -- The columns' comparison for `moved_row`: NULL when a column's type does not allow
+           -- it, '' when the key is the only one (or there is none: a constant topic).
+           CASE WHEN coalesce(bool_and(
+                    a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'bool'::regtype,
+                                   'uuid'::regtype, 'date'::regtype, 'timestamp'::regtype,
+                                   'timestamptz'::regtype, 'text'::regtype, 'varchar'::regtype)
+                    AND (a.attcollation = 0 OR co.collisdeterministic)), true)
+                -- the other columns, each as ' OR OLD.c IS DISTINCT FROM NEW.c' (the key is
+                -- compared anyway)
+                THEN coalesce(string_agg(format(' OR OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ''
+                                         ORDER BY a.attnum) FILTER (WHERE a.attname <> p_key), '')
+           END
+    INTO params, new_args, old_args, row_args, plain_args, cols_changed
+    FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation
+    WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped AND a.attnum IN (
+        SELECT d.refobjsubid FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+        WHERE d.classid = 'pg_rewrite'::regclass AND r.ev_class = format('pg_temp.%I', probe)::regclass
+          AND d.refclassid = 'pg_class'::regclass AND d.refobjid = p_table);
+    EXECUTE format('DROP VIEW pg_temp.%I', probe);
+
+    -- How the triggers are enabled when not as by default ('O'), set again on the new ones
+    -- below (the TRUNCATE trigger is created again by the INSERT into gateway.published).
+    SELECT coalesce(jsonb_object_agg(t.tgname, t.tgenabled::text), '{}') INTO trigger_states
+    FROM pg_trigger t
+    WHERE t.tgrelid = p_table AND t.tgenabled <> 'O'
+      AND t.tgname IN ('gateway_capture_insert', 'gateway_capture_update', 'gateway_capture_delete',
+                       'gateway_capture_truncate');
+    PERFORM gateway.unpublish(p_table);
+    topic_fn := format('gateway.%I', gateway.capture_name(p_table, 'topic'));
+    mark := 'gateway.rows_left_' || p_table::oid;
+    -- Not STRICT and VOLATILE (the default): the expression keeps its meaning whatever it
+    -- calls, and an SQL function declared so is still inlined. A SQL-standard body: its names
+    -- are bound now, not at each write.
+    BEGIN
+        EXECUTE format('CREATE FUNCTION %s(%s) RETURNS text LANGUAGE sql RETURN (%s)::text',
+                       topic_fn, coalesce(params, ''), p_topic);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'gateway.publish: topic expression % does not work on %: %', p_topic, tbl_name, SQLERRM;
+    END;
+    -- The topic of a whole row: the gateway checks, when it reads a row to send it, that the
+    -- row still belongs to the event's topic (it may have moved since the event was written).
+    EXECUTE format('CREATE FUNCTION gateway.%I(%s) RETURNS text LANGUAGE sql AS %L',
+                   gateway.capture_name(p_table, 'row_topic'), p_table,
+                   format('SELECT %s(%s)', topic_fn, coalesce(row_args, '')));
+    INSERT INTO gateway.published (tbl, key_column, topic, row_topic)
+    VALUES (p_table, p_key, p_topic, gateway.capture_name(p_table, 'row_topic'));
+
+    EXECUTE gateway.fill_template(row_trigger, jsonb_build_object(
+        'function', quote_ident(gateway.capture_name(p_table, 'capture_insert')),
+        'topic_fn', topic_fn,
+        'row_args', new_args,
+        'rows', 'gateway_new',
+        'rows_left', quote_literal(mark || '_i'),
+        'statement_topics', format('SELECT %s(%s) FROM gateway_new', topic_fn, plain_args),
+        'moved_row', '',
+        'op', 'i',
+        'table', quote_literal(tbl_name),
+        'row', 'NEW',
+        'key', quote_ident(p_key)));
+    EXECUTE gateway.fill_template(row_trigger, jsonb_build_object(
+        'function', quote_ident(gateway.capture_name(p_table, 'capture_delete')),
+        'topic_fn', topic_fn,
+        'row_args', old_args,
+        'rows', 'gateway_old',
+        'rows_left', quote_literal(mark || '_d'),
+        'statement_topics', format('SELECT %s(%s) FROM gateway_old', topic_fn, plain_args),
+        'moved_row', '',
+        'op', 'd',
+        'table', quote_literal(tbl_name),
+        'row', 'OLD',
+        'key', quote_ident(p_key)));
+    EXECUTE gateway.fill_template(row_trigger, jsonb_build_object(
+        'function', quote_ident(gateway.capture_name(p_table, 'capture_update')),
+        'topic_fn', topic_fn,
+        'row_args', new_args,
+        'rows', 'gateway_new',
+        'rows_left', quote_literal(mark || '_u'),
+        'statement_topics', format('SELECT %1$s(%2$s) FROM gateway_new UNION ALL SELECT %1$s(%2$s) FROM gateway_old',
+                                   topic_fn, plain_args),
+        'moved_row', gateway.fill_template(moved_row, jsonb_build_object(
+            'if_columns_changed', CASE WHEN cols_changed IS NOT NULL
+                                       THEN format('IF %s%s THEN  -- only then can the topic differ',
+                                                   key_same, cols_changed) END,
+            'key_changed', key_same,
+            'topic_fn', topic_fn,
+            'old_args', old_args,
+            'table', quote_literal(tbl_name),
+            'key', quote_ident(p_key),
+            'end_if', CASE WHEN cols_changed IS NOT NULL THEN 'END IF;' END)),
+        'op', 'u',
+        'table', quote_literal(tbl_name),
+        'row', 'NEW',
+        'key', quote_ident(p_key)));
+
+    EXECUTE format('CREATE TRIGGER gateway_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS gateway_new '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+                   p_table, gateway.capture_name(p_table, 'capture_insert'));
+    EXECUTE format('CREATE TRIGGER gateway_capture_update AFTER UPDATE ON %s '
+                   'REFERENCING OLD TABLE AS gateway_old NEW TABLE AS gateway_new '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+                   p_table, gateway.capture_name(p_table, 'capture_update'));
+    EXECUTE format('CREATE TRIGGER gateway_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS gateway_old '
+                   'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
+                   p_table, gateway.capture_name(p_table, 'capture_delete'));
+    FOR trigger_name, trigger_state IN SELECT e.key, e.value FROM jsonb_each_text(trigger_states) AS e LOOP
+        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', p_table,
+                       CASE trigger_state WHEN 'A' THEN 'ENABLE ALWAYS' WHEN 'R' THEN 'ENABLE REPLICA' ELSE 'DISABLE' END,
+                       trigger_name);
+    END LOOP;
+END
+$$;
+
+-- TRUNCATE empties a table without firing its row triggers, yet it is a committed change like
+-- any other (docs/guarantees.md): each published table also gets a BEFORE TRUNCATE statement
+-- trigger that appends a delete event for each of its rows, in the TRUNCATE's transaction,
+-- before the rows go. It costs nothing on the writers' per-row path; a TRUNCATE costs what a
+-- DELETE of the same rows would cost in events (it is no longer O(1) for the log). Its
+-- function is one generic function, not generated per table: it reads the key column and
+-- row_topic function of the table from gateway.published.
+CREATE FUNCTION gateway.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    p gateway.published;
+    n bigint;
+BEGIN
+    SELECT * INTO p FROM gateway.published WHERE tbl = TG_RELID;
+    IF NOT FOUND THEN
+        RETURN NULL;  -- unpublished meanwhile
+    END IF;
+    -- ONLY: the rows of this table; an inheritance child truncated with it fires its own.
+    -- Its topics are locked in sorted order first, like a multi-row statement's (publish()).
+    EXECUTE format('SELECT gateway.lock_topics(ARRAY(SELECT DISTINCT gateway.%I(t) FROM ONLY %s AS t))',
+                   p.row_topic, p.tbl);
+    -- The table as the row triggers name it (publish(): schema.table, unquoted). log_event
+    -- skips rows whose topic is NULL (not published) and rings the relay when it is quiet.
+    EXECUTE format('SELECT count(gateway.log_event(%L, ''d'', gateway.%I(t), (t.%I)::text)) FROM ONLY %s AS t',
+                   TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, p.row_topic, p.key_column, p.tbl)
+    INTO n;
+    RETURN NULL;
+END
+$$;
+
+-- publish() records a table in gateway.published after attaching its row triggers, and
+-- unpublish() deletes the record: attach and remove the TRUNCATE trigger with it.
+CREATE FUNCTION gateway.published_truncate_trigger() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        -- A table dropped since has no triggers left to drop (nor one whose TRUNCATE trigger
+        -- was dropped by hand: checked first, so that nothing says "does not exist, skipping").
+        IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = OLD.tbl AND tgname = 'gateway_capture_truncate') THEN
+            EXECUTE format('DROP TRIGGER gateway_capture_truncate ON %s', OLD.tbl);
+        END IF;
+        RETURN NULL;
+    END IF;
+    EXECUTE format('CREATE OR REPLACE TRIGGER gateway_capture_truncate BEFORE TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION gateway.capture_truncate()', NEW.tbl);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER gateway_truncate_trigger AFTER INSERT OR DELETE ON gateway.published
+FOR EACH ROW EXECUTE FUNCTION gateway.published_truncate_trigger();
+
+-- Regenerate the triggers of every published table with the current publish(): a migration
+-- that changes what publish() generates restates publish() and then calls this.
+CREATE FUNCTION gateway.republish_all() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT tbl, topic, key_column FROM gateway.published ORDER BY tbl::text LOOP
+        PERFORM gateway.publish(r.tbl, r.topic, r.key_column);
+    END LOOP;
+END
+$$;
