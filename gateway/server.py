@@ -42,6 +42,7 @@ from .logsetup import QUIET_BAD_REQUESTS, REDACT_BEARER
 from .migrate import prerelease_problem
 from .pgerrors import DB_ERRORS, PoolConnectWatch
 from .pipeline import Pipeline
+from .pooling import check_session_pooling
 from .presence import Presence
 from .ratelimit import TokenBucket
 from .relay import Relay
@@ -195,6 +196,7 @@ async def _open_pool(s: Settings, size: int) -> asyncpg.Pool:
 
 async def _checked_resolver(pool: asyncpg.Pool, s: Settings) -> Resolver:
     """The resolver of GATEWAY_TABLES, once the gateway schema and those tables are found."""
+    await check_session_pooling(s.database_url)  # PgBouncer in transaction mode breaks LISTEN & co.
     missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
     if missing:
         raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
