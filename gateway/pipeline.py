@@ -582,7 +582,7 @@ class Pipeline:
             row = None
             if p.op in ("i", "u") and p.tbl in read:
                 got = rows.get((p.tbl, p.key or ""))
-                if got is None or got[1] != p.topic:
+                if got is None or p.topic not in got[1]:
                     # Deleted, or moved to another topic, before we could read it: to this
                     # topic it is gone, so a delete carrying its key (never another topic's row).
                     op = "delete"
