@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv demo test check lint typecheck unit loadtest loadtest-smoke clean
+.PHONY: help venv js demo test check lint typecheck unit loadtest loadtest-smoke clean
 
 help:
 	@echo "make demo      start a throwaway PostgreSQL (unless DATABASE_URL is set), the gateway and a live demo page"
@@ -23,6 +23,22 @@ $(STAMP): requirements.lock pyproject.toml gateway/__init__.py
 
 venv: $(STAMP)
 
+# The npm package's (clients/js) development tools, TypeScript and React, at the versions of its
+# package-lock.json. Only when npm is installed: the gateway itself needs no Node, and the tests
+# that do skip, saying why, without it.
+NPM := $(shell command -v npm 2>/dev/null)
+JS_STAMP := clients/js/node_modules/.installed
+ifneq ($(NPM),)
+$(JS_STAMP): clients/js/package.json clients/js/package-lock.json
+	cd clients/js && $(NPM) ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+js: $(JS_STAMP)
+else
+js:
+	@echo "no npm here: the tests of the npm package (clients/js) will be skipped"
+endif
+
 demo: $(STAMP)
 	$(BIN)/gateway demo
 
@@ -35,7 +51,7 @@ typecheck: $(STAMP)
 
 check: lint typecheck
 
-unit: $(STAMP)
+unit: $(STAMP) js
 	$(BIN)/pytest -q
 
 test: check unit

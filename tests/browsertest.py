@@ -52,6 +52,8 @@ BROWSER_TESTS = [
 ]
 
 VIEWPORT = {"width": 1200, "height": 800}
+# Chromium reports a refused WebSocket connection on the console; expected while a gateway is down.
+SOCKET_REFUSED = "WebSocket connection to"
 # Upper bound for a condition to become true (never a measured duration). Generous: the machine
 # running the suite may be busy, and a gateway restart includes a Python interpreter start.
 WAIT_MS = 20_000

@@ -29,6 +29,7 @@ from gateway import protocol as p
 
 from .browsertest import (
     BROWSER_TESTS,
+    SOCKET_REFUSED,
     VIEWPORT,
     WAIT_MS,
     BrowserErrors,
@@ -43,8 +44,6 @@ from .pgconn import connection, pg_connect
 from .polling import eventually
 
 SCREENSHOT = REPO / "docs" / "demo.png"
-# Chromium reports a refused WebSocket connection on the console; expected while a gateway is down.
-SOCKET_REFUSED = "WebSocket connection to"
 
 pytestmark = BROWSER_TESTS
 

@@ -5,6 +5,9 @@
  * server replays what was missed, or answers "recovered": false and the application reloads.
  * Dropped sockets are retried with full-jitter backoff. Wire protocol: gateway/protocol.py.
  */
+// Also published as the npm package pg-ws-gateway, with its types and React hooks: clients/js/
+// (`npm pack` copies this file there; edit it here). The block comment above is served, these
+// line comments are not (the gateway strips whole-line // comments), so notes go in them.
 (function (root) {
   "use strict";
 
@@ -83,7 +86,17 @@
       this._generation = 0;
       // what the application asked for
       this._status = "online";
-      this._onVisibility = () => this._syncStatus();
+      // listeners added with onState(), besides options.onState
+      this._listeners = new Set();
+      this._onVisibility = () => {
+        this._syncStatus();
+        // Back in view: mobile browsers and background tabs kill sockets, and the backoff may
+        // be 20 s away. Try within a second instead; the jitter keeps a fleet of tabs, shown
+        // again together (a laptop waking), from arriving at once. Offline, `online` will.
+        if (this.state === "reconnecting" && root.document.visibilityState === "visible" && root.navigator.onLine !== false) {
+          this._timer("retry", () => this._connect(), Math.random() * 1000);
+        }
+      };
       this._onOnline = () => this.state === "reconnecting" && this._connect();
       if (root.document) root.document.addEventListener("visibilitychange", this._onVisibility);
       if (root.addEventListener) root.addEventListener("online", this._onOnline);
@@ -113,6 +126,12 @@
 
     close() {
       if (this.state !== "closed") this._finish(1000, "closed by the application", true);
+    }
+
+    // Another onState listener (a UI framework's bindings, say); returns the function removing it.
+    onState(fn) {
+      this._listeners.add(fn);
+      return () => this._listeners.delete(fn);
     }
 
     _add(sub) {
@@ -467,6 +486,7 @@
     _setState(state, detail) {
       this.state = state;
       call(this.options.onState, state, detail);
+      for (const fn of this._listeners) call(fn, state, detail);
     }
 
     // Errors no subscription owns go to options.onError, or the console: never lost.
