@@ -55,7 +55,7 @@ class EventLog:
         to, which has no row (sql/100_event_log.sql): reading a head never writes or waits."""
         self.head_reads += 1
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch("SELECT topic, epoch, pos FROM gateway.heads($1::text[])", topics)
+            rows = await conn.fetch("SELECT topic, epoch, pos FROM gateway.topic_heads($1::text[])", topics)
         return {r["topic"]: Head(r["epoch"], r["pos"]) for r in rows}
 
     async def read(self, ranges: list[tuple[str, str, int, int]]) -> list[LogEvent]:

@@ -240,7 +240,9 @@ class Presence:
                 # in neither, and then the pipeline replays it after the head.
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     head = await conn.fetchrow(
-                        "SELECT epoch, pos FROM gateway.heads(ARRAY[$1::text])", topic, timeout=CALL_TIMEOUT
+                        "SELECT epoch, pos FROM gateway.topic_heads(ARRAY[$1::text])",
+                        topic,
+                        timeout=CALL_TIMEOUT,
                     )
                     rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
         except DB_ERRORS as exc:

@@ -81,6 +81,23 @@ def build_select(entry: TableEntry, key: str, key_type: str, row_topic: str, man
     )
 
 
+def key_column_gone_fix(entry: TableEntry, topic: str | None) -> str:
+    """How to repair a published table whose key column was dropped or renamed. Until then its
+    capture triggers fail every write to it (``record "new" has no field ...``, docs/sql.md)."""
+    table = "'" + entry.display.replace("'", "''") + "'"
+    if topic is None:
+        expression = "<topic expression>"
+    elif "$$" not in topic:
+        expression = "$$" + topic + "$$"  # as docs/sql.md writes them: its quotes stay as they are
+    else:
+        expression = "'" + topic.replace("'", "''") + "'"
+    return (
+        "Publish it again with another unique column as its key, "
+        f"SELECT gateway.publish({table}, {expression}, '<column>'), or stop publishing it, "
+        f"SELECT gateway.unpublish({table}) (and remove it from GATEWAY_TABLES); then restart the gateway"
+    )
+
+
 class Resolver:
     def __init__(self, pool: asyncpg.Pool, entries: list[TableEntry]) -> None:
         self._pool = pool
@@ -166,7 +183,7 @@ class Resolver:
                 )
                 raise ConfigError(f"GATEWAY_TABLES: {entry.display} has no column {c!r}{hint}")
         published = await conn.fetchrow(
-            "SELECT key_column, row_topic, (SELECT f.prorettype = 'text[]'::regtype FROM pg_proc f "
+            "SELECT key_column, row_topic, topic, (SELECT f.prorettype = 'text[]'::regtype FROM pg_proc f "
             "WHERE f.oid = format('gateway.%I(%s)', row_topic, tbl)::regprocedure) AS many "
             "FROM gateway.published WHERE tbl = $1::oid::regclass",
             oid,
@@ -181,7 +198,7 @@ class Resolver:
         if key not in cols:
             raise ConfigError(
                 f"GATEWAY_TABLES: {entry.display} is published with key column {key!r}, which it no "
-                "longer has: publish it again"
+                f"longer has. {key_column_gone_fix(entry, published['topic'])}"
             )
         select = build_select(entry, key, cols[key], row_topic, bool(published["many"]))
         # Run once with no key: any error in the statement (or a missing SELECT privilege)
@@ -237,7 +254,20 @@ class Resolver:
         return out
 
     def _cannot_read(self, spec: TableSpec, exc: Exception) -> None:
-        if spec.name not in self._unreadable:
+        if spec.name in self._unreadable:
+            pass  # said once; said again only after the table was readable in between
+        elif isinstance(exc, asyncpg.UndefinedColumnError) and exc.args[:1] == (
+            f"column t.{spec.key} does not exist",  # the message; str() adds a HINT when there is one
+        ):
+            log.error(
+                "cannot read rows of %s: its key column %s is gone, so every write to the table "
+                "fails until it is published again, and its events already in the log are sent "
+                "without rows. %s",
+                spec.entry.display,
+                display_ident(spec.key),
+                key_column_gone_fix(spec.entry, None),
+            )
+        else:
             log.error(
                 "cannot read rows of %s (%s: %s): its events are sent without rows, and reading is "
                 "tried again every %g s. If it was renamed or dropped, or a listed column is gone, "

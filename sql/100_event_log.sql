@@ -150,13 +150,24 @@ $$;
 
 -- The head of each topic: its epoch and last position, (first epoch, 0) for a topic that has
 -- no row. One index lookup per topic (the LIMIT keeps the planner from joining the whole of
--- gateway.topics, which has a row per topic ever written to).
-CREATE FUNCTION gateway.heads(p_topics text[], OUT topic text, OUT epoch text, OUT pos bigint)
+-- gateway.topics, which has a row per topic ever written to). The gateway's own read: a plain
+-- SQL function, inlined into the calling query, so that a prepared statement is planned once.
+CREATE FUNCTION gateway.topic_heads(p_topics text[], OUT topic text, OUT epoch text, OUT pos bigint)
 RETURNS SETOF record
 LANGUAGE sql STABLE AS $$
     SELECT u.topic, coalesce(h.epoch, gateway.first_epoch(u.topic)), coalesce(h.pos, 0)
     FROM (SELECT DISTINCT n.name FROM unnest(p_topics) AS n(name) WHERE n.name IS NOT NULL) AS u(topic)
     LEFT JOIN LATERAL (SELECT r.epoch, r.pos FROM gateway.topics AS r WHERE r.topic = u.topic LIMIT 1) AS h ON true
+$$;
+
+-- The same for applications (a consistent initial load: docs/guarantees.md), whose roles may
+-- not read gateway.topics: SECURITY DEFINER (see "Who may do what" at the end of this file).
+-- That costs what the gateway's reads should not pay: a function with a SET clause is not
+-- inlined, and its query is planned again at every call (about twice topic_heads' time).
+CREATE FUNCTION gateway.heads(p_topics text[], OUT topic text, OUT epoch text, OUT pos bigint)
+RETURNS SETOF record
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT h.topic, h.epoch, h.pos FROM gateway.topic_heads(p_topics) AS h
 $$;
 
 -- Start a topic's stream over: its events are deleted and its next event is position 1 of a
@@ -210,7 +221,7 @@ $$;
 -- to; it is checked as bytes (invalid_topic_reason's strpos() refuses a nondeterministic
 -- collation). gateway.ring() (102_relay.sql) wakes the relay unless it polls anyway.
 CREATE FUNCTION gateway.emit(p_topic text, p_data jsonb) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_pos bigint;
     v_topic text COLLATE "C" := p_topic;
@@ -232,7 +243,7 @@ $$;
 -- client can subscribe to: else nothing is published. The topics are taken as bytes where
 -- they are checked and where they meet the heads.
 CREATE FUNCTION gateway.emit_many(p_topics text[], p_data jsonb[]) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_topics text[] COLLATE "C" := p_topics;
     v_count bigint;
@@ -271,3 +282,25 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Who may do what. Only the gateway's own functions write the log: the capture triggers
+-- (101_capture.sql), emit and emit_many are SECURITY DEFINER, so they run as the role that
+-- owns the schema (the one that ran `gateway migrate`), and a role writing a published table
+-- needs no privilege on any table here. A role that could INSERT into gateway.events or UPDATE
+-- gateway.topics could break a topic for everyone: an event at the next position makes every
+-- later write to the topic fail as a duplicate, a head moved back hides later events from
+-- live subscribers without saying so (docs/security.md, "What a database role can and cannot
+-- do"). Each SECURITY DEFINER function has a fixed search_path and names every object with its
+-- schema: with the caller's search_path, a role could put its own operator or function in
+-- front of pg_catalog's and have it run as the owner. pg_temp comes last, so that no temporary
+-- table or function can stand in for anything.
+-- PostgreSQL lets everyone EXECUTE a new function: the internal ones are kept for the owner.
+-- emit and emit_many are granted explicitly to the roles that publish by hand (docs/sql.md,
+-- "Writer roles"): such a role may write any event to any topic. heads() and
+-- invalid_topic_reason() stay callable by everyone: applications use them.
+REVOKE EXECUTE ON FUNCTION
+    gateway.new_epoch(), gateway.topic_first_epoch(), gateway.advance(text), gateway.lock_topics(text[]),
+    gateway.topic_heads(text[]),
+    gateway.reset_topic(text), gateway.refuse_topic(text, text, text),
+    gateway.emit(text, jsonb), gateway.emit_many(text[], jsonb[])
+FROM PUBLIC;

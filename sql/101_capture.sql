@@ -96,6 +96,11 @@ BEGIN
     IF p_table IS NULL THEN
         RAISE EXCEPTION 'gateway.unpublish: the table must not be NULL';
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_class WHERE oid = p_table) THEN
+        -- Dropped (its oid, from gateway.published): what is left of it goes, with a notice.
+        PERFORM gateway.unpublish_dropped();
+        RETURN;
+    END IF;
     -- Before the triggers go: they lead to their functions.
     generated := ARRAY(SELECT gateway.generated_functions(p_table));
     -- The triggers there are, rather than DROP TRIGGER IF EXISTS: that says "does not exist,
@@ -112,6 +117,54 @@ BEGIN
     FOREACH f IN ARRAY generated LOOP
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
+END
+$$;
+
+-- Forget the published tables that were dropped: DROP TABLE takes a table's triggers with it
+-- (and, with CASCADE, its row_topic function), but not its row in gateway.published, whose
+-- regclass is a bare oid, nor its other generated functions. republish_all() would fail on
+-- them, and unpublish() cannot be given a dropped table's name. Each is reported with a notice
+-- naming its generated functions (the table's name is gone with it). Returns how many. Needs no
+-- superuser (an sql_drop event trigger would, so nothing here depends on one).
+CREATE FUNCTION gateway.unpublish_dropped() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    f regprocedure;
+    suffix text;
+    n integer := 0;
+BEGIN
+    FOR r IN SELECT p.tbl, p.row_topic FROM gateway.published p
+             WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = p.tbl)
+             ORDER BY p.tbl::oid LOOP
+        -- Every generated function's name ends as its row_topic function's (capture_name()).
+        suffix := substr(r.row_topic, length('row_topic_') + 1);
+        FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+                 WHERE p.pronamespace = 'gateway'::regnamespace
+                   AND p.proname IN (SELECT kind || '_' || suffix FROM unnest(ARRAY['topic', 'row_topic',
+                                     'capture_insert', 'capture_update', 'capture_delete']) AS kind)
+                 ORDER BY p.oid LOOP
+            EXECUTE format('DROP FUNCTION %s', f);
+        END LOOP;
+        DELETE FROM gateway.published WHERE tbl = r.tbl;
+        RAISE NOTICE 'gateway: the published table with oid % (functions *_%) was dropped: its publication is removed',
+            r.tbl::oid, suffix;
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- The same at once, at every DROP that can take a table, for whoever drops it (hence SECURITY
+-- DEFINER): optional, since only a superuser may create the event trigger that calls it
+-- (docs/sql.md, "Publish a table"); nothing depends on it.
+--   CREATE EVENT TRIGGER gateway_unpublish_dropped ON sql_drop
+--   WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+--   EXECUTE FUNCTION gateway.unpublish_dropped_at_drop();
+CREATE FUNCTION gateway.unpublish_dropped_at_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM gateway.unpublish_dropped();
 END
 $$;
 
@@ -258,6 +311,15 @@ $$;
 -- - The topics of rows are not checked against the gateway's rule for topics (as emit()'s
 --   are): a check per row would cost every writer, and the expression is written once, by
 --   whoever publishes the table.
+-- - The row triggers are SECURITY DEFINER, owned by the schema's owner (publish() hands them
+--   over), so that writers need no privilege on the log (see the end of 100_event_log.sql).
+--   That costs nothing measurable; their SET search_path clause costs about 14k instructions
+--   per changed row (PostgreSQL sets and restores the setting at every call), about 4 % of a
+--   single-row UPDATE. Without it every name in the trigger and in what it calls would have to
+--   be schema-qualified, operators and types included (IS DISTINCT FROM cannot be), and a
+--   single miss would let a writer's search_path run its own code as the owner. The topic
+--   function stays a plain SQL function: one with a SET clause or SECURITY DEFINER would not
+--   be inlined.
 -- A partitioned table is published through its parent; its row triggers fire for rows
 -- written through a partition too.
 CREATE FUNCTION gateway.publish(p_table regclass, p_topic text, p_key text DEFAULT NULL)
@@ -285,6 +347,8 @@ DECLARE
     trigger_state text;
     many boolean;       -- the expression gives an array: the row is on each of its topics
     topic_type text;    -- text, or text[] when many
+    schema_owner regrole;
+    f regprocedure;
     -- A row trigger. {function}: its name; {topic_fn}: the topic function and {row_args} the
     -- row's columns it reads (NEW.c or OLD.c); {rows}: the transition table of the statement's
     -- rows (all of them are in it before the first AFTER ROW trigger fires); {rows_left}: the
@@ -294,7 +358,8 @@ DECLARE
     -- the table as events name it (schema.table, unquoted); {row}: NEW or OLD; {key}: the key
     -- column. Names and literals are quoted before they are filled in.
     row_trigger text := $t$
-        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql AS $body$
+        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
         DECLARE
             gw_topic text := {topic_fn}({row_args});
             gw_pos bigint;
@@ -351,7 +416,8 @@ DECLARE
     -- left out). The same placeholders as row_trigger; {moved_row} is `moved_rows` below.
     -- Not cut down like row_trigger: a row on several topics costs a loop and a call anyway.
     rows_trigger text := $t$
-        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql AS $body$
+        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
         DECLARE
             gw_topics text[] := array_remove(coalesce({topic_fn}({row_args}), '{}'), NULL);
             gw_left text[];
@@ -397,6 +463,9 @@ BEGIN
     END IF;
     SELECT format('%s.%s', n.nspname, c.relname), c.relkind INTO tbl_name, kind
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF kind IS NULL THEN
+        RAISE EXCEPTION 'gateway.publish: no table has oid % (dropped?)', p_table::oid;
+    END IF;
     IF kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'gateway.publish: % is not a table', tbl_name;
     END IF;
@@ -544,6 +613,20 @@ BEGIN
         'row', 'NEW',
         'key', quote_ident(p_key)));
 
+    -- The generated functions belong to the schema's owner whoever calls publish() (a
+    -- superuser, say): the capture functions are SECURITY DEFINER and run as their owner,
+    -- which may write the log.
+    SELECT n.nspowner::regrole INTO schema_owner FROM pg_namespace n WHERE n.nspname = 'gateway';
+    FOR f IN SELECT g.f FROM gateway.generated_functions(p_table) AS g(f)
+             JOIN pg_proc p ON p.oid = g.f WHERE p.proowner <> schema_owner ORDER BY 1 LOOP
+        BEGIN
+            EXECUTE format('ALTER FUNCTION %s OWNER TO %s', f, schema_owner);
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE EXCEPTION 'gateway.publish: the functions it generates must belong to %, the owner of schema gateway, and % cannot give them to it: call publish() as %',
+                schema_owner, current_user, schema_owner;
+        END;
+    END LOOP;
+
     EXECUTE format('CREATE TRIGGER gateway_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS gateway_new '
                    'FOR EACH ROW EXECUTE FUNCTION gateway.%I()',
                    p_table, gateway.capture_name(p_table, 'capture_insert'));
@@ -569,8 +652,11 @@ $$;
 -- DELETE of the same rows would cost in events (it is no longer O(1) for the log). Its
 -- function is one generic function, not generated per table: it reads the key column and
 -- row_topic function of the table from gateway.published.
+-- SECURITY DEFINER like the row triggers; row_security = off: the owner reads the rows, and
+-- should a policy of the table apply to it, the TRUNCATE fails rather than log the deletes of
+-- only the rows the policy shows.
 CREATE FUNCTION gateway.capture_truncate() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET row_security = off AS $$
 DECLARE
     p gateway.published;
     n bigint;
@@ -627,13 +713,37 @@ FOR EACH ROW EXECUTE FUNCTION gateway.published_truncate_trigger();
 
 -- Regenerate the triggers of every published table with the current publish(): a migration
 -- that changes what publish() generates restates publish() and then calls this.
+-- Tables dropped since they were published are forgotten first (unpublish_dropped()). A table
+-- that lost its key column cannot be published again as it was: that stops the migration,
+-- saying what to do.
 CREATE FUNCTION gateway.republish_all() RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     r record;
 BEGIN
+    PERFORM gateway.unpublish_dropped();
     FOR r IN SELECT tbl, topic, key_column FROM gateway.published ORDER BY tbl::text LOOP
+        IF NOT EXISTS (SELECT FROM pg_attribute a
+                       WHERE a.attrelid = r.tbl AND a.attname = r.key_column AND a.attnum > 0
+                         AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'gateway.republish_all: % is published with key column %, which it no longer has (every write to it fails until this is fixed)',
+                r.tbl, quote_ident(r.key_column)
+                USING HINT = format('Publish it again with another unique column as its key, SELECT gateway.publish(%L, %L, ''<column>''), or SELECT gateway.unpublish(%L); then run this again.',
+                                    r.tbl::text, r.topic, r.tbl::text);
+        END IF;
         PERFORM gateway.publish(r.tbl, r.topic, r.key_column);
     END LOOP;
 END
 $$;
+
+-- Who may do what (see the end of 100_event_log.sql). The generated capture functions and
+-- capture_truncate are SECURITY DEFINER: writers of a published table need no privilege on the
+-- log. publish() runs the topic expression it is given as the schema's owner, in every write
+-- of the table: only the owner (and superusers) may call it and the functions that change
+-- what is published.
+REVOKE EXECUTE ON FUNCTION
+    gateway.unpublish(regclass), gateway.unpublish_dropped(), gateway.unpublish_dropped_at_drop(),
+    gateway.log_event(text, "char", text, text), gateway.log_events(text, "char", text[], text),
+    gateway.fill_template(text, jsonb), gateway.publish(regclass, text, text), gateway.capture_truncate(),
+    gateway.published_truncate_trigger(), gateway.republish_all()
+FROM PUBLIC;

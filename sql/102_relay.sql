@@ -94,3 +94,7 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The gateway's own (see the end of 100_event_log.sql): the relay's role is granted them
+-- (docs/sql.md, "The gateway's role"); emit and the capture triggers ring as the owner.
+REVOKE EXECUTE ON FUNCTION gateway.relay_poll(text, integer), gateway.ring() FROM PUBLIC;

@@ -518,3 +518,17 @@ BEGIN
 END
 $$;
 
+
+-- The gateway's own (see the end of 100_event_log.sql): its role is granted them (docs/sql.md,
+-- "The gateway's role"). They publish through emit_many, so a role that may call them may
+-- write presence events.
+REVOKE EXECUTE ON FUNCTION
+    gateway.presence_lock(text[]), gateway.presence_settle(text[], timestamptz[]),
+    gateway.presence_expire(text[], interval), gateway.presence_publish(text[], jsonb[]),
+    gateway.presence_apply(text, text[], text[], text[], text[], boolean),
+    gateway.presence_connect(text, text, text, text, text[]), gateway.presence_disconnect(text, text),
+    gateway.presence_set_status(text, text, text), gateway.presence_heartbeat(text),
+    gateway.presence_drop_connections(text[], timestamptz[], text[], interval),
+    gateway.presence_unregister(text), gateway.presence_sweep(interval, interval, text[]),
+    gateway.presence_prune(interval, integer)
+FROM PUBLIC;

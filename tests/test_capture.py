@@ -10,11 +10,15 @@ What is checked here:
 * the gateway refuses to serve a table whose rows row-level security hides from it (they
   would reach subscribers as deletes), and reads a published parent's own rows, not those of
   its inheritance children;
-* the grants docs/sql.md gives a writer role are enough to write a published table.
+* the grants docs/sql.md gives a writer role are enough to write a published table and to
+  emit, and leave it no way to change the log, the heads or anything else of the gateway's
+  (the capture triggers and emit are SECURITY DEFINER, with a search_path of their own);
+* the grants docs/sql.md gives the gateway's own role are enough for `gateway serve`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -24,11 +28,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from gateway import resolver as resolver_module
 from gateway.config import ConfigError
 from gateway.resolver import Resolver
 from gateway.tables import parse_tables
 
+from .gwtest import running_gateway
 from .pgconn import pg_connect, pg_pool
+from .polling import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,6 +61,17 @@ async def items(db: asyncpg.Connection) -> None:
 async def role(dsn: str, db: asyncpg.Connection) -> AsyncIterator[str]:
     """A login role of the test's own (roles are cluster-wide), dropped after it."""
     name = f"gw_edge_{uuid.uuid4().hex[:10]}"
+    await db.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        yield name
+    finally:
+        await db.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
+
+
+@pytest.fixture
+async def gw_role(dsn: str, db: asyncpg.Connection) -> AsyncIterator[str]:
+    """A second login role of the test's own, for the gateway."""
+    name = f"gw_serve_{uuid.uuid4().hex[:10]}"
     await db.execute(f"CREATE ROLE {name} LOGIN")
     try:
         yield name
@@ -134,6 +152,36 @@ async def test_an_application_trigger_writing_the_same_table_logs_every_row(db: 
 # --- sessions ----------------------------------------------------------------------------------
 
 
+async def test_the_topic_function_is_inlined_into_the_security_definer_triggers(
+    db: asyncpg.Connection,
+) -> None:
+    # The capture triggers are SECURITY DEFINER with a SET clause (which PostgreSQL never
+    # inlines); the generated topic function they call must stay a plain SQL function that is
+    # inlined into them, or every changed row would pay for one more function call.
+    await items(db)
+    secdef = await db.fetch(
+        "SELECT p.proname, p.prosecdef, p.proconfig FROM pg_proc p JOIN pg_trigger t ON t.tgfoid = p.oid "
+        "WHERE t.tgrelid = 'items'::regclass AND NOT t.tgisinternal ORDER BY 1"
+    )
+    assert len(secdef) == 4  # insert, update, delete, truncate
+    assert all(r["prosecdef"] and "search_path=pg_catalog, pg_temp" in r["proconfig"] for r in secdef), secdef
+    await db.execute("SET track_functions = 'all'")
+    await db.execute("INSERT INTO items VALUES (1, 1, 'a'), (2, 2, 'b')")
+    await db.execute("UPDATE items SET owner_id = 3 WHERE id = 1")  # the old row's topic too
+    await db.execute("DELETE FROM items WHERE id = 2")
+    await db.execute("SELECT pg_stat_force_next_flush()")
+    await db.execute("SELECT 1")  # the flush happens when the session goes idle
+    calls = {
+        r["funcname"]: r["calls"]
+        for r in await db.fetch(
+            "SELECT funcname, calls FROM pg_stat_user_functions WHERE schemaname = 'gateway'"
+        )
+    }
+    capture = {name for name in calls if name.startswith("capture_") and "_public_items_" in name}
+    assert len(capture) == 3, calls  # the statistics are there: the three row triggers ran
+    assert not [name for name in calls if name.startswith("topic_public_items_")], calls
+
+
 async def test_publish_again_keeps_how_the_triggers_are_enabled(db: asyncpg.Connection) -> None:
     # Triggers do not fire under session_replication_role = replica (a logical replication
     # subscriber's apply, some bulk loaders) unless enabled ALWAYS: docs/sql.md says how. A
@@ -176,18 +224,29 @@ async def test_publish_again_keeps_how_the_triggers_are_enabled(db: asyncpg.Conn
     assert {r["tgenabled"] for r in await db.fetch(enabled) if r["tgrelid"] == "items"} == {"O"}
 
 
-async def test_the_grants_docs_give_a_writer_role_are_enough(
-    dsn: str, db: asyncpg.Connection, role: str
-) -> None:
+def sql_block(heading: str) -> str:
+    """The first ```sql block of the section of docs/sql.md under ``heading``."""
     text = (DOCS / "sql.md").read_text()
-    found = re.search(r"## Writer roles\n.*?```sql\n(.*?)```", text, re.S)
-    assert found, "docs/sql.md has no '## Writer roles' section with the grants in an sql block"
-    grants = found.group(1)
+    found = re.search(rf"## {re.escape(heading)}\n.*?```sql\n(.*?)```", text, re.S)
+    assert found, f"docs/sql.md has no '## {heading}' section with the grants in an sql block"
+    return found.group(1)
+
+
+async def writer_with_documented_grants(dsn: str, db: asyncpg.Connection, role: str) -> asyncpg.Connection:
+    """A connection as ``role``, given what "Writer roles" in docs/sql.md gives ``app`` and
+    every privilege on the published table ``items``."""
+    grants = sql_block("Writer roles")
     assert " app" in grants
     await items(db)
     await db.execute(re.sub(r"\bapp\b", role, grants))
     await db.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON items TO {role}")
-    writer = await pg_connect(as_role(dsn, role))
+    return await pg_connect(as_role(dsn, role))
+
+
+async def test_the_grants_docs_give_a_writer_role_are_enough(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    writer = await writer_with_documented_grants(dsn, db, role)
     try:
         for awake in (False, True):  # the relay quiet (the trigger rings), then polling
             await db.execute(
@@ -199,12 +258,172 @@ async def test_the_grants_docs_give_a_writer_role_are_enough(
                 "INSERT INTO items VALUES (1, 3, 'a') ON CONFLICT (id) DO UPDATE SET owner_id = 3"
             )
             await writer.execute("UPDATE items SET title = 'c'")
+            await writer.execute("UPDATE items SET owner_id = 4 WHERE id = 1")  # moved: two events
             await writer.execute("DELETE FROM items WHERE id = 2")
             await writer.execute("SELECT gateway.emit('room:1', '{}')")
+            await writer.execute("""SELECT gateway.emit_many('{room:1,room:2}', '{"{}","{}"}')""")
             await writer.execute("TRUNCATE items")
+        # What an application reads for a consistent initial load.
+        assert await writer.fetchval("SELECT pos FROM gateway.heads('{user:4}')") == 4
+        assert await writer.fetchval("SELECT gateway.invalid_topic_reason('room 1')") is not None
     finally:
         await writer.close()
-    assert len(await events(db)) == 2 * 8
+    assert len(await events(db)) == 2 * 10
+    assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'room:1'") == 4
+
+
+async def test_a_writer_can_change_no_table_of_the_gateway_schema(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    # With the grants docs/sql.md once gave writers (INSERT on events, UPDATE on topics), a
+    # writer could insert an event at head + 1, after which every write to the topic failed
+    # with a duplicate key, or set a head back (pos = -9), hiding later events from live
+    # subscribers. Now only the gateway's SECURITY DEFINER functions write the log.
+    writer = await writer_with_documented_grants(dsn, db, role)
+    try:
+        await writer.execute("INSERT INTO items VALUES (1, 1, 'a')")
+        attacks = [
+            "INSERT INTO gateway.events (topic, pos, op, tbl, key) VALUES ('user:1', 2, 'd', 'public.items', '9')",
+            "UPDATE gateway.topics SET pos = -9 WHERE topic = 'user:1'",
+        ]
+        tables = [
+            r["t"]
+            for r in await db.fetch(
+                "SELECT format('gateway.%I', relname) AS t FROM pg_class "
+                "WHERE relnamespace = 'gateway'::regnamespace AND relkind = 'r' ORDER BY 1"
+            )
+        ]
+        assert "gateway.events" in tables and "gateway.relay" in tables
+        for t in tables:
+            attacks += [
+                f"INSERT INTO {t} DEFAULT VALUES",
+                f"UPDATE {t} SET {await first_column(db, t)} = NULL",
+                f"DELETE FROM {t}",
+                f"TRUNCATE {t}",
+                f"SELECT FROM {t}",
+            ]
+        attacks += [
+            "SELECT setval('gateway.relay_awake_until', 1)",
+            # The internal functions, and those that change what is published.
+            "SELECT gateway.advance('user:1')",
+            "SELECT * FROM gateway.topic_heads('{user:1}')",  # heads() is theirs
+            "SELECT gateway.lock_topics('{user:1,user:2}')",
+            "SELECT gateway.log_event('public.items', 'd', 'user:1', '9')",
+            "SELECT gateway.reset_topic('user:1')",
+            "SELECT gateway.relay_poll(pg_current_snapshot()::text, 10)",
+            "SELECT gateway.presence_connect('r', 'c', 'u')",
+            "SELECT gateway.presence_sweep('1s', '1s')",
+            "SELECT gateway.fill_template('{a}', '{\"a\": \"b\"}')",
+            "SELECT gateway.publish('public.items', $$'user:1'$$)",
+            "SELECT gateway.unpublish('public.items')",
+            "SELECT gateway.unpublish_dropped()",
+            "SELECT gateway.republish_all()",
+        ]
+        for sql in attacks:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await writer.execute(sql)
+        # The topic is whole: the next writes continue it.
+        await writer.execute("INSERT INTO items VALUES (2, 1, 'b')")
+        await writer.execute("UPDATE items SET title = 'c' WHERE id = 1")
+    finally:
+        await writer.close()
+    assert [e[1] for e in await events(db)] == [1, 2, 3]
+    assert await db.fetchval("SELECT pos FROM gateway.topics WHERE topic = 'user:1'") == 3
+
+
+async def first_column(db: asyncpg.Connection, table: str) -> str:
+    name: str = await db.fetchval(
+        "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = $1::regclass AND attnum = 1", table
+    )
+    return name
+
+
+async def test_a_writer_s_search_path_cannot_take_over_the_gateway_s_functions(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    # The capture triggers and emit run as the schema's owner. Were their search_path the
+    # caller's, a writer could put an operator of its own in front of pg_catalog's (here the
+    # `bigint + integer` that advances a head) and have it run as the owner.
+    writer = await writer_with_documented_grants(dsn, db, role)
+    await writer.close()
+    await db.execute(
+        f"CREATE SCHEMA evil AUTHORIZATION {role};"
+        f"SET ROLE {role};"
+        "CREATE FUNCTION evil.plus(bigint, integer) RETURNS bigint LANGUAGE plpgsql AS "
+        "$$BEGIN RAISE EXCEPTION 'the writer''s operator ran as %', current_user; END$$;"
+        "CREATE OPERATOR evil.+ (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = evil.plus);"
+        "RESET ROLE"
+    )
+    writer = await pg_connect(as_role(dsn, role), server_settings={"search_path": "evil, pg_catalog, public"})
+    try:
+        with pytest.raises(asyncpg.RaiseError, match="operator ran as"):
+            await writer.execute("SELECT 1::bigint + 1")  # in its own queries, its operator is found
+        for sql in (
+            "INSERT INTO items VALUES (1, 1, 'a')",
+            "INSERT INTO items VALUES (2, 1, 'a'), (3, 2, 'b')",
+            "UPDATE items SET owner_id = 3 WHERE id = 1",
+            "DELETE FROM items WHERE id = 2",
+            "SELECT gateway.emit('room:1', '{}')",
+            "SELECT gateway.emit_many('{room:1}', '{\"{}\"}')",
+            "SELECT * FROM gateway.heads('{room:1}')",
+            "TRUNCATE items",
+        ):
+            await writer.execute(sql)
+    finally:
+        await writer.close()
+    assert len(await events(db)) == 8
+
+
+async def test_the_grants_docs_give_the_gateway_s_role_are_enough(
+    dsn: str, db: asyncpg.Connection, role: str, gw_role: str
+) -> None:
+    # gateway serve as a role that owns nothing: the relay's lease and poll, rows read and
+    # checked by their row_topic function, presence (connect, heartbeat, sweep, disconnect,
+    # prune) and retention; a writer with the writer grants writes the table.
+    grants = sql_block("The gateway's role")
+    assert " gw" in grants
+    writer = await writer_with_documented_grants(dsn, db, role)
+    await db.execute(re.sub(r"\bgw\b", gw_role, grants))
+    assert not await db.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = $1", gw_role)
+    try:
+        async with running_gateway(
+            as_role(dsn, gw_role),
+            tables="public.items",
+            presence="true",
+            heartbeat_interval="0.5",
+            heartbeat_ttl="2",
+            presence_grace="0",
+            presence_retention="1s",
+            retention_interval="1",
+            retention_max_events="2",
+        ) as gw:
+            alice = await gw.connect("1")
+            assert (await alice.subscribe("user:1"))["pos"] == 0
+            await eventually(
+                lambda: db.fetchval("SELECT holder IS NOT NULL FROM gateway.relay"), 10, "the relay's lease"
+            )
+            for title in ("a", "b", "c"):
+                await writer.execute("INSERT INTO items VALUES ($1, 1, $2)", ord(title), title)
+            got = await alice.events(3)
+            assert [(e["pos"], e["row"]["title"]) for e in got] == [(1, "a"), (2, "b"), (3, "c")]
+            await eventually(
+                lambda: db.fetchval("SELECT status = 'online' FROM gateway.presence WHERE user_id = '1'"),
+                10,
+                "user 1 online",
+            )
+            await alice.close()
+            await eventually(  # disconnected, offline after the grace, then pruned
+                lambda: db.fetchval("SELECT NOT EXISTS (SELECT FROM gateway.presence WHERE user_id = '1')"),
+                20,
+                "user 1's presence row to be pruned",
+            )
+            await eventually(  # retention keeps the newest 2 events per topic
+                lambda: db.fetchval("SELECT min(pos) = 2 FROM gateway.events WHERE topic = 'user:1'"),
+                20,
+                "retention to prune user:1's first event",
+            )
+    finally:
+        await writer.close()
 
 
 # --- what the gateway reads ----------------------------------------------------------------------
@@ -252,6 +471,74 @@ async def test_a_table_whose_rows_row_level_security_hides_from_the_gateway_is_r
     await db.execute("SELECT gateway.unpublish('public.items'); DROP TABLE items")
 
 
+async def test_the_optional_event_trigger_forgets_a_table_when_it_is_dropped(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    # Installed by a superuser (docs/sql.md); the table's owner, who may not write
+    # gateway.published, drops it.
+    await db.execute(
+        f"CREATE TABLE items (id int PRIMARY KEY, owner_id int); ALTER TABLE items OWNER TO {role};"
+        "SELECT gateway.publish('public.items', $$'user:' || owner_id$$);"
+        "CREATE EVENT TRIGGER gateway_unpublish_dropped ON sql_drop "
+        "WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED') "
+        "EXECUTE FUNCTION gateway.unpublish_dropped_at_drop()"
+    )
+    try:
+        tbl = await db.fetchval("SELECT 'items'::regclass::oid")
+        suffix = await db.fetchval("SELECT substr(row_topic, 11) FROM gateway.published")
+        owner = await pg_connect(as_role(dsn, role))
+        try:
+            await owner.execute("DROP TABLE items CASCADE")
+        finally:
+            await owner.close()
+        assert await db.fetchval("SELECT count(*) FROM gateway.published WHERE tbl::oid = $1", tbl) == 0
+        left = "SELECT count(*) FROM pg_proc WHERE pronamespace = 'gateway'::regnamespace AND proname LIKE '%' || $1"
+        assert await db.fetchval(left, suffix) == 0
+    finally:
+        await db.execute("DROP EVENT TRIGGER gateway_unpublish_dropped")
+
+
+async def test_a_dropped_key_column_is_named_with_the_way_to_fix_it(
+    db: asyncpg.Connection, dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once the key column is gone, every write to the table fails in its capture triggers
+    # (docs/sql.md), and the gateway cannot read the rows of the events logged before.
+    await db.execute(
+        "CREATE TABLE items (id int PRIMARY KEY, uid int UNIQUE, owner_id int);"
+        "SELECT gateway.publish('public.items', $$'user:' || owner_id$$, 'uid');"
+        "INSERT INTO items VALUES (1, 1, 1)"
+    )
+    r, pool = await resolver(dsn, "public.items")
+    await db.execute("ALTER TABLE items DROP COLUMN uid")
+    for sql in ("INSERT INTO items VALUES (2, 1)", "UPDATE items SET owner_id = 2", "DELETE FROM items"):
+        with pytest.raises(asyncpg.UndefinedColumnError, match='has no field "uid"'):
+            await db.execute(sql)
+    with pytest.raises(asyncpg.UndefinedColumnError, match="uid"):
+        await db.execute("TRUNCATE items")
+
+    # At run time: one log line saying what is wrong and how to fix it.
+    caplog.set_level(logging.ERROR, logger="gateway.resolver")
+    monkeypatch.setattr(resolver_module, "UNREADABLE_RETRY", 0.0)  # tried again at once
+    for _ in range(3):
+        assert r.allowed("public.items")
+        assert await r.fetch({"public.items": {"1"}}) == {}
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert len(lines) == 1, lines
+    assert "key column uid is gone" in lines[0] and "SELECT gateway.unpublish('public.items')" in lines[0]
+    await pool.close()
+
+    # At start: the same, with the table's topic expression to publish it with.
+    with pytest.raises(ConfigError) as err:
+        await resolver(dsn, "public.items")
+    assert "key column 'uid', which it no longer has" in str(err.value)
+    assert "SELECT gateway.publish('public.items', $$'user:' || owner_id$$, '<column>')" in str(err.value)
+
+    # A migration that publishes every table again stops, saying the same.
+    with pytest.raises(asyncpg.RaiseError, match="key column uid, which it no longer has") as failed:
+        await db.execute("SELECT gateway.republish_all()")
+    assert "SELECT gateway.unpublish('items')" in (failed.value.hint or "")
+
+
 async def test_the_gateway_reads_a_published_parent_without_its_inheritance_children(
     dsn: str, db: asyncpg.Connection
 ) -> None:
@@ -287,7 +574,7 @@ async def test_a_statement_after_a_merge_still_locks_its_topics_before_its_first
         "CREATE TABLE lock_calls (n serial, events bigint);"
         "ALTER FUNCTION gateway.lock_topics(text[]) RENAME TO lock_topics_logged;"
         "CREATE FUNCTION gateway.lock_topics(p_topics text[]) RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
-        "INSERT INTO lock_calls (events) "
+        "INSERT INTO public.lock_calls (events) "  # the triggers run with search_path pg_catalog, pg_temp
         "SELECT count(*) FROM gateway.events WHERE xid = pg_current_xact_id(); "
         "PERFORM gateway.lock_topics_logged(p_topics); END $$"
     )

@@ -392,3 +392,88 @@ async def test_dsn_fixture_drops_the_database_after_the_test(pg: Postgres) -> No
         pytest.skip("runs after test_dsn_fixture_gives_a_database_of_its_own")
     query = f"SELECT 1 FROM pg_database WHERE datname = '{_first_database[0]}'"
     assert await fetch(pg.dsn("postgres"), query) == []
+
+
+def with_user(dsn: str, role: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(netloc=f"{role}@{urlsplit(dsn).netloc.split('@')[-1]}"))
+
+
+async def test_a_migration_after_a_published_table_was_dropped_succeeds_without_superuser(
+    blank_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DROP TABLE ... CASCADE took the table's triggers but left its row in gateway.published:
+    # republish_all(), which a migration that changes the triggers runs, then failed, and
+    # unpublish() could not be given the table's name. The migrating role is not a superuser
+    # (managed services grant none), so no event trigger can do the cleaning.
+    role = f"gw_owner_{uuid.uuid4().hex[:10]}"
+    admin = await pg_connect(blank_dsn)
+    await admin.execute(
+        f"CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {urlsplit(blank_dsn).path.lstrip('/')} TO {role};"
+        f"GRANT CREATE ON SCHEMA public TO {role}"
+    )
+    owner_dsn = with_user(blank_dsn, role)
+    directory = repo_copy(tmp_path)
+    monkeypatch.setenv("GATEWAY_SQL_DIR", str(directory))
+    try:
+        await migrate(owner_dsn)
+        owner = await pg_connect(owner_dsn)
+        notices: list[str] = []
+        owner.add_log_listener(lambda _conn, msg: notices.append(msg.message))
+        await owner.execute(
+            "CREATE TABLE public.items (id int PRIMARY KEY, owner_id int);"
+            "CREATE TABLE public.notes (id int PRIMARY KEY, owner_id int);"
+            "CREATE TABLE public.memos (id int PRIMARY KEY, owner_id int);"
+            "SELECT gateway.publish('public.items', $$'user:' || owner_id$$);"
+            "SELECT gateway.publish('public.notes', $$'user:' || owner_id$$);"
+            "SELECT gateway.publish('public.memos', $$'user:' || owner_id$$);"
+        )
+        items_oid = await owner.fetchval("SELECT 'public.items'::regclass::oid")
+        memos_oid = await owner.fetchval("SELECT 'public.memos'::regclass::oid")
+        generated = await owner.fetchval("SELECT count(*) FROM gateway.generated_functions('public.items')")
+        assert generated == 5
+        functions = "SELECT count(*) FROM pg_proc WHERE pronamespace = 'gateway'::regnamespace AND proname LIKE '%public\\_items\\_%'"
+        await owner.execute("DROP TABLE public.items CASCADE; DROP TABLE public.memos CASCADE")
+
+        # unpublish() of a dropped table (by its oid, as gateway.published holds it).
+        await owner.execute("SELECT gateway.unpublish($1::oid::regclass)", memos_oid)
+        assert not await owner.fetchval(
+            "SELECT EXISTS (SELECT FROM gateway.published WHERE tbl::oid = $1)", memos_oid
+        )
+
+        # A later migration that republishes every table.
+        (directory / "105_republish.sql").write_text("SELECT gateway.republish_all();\n")
+        assert await migrate(owner_dsn) == ["105_republish.sql"]
+        assert [r["tbl"] for r in await owner.fetch("SELECT tbl::text FROM gateway.published")] == ["notes"]
+        assert await owner.fetchval(functions) == 0
+        assert not await owner.fetchval(
+            "SELECT EXISTS (SELECT FROM gateway.published WHERE tbl::oid = $1)", items_oid
+        )
+        await owner.execute("INSERT INTO public.notes VALUES (1, 1)")
+        assert await owner.fetchval("SELECT count(*) FROM gateway.events WHERE tbl = 'public.notes'") == 1
+
+        # What the notice says: the table's name is gone with it, its functions' names are not.
+        await owner.execute(
+            "CREATE TABLE public.items (id int PRIMARY KEY, owner_id int);"
+            "SELECT gateway.publish('public.items', $$'user:' || owner_id$$);"
+            "DROP TABLE public.items CASCADE; SELECT gateway.republish_all()"
+        )
+        await owner.close()
+
+        # A superuser's publish() still hands the functions to the schema's owner: the capture
+        # functions run as their owner, which must not be a superuser it never chose.
+        await admin.execute(
+            "CREATE TABLE public.others (id int PRIMARY KEY, owner_id int);"
+            "SELECT gateway.publish('public.others', $$'user:' || owner_id$$)"
+        )
+        owners = await admin.fetch(
+            "SELECT DISTINCT p.proowner::regrole::text AS o FROM pg_proc p "
+            "WHERE p.oid IN (SELECT gateway.generated_functions('public.others'))"
+        )
+        assert [r["o"] for r in owners] == [role]
+        dropped = [n for n in notices if "was dropped" in n]
+        assert len(dropped) == 3 and all("public_items_" in n or "public_memos_" in n for n in dropped), (
+            notices
+        )
+    finally:
+        await admin.execute(f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}")
+        await admin.close()
