@@ -13,7 +13,8 @@ help:
 	@echo "make clean     remove the virtual environment and caches"
 
 # The environment is built from the lock file so every machine gets the same versions.
-$(STAMP): requirements.lock pyproject.toml
+# gateway/__init__.py holds the version: the editable install's metadata is refreshed with it.
+$(STAMP): requirements.lock pyproject.toml gateway/__init__.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.lock

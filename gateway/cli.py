@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from . import config, logsetup
+from . import __version__, config, logsetup
 from .config import ConfigError, Settings
 from .dev.pgcluster import ClusterError, PostgresUnavailable
 from .migrate import MigrationError
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="PostgreSQL-to-WebSocket gateway: committed rows reach every allowed client, nothing lost.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
         "serve", allow_abbrev=False, help="run the gateway (several worker processes with --workers)"

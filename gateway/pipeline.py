@@ -70,6 +70,13 @@ MAX_PENDING = 100_000
 # The relay's pid is re-read at most this often, and doorbells from other sessions cause at
 # most one catch-up from the log this often: a NOTIFY flood costs one head read a second.
 SENDER_CHECK_INTERVAL = 1.0
+# The doorbell format this replica reads. During a rolling upgrade the relay may be a newer
+# replica: a doorbell of a higher "v" is not read (its fields may mean something else), it
+# only says "something was committed" and the pipeline catches up from the log, which every
+# version reads the same way. Fields added without changing a meaning keep "v" (msgspec
+# ignores unknown fields); "v" goes up only when an older replica would misread a doorbell.
+# docs/protocol.md, "Versions and compatibility".
+DOORBELL_VERSION = 1
 
 
 class Member(Protocol):
@@ -135,6 +142,21 @@ class Doorbell(msgspec.Struct):
 
 
 _decode_doorbell = msgspec.json.Decoder(Doorbell).decode
+
+
+class _Versioned(msgspec.Struct):
+    v: int = 1
+
+
+_decode_version = msgspec.json.Decoder(_Versioned).decode
+
+
+def _doorbell_version(payload: str) -> int | None:
+    """The ``v`` of a doorbell whose other fields this replica cannot read, if it has one."""
+    try:
+        return _decode_version(payload).v
+    except msgspec.DecodeError:
+        return None
 
 
 class Pending(NamedTuple):
@@ -221,6 +243,7 @@ class Pipeline:
         # Per topic, who joined and has not left yet: the topics the source is told we want.
         self._wanted: dict[str, set[Member]] = {}
         self._bad_doorbells = 0
+        self._newer_doorbells = 0
         self._relay_pid: int | None = None
         self._relay_pid_read = -SENDER_CHECK_INTERVAL  # monotonic time of the last read
         self._strangers_caught_up = -SENDER_CHECK_INTERVAL  # ... of the last catch-up they caused
@@ -437,12 +460,21 @@ class Pipeline:
             try:
                 bell = _decode_doorbell(payload)
             except msgspec.DecodeError as exc:
+                version = _doorbell_version(payload)
+                if version is not None and version > DOORBELL_VERSION:
+                    self._newer_doorbell(version)  # a newer format, not a malformed one
+                    resync = True
+                    continue
                 self._bad_doorbells += 1
                 if self._bad_doorbells == 1 or self._bad_doorbells % 1000 == 0:
                     log.warning(
                         "ignored %d malformed doorbell(s), e.g. %.200r: %s", self._bad_doorbells, payload, exc
                     )
                 resync = True  # someone notified our channel by hand: be safe, catch up
+                continue
+            if bell.v > DOORBELL_VERSION:
+                self._newer_doorbell(bell.v)
+                resync = True
                 continue
             if bell.sync:
                 resync = True
@@ -461,6 +493,17 @@ class Pipeline:
                 marks.extend((t, h.epoch, h.pos) for t, h in (await self._log.heads(topics)).items())
         if marks:
             await self._deliver_up_to(marks, inline)
+
+    def _newer_doorbell(self, version: int) -> None:
+        self._newer_doorbells += 1
+        if self._newer_doorbells == 1 or self._newer_doorbells % 1000 == 0:
+            log.warning(
+                "%d doorbell(s) of version %d, this replica reads version %d: catching up from the "
+                "log for each instead (slower, nothing lost); finish upgrading the replicas",
+                self._newer_doorbells,
+                version,
+                DOORBELL_VERSION,
+            )
 
     async def _deliver_up_to(
         self, marks: Iterable[tuple[str, str, int]], inline: dict[str, dict[int, Pending]] | None = None
@@ -588,7 +631,7 @@ class Pipeline:
             row = None
             if p.op in ("i", "u") and p.tbl in read:
                 got = rows.get((p.tbl, p.key or ""))
-                if got is None or got[1] != p.topic:
+                if got is None or p.topic not in got[1]:
                     # Deleted, or moved to another topic, before we could read it: to this
                     # topic it is gone, so a delete carrying its key (never another topic's row).
                     op = "delete"

@@ -73,6 +73,7 @@ class Welcome(msgspec.Struct, tag="welcome", omit_defaults=True):
 
     user: str
     conn: str
+    version: str  # the gateway's release (gateway.__version__): which replica a client reached
     expires: int | None = None  # unix seconds when the token runs out
     # Seconds from now until then, by the gateway's clock: a client schedules its refresh
     # from this, so a browser whose clock is off does not refresh too late or in a loop.

@@ -50,8 +50,11 @@ class TableSpec:
         return self.entry.event_name
 
 
-def build_select(entry: TableEntry, key: str, key_type: str, row_topic: str) -> str:
-    """The SELECT of rows by key: (key as text, row as JSON text, the row's topic now).
+def build_select(entry: TableEntry, key: str, key_type: str, row_topic: str, many: bool = False) -> str:
+    """The SELECT of rows by key: (key as text, row as JSON text, the row's topics now, an array).
+
+    ``many``: the table is published on several topics per row (its row_topic function gives
+    an array, docs/sql.md); otherwise the one topic is put in an array of one.
 
     ``key_type`` is format_type()'s output, already SQL. A column list becomes a subquery
     whose output columns are named by quoted identifiers, and row_to_json() takes its keys
@@ -67,10 +70,13 @@ def build_select(entry: TableEntry, key: str, key_type: str, row_topic: str) -> 
     else:
         source = f"ONLY {entry.sql_name} AS t"
         row = "row_to_json(t.*)"
-    # The row's topic now: a row may have moved to another topic since its event was
+    # The row's topics now: a row may have moved to another topic since its event was
     # written, and must then not be sent to the event's (old) topic.
+    topics = f"gateway.{quote_ident(row_topic)}(t.*)"
+    if not many:
+        topics = f"ARRAY[{topics}]"
     return (
-        f"SELECT {qkey}::text, {row}::text, gateway.{quote_ident(row_topic)}(t.*) FROM {source} "
+        f"SELECT {qkey}::text, {row}::text, {topics} FROM {source} "
         f"WHERE {qkey} = ANY($1::text[]::{key_type}[])"
     )
 
@@ -177,7 +183,10 @@ class Resolver:
                 )
                 raise ConfigError(f"GATEWAY_TABLES: {entry.display} has no column {c!r}{hint}")
         published = await conn.fetchrow(
-            "SELECT key_column, row_topic, topic FROM gateway.published WHERE tbl = $1::oid::regclass", oid
+            "SELECT key_column, row_topic, topic, (SELECT f.prorettype = 'text[]'::regtype FROM pg_proc f "
+            "WHERE f.oid = format('gateway.%I(%s)', row_topic, tbl)::regprocedure) AS many "
+            "FROM gateway.published WHERE tbl = $1::oid::regclass",
+            oid,
         )
         if published is None:
             literal = "'" + entry.display.replace("'", "''") + "'"
@@ -191,7 +200,7 @@ class Resolver:
                 f"GATEWAY_TABLES: {entry.display} is published with key column {key!r}, which it no "
                 f"longer has. {key_column_gone_fix(entry, published['topic'])}"
             )
-        select = build_select(entry, key, cols[key], row_topic)
+        select = build_select(entry, key, cols[key], row_topic, bool(published["many"]))
         # Run once with no key: any error in the statement (or a missing SELECT privilege)
         # shows now, naming the table, not at the first change of a row.
         try:
@@ -222,10 +231,10 @@ class Resolver:
             )
         return False
 
-    async def fetch(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[str, str | None]]:
-        """Current rows as (JSON text, the row's topic now), keyed by (table, key).
+    async def fetch(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[str, frozenset[str]]]:
+        """Current rows as (JSON text, the row's topics now), keyed by (table, key).
         Keys with no row are absent."""
-        out: dict[tuple[str, str], tuple[str, str | None]] = {}
+        out: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
         if not wanted:
             return out
         async with self._pool.acquire() as conn:
@@ -240,8 +249,8 @@ class Resolver:
                     continue
                 if self._unreadable.pop(table, None) is not None:
                     log.warning("rows of %s can be read again", spec.entry.display)
-                for key, row, topic in found:
-                    out[(table, key)] = (row, topic)
+                for key, row, topics in found:
+                    out[(table, key)] = (row, frozenset(t for t in topics or () if t is not None))
         return out
 
     def _cannot_read(self, spec: TableSpec, exc: Exception) -> None:

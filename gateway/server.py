@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from . import clientscript, metrics, status
+from . import __version__, clientscript, metrics, status
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
@@ -43,6 +43,7 @@ from .logsetup import QUIET_BAD_REQUESTS, REDACT_BEARER
 from .migrate import prerelease_problem
 from .pgerrors import DB_ERRORS, PoolConnectWatch
 from .pipeline import Pipeline
+from .pooling import check_session_pooling
 from .presence import Presence
 from .ratelimit import TokenBucket
 from .relay import Relay
@@ -201,6 +202,7 @@ async def _open_pool(s: Settings, size: int) -> asyncpg.Pool:
 
 async def _checked_resolver(pool: asyncpg.Pool, s: Settings) -> Resolver:
     """The resolver of GATEWAY_TABLES, once the gateway schema and those tables are found."""
+    await check_session_pooling(s.database_url)  # PgBouncer in transaction mode breaks LISTEN & co.
     missing = await pool.fetchval("SELECT to_regclass('gateway.events') IS NULL")
     if missing:
         raise ConfigError("the database has no gateway schema: run `gateway migrate` first")
@@ -377,7 +379,8 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    # The version lets a rolling deploy be watched replica by replica (docs/release.md).
+    return web.json_response({"ok": True, "version": __version__})
 
 
 async def readyz(request: web.Request) -> web.Response:

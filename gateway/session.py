@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMessage, WSMsgType, web
 
+from . import __version__
 from . import protocol as p
 from .auth import Authenticator, Identity, TokenError
 from .authz import AuthorizationUnavailable, Authorizer
@@ -335,7 +336,11 @@ class Session:
         self.ctx.registry.add(self)
         self._registered = True
         self._arm_expiry()
-        self.send(p.Welcome(user=self.identity.user, conn=self.conn_id, **self._expiry_fields()))
+        self.send(
+            p.Welcome(
+                user=self.identity.user, conn=self.conn_id, version=__version__, **self._expiry_fields()
+            )
+        )
         if self.ctx.presence is not None:
             await self.ctx.presence.connected(self)
         return True

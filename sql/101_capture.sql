@@ -187,6 +187,40 @@ BEGIN
 END
 $$;
 
+-- Appends one event per topic of a row published on several topics (publish() with a topic
+-- expression giving an array): each distinct topic, NULLs left out, in sorted order (as
+-- lock_topics locks them: two writers of rows on the same topics cannot deadlock), and
+-- rings the relay once. Returns how many events it appended.
+CREATE FUNCTION gateway.log_events(p_tbl text, p_op "char", p_topics text[], p_key text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_topic text;
+    v_pos bigint;
+    v_count integer := 0;
+    v_x text;
+BEGIN
+    -- Inline, as in the row triggers (not gateway.advance() and gateway.ring()): a call per
+    -- topic is measurable in the writer's cost.
+    FOR v_topic IN SELECT DISTINCT t COLLATE "C" FROM unnest(p_topics) AS t WHERE t IS NOT NULL ORDER BY 1 LOOP
+        UPDATE gateway.topics SET pos = pos + 1 WHERE topic = v_topic RETURNING pos INTO v_pos;
+        IF NOT FOUND THEN
+            INSERT INTO gateway.topics AS h (topic, pos) VALUES (v_topic, 1)
+            ON CONFLICT (topic) DO UPDATE SET pos = h.pos + 1
+            RETURNING h.pos INTO v_pos;
+        END IF;
+        INSERT INTO gateway.events (topic, pos, op, tbl, key) VALUES (v_topic, v_pos, p_op, p_tbl, p_key);
+        v_count := v_count + 1;
+    END LOOP;
+    IF v_count > 0 AND coalesce(pg_sequence_last_value('gateway.relay_awake_until'), 0)
+                       < date_part('epoch', clock_timestamp()) * 1000 THEN
+        IF current_setting('gateway.ring', true) IS DISTINCT FROM 'off' THEN
+            v_x := pg_notify('gateway_poll', '');
+        END IF;
+    END IF;
+    RETURN v_count;
+END
+$$;
+
 -- Fill the {name} placeholders of a template with the values p_values names so (a JSON object
 -- of texts; a JSON null fills in nothing). One pass: a value is never searched for
 -- placeholders itself, so a table named "a{op}" stays as it is. A placeholder with no value
@@ -307,9 +341,12 @@ DECLARE
     row_args text;
     plain_args text;
     probe text;
+    topic_call text;    -- the topic function called on a transition table's row (unnested when many)
     trigger_states jsonb;
     trigger_name text;
     trigger_state text;
+    many boolean;       -- the expression gives an array: the row is on each of its topics
+    topic_type text;    -- text, or text[] when many
     schema_owner regrole;
     f regprocedure;
     -- A row trigger. {function}: its name; {topic_fn}: the topic function and {row_args} the
@@ -374,6 +411,52 @@ DECLARE
             END IF;
             {end_if}
             $m$;
+    -- The row trigger of a table whose rows are on several topics (the expression gives an
+    -- array): one event per topic, through gateway.log_events (sorted, deduplicated, NULLs
+    -- left out). The same placeholders as row_trigger; {moved_row} is `moved_rows` below.
+    -- Not cut down like row_trigger: a row on several topics costs a loop and a call anyway.
+    rows_trigger text := $t$
+        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        DECLARE
+            gw_topics text[] := array_remove(coalesce({topic_fn}({row_args}), '{}'), NULL);
+            gw_left text[];
+            gw_n integer;
+            gw_x text;
+        BEGIN
+            PERFORM FROM {rows} OFFSET 1;
+            IF FOUND THEN
+                -- Several rows: at the first, lock all their topics in sorted order.
+                gw_x := current_setting({rows_left}, true);
+                IF gw_x IS NULL OR gw_x IN ('', '0') THEN
+                    PERFORM gateway.lock_topics(ARRAY({statement_topics}));
+                    gw_x := (SELECT count(*) FROM {rows})::text;
+                END IF;
+                gw_x := set_config({rows_left}, (gw_x::bigint - 1)::text, true);
+            END IF;
+    {moved_row}
+            gw_n := gateway.log_events({table}, '{op}', gw_topics, ({row}.{key})::text);
+            RETURN NULL;
+        END
+    $body$
+    $t$;
+    -- The update trigger's step for a row on several topics: a delete on each topic it left
+    -- (on all its old topics when its key changed), the topics it leaves and the ones it is on
+    -- locked in sorted order first. Compared COLLATE "C", as moved_row does.
+    moved_rows text := $m$
+            {if_columns_changed}
+            IF {key_changed} THEN
+                gw_left := {topic_fn}({old_args});
+            ELSE
+                gw_left := ARRAY(SELECT t FROM unnest({topic_fn}({old_args})) AS t
+                                 WHERE t IS NOT NULL AND t COLLATE "C" <> ALL (gw_topics));
+            END IF;
+            IF cardinality(gw_left) > 0 THEN
+                PERFORM gateway.lock_topics(gw_left || gw_topics);
+                gw_n := gateway.log_events({table}, 'd', gw_left, (OLD.{key})::text);
+            END IF;
+            {end_if}
+            $m$;
 BEGIN
     IF p_table IS NULL THEN
         RAISE EXCEPTION 'gateway.publish: the table must not be NULL';
@@ -422,7 +505,7 @@ BEGIN
     -- probe view also tells which columns the expression uses: those it depends on.
     probe := 'gateway_publish_probe_' || pg_backend_pid();
     BEGIN
-        EXECUTE format('CREATE TEMPORARY VIEW %I AS SELECT (%s)::text AS topic FROM %s', probe, p_topic, p_table);
+        EXECUTE format('CREATE TEMPORARY VIEW %I AS SELECT (%s) AS topic FROM %s', probe, p_topic, p_table);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'gateway.publish: topic expression % does not work on %: %', p_topic, tbl_name, SQLERRM;
     END;
@@ -449,6 +532,11 @@ BEGIN
         SELECT d.refobjsubid FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
         WHERE d.classid = 'pg_rewrite'::regclass AND r.ev_class = format('pg_temp.%I', probe)::regclass
           AND d.refclassid = 'pg_class'::regclass AND d.refobjid = p_table);
+    -- An array (of text, or of anything cast to text) puts each row on several topics.
+    SELECT t.typcategory = 'A' INTO many
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = format('pg_temp.%I', probe)::regclass AND a.attname = 'topic';
+    topic_type := CASE WHEN many THEN 'text[]' ELSE 'text' END;
     EXECUTE format('DROP VIEW pg_temp.%I', probe);
 
     -- How the triggers are enabled when not as by default ('O'), set again on the new ones
@@ -461,56 +549,56 @@ BEGIN
     PERFORM gateway.unpublish(p_table);
     topic_fn := format('gateway.%I', gateway.capture_name(p_table, 'topic'));
     mark := 'gateway.rows_left_' || p_table::oid;
+    topic_call := format(CASE WHEN many THEN 'unnest(%s(%s))' ELSE '%s(%s)' END, topic_fn, plain_args);
     -- Not STRICT and VOLATILE (the default): the expression keeps its meaning whatever it
     -- calls, and an SQL function declared so is still inlined. A SQL-standard body: its names
     -- are bound now, not at each write.
     BEGIN
-        EXECUTE format('CREATE FUNCTION %s(%s) RETURNS text LANGUAGE sql RETURN (%s)::text',
-                       topic_fn, coalesce(params, ''), p_topic);
+        EXECUTE format('CREATE FUNCTION %s(%s) RETURNS %s LANGUAGE sql RETURN (%s)::%s',
+                       topic_fn, coalesce(params, ''), topic_type, p_topic, topic_type);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'gateway.publish: topic expression % does not work on %: %', p_topic, tbl_name, SQLERRM;
     END;
     -- The topic of a whole row: the gateway checks, when it reads a row to send it, that the
     -- row still belongs to the event's topic (it may have moved since the event was written).
-    EXECUTE format('CREATE FUNCTION gateway.%I(%s) RETURNS text LANGUAGE sql AS %L',
-                   gateway.capture_name(p_table, 'row_topic'), p_table,
+    EXECUTE format('CREATE FUNCTION gateway.%I(%s) RETURNS %s LANGUAGE sql AS %L',
+                   gateway.capture_name(p_table, 'row_topic'), p_table, topic_type,
                    format('SELECT %s(%s)', topic_fn, coalesce(row_args, '')));
     INSERT INTO gateway.published (tbl, key_column, topic, row_topic)
     VALUES (p_table, p_key, p_topic, gateway.capture_name(p_table, 'row_topic'));
 
-    EXECUTE gateway.fill_template(row_trigger, jsonb_build_object(
+    EXECUTE gateway.fill_template(CASE WHEN many THEN rows_trigger ELSE row_trigger END, jsonb_build_object(
         'function', quote_ident(gateway.capture_name(p_table, 'capture_insert')),
         'topic_fn', topic_fn,
         'row_args', new_args,
         'rows', 'gateway_new',
         'rows_left', quote_literal(mark || '_i'),
-        'statement_topics', format('SELECT %s(%s) FROM gateway_new', topic_fn, plain_args),
+        'statement_topics', format('SELECT %s FROM gateway_new', topic_call),
         'moved_row', '',
         'op', 'i',
         'table', quote_literal(tbl_name),
         'row', 'NEW',
         'key', quote_ident(p_key)));
-    EXECUTE gateway.fill_template(row_trigger, jsonb_build_object(
+    EXECUTE gateway.fill_template(CASE WHEN many THEN rows_trigger ELSE row_trigger END, jsonb_build_object(
         'function', quote_ident(gateway.capture_name(p_table, 'capture_delete')),
         'topic_fn', topic_fn,
         'row_args', old_args,
         'rows', 'gateway_old',
         'rows_left', quote_literal(mark || '_d'),
-        'statement_topics', format('SELECT %s(%s) FROM gateway_old', topic_fn, plain_args),
+        'statement_topics', format('SELECT %s FROM gateway_old', topic_call),
         'moved_row', '',
         'op', 'd',
         'table', quote_literal(tbl_name),
         'row', 'OLD',
         'key', quote_ident(p_key)));
-    EXECUTE gateway.fill_template(row_trigger, jsonb_build_object(
+    EXECUTE gateway.fill_template(CASE WHEN many THEN rows_trigger ELSE row_trigger END, jsonb_build_object(
         'function', quote_ident(gateway.capture_name(p_table, 'capture_update')),
         'topic_fn', topic_fn,
         'row_args', new_args,
         'rows', 'gateway_new',
         'rows_left', quote_literal(mark || '_u'),
-        'statement_topics', format('SELECT %1$s(%2$s) FROM gateway_new UNION ALL SELECT %1$s(%2$s) FROM gateway_old',
-                                   topic_fn, plain_args),
-        'moved_row', gateway.fill_template(moved_row, jsonb_build_object(
+        'statement_topics', format('SELECT %1$s FROM gateway_new UNION ALL SELECT %1$s FROM gateway_old', topic_call),
+        'moved_row', gateway.fill_template(CASE WHEN many THEN moved_rows ELSE moved_row END, jsonb_build_object(
             'if_columns_changed', CASE WHEN cols_changed IS NOT NULL
                                        THEN format('IF %s%s THEN  -- only then can the topic differ',
                                                    key_same, cols_changed) END,
@@ -572,10 +660,22 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET row_
 DECLARE
     p gateway.published;
     n bigint;
+    many boolean;
 BEGIN
     SELECT * INTO p FROM gateway.published WHERE tbl = TG_RELID;
     IF NOT FOUND THEN
         RETURN NULL;  -- unpublished meanwhile
+    END IF;
+    -- A table whose rows are on several topics (its row_topic function gives an array).
+    SELECT f.prorettype = 'text[]'::regtype INTO many FROM pg_proc f
+    WHERE f.oid = format('gateway.%I(%s)', p.row_topic, p.tbl)::regprocedure;
+    IF many THEN
+        EXECUTE format('SELECT gateway.lock_topics(ARRAY(SELECT DISTINCT x FROM ONLY %s AS t, unnest(gateway.%I(t)) AS x))',
+                       p.tbl, p.row_topic);
+        EXECUTE format('SELECT sum(gateway.log_events(%L, ''d'', gateway.%I(t), (t.%I)::text)) FROM ONLY %s AS t',
+                       TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, p.row_topic, p.key_column, p.tbl)
+        INTO n;
+        RETURN NULL;
     END IF;
     -- ONLY: the rows of this table; an inheritance child truncated with it fires its own.
     -- Its topics are locked in sorted order first, like a multi-row statement's (publish()).
@@ -643,7 +743,7 @@ $$;
 -- what is published.
 REVOKE EXECUTE ON FUNCTION
     gateway.unpublish(regclass), gateway.unpublish_dropped(), gateway.unpublish_dropped_at_drop(),
-    gateway.log_event(text, "char", text, text),
+    gateway.log_event(text, "char", text, text), gateway.log_events(text, "char", text[], text),
     gateway.fill_template(text, jsonb), gateway.publish(regclass, text, text), gateway.capture_truncate(),
     gateway.published_truncate_trigger(), gateway.republish_all()
 FROM PUBLIC;

@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import WSMsgType, web
 
+from gateway import __version__
 from gateway import protocol as p
 
 from .browsertest import BROWSER_TESTS, rec, set_visibility, wait_for
@@ -139,7 +140,11 @@ class ScriptedGateway:
                 expires = int(time.time()) + self.expires_in if self.expires_in else None
                 await conn.send(
                     p.Welcome(
-                        user=conn.user, conn=f"c{self.next_id}", expires=expires, expires_in=self.expires_in
+                        user=conn.user,
+                        conn=f"c{self.next_id}",
+                        version=__version__,
+                        expires=expires,
+                        expires_in=self.expires_in,
                     )
                 )
                 await self.set_presence(conn.user, status)

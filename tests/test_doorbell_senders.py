@@ -196,3 +196,43 @@ async def test_a_position_beyond_the_head_is_never_taken_even_from_the_relay(
     row_id = await commit_row(dsn, "real")
     (event,) = await c.events(1)
     assert (event["pos"], event["key"]) == (head + 1, str(row_id))
+
+
+async def test_a_doorbell_of_a_newer_version_is_not_read_but_caught_up_from_the_log(
+    dsn: str, replicas: tuple[Gateway, Gateway], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The compatibility rule of docs/protocol.md ("Versions and compatibility"): during a
+    rolling upgrade the relay may run a newer version. A doorbell whose ``v`` is higher than
+    this replica's is not interpreted (its fields may mean something else; here its claim is
+    one the log does not hold) but makes the replica catch up from the log, which every
+    version reads the same way; a newer shape is not mistaken for a malformed doorbell."""
+    a, _ = replicas
+    c, ack = await subscribed(a)
+    epoch, head = ack["epoch"], ack["pos"]
+    assert isinstance(head, int)
+    pipeline = a.state.pipeline
+    relay_pid = await pipeline._log.relay_pid()
+    assert relay_pid is not None
+    head_reads = 0
+    read_heads = pipeline._log.heads
+
+    async def counting_heads(*args: object, **kwargs: object) -> object:
+        nonlocal head_reads
+        head_reads += 1
+        return await read_heads(*args, **kwargs)  # type: ignore[arg-type]
+
+    pipeline._log.heads = counting_heads  # type: ignore[method-assign]
+    # Read as version 1, the first would push the stream to a position the log lacks.
+    pipeline.notify(
+        json.dumps({"v": 2, "tb": "items", "ev": [[TOPIC, epoch, head + 1, "i", "999"]]}), relay_pid
+    )
+    pipeline.notify(json.dumps({"v": 2, "ev": [{"topic": TOPIC, "pos": head + 1}]}), relay_pid)
+    await nothing_more(c, 0.5)
+    assert head_reads >= 1, "a newer doorbell must be taken as a reason to catch up from the log"
+    assert pipeline.position(TOPIC).pos == head
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("beyond the head" in m or "malformed" in m for m in messages), messages
+    assert sum("of version 2" in m for m in messages) == 1, messages  # logged once, not per doorbell
+    row_id = await commit_row(dsn, "real")
+    (event,) = await c.events(1)
+    assert (event["pos"], event["key"]) == (head + 1, str(row_id))
