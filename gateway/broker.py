@@ -129,6 +129,10 @@ class Broker:
         self._stopping = False
         self._lost = asyncio.Event()
         self._last_error = ""
+        # The last error the server itself reported (nats.errors.AuthorizationError: the
+        # "Authorization Violation" of a wrong password): a start that fails names it, not the
+        # connection reset that the server's close often turns the next attempt into.
+        self._server_error = ""
         self._catch_up_timer: asyncio.TimerHandle | None = None
         self.connected = False
         # state, read by metrics and /status (the same names as the PostgreSQL listener's)
@@ -182,7 +186,7 @@ class Broker:
         try:
             self._nc = await asyncio.wait_for(nats.connect(**options), self._connect_timeout * 2)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            cause = self._last_error or f"{type(exc).__name__}: {exc}"
+            cause = self._server_error or self._last_error or f"{type(exc).__name__}: {exc}"
             raise ConfigError(f"cannot connect to the broker at {self.where()}: {cause}") from None
         self._last_error = ""
         self.connected = True
@@ -325,6 +329,8 @@ class Broker:
             self._catch_up()
             return
         error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, nats.errors.AuthorizationError):
+            self._server_error = error
         if error != self._last_error:  # each distinct error once per outage, not once per retry
             self._last_error = error
             log.warning("broker: %s", error)

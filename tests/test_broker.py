@@ -229,7 +229,13 @@ async def test_a_broker_with_a_password_admits_the_right_one_only(items: str, tm
             await wrong.start()
         text = wrong.log_path.read_text()
         (refusal,) = [line for line in text.splitlines() if "cannot connect to the broker" in line]
-        assert "nats://***@127.0.0.1" in refusal and "Authorization Violation" in refusal, refusal
+        # The cause is named: the server's "Authorization Violation" when the client read it,
+        # else the reset it raced into (the server closes right after its -ERR, and the client's
+        # PING arriving after that close makes the kernel discard the unread -ERR): a race no
+        # client setting avoids. The server's own log says it was the password, either way.
+        assert "nats://***@127.0.0.1" in refusal, refusal
+        assert "Authorization Violation" in refusal or "ConnectionResetError" in refusal, refusal
+        assert "authentication error" in server.log_path.read_text()
         assert "Wr0ngPassw0rd" not in text  # the password is never printed
         async with running_gateway(items, tables=TABLES, broker=server.url) as gw:
             c = await gw.connect("1")
