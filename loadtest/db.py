@@ -25,7 +25,7 @@ COST_ROWS = 1000
 COST_TOPICS = 100
 
 SCHEMA = f"""
-DROP TABLE IF EXISTS lt_items, lt_cost_plain, lt_cost_gateway, lt_cost_naive;
+DROP TABLE IF EXISTS lt_items, lt_cost_plain, lt_cost_gateway, lt_cost_two_topics, lt_cost_naive;
 CREATE TABLE lt_items (
     id bigserial PRIMARY KEY,
     topic text NOT NULL,
@@ -34,15 +34,21 @@ CREATE TABLE lt_items (
 );
 SELECT gateway.publish('public.lt_items', $$'t:' || topic$$);
 
--- Writer cost: the same single-row UPDATE on three identical tables.
+-- Writer cost: the same single-row UPDATE on four identical tables.
 CREATE TABLE lt_cost_plain (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
 CREATE TABLE lt_cost_gateway (LIKE lt_cost_plain INCLUDING ALL);
+CREATE TABLE lt_cost_two_topics (LIKE lt_cost_plain INCLUDING ALL);
 CREATE TABLE lt_cost_naive (LIKE lt_cost_plain INCLUDING ALL);
 INSERT INTO lt_cost_plain (id) SELECT generate_series(1, {COST_ROWS});
 INSERT INTO lt_cost_gateway (id) SELECT generate_series(1, {COST_ROWS});
+INSERT INTO lt_cost_two_topics (id) SELECT generate_series(1, {COST_ROWS});
 INSERT INTO lt_cost_naive (id) SELECT generate_series(1, {COST_ROWS});
 -- The gateway's capture trigger; rows spread over {COST_TOPICS} topics like per-user topics.
 SELECT gateway.publish('public.lt_cost_gateway', $$'c:' || (id % {COST_TOPICS})$$);
+-- The same rows on two topics each (docs/sql.md, "A row on several topics"): an owner's and a team's.
+SELECT gateway.publish(
+    'public.lt_cost_two_topics', $$ARRAY['c:' || (id % {COST_TOPICS}), 'team:' || (id % 10)]$$
+);
 -- The seed tutorial's trigger: one NOTIFY per row carrying the whole row as JSON.
 CREATE OR REPLACE FUNCTION lt_naive_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -275,7 +281,7 @@ async def _settle(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
-            "VACUUM lt_cost_plain, lt_cost_gateway, lt_cost_naive, gateway.topics, gateway.events"
+            "VACUUM lt_cost_plain, lt_cost_gateway, lt_cost_two_topics, lt_cost_naive, gateway.topics, gateway.events"
         )
         # Superusers and (PostgreSQL 15+) members of pg_checkpoint only; without it the runs
         # are merely noisier.
@@ -295,12 +301,12 @@ async def writer_cost(
     flush_delay_us: int = 0,
     flush_wait: bool = True,
 ) -> dict[str, Any]:
-    """Commits/s of a single-row UPDATE without a trigger, with the gateway's capture trigger and
-    with the naive per-row pg_notify(row_to_json(NEW)) trigger.
+    """Commits/s of a single-row UPDATE without a trigger, with the gateway's capture trigger (the
+    row on one topic, and on two), and with the naive per-row pg_notify(row_to_json(NEW)) trigger.
 
     This machine's speed drifts by a fifth from second to second (other tenants of the host),
-    more than the differences measured. So each round runs the three tables back to back, in
-    alternating order (plain, gateway, naive; then naive, gateway, plain), each ratio is taken
+    more than the differences measured. So each round runs the tables back to back, in
+    alternating order (plain, gateway, two topics, naive; then the reverse), each ratio is taken
     within its round, where the three ran under about the same conditions, and the result is
     the median of the rounds' ratios: a round disturbed by a neighbour does not decide.
 
@@ -315,7 +321,12 @@ async def writer_cost(
     options = f"-c commit_delay={flush_delay_us} -c commit_siblings=1" if flush_delay_us else ""
     if not flush_wait:
         options = (options + " -c synchronous_commit=off").strip()
-    tables = {"plain": "lt_cost_plain", "gateway": "lt_cost_gateway", "naive": "lt_cost_naive"}
+    tables = {
+        "plain": "lt_cost_plain",
+        "gateway": "lt_cost_gateway",
+        "two_topics": "lt_cost_two_topics",
+        "naive": "lt_cost_naive",
+    }
     runs: dict[str, list[float]] = {k: [] for k in tables}
     tool = "pgbench" if pgbench else "asyncpg"
     for r in range(rounds):
@@ -329,7 +340,7 @@ async def writer_cost(
             runs[name].append(tps)
     ratios = {
         k: [round(x / p, 3) if p else 0.0 for x, p in zip(runs[k], runs["plain"], strict=True)]
-        for k in ("gateway", "naive")
+        for k in ("gateway", "two_topics", "naive")
     }
     return {
         "tool": tool,
@@ -343,5 +354,6 @@ async def writer_cost(
         "tps_median": {k: round(statistics.median(v), 1) for k, v in runs.items()},
         "ratios": ratios,
         "ratio_gateway": statistics.median(ratios["gateway"]),
+        "ratio_two_topics": statistics.median(ratios["two_topics"]),
         "ratio_naive": statistics.median(ratios["naive"]),
     }

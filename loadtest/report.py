@@ -31,6 +31,14 @@ def _get(d: Any, *path: str) -> Any:
     return d
 
 
+def _two_topics(wc: dict[str, Any]) -> str:
+    """The writer cost of a row published on two topics, where the run measured it."""
+    m = wc.get("tps_median", {})
+    if "two_topics" not in m:
+        return ""
+    return f"; a row on two topics: {m['two_topics']:.0f}/s ({wc['ratio_two_topics']})"
+
+
 def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per criterion: what was measured, the threshold, PASS / FAIL / n/a, and how."""
     sc = r.get("scenarios", {})
@@ -129,6 +137,7 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
             f"{m['gateway']:.0f} vs {m['plain']:.0f} commits/s"
             + (f"; rounds {min(rounds):.2f}-{max(rounds):.2f}" if rounds else "")
             + f"; naive per-row pg_notify: {m['naive']:.0f} ({base['writer_cost']['ratio_naive']})"
+            + _two_topics(base["writer_cost"])
             + (f" (fewer than {BAR_ROUNDS} rounds: indicative only)" if few else ""),
         )
         for key, what in (
@@ -144,7 +153,8 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
                     "-",
                     None,
                     f"{mo['gateway']:.0f} vs {mo['plain']:.0f} commits/s, {other['clients']} clients; "
-                    f"naive per-row pg_notify: {mo['naive']:.0f} ({other['ratio_naive']})",
+                    f"naive per-row pg_notify: {mo['naive']:.0f} ({other['ratio_naive']})"
+                    + _two_topics(other),
                 )
     else:
         line("writer cost", None, ">= 0.5", None, "not run")
@@ -528,7 +538,7 @@ def summary(r: dict[str, Any]) -> str:
         m = b["writer_cost"]["tps_median"]
         out.append(
             f"writer cost ({b['writer_cost']['tool']}): plain {m['plain']:.0f}/s, gateway trigger {m['gateway']:.0f}/s, "
-            f"naive pg_notify {m['naive']:.0f}/s"
+            f"naive pg_notify {m['naive']:.0f}/s" + _two_topics(b["writer_cost"])
         )
         for key, what in (
             ("slow_flush", "with 1 ms commit flushes"),
@@ -540,6 +550,7 @@ def summary(r: dict[str, Any]) -> str:
                 out.append(
                     f"  {what} ({other['clients']} clients): plain {mo['plain']:.0f}/s, "
                     f"gateway trigger {mo['gateway']:.0f}/s, naive pg_notify {mo['naive']:.0f}/s"
+                    + _two_topics(other)
                 )
     out.append("")
     for line in r.get("bar", []):
