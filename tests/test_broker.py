@@ -293,6 +293,10 @@ async def test_serve_with_two_workers_on_one_broker(items: str, nats: NatsServer
     gw.env["GATEWAY_WORKERS"] = "2"
     await gw.start()
     try:
+        # start() returns once one worker answers; the other may still be connecting.
+        await eventually(
+            lambda: gw.log_path.read_text().count("gateway ready") == 2, 30, "both workers to be ready"
+        )
         clients = [await gw.connect("1") for _ in range(6)]  # SO_REUSEPORT spreads them
         acks = [await c.subscribe(TOPIC) for c in clients]
         conn = await pg_connect(items)
