@@ -326,7 +326,8 @@ class Broker:
                 log.warning(
                     "broker: %d doorbell(s) dropped as a slow consumer; catching up", self.slow_consumer
                 )
-            self._catch_up()
+            # A burst of drops is one notice per doorbell: one catch-up for all of them.
+            self._catch_up_soon()
             return
         error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, nats.errors.AuthorizationError):

@@ -187,6 +187,37 @@ async def test_a_lost_last_doorbell_is_found_by_the_head_check(items: str, nats:
 
 
 @needs_nats
+async def test_a_slow_consumer_notice_catches_every_topic_up_once(items: str, nats: NatsServer) -> None:
+    """NATS drops messages for a subscriber that falls behind and says so (SlowConsumerError
+    through the error callback): the dropped doorbells are made good from the log, once for a
+    burst of notices. The notices are handed to the callback as nats-py hands them; filling a
+    real subscriber's pending limit (half a million messages by default) would take minutes."""
+    from nats.errors import SlowConsumerError
+
+    async with running_gateway(items, tables=TABLES, broker=nats.url, broker_check_interval="60") as gw:
+        broker = gw.state.listener
+        c = await gw.connect("1")
+        ack = await c.subscribe(TOPIC)
+        gw.state.relay._outlet = None  # the doorbells of what follows are lost, as NATS drops them
+        conn = await pg_connect(items)
+        try:
+            await conn.execute("INSERT INTO items (owner_id, title) VALUES (1, 'dropped bell')")
+        finally:
+            await conn.close()
+        with pytest.raises((TimeoutError, AssertionError)):
+            await c.recv(0.5)  # nothing: its doorbell was dropped, and no head check is due
+        reads_before = gw.state.pipeline._log.head_reads
+        for _ in range(50):
+            await broker._on_error(SlowConsumerError("s", "", 1, None))  # type: ignore[arg-type]
+        (e,) = await c.events(1, timeout=5)
+        assert e["pos"] == ack["pos"] + 1 and e["row"]["title"] == "dropped bell"
+        assert broker.slow_consumer == 50
+        await asyncio.sleep(0.3)
+        assert gw.state.pipeline._log.head_reads - reads_before == 1  # one catch-up for the burst
+        await c.close()
+
+
+@needs_nats
 async def test_a_broker_outage_keeps_the_process_ready_and_delivering_from_the_log(
     items: str, nats: NatsServer
 ) -> None:
