@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -18,104 +15,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.protocol import RECONNECT_AFTER
-
-from .gwtest import Client, Closed, GatewayProcess, free_port, token
+from .gwtest import GatewayProcess, free_port
+from .lbtest import HAPROXY, ResumingClient, haproxy_config, haproxy_status
 from .pgconn import pg_connect
 from .polling import eventually
 
 pytestmark = pytest.mark.timeout(180)
 
-HAPROXY = shutil.which("haproxy")
 TOPICS = [f"room:{i}" for i in range(4)]
-
-
-def haproxy_config(port: int, stats_port: int, backends: list[int]) -> str:
-    servers = "\n".join(
-        f"    server g{i} 127.0.0.1:{p} check inter 200ms fall 1 rise 2" for i, p in enumerate(backends)
-    )
-    return f"""
-global
-    maxconn 2000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout tunnel 1h
-frontend ws
-    bind 127.0.0.1:{port}
-    default_backend gateways
-frontend stats
-    bind 127.0.0.1:{stats_port}
-    stats enable
-    stats uri /stats
-backend gateways
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-{servers}
-"""
-
-
-class ResumingClient:
-    """Stays subscribed to one topic through reconnects, resuming from the last position."""
-
-    def __init__(self, url: str, user: str, topic: str) -> None:
-        self.url, self.user, self.topic = url, user, topic
-        self.positions: list[int] = []
-        self.epoch: str | None = None
-        self.start: int | None = None  # position of the first ack: events after it are owed
-        self.reconnects = 0
-        self.not_recovered = 0
-        self.closes: list[int | None] = []
-        self._stop = asyncio.Event()
-
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            c = Client(self.url)
-            try:
-                await c.open()
-                await c.auth(token(self.user, topics=["room:*"]))
-                since = (
-                    (self.epoch, self.positions[-1] if self.positions else self.start) if self.epoch else None
-                )
-                ack = await c.subscribe(self.topic, since=since)  # type: ignore[arg-type]
-                if self.epoch is None:
-                    self.epoch, self.start = ack["epoch"], ack["pos"]
-                elif ack.get("recovered") is not True:
-                    self.not_recovered += 1
-                for e in ack["events"]:
-                    self.positions.append(e["pos"])
-                while not self._stop.is_set():
-                    try:
-                        frame = await c.recv(timeout=0.5)
-                    except TimeoutError:
-                        # Quiet is not a failure (no writes, or no relay while its lease
-                        # passes to another replica): stay connected, check for stop.
-                        continue
-                    if frame["type"] == "event":
-                        self.positions.append(frame["pos"])
-            except Closed as exc:
-                self.closes.append(exc.code)
-                assert exc.code is None or exc.code in RECONNECT_AFTER or exc.code == 1006, exc
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                pass  # the load balancer had no healthy replica for a moment: retry
-            finally:
-                await c.close()
-            if not self._stop.is_set():
-                self.reconnects += 1
-                await asyncio.sleep(random.uniform(0.05, 0.3))
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-async def _haproxy_status(stats_port: int) -> dict[str, str]:
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{stats_port}/stats;csv") as r:
-        text = await r.text()
-    rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
-    return {row["svname"]: row["status"] for row in rows if row["pxname"] == "gateways"}
 
 
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (CI installs Debian's haproxy)")
@@ -141,7 +48,7 @@ async def test_cluster_kill_and_drain_lose_nothing(dsn: str, tmp_path: Path) -> 
             nonlocal seen
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 # The CSV has a row per server (g0..g2) and one for the backend as a whole.
-                seen = await _haproxy_status(stats_port)
+                seen = await haproxy_status(stats_port)
             return all(seen.get(f"g{i}") == "UP" for i in range(3))
 
         await eventually(
@@ -189,7 +96,7 @@ async def test_cluster_kill_and_drain_lose_nothing(dsn: str, tmp_path: Path) -> 
             return f"every client at its topic's head, subscribed on the survivor: {lagging}\n{metrics}"
 
         await eventually(caught_up, 30, behind, interval=0.1)
-        status = await _haproxy_status(stats_port)
+        status = await haproxy_status(stats_port)
         for c in clients:
             c.stop()
         await asyncio.gather(*tasks)

@@ -37,12 +37,11 @@ import aiohttp
 import pytest
 
 from gateway import __version__
-from gateway.protocol import RECONNECT_AFTER
 
-from .gwtest import REPO, Client, Closed, GatewayProcess, free_port, make_items_table, token
+from .gwtest import REPO, GatewayProcess, free_port, make_items_table
+from .lbtest import HAPROXY, ResumingClient, haproxy_config, haproxy_status
 from .pgconn import pg_connect
 from .polling import eventually
-from .test_cluster import HAPROXY, _haproxy_status, haproxy_config
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -137,55 +136,6 @@ class PreviousGatewayProcess(GatewayProcess):
         return self
 
 
-class Follower:
-    """One client through the load balancer: subscribed to one topic through every reconnect,
-    resuming from its last position, noting which version answered each time."""
-
-    def __init__(self, url: str, user: str, topic: str) -> None:
-        self.url, self.user, self.topic = url, user, topic
-        self.positions: list[int] = []
-        self.epoch: str | None = None
-        self.start: int | None = None
-        self.versions: list[str | None] = []  # welcome's version; None from a version without it
-        self.not_recovered = 0
-        self._stop = asyncio.Event()
-
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            c = Client(self.url)
-            try:
-                await c.open()
-                welcome = await c.auth(token(self.user, topics=["room:*"]))
-                self.versions.append(welcome.get("version"))
-                since = (
-                    (self.epoch, self.positions[-1] if self.positions else self.start) if self.epoch else None
-                )
-                ack = await c.subscribe(self.topic, since=since)  # type: ignore[arg-type]
-                if self.epoch is None:
-                    self.epoch, self.start = ack["epoch"], ack["pos"]
-                elif ack.get("recovered") is not True:
-                    self.not_recovered += 1
-                self.positions.extend(e["pos"] for e in ack["events"])
-                while not self._stop.is_set():
-                    try:
-                        frame = await c.recv(timeout=0.5)
-                    except TimeoutError:
-                        continue
-                    if frame["type"] == "event":
-                        self.positions.append(frame["pos"])
-            except Closed as exc:
-                assert exc.code is None or exc.code in RECONNECT_AFTER or exc.code == 1006, exc
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                pass  # no healthy replica for a moment: retry
-            finally:
-                await c.close()
-            if not self._stop.is_set():
-                await asyncio.sleep(random.uniform(0.05, 0.3))
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 async def test_old_and_new_replicas_side_by_side_lose_and_double_nothing(
     dsn: str, tmp_path: Path, previous: tuple[Path, str]
 ) -> None:
@@ -206,7 +156,7 @@ async def test_old_and_new_replicas_side_by_side_lose_and_double_nothing(
         [str(HAPROXY), "-f", str(tmp_path / "haproxy.cfg"), "-db"], stdout=subprocess.DEVNULL
     )
     url = f"ws://127.0.0.1:{lb_port}/ws"
-    followers: list[Follower] = []
+    followers: list[ResumingClient] = []
     tasks: list[asyncio.Task[None]] = []
     db = await pg_connect(dsn)
     committed = 0
@@ -217,13 +167,13 @@ async def test_old_and_new_replicas_side_by_side_lose_and_double_nothing(
         async def as_wanted() -> bool:
             nonlocal seen
             with contextlib.suppress(aiohttp.ClientError, OSError):  # HAProxy still starting
-                seen = await _haproxy_status(stats_port)
+                seen = await haproxy_status(stats_port)
             return all((seen.get(name) == "UP") == want for name, want in up.items())
 
         await eventually(as_wanted, 30, lambda: f"HAProxy to see {up} (it says {seen})", interval=0.1)
 
     async def follow(n: int) -> None:
-        fresh = [Follower(url, f"u{len(followers) + i}", TOPICS[i % len(TOPICS)]) for i in range(n)]
+        fresh = [ResumingClient(url, f"u{len(followers) + i}", TOPICS[i % len(TOPICS)]) for i in range(n)]
         followers.extend(fresh)
         tasks.extend(asyncio.create_task(f.run()) for f in fresh)
         await eventually(lambda: all(f.epoch is not None for f in fresh), 20, "every new client subscribed")
