@@ -226,9 +226,12 @@ class RoomPresence:
             return
 
         def due() -> None:
+            # A second has passed since the bucket ran dry: flush whatever the bucket says (a
+            # timer may fire a hair early by the bucket's clock, and must not wait a second more).
             c.timer = None
             if self._conns.get(conn_id) is c:
-                self._changed(conn_id, c)
+                c.bucket.take()
+                self._flush(conn_id, c)
 
         c.timer = asyncio.get_running_loop().call_later(1 / STATE_RATE, due)
 
