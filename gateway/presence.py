@@ -155,17 +155,22 @@ class Presence:
 
     async def start(self) -> None:
         try:
-            ok = await self._pool.fetchval(
+            ok, rooms = await self._pool.fetchrow(
                 "SELECT to_regprocedure('gateway.presence_apply(text,text[],text[],text[],text[],boolean)') "
-                "IS NOT NULL",
+                "IS NOT NULL, to_regprocedure("
+                "'gateway.room_presence_apply(text,text[],text[],text[],jsonb[],boolean)') IS NOT NULL",
                 timeout=CALL_TIMEOUT,
             )
         except DB_ERRORS as exc:
             self._down("checking the presence tables", exc)
-            ok = True  # cannot tell; the writer keeps trying to register
+            ok = rooms = True  # cannot tell; the writer keeps trying to register
         if not ok:
             raise ConfigError(
                 "the database has no presence tables (sql/103_presence.sql): run `gateway migrate`"
+            )
+        if not rooms:
+            raise ConfigError(
+                "the database has no room presence table (sql/106_room_presence.sql): run `gateway migrate`"
             )
         await self._sync()
         self._tasks = [
