@@ -306,6 +306,53 @@ async def test_a_killed_replicas_members_leave_within_the_bound(cluster: Cluster
     assert watcher.members == {"alice": {c2: {"here": True}}}
 
 
+async def test_a_replica_declared_dead_while_alive_registers_its_members_again(cluster: Cluster) -> None:
+    (gw,) = await cluster.start(1)
+    watcher = RoomWatcher(await cluster.connect(gw, "watch", [ROOM]))
+    await watcher.subscribe()
+    tab, conn = await joined(cluster, gw, "alice")
+    assert (await track(tab, ROOM, {"v": 1}))["type"] == "tracked"
+    await watcher.until({"alice": {conn: {"v": 1}}})
+    replica = await val(cluster.dsn, "SELECT replica_id FROM gateway.replicas")
+    # As a sweep does to a replica that stalled longer than the ttl: its members leave...
+    await sql(cluster.dsn, "SELECT gateway.presence_unregister($1)", replica)
+    await watcher.until({})
+    # ...and its next heartbeat finds its row gone: it writes its members back, as they are now.
+    await watcher.until({"alice": {conn: {"v": 1}}})
+    assert [c["op"] for c in watcher.changes] == ["join", "leave", "join"]
+    assert (await track(tab, ROOM, {"v": 2}))["type"] == "tracked"
+    await watcher.until({"alice": {conn: {"v": 2}}})
+
+
+async def test_room_presence_is_repaired_after_a_database_outage(cluster: Cluster, pg_restart: Any) -> None:
+    (gw,) = await cluster.start(1)
+    alice, alice_conn = await joined(cluster, gw, "alice")
+    bob, _ = await joined(cluster, gw, "bob")
+    for c in (alice, bob):
+        assert (await track(c, ROOM, {"v": 1}))["type"] == "tracked"
+    await wait_for(cluster.dsn, "SELECT count(*) = 2 FROM gateway.room_presence")
+
+    await sql(cluster.dsn, "CHECKPOINT")  # the test cluster commits asynchronously
+    await pg_restart.adown()
+    # While the database is away: a join, an update, a close. None may fail or be lost.
+    carol, carol_conn = await joined(cluster, gw, "carol")
+    assert (await track(carol, ROOM, {"v": 1}))["type"] == "tracked"
+    assert (await track(alice, ROOM, {"v": 2}))["type"] == "tracked"
+    await bob.close()
+    await asyncio.sleep(1.0)  # let the gateway try (and fail) to write them
+    await pg_restart.aup()
+
+    # The gateway writes its whole set of members back.
+    await wait_for(
+        cluster.dsn,
+        "SELECT array_agg(user_id || '=' || (state->>'v') ORDER BY user_id) = ARRAY['alice=2', 'carol=1'] "
+        "FROM gateway.room_presence",
+        timeout=30,
+    )
+    rows = await sql(cluster.dsn, "SELECT conn_id FROM gateway.room_presence ORDER BY user_id")
+    assert [r["conn_id"] for r in rows] == [alice_conn, carol_conn]
+
+
 async def test_state_updates_are_coalesced_and_the_last_one_wins(cluster: Cluster) -> None:
     (gw,) = await cluster.start(1)
     watcher = RoomWatcher(await cluster.connect(gw, "watch", [ROOM]))
