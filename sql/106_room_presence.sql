@@ -53,7 +53,7 @@ CREATE FUNCTION gateway.room_presence_apply(
     p_replica text, p_conn_ids text[], p_rooms text[], p_users text[], p_states jsonb[],
     p_full boolean DEFAULT false
 ) RETURNS integer
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_topics text[];
     v_data jsonb[];
@@ -153,8 +153,11 @@ $$;
 
 -- Whatever deletes replicas deletes their room members and publishes their leaves, in the
 -- same transaction (see the top of this file). One statement, one emit_many, one doorbell.
+-- SECURITY DEFINER: it runs as the schema's owner whoever deletes the replica, so a gateway
+-- role granted only what the previous release needed (a replica of that release during a
+-- rolling upgrade) still sweeps and shuts down.
 CREATE FUNCTION gateway.room_presence_replicas_gone() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_topics text[];
     v_data jsonb[];
@@ -182,9 +185,11 @@ CREATE TRIGGER room_presence_replicas_gone
     REFERENCING OLD TABLE AS gone_replicas
     FOR EACH STATEMENT EXECUTE FUNCTION gateway.room_presence_replicas_gone();
 
--- The gateway's own (see the end of 100_event_log.sql and docs/sql.md, "The gateway's role").
--- room_presence_apply publishes through emit_many, so a role that may call it may write
--- presence events; the trigger function runs as whoever deletes a replica.
+-- Who may do what (see the end of 100_event_log.sql and docs/sql.md, "The gateway's role").
+-- Both functions are SECURITY DEFINER (fixed search_path, every name with its schema): the
+-- gateway's role needs EXECUTE on room_presence_apply and SELECT on the table (snapshots), and
+-- no write privilege on it. room_presence_apply publishes presence events on any room's
+-- presence topic, so it is the gateway's alone.
 REVOKE EXECUTE ON FUNCTION
     gateway.room_presence_apply(text, text[], text[], text[], jsonb[], boolean),
     gateway.room_presence_replicas_gone()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from gateway.rooms import read_topic, room_problem
 from gateway.server import PRESENCE
 
 from .gwtest import Client, assert_alive, expect_error, running_gateway, token
+from .pgconn import connection
+from .test_capture import as_role, sql_block
 from .test_presence import Cluster, sql, val, wait_for
 
 ROOM = "room:7"
@@ -191,6 +195,38 @@ async def test_sql_refuses_bad_input_naming_it(db: asyncpg.Connection) -> None:
     with pytest.raises(asyncpg.RaiseError, match="must not contain NULL"):
         await db.fetchval(APPLY, "r", ["c1"], [ROOM], [None], ["{}"], False)
     assert await db.fetchval("SELECT count(*) FROM gateway.events") == 0
+
+
+async def test_a_gateway_role_without_the_room_grants_still_sweeps_and_unregisters(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    """During a rolling upgrade the previous release's replicas run with the gateway role's
+    grants of that release, which name no room presence: deleting a replica (their sweep, their
+    clean shutdown) must still work, and still take the replica's members with it."""
+    grants = "\n".join(
+        line
+        for line in sql_block("The gateway's role").splitlines()
+        if "room_presence" not in line and "public.items" not in line
+    )
+    name = f"gw_old_{uuid.uuid4().hex[:10]}"
+    await db.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        await db.execute(re.sub(r"\bgw\b", name, grants))
+        await db.execute("INSERT INTO gateway.replicas (replica_id) VALUES ('a'), ('b')")
+        await apply(db, "a", [("c1", ROOM, "alice", {})])
+        await apply(db, "b", [("c2", ROOM, "bob", {})])
+        await db.execute(
+            "UPDATE gateway.replicas SET heartbeat_at = now() - interval '1 min' WHERE replica_id = 'b'"
+        )
+        async with connection(as_role(dsn, name)) as old:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await old.fetch("SELECT * FROM gateway.room_presence")
+            await old.fetchval("SELECT gateway.presence_unregister('a')")
+            assert await old.fetchval("SELECT gateway.presence_sweep('10 s', '5 s')") >= 0
+        assert await db.fetchval("SELECT count(*) FROM gateway.room_presence") == 0
+        assert [c["op"] for c in await logged(db)] == ["join", "join", "leave", "leave"]
+    finally:
+        await db.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
 
 
 def test_which_topics_are_rooms_and_who_may_read_their_presence() -> None:
