@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from gateway.dev.pgcluster import free_port
@@ -176,6 +177,7 @@ class Compare:
                 self._gateway_heads,
                 lambda: sum(pgcpu.process_cpu(pid) or 0.0 for pid in gw.worker_pids()),
             )
+            r["stages"] = await _stages(gw.base)
         finally:
             await gw.stop()
         r["settings"] = dict(env or {})
@@ -293,6 +295,41 @@ class Compare:
         finally:
             await self.close()
         return {"load": _load_dict(load), "duration": self.plan.duration, "naive": ref, "points": points}
+
+
+async def _stages(base: str) -> dict[str, Any]:
+    """Where a gateway's milliseconds go, from its /metrics (totals since it started, so the
+    start-up's few doorbells are included): the mean time from a transaction's start to its
+    frame handed to the sockets, the mean time to resolve, encode and fan out one batch, and
+    how often the relay polled and NOTIFYed."""
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + "/metrics", timeout=aiohttp.ClientTimeout(5)) as resp:
+                text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass
+
+    def mean_ms(name: str) -> float | None:
+        n = values.get(name + "_count")
+        return round(values[name + "_sum"] / n * 1e3, 3) if n else None
+
+    return {
+        "commit_to_send_ms_mean": mean_ms("gateway_commit_to_send_seconds"),
+        "resolve_batch_ms_mean": mean_ms("gateway_resolve_batch_seconds"),
+        "resolve_batches": values.get("gateway_resolve_batch_seconds_count"),
+        "doorbells_received": values.get("gateway_notifications_received_total"),
+        "relay_polls": values.get("gateway_relay_polls_total"),
+        "relay_notifications": values.get("gateway_relay_notifications_total"),
+        "log_reads": values.get("gateway_log_reads_total"),
+    }
 
 
 def _load_dict(load: Load) -> dict[str, Any]:

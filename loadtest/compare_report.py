@@ -203,13 +203,18 @@ def curve_table(c: dict[str, Any]) -> list[str]:
     lo = c["load"]
     out = [
         f"curve: {lo['clients']} clients x {lo['rate']:g} commits/s, one gateway process per setting",
-        f"{'setting':<30} {'commits/s':>9} {'p50ms':>7} {'p99ms':>7} {'PG us/commit':>12} {'us/deliv':>8} {'load':>5}",
+        f"{'setting':<30} {'commits/s':>9} {'p50ms':>7} {'p99ms':>7} {'PG us/commit':>12} {'us/deliv':>8} "
+        f"{'load':>5} {'c->send ms':>10} {'polls/commit':>12}",
     ]
     for label, s in curve_rows(c):
         lat = s["latency_ms"]
+        st = s.get("stages") or {}
+        polls = st.get("relay_polls")
         out.append(
             f"{label:<30} {s['commits_per_s']:>9.1f} {_n(lat['p50'], 7)} {_n(lat['p99'], 7)} "
-            f"{_n(s['pg_cpu_us_per_commit'], 12)} {_n(s['server_cpu_us_per_delivery'])} {s['loadavg'][0] if s['loadavg'] else '-':>5}"
+            f"{_n(s['pg_cpu_us_per_commit'], 12)} {_n(s['server_cpu_us_per_delivery'])} "
+            f"{s['loadavg'][0] if s['loadavg'] else '-':>5} {_n(st.get('commit_to_send_ms_mean'), 10)} "
+            f"{_n(polls / s['commits'] if polls and s.get('commits') else None, 12)}"
         )
     return out
 
