@@ -186,3 +186,21 @@ def test_the_exit_status_is_3_when_a_bar_fails_except_in_a_smoke_run(tmp_path: P
     text = lt_report.summary(passing)
     assert "PASS  200 clients x 200 commits/s: p50 - baseline p50 (ms)" in text
     assert "naive" in text and "PG us/commit" in text
+
+
+def test_latency_is_not_judged_when_the_baseline_itself_fell_behind() -> None:
+    """On an overloaded machine the clients lag seconds behind both servers: the latency lines
+    then say n/a and why, while PostgreSQL's CPU per commit is still judged."""
+    r = _result()
+    x = r["baseline"]["loads"][0]
+    x["naive"]["latency_ms"].update(p50=11657.0, p99=17364.0)
+    x["gateway"]["latency_ms"].update(p50=1821.0, p99=6060.0)
+    lines = {b["criterion"]: b for b in compare_report.bar_lines(r)}
+    for name in ("p50 - baseline p50 (ms)", "p99 - baseline p99 (ms)"):
+        line = lines[f"200 clients x 200 commits/s: {name}"]
+        assert line["verdict"] == "n/a" and "fell behind" in line["detail"], line
+    assert lines["200 clients x 200 commits/s: PostgreSQL CPU per commit / baseline's"]["verdict"] == "PASS"
+    # A slow gateway beside a healthy baseline still fails.
+    r = _result()
+    r["baseline"]["loads"][0]["gateway"]["latency_ms"]["p50"] = 1821.0
+    assert _verdicts(r)["200 clients x 200 commits/s: p50 - baseline p50 (ms)"] == "FAIL"
