@@ -47,7 +47,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Protocol
 
 import asyncpg
@@ -182,14 +182,8 @@ class Relay:
         batch: int = 5000,
         max_delay: float = 10.0,
         outlet: Outlet | None = None,
-        local: Callable[[str, int], None] | None = None,
     ) -> None:
         self._dsn = dsn
-        # This process's own pipeline (``Pipeline.notify``), with doorbells NOTIFYed: handed each
-        # doorbell, with the relay session's backend pid, as soon as the poll has found its
-        # events, a round trip before the NOTIFY and its way back through the listener. The
-        # NOTIFYed copy arrives after and names positions already delivered here: dropped.
-        self._local = local
         # With a broker, doorbells go there and nothing is NOTIFYed on channel gateway.
         self._outlet = outlet
         # Who holds the lease, for an operator reading gateway.relay: host, pid, and a random
@@ -353,10 +347,6 @@ class Relay:
             sent = await self._outlet.ring(None if too_many else rows)
         else:
             payloads = ['{"v":1,"sync":true}'] if too_many else doorbells(rows)
-            if self._local is not None:
-                pid = conn.get_server_pid()
-                for payload in payloads:
-                    self._local(payload, pid)
             await conn.fetchval(_NOTIFY, payloads)
             sent = len(payloads)
         # Counted once rung, so a poll counted has committed its doorbells (tests rely on it).

@@ -302,9 +302,6 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         lease=s.relay_lease,
         max_delay=s.reconnect_max_delay,
         outlet=source if isinstance(source, Broker) else None,
-        # While this process relays, its own subscribers need not wait for the NOTIFY's round
-        # trip (with a broker, doorbells reach this process through NATS like any other's).
-        local=None if isinstance(source, Broker) else app[PIPELINE].notify,
     )
     tasks += [
         _task(relay.run(), "relay"),

@@ -281,30 +281,3 @@ async def test_two_phase_commit_writes_with_ring_off_are_prepared_and_delivered(
                 await alice.close()
         finally:
             await db.close()
-
-
-async def test_the_relay_hands_its_own_process_each_doorbell_with_its_session_pid(dsn: str) -> None:
-    """The relaying process's pipeline gets each doorbell straight from the poll (no NOTIFY
-    round trip, no trip back through LISTEN), with the pid the pipeline trusts: the one in
-    the lease row. The NOTIFYed copy still goes out for every other replica."""
-    await make_table(dsn)
-    rung = Rung()
-    listener = await listen(dsn, "gateway", rung)
-    local = Rung()
-    pids: list[int] = []
-
-    def hand(payload: str, pid: int) -> None:
-        pids.append(pid)
-        local(None, pid, "gateway", payload)
-
-    writer = await pg_connect(dsn)
-    async with relay_running(dsn, local=hand) as relay:
-        await eventually(lambda: relay.leader, 15, "a leader")
-        for _ in range(5):
-            await writer.execute("INSERT INTO msgs (room) VALUES ('h')")
-        await local.wait_for("room:h", 5, timeout=5)
-        await rung.wait_for("room:h", 5, timeout=5)  # other replicas are rung as before
-        lease_pid = await writer.fetchval("SELECT backend_pid FROM gateway.relay")
-    assert set(pids) == {lease_pid}
-    await writer.close()
-    await listener.close()
