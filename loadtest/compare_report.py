@@ -184,7 +184,7 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     if b:
         out.append("")
         out.append(
-            f"{'load':<24} {'server':<8} {'commits/s':>9} {'p50ms':>7} {'p99ms':>7} {'us/deliv':>8} "
+            f"{'load (as run)':<31} {'server':<8} {'commits/s':>9} {'p50ms':>7} {'p99ms':>7} {'us/deliv':>8} "
             f"{'PG us/commit':>12} {'PG ms/s':>8} {'lost':>5}"
         )
         for x in b.get("loads", []):
@@ -193,7 +193,7 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
                 s = x[kind]
                 lat = s["latency_ms"]
                 out.append(
-                    f"{lo['clients']:>4} clients x {lo['rate']:>6g}/s {kind:<8} {s['commits_per_s']:>9.1f} "
+                    f"{x['label']:<7} {lo['clients']:>4} clients x {lo['rate']:>6g}/s {kind:<8} {s['commits_per_s']:>9.1f} "
                     f"{_n(lat['p50'], 7)} {_n(lat['p99'], 7)} {_n(s['server_cpu_us_per_delivery'])} "
                     f"{_n(s['pg_cpu_us_per_commit'], 12)} {_n(s['pg_cpu_ms_per_s'])} {s['lost']:>5}"
                 )
