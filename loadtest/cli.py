@@ -287,6 +287,11 @@ def exit_status(result: dict[str, Any], smoke: bool) -> int:
         return 1
     if any(s.get("lost") or s.get("duplicated") for s in result["scenarios"].values()):
         return 1
+    # The gateway's runs beside the naive baseline, and the curve's (the naive server promises nothing).
+    gateway_runs = [x["gateway"] for x in result.get("baseline", {}).get("loads", [])]
+    gateway_runs += [p["gateway"] for p in result.get("curve", {}).get("points", [])]
+    if any(g.get("lost") or g.get("duplicated") for g in gateway_runs):
+        return 1
     if not smoke and any(b["verdict"] == "FAIL" for b in result["bar"]):
         return 3
     return 0

@@ -177,6 +177,12 @@ def test_the_exit_status_is_3_when_a_bar_fails_except_in_a_smoke_run(tmp_path: P
     lost = copy.deepcopy(r)
     lost["scenarios"] = {"fanout": {"lost": 2, "duplicated": 0}}
     assert exit_status(lost, smoke=True) == 1
+    lost = copy.deepcopy(passing)
+    lost["baseline"]["loads"][1]["gateway"]["duplicated"] = 1
+    assert exit_status(lost, smoke=True) == 1
+    lost = copy.deepcopy(passing)
+    lost["baseline"]["loads"][1]["naive"]["lost"] = 5  # not judged: the naive server promises nothing
+    assert exit_status(lost, smoke=False) == 0
     r["errors"] = {"baseline": "RuntimeError: x"}
     assert exit_status(r, smoke=False) == 1
     # The report shows both servers and the targets.
