@@ -31,6 +31,9 @@ from .sysinfo import describe, loadavg, pgbench_path, raise_nofile
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("notify", "fanout", "scoped", "ramp", "idle", "churn")
+# Run after the scenarios, into the result's "baseline" and "curve" (loadtest/compare.py); "all"
+# runs the baseline but not the curve (eight gateway runs: on request).
+COMPARISONS = ("baseline", "curve")
 
 FULL = Plan(
     clients=1000,
@@ -108,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="End-to-end load test of the gateway on this machine; writes JSON and HTML to --out.",
     )
     ap.add_argument(
-        "--scenario", choices=(*SCENARIOS, "all"), default="all", help="what to run (default all)"
+        "--scenario",
+        choices=(*SCENARIOS, *COMPARISONS, "all"),
+        default="all",
+        help="what to run (default all: every scenario and the baseline; curve: the relay's latency knob)",
     )
     ap.add_argument("--duration", type=_positive(float), help="seconds of writes per scenario (default 15)")
     ap.add_argument(
@@ -226,7 +232,7 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
         runner = Runner(dsn, plan, args.out, progress)
         await runner.writers.open()
         bin_dir = server.bin_dir if isinstance(server, LocalCluster) else None
-        selected = SCENARIOS if args.scenario == "all" else (args.scenario,)
+        selected: tuple[str, ...] = (*SCENARIOS, "baseline") if args.scenario == "all" else (args.scenario,)
 
         async def attempt(kind: str, name: str, coro: Any) -> None:
             try:
@@ -239,9 +245,13 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
             result[kind][name] = value
             progress.done(f"[{name}] done")
 
-        await attempt("baselines", "writer_cost", runner.writer_cost(pgbench_path(bin_dir)))
-        await attempt("baselines", "bare_listen", runner.bare_listen())
+        if any(name in SCENARIOS for name in selected):  # not for the baseline or curve alone
+            await attempt("baselines", "writer_cost", runner.writer_cost(pgbench_path(bin_dir)))
+            await attempt("baselines", "bare_listen", runner.bare_listen())
         for name in selected:
+            if name in COMPARISONS:
+                await _compare(name, dsn, plan, args, progress, result)
+                continue
             await attempt("scenarios", name, getattr(runner, name)())
             if name == "fanout":
                 await attempt("baselines", "floor", runner.floor(plan.fanout_rate))
@@ -263,6 +273,42 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
     )
     if result["errors"]:
         print("errors: " + "; ".join(f"{k}: {v}" for k, v in result["errors"].items()))
+    status = exit_status(result, args.smoke)
+    if status == 3:
+        print("loadtest: a bar failed (exit status 3)")
+    return status
+
+
+def exit_status(result: dict[str, Any], smoke: bool) -> int:
+    """1: a run failed, or lost or duplicated events; 3: a bar missed (the report is written
+    first); else 0. A smoke run judges no timing (its performance lines are n/a), so it fails
+    only on errors and lost or duplicated events."""
+    if result["errors"]:
         return 1
-    broken = [n for n, s in result["scenarios"].items() if s.get("lost") or s.get("duplicated")]
-    return 1 if broken else 0
+    if any(s.get("lost") or s.get("duplicated") for s in result["scenarios"].values()):
+        return 1
+    # The gateway's runs beside the naive baseline, and the curve's (the naive server promises nothing).
+    gateway_runs = [x["gateway"] for x in result.get("baseline", {}).get("loads", [])]
+    gateway_runs += [p["gateway"] for p in result.get("curve", {}).get("points", [])]
+    if any(g.get("lost") or g.get("duplicated") for g in gateway_runs):
+        return 1
+    if not smoke and any(b["verdict"] == "FAIL" for b in result["bar"]):
+        return 3
+    return 0
+
+
+async def _compare(
+    name: str, dsn: str, plan: Plan, args: argparse.Namespace, progress: Progress, result: dict[str, Any]
+) -> None:
+    """The baseline comparison or the curve, into result[name] (errors into result["errors"])."""
+    from .compare import Compare
+
+    try:
+        cmp = Compare(dsn, plan, args.out, progress, args.smoke)
+        result[name] = await (cmp.baseline() if name == "baseline" else cmp.curve())
+    except Exception as exc:
+        result["errors"][name] = f"{type(exc).__name__}: {exc}"
+        progress.done(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return
+    progress.done(f"[{name}] done")

@@ -111,9 +111,12 @@ class Writers:
             await c.close(timeout=5)
         self.conns = []
 
-    async def run(self, topics: list[str], rate: float | None, seconds: float, rows: int = 1) -> WriteResult:
+    async def run(
+        self, topics: list[str], rate: float | None, seconds: float, rows: int = 1, table: str = "lt_items"
+    ) -> WriteResult:
         """Commit statements round-robin over ``topics`` at ``rate`` per second (None: as fast as
-        possible) for ``seconds``, each inserting ``rows`` rows into one topic. A writer that falls
+        possible) for ``seconds``, each inserting ``rows`` rows into one topic of ``table`` (lt_items,
+        or the naive baseline's copy of it). A writer that falls
         behind its schedule does not sleep, so the achieved rate shows saturation rather than
         hiding it."""
         result = WriteResult()
@@ -125,9 +128,9 @@ class Writers:
         async def one(i: int, conn: asyncpg.Connection) -> None:
             k = 0
             stmt = await conn.prepare(
-                "INSERT INTO lt_items (topic, sent_at, body) VALUES ($1, $2, $3)"
+                f"INSERT INTO {table} (topic, sent_at, body) VALUES ($1, $2, $3)"
                 if rows == 1
-                else f"INSERT INTO lt_items (topic, sent_at, body) SELECT $1, $2, $3 FROM generate_series(1, {int(rows)})"
+                else f"INSERT INTO {table} (topic, sent_at, body) SELECT $1, $2, $3 FROM generate_series(1, {int(rows)})"
             )
             while True:
                 slot = start + (i / self.n) * interval + k * interval

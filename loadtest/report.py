@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import compare_report
+
 # --- the bar -------------------------------------------------------------------------------
 
 # Below these sizes a performance line of the bar is n/a: its number is printed, but it means
@@ -158,6 +160,8 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
                 )
     else:
         line("writer cost", None, ">= 0.5", None, "not run")
+
+    lines += compare_report.bar_lines(r)  # the gateway beside the naive baseline
 
     for name, s in sc.items():
         lost, dup = s.get("lost", 0), s.get("duplicated", 0)
@@ -436,6 +440,7 @@ def write_html(r: dict[str, Any], path: Path) -> None:
             f"<h2 id='{_anchor('baseline', name)}'>Baseline: {html.escape(name)} "
             "<a class='top' href='#top'>top</a></h2>" + _table(b)
         )
+    parts += compare_report.html_sections(r)
     for name, s in r.get("scenarios", {}).items():
         parts.append(
             f"<h2 id='{_anchor('scenario', name)}'>Scenario: {html.escape(name)} "
@@ -552,6 +557,7 @@ def summary(r: dict[str, Any]) -> str:
                     f"gateway trigger {mo['gateway']:.0f}/s, naive pg_notify {mo['naive']:.0f}/s"
                     + _two_topics(other)
                 )
+    out += compare_report.summary_lines(r)
     out.append("")
     for line in r.get("bar", []):
         out.append(f"{line['verdict']:<4}  {line['criterion']}: {line['value']} (limit {line['limit']})")

@@ -58,7 +58,7 @@ def throughput_commit_heights(page: str, scenario: str) -> list[float]:
     return [zero - float(p.split(",")[1]) for p in points]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(270)
 def test_smoke_run_reports_every_scenario_with_nothing_lost(tmp_path: Path) -> None:
     env = dict(os.environ)
     # A throwaway cluster unless the suite was pointed at a server; either way a database of its own.
@@ -70,7 +70,7 @@ def test_smoke_run_reports_every_scenario_with_nothing_lost(tmp_path: Path) -> N
         env=env,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=240,
         check=False,
     )
     output = proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -94,6 +94,19 @@ def test_smoke_run_reports_every_scenario_with_nothing_lost(tmp_path: Path) -> N
         assert s["commits"] > 0 and s["deliveries"] == s["expected_deliveries"] > 0, (name, s)
     assert report["scenarios"]["churn"]["reconnects"] > 0
     assert set(report["baselines"]) == {"writer_cost", "bare_listen", "floor"}
+    # The naive baseline beside the gateway, each load on both, nothing lost on either, and
+    # PostgreSQL's CPU measured for each (the throwaway cluster's postmaster is on this machine).
+    base = report["baseline"]
+    assert [x["label"] for x in base["loads"]] == ["200/s", "1000/s", "20/s"] and not base["judged"]
+    for x in base["loads"]:
+        for kind in ("gateway", "naive"):
+            s = x[kind]
+            assert s["commits"] > 0 and s["deliveries"] == s["expected_deliveries"] > 0, (x["label"], kind, s)
+            assert s["lost"] == 0 and s["duplicated"] == 0, (x["label"], kind, s["client_errors"])
+            if base["postmaster_found"]:
+                assert s["pg_cpu_us_per_commit"] > 0, (x["label"], kind, s)
+    if base["postmaster_found"]:
+        assert base["fixed_cost"]["one_idle_gateway"]["pg_cpu_ms_per_s"] > 0
     assert {b["verdict"] for b in report["bar"]} <= {"PASS", "FAIL", "n/a"}
     for key in ("cpu_model", "cores", "ram_gb", "kernel", "python", "postgresql"):
         assert report["machine"][key], key
