@@ -206,6 +206,27 @@ class GatewayCollector(Collector):
             messages.add_metric([result], n)
         yield messages
         yield CounterMetricFamily("gateway_bus_payloads", "replica bus payloads sent", value=bus.payloads)
+        publisher = state.ctx.publisher
+        if publisher is not None:
+            published = CounterMetricFamily(
+                "gateway_publishes", "client and HTTP API publishes accepted here", labels=["kind"]
+            )
+            published.add_metric(["ephemeral"], publisher.ephemeral)
+            published.add_metric(["durable"], publisher.durable)
+            yield published
+            refused_publishes = CounterMetricFamily(
+                "gateway_publishes_refused",
+                "publishes refused by the limits or the database",
+                labels=["code"],
+            )
+            for error, n in sorted(publisher.refused.items()):
+                refused_publishes.add_metric([error], n)
+            yield refused_publishes
+            yield CounterMetricFamily(
+                "gateway_message_deliveries",
+                "ephemeral message frames written to local subscribers",
+                value=publisher.delivered,
+            )
         yield CounterMetricFamily(
             "gateway_bus_untrusted",
             "replica bus NOTIFYs ignored because an unregistered session sent them",

@@ -46,6 +46,7 @@ from .pgerrors import DB_ERRORS, PoolConnectWatch
 from .pipeline import Pipeline
 from .pooling import check_session_pooling
 from .presence import Presence
+from .publish import Publisher
 from .ratelimit import TokenBucket
 from .relay import Relay
 from .resolver import Resolver
@@ -274,13 +275,15 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
     """What every WebSocket session shares. Nothing to stop: on_shutdown closes the sessions."""
     s = app[STATE].settings
+    authorizer = Authorizer(s, app[POOL])
     app[SESSIONS] = SessionContext(
         s,
         app[AUTHENTICATOR],
-        Authorizer(s, app[POOL]),
+        authorizer,
         app[PIPELINE],
         Registry(),
         app.get(PRESENCE),
+        Publisher(s, app[POOL], app[BUS], app[PIPELINE].hub, authorizer),
     )
     yield
 
