@@ -181,10 +181,15 @@ class Bus:
     def send(self, kind: str, body: bytes) -> None:
         """Hand ``body`` to the handlers of ``kind`` here, and send it to every other process.
 
-        Raises BusTooLarge for a body over ``max_body(kind)`` (a caller's bug: limit sizes
-        before). Everything else (a full queue, a database down) drops it, counted."""
+        ``body`` is UTF-8 text without NUL (JSON is). Raises BusTooLarge for a body over
+        ``max_body(kind)`` and ValueError for one that is not such text (a caller's bug: limit
+        sizes before). Everything else (a full queue, a database down) drops it, counted."""
         if len(body) > self.max_body(kind):
             raise BusTooLarge(f"a bus message is at most {self.max_body(kind)} bytes, this one {len(body)}")
+        if b"\x00" in body:
+            # A NOTIFY payload is text: PostgreSQL refuses NUL (and anything not UTF-8 below).
+            raise ValueError("a bus message is UTF-8 text without NUL characters")
+        body.decode()  # UnicodeDecodeError (a ValueError) for bytes that are not UTF-8
         self._dispatch(kind, body)
         if self._stopping or (self._dsn is None and self._broker is None):
             return

@@ -182,6 +182,9 @@ async def test_a_body_too_large_for_one_payload_is_refused(two: tuple[Bus, Bus])
     with pytest.raises(BusTooLarge):
         a.send("t", b"x" * (a.max_body("t") + 1))
     a.send("t", b"x" * a.max_body("t"))  # the largest fits
+    for bad in (b"a\x00b", b"\xff\xfe"):  # not text a NOTIFY can carry
+        with pytest.raises(ValueError):
+            a.send("t", bad)
 
 
 async def test_the_sender_comes_back_after_its_backend_is_terminated(dsn: str, two: tuple[Bus, Bus]) -> None:
