@@ -24,8 +24,10 @@ from gateway.auth import Authenticator, TokenError
 from gateway.config import Settings
 from gateway.server import BUS
 
+from . import natsserver
 from .gwtest import SECRET, Client, Gateway, GatewayProcess, free_port, running_gateway, token
 from .lbtest import HAPROXY, haproxy_config, haproxy_status
+from .natsserver import NatsServer
 from .pgconn import pg_connect
 from .polling import eventually
 
@@ -443,3 +445,25 @@ async def test_through_the_load_balancer_to_two_replica_processes(dsn: str, tmp_
         lb.wait(10)
         for r in replicas:
             await r.stop()
+
+
+async def test_with_a_broker_ephemeral_messages_travel_on_nats(dsn: str, tmp_path: Path) -> None:
+    if natsserver.binary() is None:
+        pytest.skip("nats-server not found (Debian package nats-server)")
+    nats = NatsServer(tmp_path / "nats.log").start()
+    try:
+        async with running_gateway(dsn, broker=nats.url) as a, running_gateway(dsn, broker=nats.url) as b:
+            alice = await client(a, "alice", publish=["room:*"])
+            bob_b = await client(b, "bob")
+            await bob_b.subscribe(ROOM)
+            payloads = a.app[BUS].payloads  # type: ignore[index]
+            assert (await publish(alice, 1, {"over": "nats"}))["type"] == "published"
+            m = await next_of(bob_b, "message")
+            assert (m["from"], m["data"]) == ("alice", {"over": "nats"})
+            assert a.app[BUS].payloads == payloads + 1  # type: ignore[index]
+            assert a.app[BUS].backend_pid is None  # type: ignore[index]  (no NOTIFY session at all)
+            ack = await publish(alice, 2, {"kept": True}, durable=True)
+            ev = await next_of(bob_b, "event")
+            assert (ev["pos"], ev["from"]) == (ack["pos"], "alice")
+    finally:
+        nats.stop()
