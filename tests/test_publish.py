@@ -66,6 +66,12 @@ async def client(gw: Gateway, user: str, *, publish: list[str] | None = None, **
 _held: dict[int, list[dict[str, Any]]] = {}  # frames read past while waiting for an answer
 
 
+@pytest.fixture(autouse=True)
+def _forget_held_frames() -> None:
+    # Keyed by id(client): a later test's client may get a finished one's id.
+    _held.clear()
+
+
 async def publish(c: Client, req_id: int, data: Any, **kw: Any) -> dict[str, Any]:
     """Send a publish and return its answer (published or error); other frames are kept for
     next_of (a client's own message may come before its ack)."""
