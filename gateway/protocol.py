@@ -81,7 +81,22 @@ class Untrack(msgspec.Struct, tag="untrack", forbid_unknown_fields=True):
     id: int | None = None
 
 
-ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus | Track | Untrack
+class Publish(msgspec.Struct, tag="publish", forbid_unknown_fields=True):
+    """A message from this client to the topic's subscribers (docs/protocol.md, "Publishing").
+
+    ``data`` is any JSON value, kept as the client's bytes (at most GATEWAY_MAX_PUBLISH_BYTES).
+    Ephemeral by default: delivered live as ``message`` frames, never stored. ``durable``:
+    written to the log, delivered as an ``event`` with a position. ``echo`` false: this
+    connection does not receive its own ephemeral message."""
+
+    topic: str
+    data: msgspec.Raw
+    id: int | None = None
+    durable: bool = False
+    echo: bool = True
+
+
+ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus | Track | Untrack | Publish
 
 # --- server -> client -------------------------------------------------------------
 
@@ -163,6 +178,29 @@ class Event(msgspec.Struct, tag="event", omit_defaults=True):
     # track_commit_timestamp is on. An event listed in a row doorbell carries the doorbell's
     # ts instead: the start of the newest transaction listed with it (relay.doorbells()).
     ts: float | None = None
+    # The user who published it (a durable publish); set by the gateway only, absent on rows
+    # and on gateway.emit's events (gateway.events.sender, sql/105_rooms.sql).
+    from_: str | None = msgspec.field(default=None, name="from")
+
+
+class Published(msgspec.Struct, tag="published", omit_defaults=True):
+    """A publish was accepted: an ephemeral one handed to the replica bus, a durable one
+    committed to the log (then with its ``epoch`` and ``pos``)."""
+
+    topic: str
+    id: int | None = None
+    epoch: str | None = None
+    pos: int | None = None
+
+
+class Message(msgspec.Struct, tag="message", omit_defaults=True):
+    """An ephemeral message another client (or a server, ``conn`` absent) published on a topic
+    this connection subscribes to. No position: never stored, never replayed."""
+
+    topic: str
+    from_: str = msgspec.field(name="from")
+    data: msgspec.Raw | None = None  # always sent (JSON null is msgspec.Raw(b"null"), not None)
+    conn: str | None = None
 
 
 class PresenceEntry(msgspec.Struct, array_like=False):
@@ -239,7 +277,18 @@ class Presence(msgspec.Struct, tag="presence", omit_defaults=True):
 
 
 ServerMessage = (
-    Welcome | Refreshed | Subscribed | Unsubscribed | Pong | Error | Event | Presence | Tracked | Untracked
+    Welcome
+    | Refreshed
+    | Subscribed
+    | Unsubscribed
+    | Pong
+    | Error
+    | Event
+    | Presence
+    | Tracked
+    | Untracked
+    | Published
+    | Message
 )
 
 # --- error codes (the ``code`` of an Error frame) ---------------------------------
@@ -254,7 +303,7 @@ class ErrorCode:
     BAD_TOKEN = "bad_token"  # refresh with a token that does not verify
     TOKEN_USER_CHANGED = "token_user_changed"  # refresh with a token for another user
     BAD_TOPIC = "bad_topic"  # topic name empty, too long or with forbidden characters
-    FORBIDDEN = "forbidden"  # the user may not subscribe to this topic
+    FORBIDDEN = "forbidden"  # the user may not subscribe (or publish) to this topic
     ALREADY_SUBSCRIBED = "already_subscribed"
     NOT_SUBSCRIBED = "not_subscribed"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
@@ -262,7 +311,8 @@ class ErrorCode:
     UNAVAILABLE = "unavailable"  # the database is unreachable; retry the subscribe later
     PRESENCE_DISABLED = "presence_disabled"
     # Room presence (track / untrack)
-    TOO_LARGE = "too_large"  # a track's state over MAX_PRESENCE_STATE_BYTES
+    # a publish's data over GATEWAY_MAX_PUBLISH_BYTES, a track's state over MAX_PRESENCE_STATE_BYTES
+    TOO_LARGE = "too_large"
     NOT_TRACKED = "not_tracked"  # untrack of a room this connection does not track
     TOO_MANY_TRACKED = "too_many_tracked"  # a track of one room more than MAX_TRACKED_ROOMS
 
@@ -341,7 +391,7 @@ def encode(message: ServerMessage) -> bytes:
 # The values of "type" a client may send, for the error that names them.
 CLIENT_TYPES: tuple[str, ...] = tuple(
     str(t.__struct_config__.tag)
-    for t in (Auth, Refresh, Subscribe, Unsubscribe, Ping, SetStatus, Track, Untrack)
+    for t in (Auth, Refresh, Subscribe, Unsubscribe, Ping, SetStatus, Track, Untrack, Publish)
 )
 _TOO_DEEP = "the frame's JSON is nested too deeply"
 
