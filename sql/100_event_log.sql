@@ -103,6 +103,9 @@ CREATE TABLE gateway.events (
     data       jsonb,
     created_at timestamptz NOT NULL DEFAULT now(),
     xid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    -- The user a durable client message came from (sql/105_rooms.sql): written only by
+    -- gateway.publish_message; NULL for rows of emit, emit_many and the capture triggers.
+    sender     text,
     PRIMARY KEY (topic, pos)
 );
 CREATE INDEX events_xid ON gateway.events (xid);

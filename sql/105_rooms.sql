@@ -2,12 +2,11 @@
 -- ephemeral ones between gateway processes (gateway/publish.py, gateway/bus.py).
 --
 -- Durable messages go to the event log like gateway.emit's, with one difference: the user who
--- sent them, which the gateway alone sets, is kept in a column of its own, gateway.events.sender.
+-- sent them, which the gateway alone sets, is kept in a column of its own, gateway.events.sender
+-- (declared with the table in 100_event_log.sql).
 -- emit, emit_many and the capture triggers leave it NULL, so a role that may call emit can
 -- publish an event on any topic but can never make it look as if a user sent it: a client sees
 -- "from" only on events the gateway wrote for an authenticated user.
-
-ALTER TABLE gateway.events ADD COLUMN sender text;
 
 -- Publish a durable message on behalf of a user: the next position of the topic, like emit,
 -- with the sender recorded. Only the gateway calls it (EXECUTE revoked from PUBLIC below): it
