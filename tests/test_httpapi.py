@@ -258,3 +258,25 @@ async def test_disconnect_from_one_topic_drops_only_that_subscription(dsn: str) 
         assert (await call(gw, "POST", "/v1/disconnect", {"user": "alice", "topic": "room:1"}))[1][
             "here"
         ] == 0
+
+
+async def test_disconnect_reaches_every_replica(dsn: str) -> None:
+    # The second replica does not serve the API: it still obeys a disconnect sent over the bus.
+    async with running_gateway(dsn, **API) as gw1, running_gateway(dsn) as gw2:
+        here = await gw1.connect("alice")
+        there = [await gw2.connect("alice", topics=["room:*"]) for _ in range(2)]
+        bob = await gw2.connect("bob", topics=["room:*"])
+        await there[0].subscribe("room:1")
+        await bob.subscribe("room:1")
+        # One topic first: only alice's subscription on the other replica is dropped.
+        status, body, _ = await call(gw1, "POST", "/v1/disconnect", {"user": "alice", "topic": "room:1"})
+        assert (status, body) == (200, {"ok": True, "here": 0})
+        await expect_error(there[0], p.ErrorCode.REMOVED, topic="room:1")
+        await assert_alive(bob)
+        # Then every connection.
+        status, body, _ = await call(gw1, "POST", "/v1/disconnect", {"user": "alice"})
+        assert (status, body) == (200, {"ok": True, "here": 1})
+        for c in (here, *there):
+            assert await close_code(c) == p.CloseCode.DISCONNECTED
+        await assert_alive(bob)
+        assert gw2.state.ctx.registry.user_count("alice") == 0
