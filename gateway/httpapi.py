@@ -225,9 +225,12 @@ class HttpApi:
             raise ApiError(
                 Errors.TOO_LARGE, f"the request body is {length} bytes; at most {limit} are accepted"
             )
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            raise ApiError(Errors.TOO_LARGE, f"the request body is over {limit} bytes")
+        # read(n) returns what has arrived, up to n: a body in several packets takes several.
+        body = b""
+        while chunk := await request.content.read(limit + 1 - len(body)):
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(Errors.TOO_LARGE, f"the request body is over {limit} bytes")
         if not body:
             raise ApiError(Errors.BAD_JSON, "the request has no body: send a JSON object")
         return body

@@ -7,6 +7,7 @@ the snapshot a subscribe gets, a disconnect closes the user's connections on eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -280,3 +281,25 @@ async def test_disconnect_reaches_every_replica(dsn: str) -> None:
             assert await close_code(c) == p.CloseCode.DISCONNECTED
         await assert_alive(bob)
         assert gw2.state.ctx.registry.user_count("alice") == 0
+
+
+async def test_a_body_in_several_packets_and_without_a_length(dsn: str) -> None:
+    async def chunks() -> Any:
+        for part in (b'{"topic": "room:1", ', b'"data": {"n": 1}, ', b'"durable": true}'):
+            yield part
+            await asyncio.sleep(0.05)
+
+    async def too_much() -> Any:
+        yield b'{"topic": "room:1", "data": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    async with running_gateway(dsn, **API) as gw:
+        headers = {"Authorization": f"Bearer {SERVER}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.base + "/v1/publish", data=chunks(), headers=headers) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["pos"] == 1
+            async with s.post(gw.base + "/v1/publish", data=too_much(), headers=headers) as r:
+                assert r.status == 413, await r.text()
