@@ -145,6 +145,7 @@ export type ServerErrorCode =
   | "rate_limited"
   | "unavailable"
   | "presence_disabled"
+  | "too_large"
   | "removed";
 
 /**
