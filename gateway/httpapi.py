@@ -19,9 +19,12 @@ with ``protocol.validate_topic`` (400 ``bad_topic``). Every error is JSON,
 ``{"error": code, "message": sentence}``, with the HTTP status of ``ERRORS``; docs/http-api.md
 lists them all (tests/test_httpapi.py checks it).
 
-Disconnects reach every replica over the replica bus (kind ``disconnect``): the replica that
-took the request closes its own connections of the user at once and sends the command to
-the others, which close theirs when it arrives. Replicas with the API off still obey it.
+Publishes go through the same Publisher as a client's ``publish`` frame (gateway/publish.py),
+with the caller's user claim as ``from``. Disconnects reach every replica over the replica bus
+(gateway/bus.py, kind ``disconnect``): ``send`` calls this process's handler at once, so the
+replica that took the request has closed its own connections of the user when it answers,
+and the others close theirs when the message arrives. Replicas with the API off still obey
+it. Best effort, like everything on the bus.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from aiohttp import web
 
 from . import protocol as p
 from .auth import MAX_USER_CHARS, Identity, TokenError
-from .pgerrors import DB_ERRORS
+from .bus import Bus
 from .pipeline import Unavailable
+from .publish import PublishError
 from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
@@ -59,7 +63,6 @@ PUBLISH_ENVELOPE = 512
 MAX_REASON_BYTES = 80
 DISCONNECT_CODES = (p.CloseCode.DISCONNECTED, p.CloseCode.REAUTHENTICATE)
 BUS_KIND = "disconnect"
-MAX_PUBLISH_BYTES = 4096
 
 _tasks: set[asyncio.Future[None]] = set()
 
@@ -87,6 +90,14 @@ class Errors:
 
 
 ERRORS: tuple[ApiErrorKind, ...] = tuple(v for k, v in vars(Errors).items() if k.isupper())
+
+# The publisher's refusals (gateway/publish.py) as HTTP answers; any other is a bad request.
+_PUBLISH_ERRORS: dict[str, tuple[ApiErrorKind, dict[str, str] | None]] = {
+    p.ErrorCode.BAD_TOPIC: (Errors.BAD_TOPIC, None),
+    p.ErrorCode.TOO_LARGE: (Errors.TOO_LARGE, None),
+    p.ErrorCode.RATE_LIMITED: (Errors.RATE_LIMITED, {"Retry-After": "1"}),
+    p.ErrorCode.UNAVAILABLE: (Errors.UNAVAILABLE, None),
+}
 
 
 class ApiError(Exception):
@@ -136,8 +147,29 @@ class HttpApi:
         self.state = state
         self.settings = state.settings
         self.bucket = TokenBucket(self.settings.http_api_rate)
+        self.bus: Bus | None = None  # attached at startup, once the bus exists
         # Requests answered, by endpoint and outcome (status code), for /metrics and tests.
         self.requests: dict[tuple[str, int], int] = {}
+        # What the last disconnect carried out here: the bus calls this process's handler
+        # inside send(), so the request that sent it reads its count right after.
+        self._carried_out = 0
+        self.disconnects_received = 0  # disconnect commands carried out here (any replica's)
+
+    def attach(self, bus: Bus) -> None:
+        """Obey disconnects from every replica (this one's too: send() hands them here at once)."""
+        self.bus = bus
+        bus.on(BUS_KIND, self._on_bus)
+
+    def _on_bus(self, body: bytes) -> None:
+        try:
+            req = _disconnect_decoder.decode(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            # Only the gateway's own registered sessions reach here (gateway/bus.py): a bug or a
+            # newer replica's format, never a forgery. Nothing is done.
+            log.warning("a disconnect on the bus could not be read: %s", exc)
+            return
+        self.disconnects_received += 1
+        self._carried_out = self.carry_out(req)
 
     def add_routes(self, app: web.Application) -> None:
         routes: list[tuple[str, str, Handler]] = [
@@ -243,13 +275,13 @@ class HttpApi:
     # --- POST /v1/publish ----------------------------------------------------------
 
     async def publish(self, request: web.Request, identity: Identity) -> web.StreamResponse:
-        limit = MAX_PUBLISH_BYTES
+        limit = self.settings.max_publish_bytes
         req = _decode(_publish_decoder, await self._body(request, limit + PUBLISH_ENVELOPE))
         self._topic(req.topic)
         if len(req.data) > limit:
             raise ApiError(
                 Errors.TOO_LARGE,
-                f"data is {len(req.data)} bytes of JSON; at most {limit} are accepted",
+                f"data is {len(req.data)} bytes of JSON; at most {limit} (GATEWAY_MAX_PUBLISH_BYTES)",
             )
         result = await self._publish(req, identity.user)
         if result is None:
@@ -258,20 +290,13 @@ class HttpApi:
         return web.json_response({"ok": True, "epoch": epoch, "pos": pos})
 
     async def _publish(self, req: PublishRequest, sender: str) -> tuple[str, int] | None:
-        if not req.durable:
-            raise ApiError(Errors.UNAVAILABLE, "ephemeral publish needs the replica bus")
-        # Stopgap until the publisher exists: a durable message is an emit.
+        publisher = self.state.ctx.publisher
+        assert publisher is not None  # the server always makes one (gateway/server.py)
         try:
-            async with self.state.pool.acquire(timeout=10) as conn, conn.transaction():
-                pos = await conn.fetchval(
-                    "SELECT gateway.emit($1, $2::jsonb)", req.topic, bytes(req.data).decode()
-                )
-                epoch = await conn.fetchval("SELECT epoch FROM gateway.topics WHERE topic = $1", req.topic)
-        except DB_ERRORS as exc:
-            raise ApiError(
-                Errors.UNAVAILABLE, f"the database is unreachable ({type(exc).__name__}); try again"
-            ) from None
-        return str(epoch), int(pos)
+            return await publisher.publish(req.topic, bytes(req.data), durable=req.durable, sender=sender)
+        except PublishError as exc:
+            kind, headers = _PUBLISH_ERRORS.get(exc.code, (Errors.BAD_REQUEST, None))
+            raise ApiError(kind, exc.message, headers) from None
 
     # --- GET /v1/presence/{topic} --------------------------------------------------
 
@@ -327,8 +352,10 @@ class HttpApi:
             f" from {req.topic}" if req.topic else "",
             identity.user,
         )
-        here = self.carry_out(req)
-        return web.json_response({"ok": True, "here": here})
+        assert self.bus is not None
+        self._carried_out = 0
+        self.bus.send(BUS_KIND, _encoder.encode(req))  # carried out here before it returns
+        return web.json_response({"ok": True, "here": self._carried_out})
 
     def carry_out(self, req: DisconnectRequest) -> int:
         """Close (or drop the topic of) ``req.user``'s connections on this replica; how many."""
@@ -337,7 +364,7 @@ class HttpApi:
         if req.topic is not None:
             message = f"the application removed you from {req.topic}{why}"
             return sum(s.remove_from(req.topic, message) for s in sessions)
-        code = req.code or p.CloseCode.DISCONNECTED
+        code = req.code if req.code in DISCONNECT_CODES else p.CloseCode.DISCONNECTED
         reason = f"disconnected by the server{why}"
         for s in sessions:
             _spawn(s.close(code, reason))
@@ -365,7 +392,15 @@ HTTP_API = web.AppKey("http_api", HttpApi)
 
 
 def install(app: web.Application, state: State) -> None:
-    """Add the API to ``app``: its routes when GATEWAY_HTTP_API is on."""
+    """Add the API to ``app``: its routes when GATEWAY_HTTP_API is on, and, whether or not, the
+    handler of disconnects sent by any replica over the bus."""
     api = app[HTTP_API] = HttpApi(state)
     if state.settings.http_api:
         api.add_routes(app)
+
+    async def attach(app: web.Application) -> None:
+        # After every cleanup context has started (aiohttp runs them first): the bus exists.
+        # Also with the API off here: other replicas' disconnects must close this one's sockets.
+        api.attach(state.bus)
+
+    app.on_startup.append(attach)

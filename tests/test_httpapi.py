@@ -25,6 +25,7 @@ from .polling import eventually
 DOC = Path(__file__).resolve().parent.parent / "docs" / "http-api.md"
 API = {"http_api": "true"}
 SERVER = token("backend-1", role="server")
+MAX_DATA = 4096  # GATEWAY_MAX_PUBLISH_BYTES's default
 
 
 async def call(
@@ -113,7 +114,7 @@ async def test_rate_limited(dsn: str) -> None:
 
 async def test_every_bad_input_gets_its_error(dsn: str) -> None:
     E = httpapi.Errors
-    big = {"topic": "room:1", "data": "x" * httpapi.MAX_PUBLISH_BYTES}
+    big = {"topic": "room:1", "data": "x" * MAX_DATA}
     cases: list[tuple[str, str, Any, bytes | None, httpapi.ApiErrorKind, str]] = [
         ("POST", "/v1/publish", None, b"{not json", E.BAD_JSON, "not valid JSON"),
         ("POST", "/v1/publish", None, b"", E.BAD_JSON, "no body"),
@@ -168,15 +169,16 @@ def test_the_doc_lists_every_error() -> None:
 # --- the endpoints, seen from WebSocket clients -----------------------------------------
 
 
-async def test_durable_publish_reaches_subscribers(dsn: str) -> None:
+async def test_publish_reaches_subscribers_on_every_replica(dsn: str) -> None:
     async with running_gateway(dsn, **API) as gw1, running_gateway(dsn) as gw2:
         subs = [await gw.connect("alice", topics=["room:*"]) for gw in (gw1, gw2)]
         for c in subs:
             await c.subscribe("room:7")
+        # durable: answered with its position once committed, delivered as an event from the caller
         status, body, _ = await call(
             gw1, "POST", "/v1/publish", {"topic": "room:7", "data": {"t": "hi"}, "durable": True}
         )
-        assert status == 200 and body["ok"] is True and body["pos"] == 1, body
+        assert status == 200 and body == {"ok": True, "epoch": body["epoch"], "pos": 1}, body
         for c in subs:
             (ev,) = await c.events(1)
             assert (ev["op"], ev["pos"], ev["epoch"], ev["data"]) == (
@@ -185,6 +187,40 @@ async def test_durable_publish_reaches_subscribers(dsn: str) -> None:
                 body["epoch"],
                 {"t": "hi"},
             )
+            assert ev["from"] == "backend-1"
+        # ephemeral (the default): a message frame, with no position and no connection
+        status, body, _ = await call(
+            gw1, "POST", "/v1/publish", {"topic": "room:7", "data": [1, "two", None]}
+        )
+        assert (status, body) == (200, {"ok": True})
+        for c in subs:
+            frame = await c.expect("message")
+            assert frame == {
+                "type": "message",
+                "topic": "room:7",
+                "from": "backend-1",
+                "data": [1, "two", None],
+            }
+
+
+async def test_publish_refusals_of_the_publisher(dsn: str) -> None:
+    E = httpapi.Errors
+    async with running_gateway(dsn, **API, publish_topic_rate="1") as gw:
+        b = assert_error(
+            await call(gw, "POST", "/v1/publish", {"topic": "presence:global", "data": 1}), E.BAD_TOPIC
+        )
+        assert "presence" in b["message"]
+        b = assert_error(
+            await call(gw, "POST", "/v1/publish", {"topic": "room:2", "data": "a\u0000b", "durable": True}),
+            E.BAD_REQUEST,
+        )
+        assert "cannot be stored" in b["message"]
+        # a topic's rate (1/s, bursts of 2): the third in a row is refused
+        for _ in range(2):
+            assert (await call(gw, "POST", "/v1/publish", {"topic": "room:1", "data": 1}))[0] == 200
+        answer = await call(gw, "POST", "/v1/publish", {"topic": "room:1", "data": 1})
+        assert_error(answer, E.RATE_LIMITED)
+        assert answer[2]["Retry-After"] == "1"
 
 
 async def test_presence_returns_the_snapshot(dsn: str) -> None:
