@@ -19,7 +19,7 @@ import pytest
 from gateway import httpapi
 from gateway import protocol as p
 
-from .gwtest import Closed, Gateway, assert_alive, close_code, expect_error, running_gateway, token
+from .gwtest import Closed, Gateway, assert_alive, close_code, expect_error, open_raw, running_gateway, token
 from .polling import eventually
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "http-api.md"
@@ -247,8 +247,32 @@ async def test_presence_returns_the_snapshot(dsn: str) -> None:
         assert answer[1] == frame, (answer[1], frame)
         assert answer[1]["type"] == "presence" and answer[1]["topic"] == "presence:global"
         assert all(e["status"] == "online" for e in answer[1]["snapshot"])
-        b = assert_error(await call(gw1, "GET", "/v1/presence/presence:room:7"), httpapi.Errors.NOT_FOUND)
-        assert "rooms" in b["message"]
+
+
+async def test_room_presence_returns_the_members(dsn: str) -> None:
+    async with running_gateway(dsn, **API, presence="true") as gw:
+        if not hasattr(gw.state.ctx.presence, "rooms"):
+            # Room presence (gateway/rooms.py) is not part of this build: a clear 404.
+            b = assert_error(await call(gw, "GET", "/v1/presence/presence:room:7"), httpapi.Errors.NOT_FOUND)
+            assert "no presence of rooms" in b["message"]
+            return
+        alice = await open_raw(gw)
+        welcome = await alice.auth(token("alice", topics=["room:*"]))
+        await alice.send({"type": "track", "topic": "room:7", "state": {"color": "teal"}, "id": 1})
+        await alice.expect("tracked")
+        want = {
+            "type": "presence",
+            "topic": "presence:room:7",
+            "members": [{"user": "alice", "conns": [{"conn": welcome["conn"], "state": {"color": "teal"}}]}],
+        }
+        answer: Any = None
+
+        async def listed() -> bool:
+            nonlocal answer
+            answer = await call(gw, "GET", "/v1/presence/presence:room:7")
+            return answer[:2] == (200, want)
+
+        await eventually(listed, 10, lambda: f"alice in room 7's presence: {answer}")
 
 
 async def test_disconnect_closes_the_users_connections_here(dsn: str) -> None:
