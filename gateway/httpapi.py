@@ -148,7 +148,7 @@ class HttpApi:
         self.settings = state.settings
         self.bucket = TokenBucket(self.settings.http_api_rate)
         self.bus: Bus | None = None  # attached at startup, once the bus exists
-        # Requests answered, by endpoint and outcome (status code), for /metrics and tests.
+        # Requests answered, by endpoint and outcome (status code), for /metrics.
         self.requests: dict[tuple[str, int], int] = {}
         # What the last disconnect carried out here: the bus calls this process's handler
         # inside send(), so the request that sent it reads its count right after.
