@@ -146,7 +146,6 @@ export type ServerErrorCode =
   | "rate_limited"
   | "unavailable"
   | "presence_disabled"
-  | "too_large"
   | "removed";
 
 /**
