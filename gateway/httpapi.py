@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.httpapi")
 
-PREFIX = "/v1/"
 SERVER_ROLE = "server"
 # The claim that must hold SERVER_ROLE. Fixed: a setting would let a deployment point it at a
 # claim its users can influence.
