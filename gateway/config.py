@@ -524,6 +524,21 @@ class Settings:
         parse_duration,
         minimum=1,
     )
+    # HTTP API for the application's servers (gateway/httpapi.py, docs/http-api.md)
+    http_api: bool = _setting(
+        False,
+        "serve the HTTP API under /v1/ (publish, presence, disconnect) to requests with a bearer token "
+        'whose claims include role: "server"; requests with an Origin header (browsers) are refused. '
+        "Replicas with it off still carry out disconnects sent from the others",
+        parse_bool,
+    )
+    http_api_rate: float = _setting(
+        1000.0,
+        "HTTP API requests accepted per second per process (burst: 2x), all callers together; above it "
+        "a request gets HTTP 429 `rate_limited` with Retry-After: 1, before its token is checked",
+        parse_number,
+        minimum=0.1,
+    )
     # Operations
     drain_timeout: float = _setting(10.0, "on SIGTERM, time to close clients before exiting", parse_duration)
     log_format: str = _setting(

@@ -28,6 +28,7 @@ from .broker import Broker
 from .bus import Bus
 from .config import Settings
 from .errors import ConfigError
+from .httpapi import HTTP_API
 from .listener import Listener
 from .pgerrors import DB_ERRORS
 from .pipeline import Pipeline
@@ -64,6 +65,8 @@ class Source(Protocol):
 
     @property
     def bus(self) -> Bus: ...
+
+    app: web.Application
 
 
 class GatewayCollector(Collector):
@@ -232,6 +235,21 @@ class GatewayCollector(Collector):
             "replica bus NOTIFYs ignored because an unregistered session sent them",
             value=bus.untrusted,
         )
+        api = state.app.get(HTTP_API)
+        if api is not None:
+            requests = CounterMetricFamily(
+                "gateway_http_api_requests",
+                "HTTP API requests answered (GATEWAY_HTTP_API), by endpoint and status",
+                labels=["endpoint", "status"],
+            )
+            for (endpoint, status), n in sorted(api.requests.items()):
+                requests.add_metric([endpoint, str(status)], n)
+            yield requests
+            yield CounterMetricFamily(
+                "gateway_disconnects",
+                "disconnects of the HTTP API carried out here, sent by any replica",
+                value=api.disconnects_received,
+            )
         presence = state.ctx.presence
         if presence is not None:
             yield CounterMetricFamily(

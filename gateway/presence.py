@@ -297,6 +297,18 @@ class Presence:
     def unsubscribe(self, session: Connection, topic: str) -> None:
         self._pipeline.leave(topic, session)
 
+    async def snapshot(self, topic: str) -> p.Presence:
+        """Who is on ``topic`` now, as the snapshot frame a subscribe starts with (for the HTTP
+        API's GET /v1/presence/{topic}); raises Unavailable when the database does not answer."""
+        try:
+            async with self._pool.acquire(timeout=CALL_TIMEOUT) as conn:
+                rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
+        except DB_ERRORS as exc:
+            raise Unavailable(UNREACHABLE) from exc
+        return p.Presence(
+            topic=topic, snapshot=[p.PresenceEntry(user=r[0], status=r[1], last_seen=r[2]) for r in rows]
+        )
+
     # --- the writer ---------------------------------------------------------------------
 
     async def _writer(self) -> None:

@@ -310,11 +310,13 @@ class ErrorCode:
     RATE_LIMITED = "rate_limited"  # too many messages or subscribes per second; the frame was dropped
     UNAVAILABLE = "unavailable"  # the database is unreachable; retry the subscribe later
     PRESENCE_DISABLED = "presence_disabled"
-    # Room presence (track / untrack)
     # a publish's data over GATEWAY_MAX_PUBLISH_BYTES, a track's state over MAX_PRESENCE_STATE_BYTES
     TOO_LARGE = "too_large"
     NOT_TRACKED = "not_tracked"  # untrack of a room this connection does not track
     TOO_MANY_TRACKED = "too_many_tracked"  # a track of one room more than MAX_TRACKED_ROOMS
+    # The application's server removed this user from the topic (HTTP API, POST /v1/disconnect);
+    # the subscription was dropped. Sent without an id, with the topic.
+    REMOVED = "removed"
 
 
 ERROR_CODES: tuple[str, ...] = tuple(v for k, v in vars(ErrorCode).items() if k.isupper())
@@ -337,6 +339,9 @@ class CloseCode:
     AUTH_TIMEOUT = 4004  # no auth frame within the deadline; reconnect
     TOKEN_EXPIRED = 4005  # the token expired and no refresh came; reconnect with a fresh token
     SLOW_CONSUMER = 4008  # the client read too slowly and its send queue overflowed; reconnect
+    # The application's server closed this user's connections (HTTP API, POST /v1/disconnect).
+    DISCONNECTED = 4010  # do not reconnect: the application decided this user is out
+    REAUTHENTICATE = 4011  # reconnect with a fresh token (the user's rights changed, say)
     RATE_LIMITED = 4029  # the client kept sending over its rate limit; reconnect with backoff
 
 
@@ -352,6 +357,7 @@ RECONNECT_AFTER: frozenset[int] = frozenset(
         CloseCode.TOKEN_EXPIRED,
         CloseCode.SLOW_CONSUMER,
         CloseCode.RATE_LIMITED,
+        CloseCode.REAUTHENTICATE,
     }
 )
 

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from . import __version__, clientscript, metrics, status
+from . import __version__, clientscript, httpapi, metrics, status
 from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
@@ -147,6 +147,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     clientscript.install(app)
+    httpapi.install(app, state)
     if settings.metrics:
         metrics.install(app, state)
     if settings.status_token:

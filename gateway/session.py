@@ -89,6 +89,13 @@ class Registry:
     def user_count(self, user: str) -> int:
         return self._by_user.get(user, 0)
 
+    def of_user(self, user: str) -> list[Session]:
+        """This user's authenticated sessions here (the HTTP API's disconnect). A scan: it is
+        rare, and an index by user would cost every connect and close."""
+        if user not in self._by_user:
+            return []
+        return [s for s in self.sessions.values() if s.identity is not None and s.identity.user == user]
+
     def add(self, s: Session) -> None:
         self.sessions[s.conn_id] = s
         assert s.identity is not None
@@ -581,6 +588,15 @@ class Session:
         if self.ctx.presence is not None:
             await self.ctx.presence.rooms.recheck(self, identity, self.ctx.authorizer)
         self.send(p.Refreshed(**self._expiry_fields()))
+
+    def remove_from(self, topic: str, message: str) -> bool:
+        """Drop the subscription to ``topic`` on the application server's word (the HTTP API's
+        disconnect) and say so with a ``removed`` error; False if it had none."""
+        if self.closed or (topic not in self.topics and topic not in self.presence_topics):
+            return False
+        self._drop_topic(topic)
+        self.error(p.ErrorCode.REMOVED, message, topic=topic)
+        return True
 
     def _drop_topic(self, topic: str) -> None:
         if topic in self.topics:

@@ -424,7 +424,26 @@ async def test_forbidden_subscribe_is_reported_and_not_retried(page: Any, site: 
     assert gw.conns[1].of(p.Subscribe) == []
 
 
-@pytest.mark.parametrize("code", [p.CloseCode.UNAUTHORIZED, p.CloseCode.MESSAGE_TOO_BIG])
+async def test_a_subscription_the_server_removed_is_reported_and_not_resubscribed(
+    page: Any, site: Site
+) -> None:
+    # POST /v1/disconnect with a topic (docs/http-api.md): an error without id drops the subscription.
+    gw = site.gateway
+    await start(page, site)
+    await gw.conns[0].send(p.Error(code=p.ErrorCode.REMOVED, message="removed", topic="board:demo"))
+    await wait_rec(page, "rec.errors.length > 0")
+    errors = await rec(page, "errors")
+    assert [(e["code"], e["topic"]) for e in errors] == [("removed", "board:demo")]
+
+    await gw.conns[0].ws.close(code=p.CloseCode.SERVICE_RESTART)
+    await eventually(lambda: len(gw.live()) == 1 and gw.live()[0].user is not None, WAIT, "the reconnect")
+    await wait_rec(page, "rec.states.filter(([s]) => s === 'open').length === 2")
+    assert gw.conns[1].of(p.Subscribe) == []
+
+
+@pytest.mark.parametrize(
+    "code", [p.CloseCode.UNAUTHORIZED, p.CloseCode.MESSAGE_TOO_BIG, p.CloseCode.DISCONNECTED]
+)
 async def test_close_codes_that_retrying_cannot_fix_end_the_client(page: Any, site: Site, code: int) -> None:
     gw = site.gateway
     await start(page, site)

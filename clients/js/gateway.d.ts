@@ -97,7 +97,7 @@ export interface SubscribeOptions {
   since?: Position;
   onSubscribed?: (info: SubscribedInfo) => void;
   onNotRecovered?: (info: NotRecoveredInfo) => void;
-  /** This subscription's errors; `forbidden`, `bad_topic`... end it, `unavailable` and `rate_limited` are retried. */
+  /** This subscription's errors; `forbidden`, `removed`, `bad_topic`... end it, `unavailable` and `rate_limited` are retried. */
   onError?: (error: GatewayError) => void;
 }
 
@@ -145,7 +145,8 @@ export type ServerErrorCode =
   | "too_many_subscriptions"
   | "rate_limited"
   | "unavailable"
-  | "presence_disabled";
+  | "presence_disabled"
+  | "removed";
 
 /**
  * Errors of the client itself: `token` (the token function failed or gave no string),
@@ -192,6 +193,10 @@ export interface CloseCodes {
   TOKEN_EXPIRED: 4005;
   /** The client read too slowly; reconnect. */
   SLOW_CONSUMER: 4008;
+  /** The application's server disconnected this user (HTTP API); final. */
+  DISCONNECTED: 4010;
+  /** The application's server asked for a reconnect with a fresh token (HTTP API); reconnect. */
+  REAUTHENTICATE: 4011;
   /** The client kept sending over its rate limit; reconnect with backoff. */
   RATE_LIMITED: 4029;
 }
@@ -199,7 +204,7 @@ export interface CloseCodes {
 export type CloseCode = CloseCodes[keyof CloseCodes];
 
 /** The close codes after which the client reconnects (gateway/protocol.py RECONNECT_AFTER). */
-export type ReconnectCode = 1001 | 1012 | 1013 | 4004 | 4005 | 4008 | 4029;
+export type ReconnectCode = 1001 | 1012 | 1013 | 4004 | 4005 | 4008 | 4011 | 4029;
 
 /** One connection to the gateway, reconnecting and resubscribing by itself until `close()`. */
 export declare class Gateway {

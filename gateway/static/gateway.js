@@ -13,8 +13,8 @@
 
   // RECONNECT_AFTER in gateway/protocol.py. Its other codes (FINAL) mean "do not come back as
   // you are"; other closes (1006 network drop, a proxy's) are retried.
-  const RECONNECT_AFTER = [1001, 1012, 1013, 4004, 4005, 4008, 4029];
-  const FINAL = { 1000: "closed", 1002: "protocol error", 1007: "not UTF-8", 1009: "frame too big", 4001: "unauthorized" };
+  const RECONNECT_AFTER = [1001, 1012, 1013, 4004, 4005, 4008, 4011, 4029];
+  const FINAL = { 1000: "closed", 1002: "protocol error", 1007: "not UTF-8", 1009: "frame too big", 4001: "unauthorized", 4010: "disconnected by the server" };
   // Subscribe errors that may clear up; any other (forbidden, bad_topic...) is final.
   const RETRYABLE = ["unavailable", "rate_limited"];
 
@@ -373,8 +373,9 @@
         if (f.code === "rate_limited") setTimeout(() => { this._sentStatus = null; this._syncStatus(); }, 1000);
       }
       const sub = f.topic != null && this._subs.get(f.topic);
-      // No id on "forbidden": a refreshed token no longer grants the topic; the server dropped it.
-      if (!sub || (f.id == null ? f.code !== "forbidden" : sub.id !== f.id)) return this._report(err);
+      // No id on "forbidden" (a refreshed token no longer grants the topic) or "removed" (the
+      // application's server took the user out): the server dropped the subscription.
+      if (!sub || (f.id == null ? f.code !== "forbidden" && f.code !== "removed" : sub.id !== f.id)) return this._report(err);
       if (RETRYABLE.includes(f.code)) {
         err.willRetry = true;
         // At least a second, plus jitter: clamped instead, every retry landed at the same moment.
