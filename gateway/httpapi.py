@@ -45,6 +45,7 @@ from .publish import PublishError
 from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
+    from .presence import Presence
     from .server import State
 
 log = logging.getLogger("gateway.httpapi")
@@ -320,18 +321,10 @@ class HttpApi:
             raise ApiError(Errors.UNAVAILABLE, "the database is unreachable; try again") from None
         return web.Response(body=p.encode(frame), content_type="application/json")
 
-    async def _room_presence(self, presence: Any, topic: str) -> web.StreamResponse:
+    async def _room_presence(self, presence: Presence, topic: str) -> web.StreamResponse:
         """A room's presence topic (``presence:room:7``): who is in it, with each connection's
-        state, as the ``members`` a subscriber starts with. Room presence (gateway/rooms.py,
-        ``presence.rooms.members``) is built on a branch of its own; until it is merged here,
-        such topics get 404, and once merged, this serves them unchanged."""
-        rooms = getattr(presence, "rooms", None)
-        if rooms is None or not hasattr(rooms, "members"):
-            raise ApiError(
-                Errors.NOT_FOUND,
-                f"{topic} is not one of GATEWAY_PRESENCE_TOPICS ({', '.join(self.settings.presence_topics)}), "
-                "and this gateway has no presence of rooms to serve it from",
-            )
+        state, as the ``members`` a subscriber starts with (gateway/rooms.py)."""
+        rooms = presence.rooms
         try:
             members = await rooms.members(topic)
         except ValueError as exc:

@@ -259,11 +259,6 @@ async def test_presence_returns_the_snapshot(dsn: str) -> None:
 
 async def test_room_presence_returns_the_members(dsn: str) -> None:
     async with running_gateway(dsn, **API, presence="true") as gw:
-        if not hasattr(gw.state.ctx.presence, "rooms"):
-            # Room presence (gateway/rooms.py) is not part of this build: a clear 404.
-            b = assert_error(await call(gw, "GET", "/v1/presence/presence:room:7"), httpapi.Errors.NOT_FOUND)
-            assert "no presence of rooms" in b["message"]
-            return
         alice = await open_raw(gw)
         welcome = await alice.auth(token("alice", topics=["room:*"]))
         await alice.send({"type": "track", "topic": "room:7", "state": {"color": "teal"}, "id": 1})
