@@ -345,6 +345,7 @@ DECLARE
     key_count bigint;
     key_list text;
     key_eq text;        -- the key type's `=`, as OPERATOR(schema.=)
+    key_not_null boolean;
     key_same text;
     cols_changed text;
     topic_fn text;
@@ -503,7 +504,7 @@ BEGIN
             RAISE EXCEPTION 'gateway.publish: % has a composite primary key (%); pass one unique column as the third argument', tbl_name, key_list;
         END IF;
     END IF;
-    SELECT a.atttypid INTO key_type
+    SELECT a.atttypid, a.attnotnull INTO key_type, key_not_null
     FROM pg_attribute a WHERE a.attrelid = p_table AND a.attname = p_key AND a.attnum > 0 AND NOT a.attisdropped;
     IF key_type IS NULL THEN
         RAISE EXCEPTION 'gateway.publish: % has no column %', tbl_name, p_key;
@@ -511,14 +512,17 @@ BEGIN
     -- An UPDATE compares the old and new key: with the type's own `=` (as publish()'s
     -- search_path finds it), named with its schema (the triggers have no search_path of their
     -- own: see above); as text when the type has none of its own (varchar and domains compare
-    -- as text anyway). NULL-safe, as IS DISTINCT FROM, which cannot be given a schema.
+    -- as text anyway). NULL-safe, as IS DISTINCT FROM, which cannot be given a schema, unless
+    -- the column is NOT NULL (a smaller expression: PL/pgSQL sets each one up in every
+    -- transaction). The same for the columns the topic reads, below.
     SELECT format('OPERATOR(%s.=)', o.oprnamespace::regnamespace) INTO key_eq
     FROM pg_operator o
     WHERE o.oid = to_regoperator(format('=(%s,%s)', key_type, key_type)) AND o.oprresult = 'bool'::regtype;
-    key_same := CASE WHEN key_eq IS NOT NULL
-                     THEN format('NOT coalesce(OLD.%1$I %2$s NEW.%1$I, OLD.%1$I IS NULL AND NEW.%1$I IS NULL)', p_key, key_eq)
-                     ELSE format('NOT coalesce((OLD.%1$I)::pg_catalog.text OPERATOR(pg_catalog.=) (NEW.%1$I)::pg_catalog.text, '
-                                 'OLD.%1$I IS NULL AND NEW.%1$I IS NULL)', p_key) END;
+    key_same := format(CASE WHEN key_not_null THEN 'NOT (%s)' ELSE 'NOT coalesce(%s, OLD.%2$I IS NULL AND NEW.%2$I IS NULL)' END,
+                       format(CASE WHEN key_eq IS NOT NULL THEN 'OLD.%1$I %2$s NEW.%1$I'
+                                   ELSE '(OLD.%1$I)::pg_catalog.text OPERATOR(pg_catalog.=) (NEW.%1$I)::pg_catalog.text' END,
+                              p_key, key_eq),
+                       p_key);
 
     -- Fail now, with the table's name, if the expression does not work on this table. The
     -- probe view also tells which columns the expression uses: those it depends on.
@@ -542,8 +546,9 @@ BEGIN
                     AND (a.attcollation = 0 OR co.collisdeterministic)), true)
                 -- the other columns, each as ' OR <OLD.c IS DISTINCT FROM NEW.c>' (the key is
                 -- compared anyway), pg_catalog's `=` being every one of these types' equality
-                THEN coalesce(string_agg(format(' OR NOT coalesce(OLD.%1$I OPERATOR(pg_catalog.=) NEW.%1$I, '
-                                                'OLD.%1$I IS NULL AND NEW.%1$I IS NULL)', a.attname), ''
+                THEN coalesce(string_agg(format(CASE WHEN a.attnotnull THEN ' OR NOT (OLD.%1$I OPERATOR(pg_catalog.=) NEW.%1$I)'
+                                                     ELSE ' OR NOT coalesce(OLD.%1$I OPERATOR(pg_catalog.=) NEW.%1$I, '
+                                                          'OLD.%1$I IS NULL AND NEW.%1$I IS NULL)' END, a.attname), ''
                                          ORDER BY a.attnum) FILTER (WHERE a.attname <> p_key), '')
            END
     INTO params, new_args, old_args, row_args, plain_args, cols_changed
