@@ -12,7 +12,9 @@ What is checked here:
   its inheritance children;
 * the grants docs/sql.md gives a writer role are enough to write a published table and to
   emit, and leave it no way to change the log, the heads or anything else of the gateway's
-  (the capture triggers and emit are SECURITY DEFINER, with a search_path of their own);
+  (the capture triggers and emit are SECURITY DEFINER; emit has a search_path of its own, the
+  row triggers name everything with its schema: a writer's functions, operators, types,
+  collation and tables planted under every name they use never run);
 * the grants docs/sql.md gives the gateway's own role are enough for `gateway serve`.
 """
 
