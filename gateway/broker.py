@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
+import json
 import logging
 import os
 import socket
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -90,6 +93,64 @@ def mask_url(url: str) -> str:
     if not (parts.username or parts.password):
         return url
     return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+CREDS_FORMAT = (
+    "a NATS user credentials file as `nsc generate creds` writes it: the user's JWT on the line "
+    "after -----BEGIN NATS USER JWT-----, its NKey seed (SU...) on the line after "
+    "-----BEGIN USER NKEY SEED-----"
+)
+
+
+def check_creds(path: str) -> None:
+    """Refuse, saying what is wrong, a GATEWAY_BROKER_CREDS file nats-py could not log in
+    with: nats-py reads it at each connect, loops forever on a file without the JWT line, and
+    signs with whatever seed it finds, so the server would only say "Authorization Violation"
+    for a seed of another user. Needs nkeys (checked before)."""
+    import nkeys
+
+    where = f"GATEWAY_BROKER_CREDS={path}"
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} cannot be read: {exc}") from None
+
+    def after(marker: str) -> str:
+        # As nats-py reads it: the line after the one holding the marker.
+        for i, line in enumerate(lines):
+            if marker in line:
+                return lines[i + 1].strip() if i + 1 < len(lines) else ""
+        return ""
+
+    token, seed = after("BEGIN NATS USER JWT"), after("BEGIN USER NKEY SEED")
+    if not token:
+        raise ConfigError(f"{where} holds no user JWT: expected {CREDS_FORMAT}")
+    if not seed:
+        raise ConfigError(f"{where} holds no NKey seed: expected {CREDS_FORMAT}")
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        user = claims["sub"]
+        kind = claims.get("nats", {}).get("type") or claims.get("type")  # JWT v2, v1
+    except (IndexError, ValueError, binascii.Error, KeyError, TypeError, AttributeError):
+        raise ConfigError(
+            f"{where}: its user JWT cannot be read (not a JWT): expected {CREDS_FORMAT}"
+        ) from None
+    if kind != "user":
+        raise ConfigError(
+            f"{where}: its JWT is an {kind or 'untyped'} JWT, not a user's: expected {CREDS_FORMAT}"
+        )
+    if not seed.startswith("SU"):
+        raise ConfigError(f"{where}: its NKey seed is not a user's seed (SU...): expected {CREDS_FORMAT}")
+    try:
+        key = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
+    except (nkeys.NkeysError, ValueError):
+        raise ConfigError(f"{where}: its NKey seed is not a valid seed: expected {CREDS_FORMAT}") from None
+    if key != user:
+        raise ConfigError(
+            f"{where}: its NKey seed is not its JWT's user's (the JWT is for {user}, the seed for {key}): "
+            "the two parts come from different users' credentials"
+        )
 
 
 class Broker:
@@ -173,6 +234,7 @@ class Broker:
                 raise ConfigError(
                     "GATEWAY_BROKER_CREDS is set but the nkeys package is not installed: pip install nkeys"
                 ) from None
+            check_creds(self._creds)
             options["user_credentials"] = self._creds
         try:
             tls = self._tls_context()

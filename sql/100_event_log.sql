@@ -63,7 +63,7 @@ CREATE TABLE gateway.topics (
 -- A new row starts with the topic's first epoch unless its INSERT names one (reset_topic).
 -- Only INSERTs fire this, so the writers' hot path (an UPDATE of an existing row) does not.
 CREATE FUNCTION gateway.topic_first_epoch() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NEW.epoch IS NULL THEN
         NEW.epoch := gateway.first_epoch(NEW.topic);
@@ -135,7 +135,7 @@ $$;
 -- also have merged 'Ann' and 'ann', two topics. Only the missing rows are inserted: the
 -- first-epoch trigger would otherwise run for every topic, only to be discarded.
 CREATE FUNCTION gateway.lock_topics(p_topics text[]) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_topics text[] COLLATE "C" := ARRAY(SELECT DISTINCT t COLLATE "C" FROM unnest(p_topics) AS t WHERE t IS NOT NULL);
 BEGIN
@@ -296,7 +296,10 @@ $$;
 -- do"). Each SECURITY DEFINER function has a fixed search_path and names every object with its
 -- schema: with the caller's search_path, a role could put its own operator or function in
 -- front of pg_catalog's and have it run as the owner. pg_temp comes last, so that no temporary
--- table or function can stand in for anything.
+-- table or function can stand in for anything. The generated row triggers are the exception
+-- (no SET clause: it costs every changed row; every name in them is qualified instead, see
+-- publish() in 101_capture.sql), so what they call without naming it (lock_topics, and the
+-- first-epoch trigger on gateway.topics) fixes its own search_path.
 -- PostgreSQL lets everyone EXECUTE a new function: the internal ones are kept for the owner.
 -- emit and emit_many are granted explicitly to the roles that publish by hand (docs/sql.md,
 -- "Writer roles"): such a role may write any event to any topic. heads() and

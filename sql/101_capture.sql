@@ -173,7 +173,7 @@ $$;
 -- triggers do the same inline: a function call per changed row is measurable in the writer's
 -- cost). Returns the position, or NULL when the topic is NULL (not published).
 CREATE FUNCTION gateway.log_event(p_tbl text, p_op "char", p_topic text, p_key text) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_pos bigint;
 BEGIN
@@ -192,7 +192,7 @@ $$;
 -- lock_topics locks them: two writers of rows on the same topics cannot deadlock), and
 -- rings the relay once. Returns how many events it appended.
 CREATE FUNCTION gateway.log_events(p_tbl text, p_op "char", p_topics text[], p_key text) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_topic text;
     v_pos bigint;
@@ -313,13 +313,26 @@ $$;
 --   whoever publishes the table.
 -- - The row triggers are SECURITY DEFINER, owned by the schema's owner (publish() hands them
 --   over), so that writers need no privilege on the log (see the end of 100_event_log.sql).
---   That costs nothing measurable; their SET search_path clause costs about 14k instructions
---   per changed row (PostgreSQL sets and restores the setting at every call), about 4 % of a
---   single-row UPDATE. Without it every name in the trigger and in what it calls would have to
---   be schema-qualified, operators and types included (IS DISTINCT FROM cannot be), and a
---   single miss would let a writer's search_path run its own code as the owner. The topic
---   function stays a plain SQL function: one with a SET clause or SECURITY DEFINER would not
---   be inlined.
+--   That costs nothing measurable. They have no SET search_path clause, unlike the other
+--   SECURITY DEFINER functions: it cost about 14k instructions per changed row (PostgreSQL
+--   saves, sets and restores the setting at every call), about 4 % of a single-row UPDATE.
+--   So they run with the writer's search_path, and every name in them is written with its
+--   schema: tables (without a fixed search_path a temporary table would be found first), types
+--   (pg_catalog.text: a temporary type would be found first too), functions, operators
+--   (`a OPERATOR(pg_catalog.=) b`; such operators all bind alike, hence the parentheses), the
+--   collation (pg_catalog."C"). IS DISTINCT FROM and IN look `=` up in the search_path and
+--   cannot be given a schema: they are written as NULL-safe comparisons with a named operator
+--   (`NOT coalesce(a = b, a IS NULL AND b IS NULL)`), the key's with the `=` its type resolved
+--   to when publish() ran. The transition tables (gateway_new, gateway_old) cannot be
+--   qualified and need not be: PostgreSQL looks a trigger's transition tables up before any
+--   schema. What they call that is not written so (lock_topics, log_event, log_events, and
+--   the first-epoch trigger on gateway.topics) has the clause: those run only for multi-row
+--   statements, moved rows, new topics and rows on several topics.
+--   tests/test_capture.py plants a writer's object of every name they use and checks that
+--   none of them runs. The topic function stays a plain SQL function: one with a SET clause
+--   or SECURITY DEFINER would not be inlined; its body's names were bound when publish()
+--   created it. A function of the application's that a topic expression calls runs as the
+--   owner with the writer's search_path (docs/sql.md, "Writer roles", says what that asks of it).
 -- A partitioned table is published through its parent; its row triggers fire for rows
 -- written through a partition too.
 CREATE FUNCTION gateway.publish(p_table regclass, p_topic text, p_key text DEFAULT NULL)
@@ -331,6 +344,8 @@ DECLARE
     key_type regtype;
     key_count bigint;
     key_list text;
+    key_eq text;        -- the key type's `=`, as OPERATOR(schema.=)
+    key_not_null boolean;
     key_same text;
     cols_changed text;
     topic_fn text;
@@ -358,39 +373,40 @@ DECLARE
     -- the table as events name it (schema.table, unquoted); {row}: NEW or OLD; {key}: the key
     -- column. Names and literals are quoted before they are filled in.
     row_trigger text := $t$
-        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql
-        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        CREATE FUNCTION gateway.{function}() RETURNS pg_catalog.trigger LANGUAGE plpgsql SECURITY DEFINER AS $body$
         DECLARE
-            gw_topic text := {topic_fn}({row_args});
-            gw_pos bigint;
-            gw_x text;
+            gw_topic pg_catalog.text := {topic_fn}({row_args});
+            gw_pos pg_catalog.int8;
+            gw_x pg_catalog.text;
         BEGIN
             PERFORM FROM {rows} OFFSET 1;
             IF FOUND THEN
                 -- Several rows: at the first, lock all their topics in sorted order.
-                gw_x := current_setting({rows_left}, true);
-                IF gw_x IS NULL OR gw_x IN ('', '0') THEN
+                gw_x := pg_catalog.current_setting({rows_left}, true);
+                IF gw_x IS NULL OR gw_x OPERATOR(pg_catalog.=) '' OR gw_x OPERATOR(pg_catalog.=) '0' THEN
                     PERFORM gateway.lock_topics(ARRAY({statement_topics}));
-                    gw_x := (SELECT count(*) FROM {rows})::text;
+                    gw_x := (SELECT pg_catalog.count(*) FROM {rows})::pg_catalog.text;
                 END IF;
-                gw_x := set_config({rows_left}, (gw_x::bigint - 1)::text, true);
+                gw_x := pg_catalog.set_config({rows_left}, (gw_x::pg_catalog.int8 OPERATOR(pg_catalog.-) 1)::pg_catalog.text, true);
             END IF;
     {moved_row}
-            UPDATE gateway.topics SET pos = pos + 1 WHERE topic = gw_topic RETURNING pos INTO gw_pos;
+            UPDATE gateway.topics SET pos = pos OPERATOR(pg_catalog.+) 1 WHERE topic OPERATOR(pg_catalog.=) gw_topic
+            RETURNING pos INTO gw_pos;
             IF NOT FOUND THEN
                 IF gw_topic IS NULL THEN
                     RETURN NULL;  -- not published (no head has a NULL topic)
                 END IF;
                 INSERT INTO gateway.topics AS h (topic, pos) VALUES (gw_topic, 1)
-                ON CONFLICT (topic) DO UPDATE SET pos = h.pos + 1
+                ON CONFLICT (topic) DO UPDATE SET pos = h.pos OPERATOR(pg_catalog.+) 1
                 RETURNING h.pos INTO gw_pos;
             END IF;
-            INSERT INTO gateway.events (topic, pos, op, tbl, key) VALUES (gw_topic, gw_pos, '{op}', {table}, ({row}.{key})::text);
+            INSERT INTO gateway.events (topic, pos, op, tbl, key)
+            VALUES (gw_topic, gw_pos, '{op}', {table}, ({row}.{key})::pg_catalog.text);
             -- gateway.ring(), inline: wake the relay unless it polls anyway.
-            IF coalesce(pg_sequence_last_value('gateway.relay_awake_until'), 0)
-               < date_part('epoch', clock_timestamp()) * 1000 THEN
-                IF current_setting('gateway.ring', true) IS DISTINCT FROM 'off' THEN
-                    gw_x := pg_notify('gateway_poll', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('gateway.relay_awake_until'), 0) OPERATOR(pg_catalog.<)
+               (pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000) THEN
+                IF NOT coalesce(pg_catalog.current_setting('gateway.ring', true) OPERATOR(pg_catalog.=) 'off', false) THEN
+                    gw_x := pg_catalog.pg_notify('gateway_poll', '');
                 END IF;
             END IF;
             RETURN NULL;
@@ -405,9 +421,10 @@ DECLARE
             -- A row that moved to another topic (or got another key) is deleted where it was.
             -- It touches two topics: lock them in sorted order (a multi-row statement has).
             {if_columns_changed}
-            IF {key_changed} OR {topic_fn}({old_args}) COLLATE "C" IS DISTINCT FROM gw_topic THEN
+            IF {key_changed} OR NOT coalesce({topic_fn}({old_args}) COLLATE pg_catalog."C" OPERATOR(pg_catalog.=) gw_topic,
+                                              {topic_fn}({old_args}) IS NULL AND gw_topic IS NULL) THEN
                 PERFORM gateway.lock_topics(ARRAY[{topic_fn}({old_args}), gw_topic]);
-                gw_pos := gateway.log_event({table}, 'd', {topic_fn}({old_args}), (OLD.{key})::text);
+                gw_pos := gateway.log_event({table}, 'd', {topic_fn}({old_args}), (OLD.{key})::pg_catalog.text);
             END IF;
             {end_if}
             $m$;
@@ -416,26 +433,25 @@ DECLARE
     -- left out). The same placeholders as row_trigger; {moved_row} is `moved_rows` below.
     -- Not cut down like row_trigger: a row on several topics costs a loop and a call anyway.
     rows_trigger text := $t$
-        CREATE FUNCTION gateway.{function}() RETURNS trigger LANGUAGE plpgsql
-        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        CREATE FUNCTION gateway.{function}() RETURNS pg_catalog.trigger LANGUAGE plpgsql SECURITY DEFINER AS $body$
         DECLARE
-            gw_topics text[] := array_remove(coalesce({topic_fn}({row_args}), '{}'), NULL);
-            gw_left text[];
-            gw_n integer;
-            gw_x text;
+            gw_topics pg_catalog.text[] := pg_catalog.array_remove(coalesce({topic_fn}({row_args}), '{}'), NULL);
+            gw_left pg_catalog.text[];
+            gw_n pg_catalog.int4;
+            gw_x pg_catalog.text;
         BEGIN
             PERFORM FROM {rows} OFFSET 1;
             IF FOUND THEN
                 -- Several rows: at the first, lock all their topics in sorted order.
-                gw_x := current_setting({rows_left}, true);
-                IF gw_x IS NULL OR gw_x IN ('', '0') THEN
+                gw_x := pg_catalog.current_setting({rows_left}, true);
+                IF gw_x IS NULL OR gw_x OPERATOR(pg_catalog.=) '' OR gw_x OPERATOR(pg_catalog.=) '0' THEN
                     PERFORM gateway.lock_topics(ARRAY({statement_topics}));
-                    gw_x := (SELECT count(*) FROM {rows})::text;
+                    gw_x := (SELECT pg_catalog.count(*) FROM {rows})::pg_catalog.text;
                 END IF;
-                gw_x := set_config({rows_left}, (gw_x::bigint - 1)::text, true);
+                gw_x := pg_catalog.set_config({rows_left}, (gw_x::pg_catalog.int8 OPERATOR(pg_catalog.-) 1)::pg_catalog.text, true);
             END IF;
     {moved_row}
-            gw_n := gateway.log_events({table}, '{op}', gw_topics, ({row}.{key})::text);
+            gw_n := gateway.log_events({table}, '{op}', gw_topics, ({row}.{key})::pg_catalog.text);
             RETURN NULL;
         END
     $body$
@@ -448,12 +464,12 @@ DECLARE
             IF {key_changed} THEN
                 gw_left := {topic_fn}({old_args});
             ELSE
-                gw_left := ARRAY(SELECT t FROM unnest({topic_fn}({old_args})) AS t
-                                 WHERE t IS NOT NULL AND t COLLATE "C" <> ALL (gw_topics));
+                gw_left := ARRAY(SELECT t FROM pg_catalog.unnest({topic_fn}({old_args})) AS t
+                                 WHERE t IS NOT NULL AND t COLLATE pg_catalog."C" OPERATOR(pg_catalog.<>) ALL (gw_topics));
             END IF;
-            IF cardinality(gw_left) > 0 THEN
-                PERFORM gateway.lock_topics(gw_left || gw_topics);
-                gw_n := gateway.log_events({table}, 'd', gw_left, (OLD.{key})::text);
+            IF pg_catalog.cardinality(gw_left) OPERATOR(pg_catalog.>) 0 THEN
+                PERFORM gateway.lock_topics(gw_left OPERATOR(pg_catalog.||) gw_topics);
+                gw_n := gateway.log_events({table}, 'd', gw_left, (OLD.{key})::pg_catalog.text);
             END IF;
             {end_if}
             $m$;
@@ -488,18 +504,25 @@ BEGIN
             RAISE EXCEPTION 'gateway.publish: % has a composite primary key (%); pass one unique column as the third argument', tbl_name, key_list;
         END IF;
     END IF;
-    SELECT a.atttypid INTO key_type
+    SELECT a.atttypid, a.attnotnull INTO key_type, key_not_null
     FROM pg_attribute a WHERE a.attrelid = p_table AND a.attname = p_key AND a.attnum > 0 AND NOT a.attisdropped;
     IF key_type IS NULL THEN
         RAISE EXCEPTION 'gateway.publish: % has no column %', tbl_name, p_key;
     END IF;
-    -- An UPDATE compares the old and new key: directly if the type has an equality, else as text.
-    BEGIN
-        EXECUTE format('SELECT NULL::%s IS DISTINCT FROM NULL::%s', key_type, key_type);
-        key_same := format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', p_key);
-    EXCEPTION WHEN OTHERS THEN
-        key_same := format('(OLD.%1$I)::text IS DISTINCT FROM (NEW.%1$I)::text', p_key);
-    END;
+    -- An UPDATE compares the old and new key: with the type's own `=` (as publish()'s
+    -- search_path finds it), named with its schema (the triggers have no search_path of their
+    -- own: see above); as text when the type has none of its own (varchar and domains compare
+    -- as text anyway). NULL-safe, as IS DISTINCT FROM, which cannot be given a schema, unless
+    -- the column is NOT NULL (a smaller expression: PL/pgSQL sets each one up in every
+    -- transaction). The same for the columns the topic reads, below.
+    SELECT format('OPERATOR(%s.=)', o.oprnamespace::regnamespace) INTO key_eq
+    FROM pg_operator o
+    WHERE o.oid = to_regoperator(format('=(%s,%s)', key_type, key_type)) AND o.oprresult = 'bool'::regtype;
+    key_same := format(CASE WHEN key_not_null THEN 'NOT (%s)' ELSE 'NOT coalesce(%s, OLD.%2$I IS NULL AND NEW.%2$I IS NULL)' END,
+                       format(CASE WHEN key_eq IS NOT NULL THEN 'OLD.%1$I %2$s NEW.%1$I'
+                                   ELSE '(OLD.%1$I)::pg_catalog.text OPERATOR(pg_catalog.=) (NEW.%1$I)::pg_catalog.text' END,
+                              p_key, key_eq),
+                       p_key);
 
     -- Fail now, with the table's name, if the expression does not work on this table. The
     -- probe view also tells which columns the expression uses: those it depends on.
@@ -521,9 +544,11 @@ BEGIN
                                    'uuid'::regtype, 'date'::regtype, 'timestamp'::regtype,
                                    'timestamptz'::regtype, 'text'::regtype, 'varchar'::regtype)
                     AND (a.attcollation = 0 OR co.collisdeterministic)), true)
-                -- the other columns, each as ' OR OLD.c IS DISTINCT FROM NEW.c' (the key is
-                -- compared anyway)
-                THEN coalesce(string_agg(format(' OR OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ''
+                -- the other columns, each as ' OR <OLD.c IS DISTINCT FROM NEW.c>' (the key is
+                -- compared anyway), pg_catalog's `=` being every one of these types' equality
+                THEN coalesce(string_agg(format(CASE WHEN a.attnotnull THEN ' OR NOT (OLD.%1$I OPERATOR(pg_catalog.=) NEW.%1$I)'
+                                                     ELSE ' OR NOT coalesce(OLD.%1$I OPERATOR(pg_catalog.=) NEW.%1$I, '
+                                                          'OLD.%1$I IS NULL AND NEW.%1$I IS NULL)' END, a.attname), ''
                                          ORDER BY a.attnum) FILTER (WHERE a.attname <> p_key), '')
            END
     INTO params, new_args, old_args, row_args, plain_args, cols_changed
@@ -549,7 +574,7 @@ BEGIN
     PERFORM gateway.unpublish(p_table);
     topic_fn := format('gateway.%I', gateway.capture_name(p_table, 'topic'));
     mark := 'gateway.rows_left_' || p_table::oid;
-    topic_call := format(CASE WHEN many THEN 'unnest(%s(%s))' ELSE '%s(%s)' END, topic_fn, plain_args);
+    topic_call := format(CASE WHEN many THEN 'pg_catalog.unnest(%s(%s))' ELSE '%s(%s)' END, topic_fn, plain_args);
     -- Not STRICT and VOLATILE (the default): the expression keeps its meaning whatever it
     -- calls, and an SQL function declared so is still inlined. A SQL-standard body: its names
     -- are bound now, not at each write.

@@ -12,7 +12,9 @@ What is checked here:
   its inheritance children;
 * the grants docs/sql.md gives a writer role are enough to write a published table and to
   emit, and leave it no way to change the log, the heads or anything else of the gateway's
-  (the capture triggers and emit are SECURITY DEFINER, with a search_path of their own);
+  (the capture triggers and emit are SECURITY DEFINER; emit has a search_path of its own, the
+  row triggers name everything with its schema: a writer's functions, operators, types,
+  collation and tables planted under every name they use never run);
 * the grants docs/sql.md gives the gateway's own role are enough for `gateway serve`.
 """
 
@@ -155,16 +157,25 @@ async def test_an_application_trigger_writing_the_same_table_logs_every_row(db: 
 async def test_the_topic_function_is_inlined_into_the_security_definer_triggers(
     db: asyncpg.Connection,
 ) -> None:
-    # The capture triggers are SECURITY DEFINER with a SET clause (which PostgreSQL never
-    # inlines); the generated topic function they call must stay a plain SQL function that is
-    # inlined into them, or every changed row would pay for one more function call.
+    # The capture triggers are SECURITY DEFINER (a function that is would never be inlined);
+    # the generated topic function they call must stay a plain SQL function that is inlined
+    # into them, or every changed row would pay for one more function call. The row triggers
+    # set no search_path (every name in them has its schema, sql/101_capture.sql); the
+    # TRUNCATE trigger, not on the per-row path, fixes its own.
     await items(db)
     secdef = await db.fetch(
         "SELECT p.proname, p.prosecdef, p.proconfig FROM pg_proc p JOIN pg_trigger t ON t.tgfoid = p.oid "
         "WHERE t.tgrelid = 'items'::regclass AND NOT t.tgisinternal ORDER BY 1"
     )
     assert len(secdef) == 4  # insert, update, delete, truncate
-    assert all(r["prosecdef"] and "search_path=pg_catalog, pg_temp" in r["proconfig"] for r in secdef), secdef
+    assert all(r["prosecdef"] for r in secdef), secdef
+    config = {r["proname"].split("_")[1]: r["proconfig"] for r in secdef}
+    assert config == {
+        "delete": None,
+        "insert": None,
+        "update": None,
+        "truncate": ["search_path=pg_catalog, pg_temp", "row_security=off"],
+    }, secdef
     await db.execute("SET track_functions = 'all'")
     await db.execute("INSERT INTO items VALUES (1, 1, 'a'), (2, 2, 'b')")
     await db.execute("UPDATE items SET owner_id = 3 WHERE id = 1")  # the old row's topic too
@@ -372,6 +383,222 @@ async def test_a_writer_s_search_path_cannot_take_over_the_gateway_s_functions(
     finally:
         await writer.close()
     assert len(await events(db)) == 8
+
+
+# Everything the capture triggers name, and what they reach (the first-epoch trigger on
+# gateway.topics), planted by a writer where its search_path would find it first: functions,
+# operators (each pair of operand types the triggers compare or compute with), types, a
+# collation and tables. Every one of them raises if it runs. The row triggers have no search_path
+# of their own (sql/101_capture.sql says why), so each name in them must carry its schema.
+PLANTED_FUNCTIONS = [
+    ("current_setting", "text, boolean", "text"),
+    ("set_config", "text, text, boolean", "text"),
+    ("pg_sequence_last_value", "regclass", "bigint"),
+    ("date_part", "text, timestamptz", "double precision"),
+    ("clock_timestamp", "", "timestamptz"),
+    ("pg_notify", "text, text", "void"),
+    ("array_remove", "text[], text", "text[]"),
+    ("unnest", "text[]", "SETOF text"),
+    ("cardinality", "text[]", "integer"),
+    ("substr", "text, integer, integer", "text"),
+    ("md5", "text", "text"),
+    ("lock_topics", "text[]", "void"),
+    ("log_event", 'text, "char", text, text', "bigint"),
+    ("log_events", 'text, "char", text[], text', "integer"),
+    ("first_epoch", "text", "text"),
+    ("ring", "", "void"),
+]
+PLANTED_OPERATORS = [  # (operator, left, right, result)
+    ("=", "text", "text", "boolean"),
+    ("=", "integer", "integer", "boolean"),
+    ("=", "boolean", "boolean", "boolean"),
+    ("<>", "text", "text", "boolean"),
+    ("<>", "boolean", "boolean", "boolean"),
+    ("+", "bigint", "integer", "bigint"),
+    ("-", "bigint", "integer", "bigint"),
+    ("<", "bigint", "double precision", "boolean"),
+    ("<", "double precision", "double precision", "boolean"),
+    ("*", "double precision", "integer", "double precision"),
+    ("*", "double precision", "double precision", "double precision"),
+    (">", "integer", "integer", "boolean"),
+    ("||", "text", "text", "text"),
+    ("||", "text[]", "text[]", "text[]"),
+]
+PLANTED_TYPES = [("text", "pg_catalog.text"), ("int8", "pg_catalog.int8"), ("int4", "pg_catalog.int4")]
+PLANTED_TABLES = [
+    "topics",
+    "events",
+    "installation",
+    "published",
+    "gateway_new",
+    "gateway_old",
+    "items",
+    "tagged",
+]
+
+
+def planted(schema: str, topic_functions: list[tuple[str, str, str]]) -> str:
+    """SQL creating, in ``schema``, an object named like each of the above, each raising
+    "the writer's <what> ran as <role>" when used."""
+    sql = [
+        f"CREATE FUNCTION {schema}.planted(what text) RETURNS boolean LANGUAGE plpgsql AS "
+        "$$BEGIN RAISE EXCEPTION 'the writer''s % ran as %', what, current_user; END$$;"
+    ]
+    for name, args, result in [*PLANTED_FUNCTIONS, *topic_functions]:
+        sql.append(
+            f"CREATE FUNCTION {schema}.{name}({args}) RETURNS {result} LANGUAGE plpgsql AS "
+            f"$$BEGIN PERFORM {schema}.planted('function {name}'); END$$;"
+        )
+    sql.append(
+        f"CREATE FUNCTION {schema}.count_step(bigint) RETURNS bigint LANGUAGE plpgsql AS "
+        f"$$BEGIN PERFORM {schema}.planted('aggregate count'); END$$;"
+        f"CREATE AGGREGATE {schema}.count(*) (SFUNC = {schema}.count_step, STYPE = bigint);"
+    )
+    for i, (op, left, right, result) in enumerate(PLANTED_OPERATORS):
+        sql.append(
+            f"CREATE FUNCTION {schema}.op_{i}({left}, {right}) RETURNS {result} LANGUAGE plpgsql AS "
+            f"$$BEGIN PERFORM {schema}.planted('operator {left} {op} {right}'); END$$;"
+            f"CREATE OPERATOR {schema}.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {schema}.op_{i});"
+        )
+    for name, base in PLANTED_TYPES:
+        sql.append(f"CREATE DOMAIN {schema}.{name} AS {base} CHECK ({schema}.planted('type {name}'));")
+    for name in PLANTED_TABLES:
+        # Columns as the log's, so that a write could land there; a CHECK refuses any row.
+        sql.append(
+            f'CREATE TABLE {schema}.{name} (topic pg_catalog.text, pos pg_catalog.int8, op "char", '
+            "tbl pg_catalog.text, key pg_catalog.text, epoch pg_catalog.text, salt pg_catalog.text, "
+            f"CHECK ({schema}.planted('table {name}')));"
+        )
+    sql.append(f"CREATE SEQUENCE {schema}.relay_awake_until;")
+    return "\n".join(sql)
+
+
+async def test_the_capture_triggers_use_nothing_of_the_writer_s_search_path(
+    dsn: str, db: asyncpg.Connection, role: str
+) -> None:
+    # A writer's schema first in its search_path, and its temporary schema (searched before
+    # everything for tables and types when a function sets no search_path), hold a shadow of
+    # every name the SECURITY DEFINER triggers use; the triggers still log exactly the right
+    # events and run none of them. Both kinds of trigger (a row on one topic, on several),
+    # every path: single and multi-row statements, rows that move, keys that change, a topic
+    # that changes only in case (a collation named "C" of the writer's is case-insensitive),
+    # new topics (the first-epoch trigger), the relay quiet (the triggers ring) and awake.
+    await db.execute(
+        "CREATE TABLE items (id int PRIMARY KEY, owner text, title text);"
+        "SELECT gateway.publish('public.items', $$'user:' || owner$$);"
+        "CREATE TABLE tagged (id int PRIMARY KEY, a text, b text NOT NULL);"  # b: compared without NULL-safety
+        "SELECT gateway.publish('public.tagged', $$ARRAY['a:' || a, 'b:' || b]$$);"
+        + re.sub(r"\bapp\b", role, sql_block("Writer roles"))
+        + f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON items, tagged TO {role};"
+        f"CREATE SCHEMA evil AUTHORIZATION {role};"
+        "SELECT setval('gateway.relay_awake_until', 1)"  # the relay quiet: the triggers ring
+    )
+    topic_functions = [
+        (await db.fetchval("SELECT gateway.capture_name('items'::regclass, 'topic')"), "owner text", "text"),
+        (
+            await db.fetchval("SELECT gateway.capture_name('tagged'::regclass, 'topic')"),
+            "a text, b text",
+            "text[]",
+        ),
+    ]
+    await db.execute(
+        f"SET ROLE {role};"
+        + planted("evil", topic_functions)
+        + "CREATE COLLATION evil.\"C\" (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
+        "RESET ROLE"
+    )
+    writer = await pg_connect(as_role(dsn, role), server_settings={"search_path": "evil, pg_catalog, public"})
+    rings: list[str] = []
+
+    def ring(*args: object) -> None:
+        rings.append(str(args[3]))  # (connection, pid, channel, payload)
+
+    await db.add_listener("gateway_poll", ring)
+    try:
+        # Planted with only pg_catalog in the path, so that each plant is made of pg_catalog's types.
+        await writer.execute(
+            "SET search_path = pg_catalog;"
+            + planted("pg_temp", topic_functions)
+            + "SET search_path = evil, pg_catalog, public"
+        )
+        # The plants work: the writer's own statements find them, its temporary ones first.
+        for sql, what in (
+            ("SELECT 'a'::text", "type text"),
+            ("SELECT 1::int8", "type int8"),
+            ("SELECT count(*) FROM pg_catalog.pg_class", "aggregate count"),
+            ("SELECT current_setting('gateway.ring', true)", "function current_setting"),
+            ("SELECT 1::bigint + 1", "operator bigint \\+ integer"),
+            ("SELECT 'a'::pg_catalog.text = 'b'", "operator text = text"),
+            ("INSERT INTO topics (topic) VALUES ('x')", "table topics"),
+        ):
+            with pytest.raises(asyncpg.RaiseError, match=f"the writer's {what} ran as {role}$"):
+                await writer.execute(sql)
+        assert await writer.fetchval(
+            "SELECT pg_catalog.to_regclass('topics') OPERATOR(pg_catalog.=) 'pg_temp.topics'::pg_catalog.regclass"
+        )
+        # The writer's statements name pg_catalog's `=` themselves, to be able to run at all.
+        eq = "OPERATOR(pg_catalog.=)"
+        for sql in (
+            "INSERT INTO public.items VALUES (1, 'Ann', 'x')",
+            "INSERT INTO public.items VALUES (2, 'Bob', 'x'), (3, 'Ann', 'y')",
+            f"UPDATE public.items SET title = 'z' WHERE id {eq} 1",
+            f"UPDATE public.items SET owner = 'ann' WHERE id {eq} 1",  # moved, in case only
+            f"UPDATE public.items SET id = 10 WHERE id {eq} 2",  # a new key
+            "UPDATE public.items SET owner = 'Cy'",  # several rows, each moved
+            f"DELETE FROM public.items WHERE id {eq} 3",
+            "DELETE FROM public.items",
+            "INSERT INTO public.tagged VALUES (1, 'x', 'y')",
+            "INSERT INTO public.tagged VALUES (2, 'x', 'z'), (3, 'w', 'y')",
+            f"UPDATE public.tagged SET a = 'X' WHERE id {eq} 1",  # left a:x, in case only
+            f"UPDATE public.tagged SET id = 20 WHERE id {eq} 2",  # a new key
+            f"DELETE FROM public.tagged WHERE id {eq} 3",
+        ):
+            await writer.execute(sql)
+        await eventually(lambda: len(rings) > 0, 5, "the triggers to ring the quiet relay")
+        await db.execute("SELECT setval('gateway.relay_awake_until', (2 ^ 62)::bigint)")  # awake: no ring
+        rings.clear()
+        for sql in (
+            "INSERT INTO public.items VALUES (5, 'Dee', 'x')",
+            "UPDATE public.tagged SET b = 'q'",  # several rows, each leaving a topic
+            "TRUNCATE public.items",
+        ):
+            await writer.execute(sql)
+        await db.execute("SELECT pg_notify('gateway_poll', 'marker')")
+        await eventually(lambda: "marker" in rings, 5, "the marker notification")
+        assert rings == ["marker"]  # the triggers saw the relay awake
+    finally:
+        await writer.close()
+        await db.remove_listener("gateway_poll", ring)
+    logged = await db.fetch(
+        "SELECT topic, pos, op::text AS op, key FROM gateway.events WHERE tbl IN ('public.items', 'public.tagged') "
+        'ORDER BY topic COLLATE "C", pos'
+    )
+    expected = [
+        *[("user:Ann", "i", "1"), ("user:Bob", "i", "2"), ("user:Ann", "i", "3"), ("user:Ann", "u", "1")],
+        *[("user:Ann", "d", "1"), ("user:ann", "u", "1"), ("user:Bob", "d", "2"), ("user:Bob", "u", "10")],
+        *[("user:ann", "d", "1"), ("user:Bob", "d", "10"), ("user:Ann", "d", "3")],
+        *[("user:Cy", "u", "1"), ("user:Cy", "u", "10"), ("user:Cy", "u", "3"), ("user:Cy", "d", "3")],
+        *[("user:Cy", "d", "1"), ("user:Cy", "d", "10")],
+        *[("a:x", "i", "1"), ("b:y", "i", "1"), ("a:x", "i", "2"), ("b:z", "i", "2"), ("a:w", "i", "3")],
+        *[("b:y", "i", "3"), ("a:x", "d", "1"), ("a:X", "u", "1"), ("b:y", "u", "1")],
+        *[("a:x", "d", "2"), ("b:z", "d", "2"), ("a:x", "u", "20"), ("b:z", "u", "20")],
+        *[("a:w", "d", "3"), ("b:y", "d", "3")],
+        *[("user:Dee", "i", "5"), ("b:y", "d", "1"), ("a:X", "u", "1"), ("b:q", "u", "1")],
+        *[("b:z", "d", "20"), ("a:x", "u", "20"), ("b:q", "u", "20"), ("user:Dee", "d", "5")],
+    ]
+    assert sorted((r["topic"], r["op"], r["key"]) for r in logged) == sorted(expected)
+    # Each topic's events at positions 1, 2, ... n, as its head says.
+    by_topic: dict[str, list[int]] = {}
+    for r in logged:
+        by_topic.setdefault(r["topic"], []).append(r["pos"])
+    heads = {r["topic"]: r["pos"] for r in await db.fetch("SELECT topic, pos FROM gateway.topics")}
+    assert all(p == list(range(1, len(p) + 1)) and heads[t] == len(p) for t, p in by_topic.items()), by_topic
+    # The triggers' own: no search_path of their own, so nothing to set and restore per row.
+    configs = await db.fetch(
+        "SELECT p.proname::text AS name, p.proconfig FROM pg_proc p JOIN pg_trigger t ON t.tgfoid = p.oid "
+        "WHERE t.tgrelid IN ('items'::regclass, 'tagged'::regclass) AND t.tgname <> 'gateway_capture_truncate'"
+    )
+    assert len(configs) == 6 and all(r["proconfig"] is None for r in configs), configs
 
 
 async def test_the_grants_docs_give_the_gateway_s_role_are_enough(
