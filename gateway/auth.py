@@ -271,7 +271,9 @@ class Authenticator:
         now = time.time()
         exp = self._times(payload, now)
         user = self._user(payload)
-        self._check_grants(payload.get(self._topics_claim))
+        self._check_grants(self._topics_claim, payload.get(self._topics_claim))
+        # The publish claim (gateway/authz.py): the same syntax, refused for the same reason.
+        self._check_grants("publish", payload.get("publish"))
         return Identity(
             user=user,
             claims=MappingProxyType(payload),
@@ -313,8 +315,8 @@ class Authenticator:
                 )
         return exp
 
-    def _check_grants(self, grants: Any) -> None:
-        """Refuse a token whose topics claim holds a pattern over users' private topics.
+    def _check_grants(self, claim: str, grants: Any) -> None:
+        """Refuse a token whose topics (or publish) claim holds a pattern over users' private topics.
 
         ``user:alice*`` covers ``user:alice2`` and ``user:*`` every user's own topic: such a
         grant is almost certainly an issuer's mistake, and silently ignoring it would hide that
@@ -328,7 +330,7 @@ class Authenticator:
                 # Short enough for a close frame's reason (123 bytes) after "bad token: ".
                 raise TokenError(
                     "bad_grant",
-                    f"the {self._topics_claim} claim grants {grant[:40]!r}: a pattern over user: topics "
+                    f"the {claim} claim grants {grant[:40]!r}: a pattern over user: topics "
                     "covers other users' private topics",
                 )
 

@@ -53,6 +53,14 @@ TIME_CLAIMS = frozenset({"exp", "iat", "nbf", "jti", "auth_time"})
 _reported: set[str] = set()
 
 
+# Publishing (docs/security.md, "Who may publish"): the token's claim and the SQL function.
+PUBLISH_CLAIM = "publish"
+PUBLISH_FUNCTION = "gateway.authorize_publish"
+PUBLISH_SQL = "SELECT gateway.authorize_publish($1::text, $2::text, $3::text::jsonb)"
+
+_Key = tuple[str, str, str, bytes]
+
+
 def _report_bad_grant(pattern: str, why: str) -> None:
     if pattern in _reported or len(_reported) >= 1000:
         return
@@ -123,10 +131,11 @@ class Authorizer:
         self._pool = pool
         self._ttl = settings.authz_cache_ttl
         self._cache_size = max(1, cache_size)
-        # (user, topic, digest of the claims) -> (monotonic deadline, answer); dicts keep
-        # insertion order, so the first key is the oldest answer.
-        self._cache: dict[tuple[str, str, bytes], tuple[float, bool]] = {}
-        self._inflight: dict[tuple[str, str, bytes], asyncio.Task[bool]] = {}
+        # (query, user, topic, digest of the claims) -> (monotonic deadline, answer); dicts keep
+        # insertion order, so the first key is the oldest answer. The query tells reads from
+        # publishes apart.
+        self._cache: dict[_Key, tuple[float, bool]] = {}
+        self._inflight: dict[_Key, asyncio.Task[bool]] = {}
         self._failing = False
         self.queries = 0  # questions sent to the database, for metrics and tests
 
@@ -139,7 +148,24 @@ class Authorizer:
             return True
         if self._sql is None or self._pool is None:
             return False
-        key = (identity.user, topic, _claims_digest(identity.claims))
+        return await self._decide(self._sql, self._function, identity, topic)
+
+    async def may_publish(self, identity: Identity, topic: str) -> bool:
+        """Whether the user may publish on ``topic``: granted by the token's ``publish`` claim
+        (the syntax of the topics claim) or by ``gateway.authorize_publish``, never by a read
+        grant, not even for the user's own ``user:<id>`` topic. Cached like reads; raises
+        AuthorizationUnavailable when the function cannot be asked."""
+        if validate_topic(topic) is not None:
+            return False
+        if _granted(identity.claims.get(PUBLISH_CLAIM), topic):
+            return True
+        if self._pool is None:
+            return False
+        return await self._decide(PUBLISH_SQL, PUBLISH_FUNCTION, identity, topic)
+
+    async def _decide(self, sql: str, function: str, identity: Identity, topic: str) -> bool:
+        """The SQL function's answer, from the cache or asked once for every concurrent asker."""
+        key = (sql, identity.user, topic, _claims_digest(identity.claims))
         hit = self._cache.get(key)
         if hit is not None:
             if hit[0] > time.monotonic():
@@ -147,33 +173,33 @@ class Authorizer:
             del self._cache[key]
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._ask(key, identity.claims))
+            task = asyncio.create_task(self._ask(key, function, identity.claims))
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
         # shield: one subscriber giving up must not cancel the answer others are waiting for.
         return await asyncio.shield(task)
 
-    async def _ask(self, key: tuple[str, str, bytes], claims: Mapping[str, Any]) -> bool:
-        assert self._sql is not None and self._pool is not None
+    async def _ask(self, key: _Key, function: str, claims: Mapping[str, Any]) -> bool:
+        assert self._pool is not None
         self.queries += 1
         try:
             async with asyncio.timeout(QUERY_TIMEOUT):
                 answer = await self._pool.fetchval(
-                    self._sql, key[0], key[1], json.dumps(dict(claims), default=str)
+                    key[0], key[1], key[2], json.dumps(dict(claims), default=str)
                 )
         except DB_ERRORS as exc:
             cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if not self._failing:
                 # Once per outage, not once per subscribe: a storm of failures says nothing new.
                 self._failing = True
-                log.error("authorization function %s cannot be asked (%s)", self._function, cause)
+                log.error("authorization function %s cannot be asked (%s)", function, cause)
             # The message may reach the client: the cause (host names, SQL errors) stays in the log.
             raise AuthorizationUnavailable(
-                f"authorization is unavailable: {self._function} could not be asked; retry later"
+                f"authorization is unavailable: {function} could not be asked; retry later"
             ) from exc
         if self._failing:
             self._failing = False
-            log.info("authorization function %s answers again", self._function)
+            log.info("authorization function %s answers again", function)
         allowed = answer is True  # NULL means "no"
         if self._ttl > 0:
             self._cache.pop(key, None)

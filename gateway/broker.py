@@ -360,6 +360,28 @@ class Broker:
         log.info("broker reconnected: catching up from the log")
         self._catch_up()
 
+    # --- the replica bus (gateway/bus.py) ------------------------------------------------
+
+    async def bus_subscribe(self, callback: Callable[[bytes], None]) -> None:
+        """Hand every payload on ``<prefix>.bus`` to ``callback`` (nats-py subscribes again
+        by itself after a reconnect)."""
+
+        async def on_message(msg: Any) -> None:
+            callback(msg.data)
+
+        await self._nc.subscribe(f"{self._prefix}.bus", cb=on_message)
+
+    async def bus_publish(self, payload: bytes) -> bool:
+        """Publish one bus payload; False if it could not be (disconnected, closed)."""
+        nc = self._nc
+        if nc is None:
+            return False
+        try:
+            await nc.publish(f"{self._prefix}.bus", payload)
+        except Exception:  # best effort: the bus counts it as dropped
+            return False
+        return True
+
     # --- the relay's outlet -----------------------------------------------------------
 
     async def ring(self, rows: list[Row] | None) -> int:

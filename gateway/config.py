@@ -369,6 +369,33 @@ class Settings:
     subscribe_rate: float = _setting(
         10.0, "subscribes per second per connection (burst: 2x)", parse_number, minimum=0.1
     )
+    # Publishing (docs/protocol.md, "Publishing"): a client's messages to a topic.
+    max_publish_bytes: int = _setting(
+        4096,
+        "largest `data` of a publish, in bytes of JSON; larger ones get `too_large`. At most 6000: "
+        "an ephemeral message travels between replicas in one NOTIFY (under 8000 bytes)",
+        parse_int,
+        minimum=2,
+    )
+    publish_rate: float = _setting(
+        20.0,
+        "publishes per second per connection (burst: 2x), within GATEWAY_MESSAGE_RATE; over it a "
+        "publish gets `rate_limited`",
+        parse_number,
+        minimum=0.1,
+    )
+    publish_topic_rate: float = _setting(
+        200.0,
+        "publishes per second per topic on one replica (burst: 2x), all clients and the HTTP API together",
+        parse_number,
+        minimum=0.1,
+    )
+    publish_replica_rate: float = _setting(
+        5000.0,
+        "publishes per second on one replica (burst: 2x), all topics together",
+        parse_number,
+        minimum=0.1,
+    )
     send_queue_bytes: int = _setting(
         1 << 20,
         "bytes queued to one client before it is cut off as a slow consumer; a resume whose "
@@ -589,6 +616,10 @@ def load(env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | No
     return settings
 
 
+# The largest GATEWAY_MAX_PUBLISH_BYTES: a bus message (gateway/bus.py) holds the data with
+# the topic (200 characters at most), the sender's id and the connection's, under 7900 bytes.
+MAX_PUBLISH_BYTES = 6000
+
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
 
 
@@ -614,6 +645,11 @@ def _check(s: Settings) -> None:
                 f"GATEWAY_METRICS_PORT={s.metrics_port} is not valid: the workers' metrics ports "
                 f"{s.metrics_port}-{last} include GATEWAY_PORT={s.port}"
             )
+    if s.max_publish_bytes > MAX_PUBLISH_BYTES:
+        raise ConfigError(
+            f"GATEWAY_MAX_PUBLISH_BYTES={s.max_publish_bytes} is not valid: expected at most {MAX_PUBLISH_BYTES} "
+            "(an ephemeral message travels between replicas in one NOTIFY, under 8000 bytes)"
+        )
     if s.broker:
         _check_broker(s)
     if s.status_token and len(s.status_token) < 16:

@@ -1,7 +1,7 @@
 """Reads of the event log (``gateway.events``, ``gateway.topics``) and its retention.
 
-The log is written only by the capture trigger and ``gateway.emit`` (sql/101_capture.sql,
-sql/100_event_log.sql). Here the gateway reads topic heads, ranges of positions, replay
+The log is written only by the capture trigger, ``gateway.emit`` and ``gateway.publish_message``
+(sql/101_capture.sql, sql/100_event_log.sql, sql/105_rooms.sql). Here the gateway reads topic heads, ranges of positions, replay
 windows, and prunes old events.
 """
 
@@ -31,11 +31,10 @@ class LogEvent(NamedTuple):
     key: str | None
     data: str | None  # JSON text, hand-published events only
     ts: float | None  # unix seconds the writing transaction started
+    sender: str | None = None  # the user who published it (sql/105_rooms.sql); None for rows, emit
 
 
-_EVENT_COLUMNS = (
-    "e.topic, e.pos, e.op::text, e.tbl, e.key, e.data::text, extract(epoch from e.created_at)::float8"
-)
+_EVENT_COLUMNS = "e.topic, e.pos, e.op::text, e.tbl, e.key, e.data::text, extract(epoch from e.created_at)::float8, e.sender"
 
 
 class EventLog:

@@ -42,6 +42,18 @@ def _ignore_catch_up() -> None:
     pass
 
 
+class _Forward:
+    """asyncpg's listener callback for an extra channel: hands on the payload and the pid."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[str, int], None]) -> None:
+        self._callback = callback
+
+    def __call__(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._callback(payload, pid)
+
+
 class Listener:
     """The PostgreSQL doorbell source (gateway/pipeline.py, ``DoorbellSource``)."""
 
@@ -71,6 +83,13 @@ class Listener:
         self.reconnects = 0  # successful connections after the first
         self.last_notification = 0.0  # monotonic time of the last notification
         self.backend_pid: int | None = None
+        # More channels heard on this connection (the replica bus, gateway/bus.py): channel ->
+        # callback(payload, sender pid). What they mean is their listeners' business.
+        self._channels: dict[str, Callable[[str, int], None]] = {}
+
+    def add_channel(self, channel: str, callback: Callable[[str, int], None]) -> None:
+        """Also LISTEN on ``channel`` (from the next connect on): ``callback(payload, pid)``."""
+        self._channels[channel] = callback
 
     def attach(self, ring: Callable[[str, int], None], catch_up: Callable[[], None]) -> None:
         self._ring, self._catch_up = ring, catch_up
@@ -102,6 +121,8 @@ class Listener:
         try:
             conn.add_termination_listener(lambda _c: lost.set())
             await conn.add_listener(CHANNEL, self._callback)
+            for channel, callback in self._channels.items():
+                await conn.add_listener(channel, _Forward(callback))
             self._conn = conn
             self.backend_pid = conn.get_server_pid()
             self.connected = True

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .broker import Broker
+from .bus import Bus
 from .config import Settings
 from .errors import ConfigError
 from .listener import Listener
@@ -60,6 +61,9 @@ class Source(Protocol):
 
     @property
     def relay(self) -> Relay: ...
+
+    @property
+    def bus(self) -> Bus: ...
 
 
 class GatewayCollector(Collector):
@@ -186,6 +190,48 @@ class GatewayCollector(Collector):
             "gateway_notification_queue_usage", "pg_notification_queue_usage() (0..1)", value=self.queue_usage
         )
         yield GaugeMetricFamily("gateway_draining", "1 while draining", value=int(state.draining))
+        bus = state.bus
+        messages = CounterMetricFamily(
+            "gateway_bus_messages",
+            "replica bus (ephemeral) messages by what became of them; payloads: NOTIFYs or NATS messages",
+            labels=["result"],
+        )
+        for result, n in (
+            ("sent", bus.sent),
+            ("received", bus.received),
+            ("dropped_queue_usage", bus.dropped_queue),
+            ("dropped_full", bus.dropped_full),
+            ("dropped_error", bus.dropped_error),
+        ):
+            messages.add_metric([result], n)
+        yield messages
+        yield CounterMetricFamily("gateway_bus_payloads", "replica bus payloads sent", value=bus.payloads)
+        publisher = state.ctx.publisher
+        if publisher is not None:
+            published = CounterMetricFamily(
+                "gateway_publishes", "client and HTTP API publishes accepted here", labels=["kind"]
+            )
+            published.add_metric(["ephemeral"], publisher.ephemeral)
+            published.add_metric(["durable"], publisher.durable)
+            yield published
+            refused_publishes = CounterMetricFamily(
+                "gateway_publishes_refused",
+                "publishes refused by the limits or the database",
+                labels=["code"],
+            )
+            for error, n in sorted(publisher.refused.items()):
+                refused_publishes.add_metric([error], n)
+            yield refused_publishes
+            yield CounterMetricFamily(
+                "gateway_message_deliveries",
+                "ephemeral message frames written to local subscribers",
+                value=publisher.delivered,
+            )
+        yield CounterMetricFamily(
+            "gateway_bus_untrusted",
+            "replica bus NOTIFYs ignored because an unregistered session sent them",
+            value=bus.untrusted,
+        )
         presence = state.ctx.presence
         if presence is not None:
             yield CounterMetricFamily(
@@ -220,6 +266,8 @@ def db_sessions(state: Source) -> dict[str, int]:
         # With GATEWAY_BROKER the doorbells come from NATS: no LISTEN session.
         "listener": int(isinstance(state.listener, Listener) and state.listener.connected),
         "relay": int(state.relay.backend_pid is not None),
+        # The replica bus's sender; with GATEWAY_BROKER the bus is on NATS: none.
+        "bus": int(state.bus.backend_pid is not None),
     }
     presence = state.ctx.presence
     if presence is not None:

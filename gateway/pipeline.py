@@ -168,6 +168,7 @@ class Pending(NamedTuple):
     key: str | None
     data: str | None = None
     ts: float | None = None
+    sender: str | None = None  # the user who published it (gateway.events.sender)
 
 
 @dataclass
@@ -552,7 +553,7 @@ class Pipeline:
             by_topic: dict[str, list[Pending]] = {}
             for e in await self._log.read(to_read):
                 by_topic.setdefault(e.topic, []).append(
-                    Pending(e.topic, epochs[e.topic], e.pos, e.op, e.tbl, e.key, e.data, e.ts)
+                    Pending(e.topic, epochs[e.topic], e.pos, e.op, e.tbl, e.key, e.data, e.ts, e.sender)
                 )
             short = [t for t, _, lo, hi in to_read if len(by_topic.get(t, [])) != hi - lo + 1]
             real_heads = await self._log.heads(short) if short else {}
@@ -654,6 +655,7 @@ class Pipeline:
                 row=row,
                 data=msgspec.Raw(p.data.encode()) if p.data is not None else None,
                 ts=p.ts,
+                from_=p.sender,
             )
             out[(p.topic, p.pos)] = text_frame(encode(msg))
         self.resolved += len(events)
@@ -741,4 +743,6 @@ class Pipeline:
         if len(got) != missed:
             self.not_recovered += 1
             return False, []  # never a partial replay presented as complete
-        return True, [Pending(e.topic, head.epoch, e.pos, e.op, e.tbl, e.key, e.data, e.ts) for e in got]
+        return True, [
+            Pending(e.topic, head.epoch, e.pos, e.op, e.tbl, e.key, e.data, e.ts, e.sender) for e in got
+        ]

@@ -63,7 +63,22 @@ class SetStatus(msgspec.Struct, tag="status", forbid_unknown_fields=True):
     status: Literal["online", "away"]
 
 
-ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus
+class Publish(msgspec.Struct, tag="publish", forbid_unknown_fields=True):
+    """A message from this client to the topic's subscribers (docs/protocol.md, "Publishing").
+
+    ``data`` is any JSON value, kept as the client's bytes (at most GATEWAY_MAX_PUBLISH_BYTES).
+    Ephemeral by default: delivered live as ``message`` frames, never stored. ``durable``:
+    written to the log, delivered as an ``event`` with a position. ``echo`` false: this
+    connection does not receive its own ephemeral message."""
+
+    topic: str
+    data: msgspec.Raw
+    id: int | None = None
+    durable: bool = False
+    echo: bool = True
+
+
+ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus | Publish
 
 # --- server -> client -------------------------------------------------------------
 
@@ -133,6 +148,29 @@ class Event(msgspec.Struct, tag="event", omit_defaults=True):
     # track_commit_timestamp is on. An event listed in a row doorbell carries the doorbell's
     # ts instead: the start of the newest transaction listed with it (relay.doorbells()).
     ts: float | None = None
+    # The user who published it (a durable publish); set by the gateway only, absent on rows
+    # and on gateway.emit's events (gateway.events.sender, sql/105_rooms.sql).
+    from_: str | None = msgspec.field(default=None, name="from")
+
+
+class Published(msgspec.Struct, tag="published", omit_defaults=True):
+    """A publish was accepted: an ephemeral one handed to the replica bus, a durable one
+    committed to the log (then with its ``epoch`` and ``pos``)."""
+
+    topic: str
+    id: int | None = None
+    epoch: str | None = None
+    pos: int | None = None
+
+
+class Message(msgspec.Struct, tag="message", omit_defaults=True):
+    """An ephemeral message another client (or a server, ``conn`` absent) published on a topic
+    this connection subscribes to. No position: never stored, never replayed."""
+
+    topic: str
+    from_: str = msgspec.field(name="from")
+    data: msgspec.Raw | None = None  # always sent (JSON null is msgspec.Raw(b"null"), not None)
+    conn: str | None = None
 
 
 class PresenceEntry(msgspec.Struct, array_like=False):
@@ -183,7 +221,9 @@ class Presence(msgspec.Struct, tag="presence", omit_defaults=True):
     change: msgspec.Raw | None = None
 
 
-ServerMessage = Welcome | Refreshed | Subscribed | Unsubscribed | Pong | Error | Event | Presence
+ServerMessage = (
+    Welcome | Refreshed | Subscribed | Unsubscribed | Pong | Error | Event | Presence | Published | Message
+)
 
 # --- error codes (the ``code`` of an Error frame) ---------------------------------
 
@@ -197,13 +237,14 @@ class ErrorCode:
     BAD_TOKEN = "bad_token"  # refresh with a token that does not verify
     TOKEN_USER_CHANGED = "token_user_changed"  # refresh with a token for another user
     BAD_TOPIC = "bad_topic"  # topic name empty, too long or with forbidden characters
-    FORBIDDEN = "forbidden"  # the user may not subscribe to this topic
+    FORBIDDEN = "forbidden"  # the user may not subscribe (or publish) to this topic
     ALREADY_SUBSCRIBED = "already_subscribed"
     NOT_SUBSCRIBED = "not_subscribed"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     RATE_LIMITED = "rate_limited"  # too many messages or subscribes per second; the frame was dropped
     UNAVAILABLE = "unavailable"  # the database is unreachable; retry the subscribe later
     PRESENCE_DISABLED = "presence_disabled"
+    TOO_LARGE = "too_large"  # a publish's data over GATEWAY_MAX_PUBLISH_BYTES
 
 
 ERROR_CODES: tuple[str, ...] = tuple(v for k, v in vars(ErrorCode).items() if k.isupper())
@@ -279,7 +320,7 @@ def encode(message: ServerMessage) -> bytes:
 
 # The values of "type" a client may send, for the error that names them.
 CLIENT_TYPES: tuple[str, ...] = tuple(
-    str(t.__struct_config__.tag) for t in (Auth, Refresh, Subscribe, Unsubscribe, Ping, SetStatus)
+    str(t.__struct_config__.tag) for t in (Auth, Refresh, Subscribe, Unsubscribe, Ping, SetStatus, Publish)
 )
 _TOO_DEEP = "the frame's JSON is nested too deeply"
 

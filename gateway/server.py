@@ -35,6 +35,7 @@ from . import protocol as p
 from .auth import Authenticator, TokenError
 from .authz import Authorizer
 from .broker import Broker, require_client
+from .bus import Bus
 from .config import ConfigError, Settings, jwt_algorithms, mask_dsn, require_database_url
 from .eventlog import EventLog
 from .hub import Hub
@@ -45,6 +46,7 @@ from .pgerrors import DB_ERRORS, PoolConnectWatch
 from .pipeline import Pipeline
 from .pooling import check_session_pooling
 from .presence import Presence
+from .publish import Publisher
 from .ratelimit import TokenBucket
 from .relay import Relay
 from .resolver import Resolver
@@ -80,6 +82,7 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 PRESENCE = web.AppKey("presence", Presence)
 SESSIONS = web.AppKey("sessions", SessionContext)
 BACKGROUND = web.AppKey("background", Background)
+BUS = web.AppKey("bus", Bus)
 
 
 @dataclass
@@ -116,6 +119,10 @@ class State:
         return self.app[BACKGROUND].listener
 
     @property
+    def bus(self) -> Bus:
+        return self.app[BUS]
+
+    @property
     def relay(self) -> Relay:
         return self.app[BACKGROUND].relay
 
@@ -131,7 +138,7 @@ def build_app(settings: Settings) -> web.Application:
     state = app[STATE] = State(settings, app)
     if settings.connect_rate > 0:
         state.connects = TokenBucket(settings.connect_rate)
-    app.cleanup_ctx.extend([_database, _authentication, _delivery])
+    app.cleanup_ctx.extend([_database, _authentication, _delivery, _bus])
     if settings.presence:
         app.cleanup_ctx.append(_presence)
     app.cleanup_ctx.extend([_sessions, _background])
@@ -242,6 +249,19 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _bus(app: web.Application) -> AsyncIterator[None]:
+    """The replica bus (gateway/bus.py): its sending connection here; what it receives on is
+    attached in _background (the LISTEN connection, or the broker)."""
+    s = app[STATE].settings
+    bus = Bus(None if s.broker else s.database_url, max_delay=s.reconnect_max_delay)
+    await bus.start()
+    try:
+        app[BUS] = bus
+        yield
+    finally:
+        await bus.stop()
+
+
 async def _presence(app: web.Application) -> AsyncIterator[None]:
     presence = Presence(app[STATE].settings, app[POOL], app[PIPELINE])
     await presence.start()
@@ -255,13 +275,15 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
     """What every WebSocket session shares. Nothing to stop: on_shutdown closes the sessions."""
     s = app[STATE].settings
+    authorizer = Authorizer(s, app[POOL])
     app[SESSIONS] = SessionContext(
         s,
         app[AUTHENTICATOR],
-        Authorizer(s, app[POOL]),
+        authorizer,
         app[PIPELINE],
         Registry(),
         app.get(PRESENCE),
+        Publisher(s, app[POOL], app[BUS], app[PIPELINE].hub, authorizer),
     )
     yield
 
@@ -285,6 +307,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             tables=s.tables,
         )
         await broker.start()
+        await app[BUS].use_broker(broker)
     else:
         source = listener = Listener(
             s.database_url,
@@ -292,6 +315,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             probe_timeout=s.probe_timeout,
             max_delay=s.reconnect_max_delay,
         )
+        app[BUS].listen_on(listener)  # before it connects: the bus's channel is LISTENed too
         tasks.append(_task(listener.run(), "listener"))
     app[PIPELINE].consume(source)
     relay = Relay(

@@ -37,6 +37,7 @@ from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from .presence import Presence
+    from .publish import Publisher, Publishing
 
 log = logging.getLogger("gateway.session")
 _background: set[asyncio.Future[None]] = set()
@@ -56,6 +57,7 @@ class SessionContext:
     pipeline: Pipeline
     registry: Registry
     presence: Presence | None = None
+    publisher: Publisher | None = None  # the publish frame (gateway/publish.py)
 
 
 class Registry:
@@ -123,6 +125,7 @@ class Session:
         "ctx",
         "identity",
         "presence_topics",
+        "publishing",
         "status",
         "topics",
         "ws",
@@ -142,6 +145,7 @@ class Session:
         self.identity = identity
         self.topics: set[str] = set()
         self.presence_topics: set[str] = set()
+        self.publishing: Publishing | None = None  # made by the Publisher at the first publish
         self.status = "online"
         self.closed = False
         self._transport = transport
@@ -428,6 +432,11 @@ class Session:
                 self.status = status
                 if self.ctx.presence is not None:
                     await self._publish_status()
+            case p.Publish():
+                if self.ctx.publisher is None:
+                    self.error(p.ErrorCode.UNAVAILABLE, "publishing is not available here", msg.id, msg.topic)
+                else:
+                    await self.ctx.publisher.handle(self, msg)
             case p.Auth():
                 self.error(
                     p.ErrorCode.ALREADY_AUTHENTICATED, "already authenticated; use refresh for a new token"
@@ -520,6 +529,8 @@ class Session:
             return
         self.identity = identity
         self._arm_expiry()
+        if self.publishing is not None:
+            self.publishing.grants.clear()  # the right to publish is decided again, per topic
         # Rights may have changed with the token: check every subscription again.
         for topic in sorted(self.topics | self.presence_topics):
             try:

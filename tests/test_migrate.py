@@ -441,8 +441,8 @@ async def test_a_migration_after_a_published_table_was_dropped_succeeds_without_
         )
 
         # A later migration that republishes every table.
-        (directory / "105_republish.sql").write_text("SELECT gateway.republish_all();\n")
-        assert await migrate(owner_dsn) == ["105_republish.sql"]
+        (directory / "900_republish.sql").write_text("SELECT gateway.republish_all();\n")
+        assert await migrate(owner_dsn) == ["900_republish.sql"]
         assert [r["tbl"] for r in await owner.fetch("SELECT tbl::text FROM gateway.published")] == ["notes"]
         assert await owner.fetchval(functions) == 0
         assert not await owner.fetchval(
