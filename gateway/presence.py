@@ -91,6 +91,14 @@ PRUNE_BATCHES = 50
 NO_REMOVAL = datetime.timedelta(days=36500)
 
 _APPLY = "SELECT gateway.presence_apply($1, $2, $3, $4, $5, $6)"
+# At start: the presence functions exist (migrated), and the role may use room presence's.
+_ROOM_APPLY = "to_regprocedure('gateway.room_presence_apply(text,text[],text[],text[],jsonb[],boolean)')"
+_CHECK = (
+    "SELECT to_regprocedure('gateway.presence_apply(text,text[],text[],text[],text[],boolean)') IS NOT NULL, "
+    f"{_ROOM_APPLY} IS NOT NULL, "
+    f"coalesce(has_function_privilege({_ROOM_APPLY}, 'EXECUTE') "
+    "AND has_table_privilege(to_regclass('gateway.room_presence'), 'SELECT'), true)"
+)
 _PRUNE = "SELECT gateway.presence_prune($1, $2)"
 _SNAPSHOT = (
     "SELECT user_id, status, extract(epoch FROM last_seen)::float8 FROM gateway.presence "
@@ -155,15 +163,10 @@ class Presence:
 
     async def start(self) -> None:
         try:
-            ok, rooms = await self._pool.fetchrow(
-                "SELECT to_regprocedure('gateway.presence_apply(text,text[],text[],text[],text[],boolean)') "
-                "IS NOT NULL, to_regprocedure("
-                "'gateway.room_presence_apply(text,text[],text[],text[],jsonb[],boolean)') IS NOT NULL",
-                timeout=CALL_TIMEOUT,
-            )
+            ok, rooms, granted = await self._pool.fetchrow(_CHECK, timeout=CALL_TIMEOUT)
         except DB_ERRORS as exc:
             self._down("checking the presence tables", exc)
-            ok = rooms = True  # cannot tell; the writer keeps trying to register
+            ok = rooms = granted = True  # cannot tell; the writer keeps trying to register
         if not ok:
             raise ConfigError(
                 "the database has no presence tables (sql/103_presence.sql): run `gateway migrate`"
@@ -171,6 +174,12 @@ class Presence:
         if not rooms:
             raise ConfigError(
                 "the database has no room presence table (sql/106_room_presence.sql): run `gateway migrate`"
+            )
+        if not granted:
+            # Otherwise every registration would fail, and be retried, as if the database were down.
+            raise ConfigError(
+                "the gateway's database role may not read gateway.room_presence or execute "
+                'gateway.room_presence_apply: grant them (docs/sql.md, "The gateway\'s role")'
             )
         await self._sync()
         self._tasks = [

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.config import ConfigError
 from gateway.rooms import read_topic, room_problem
 from gateway.server import PRESENCE
 
@@ -225,6 +226,10 @@ async def test_a_gateway_role_without_the_room_grants_still_sweeps_and_unregiste
             assert await old.fetchval("SELECT gateway.presence_sweep('10 s', '5 s')") >= 0
         assert await db.fetchval("SELECT count(*) FROM gateway.room_presence") == 0
         assert [c["op"] for c in await logged(db)] == ["join", "join", "leave", "leave"]
+        # A gateway of this release with that role would fail every registration: it refuses to start.
+        with pytest.raises(ConfigError, match="may not read gateway.room_presence"):
+            async with running_gateway(as_role(dsn, name), presence="true"):
+                pass
     finally:
         await db.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
 
