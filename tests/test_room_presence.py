@@ -227,7 +227,7 @@ async def test_a_gateway_role_without_the_room_grants_still_sweeps_and_unregiste
         assert await db.fetchval("SELECT count(*) FROM gateway.room_presence") == 0
         assert [c["op"] for c in await logged(db)] == ["join", "join", "leave", "leave"]
         # A gateway of this release with that role would fail every registration: it refuses to start.
-        with pytest.raises(ConfigError, match="may not read gateway.room_presence"):
+        with pytest.raises(ConfigError, match=r"may not read gateway\.room_presence"):
             async with running_gateway(as_role(dsn, name), presence="true"):
                 pass
     finally:
