@@ -31,6 +31,10 @@ The state lives in PostgreSQL (sql/103_presence.sql); this module feeds it and r
 ``subscribe`` reads the snapshot and the topic head in one REPEATABLE READ transaction, sends
 the snapshot, then joins the pipeline from that position: the pipeline replays every change
 committed after the snapshot, then sends ``subscribed`` and the live changes.
+
+Presence per room (gateway/rooms.py) rides on the same machinery: its changes are written by
+this writer, registered again whole with this replica's connections, and its rows of a dead
+replica go with the replica's row; a room's presence topic is subscribed to here too.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from .config import ConfigError, Settings
 from .heartbeat import HeartbeatConnection
 from .pgerrors import DB_ERRORS
 from .pipeline import UNREACHABLE, Member, Pipeline, Unavailable
+from .rooms import MEMBERS, RoomPresence, group
 
 log = logging.getLogger("gateway.presence")
 
@@ -86,6 +91,14 @@ PRUNE_BATCHES = 50
 NO_REMOVAL = datetime.timedelta(days=36500)
 
 _APPLY = "SELECT gateway.presence_apply($1, $2, $3, $4, $5, $6)"
+# At start: the presence functions exist (migrated), and the role may use room presence's.
+_ROOM_APPLY = "to_regprocedure('gateway.room_presence_apply(text,text[],text[],text[],jsonb[],boolean)')"
+_CHECK = (
+    "SELECT to_regprocedure('gateway.presence_apply(text,text[],text[],text[],text[],boolean)') IS NOT NULL, "
+    f"{_ROOM_APPLY} IS NOT NULL, "
+    f"coalesce(has_function_privilege({_ROOM_APPLY}, 'EXECUTE') "
+    "AND has_table_privilege(to_regclass('gateway.room_presence'), 'SELECT'), true)"
+)
 _PRUNE = "SELECT gateway.presence_prune($1, $2)"
 _SNAPSHOT = (
     "SELECT user_id, status, extract(epoch FROM last_seen)::float8 FROM gateway.presence "
@@ -106,6 +119,7 @@ class Presence:
         # Changes reach subscribers through the pipeline, from the log like any event.
         self._pipeline = pipeline
         self._topics = list(settings.presence_topics)
+        self._topic_set = frozenset(self._topics)
         self._ttl = datetime.timedelta(seconds=settings.heartbeat_ttl)
         self._grace = datetime.timedelta(seconds=settings.presence_grace)
         self._retention = datetime.timedelta(seconds=settings.presence_retention)
@@ -125,6 +139,8 @@ class Presence:
         self._due: set[str] = set()  # users whose grace has passed since they left this replica
         self._timers: set[asyncio.TimerHandle] = set()
         self._wake = asyncio.Event()
+        # Presence per room: what this replica's connections track, written by this writer.
+        self.rooms = RoomPresence(self._topics, pool, self._wake.set)
         self._need_sync = True  # the first write registers this replica
         self._sync_asked = 0  # bumped by every request for a sync, so none is lost during one
         self._failing = False
@@ -147,17 +163,23 @@ class Presence:
 
     async def start(self) -> None:
         try:
-            ok = await self._pool.fetchval(
-                "SELECT to_regprocedure('gateway.presence_apply(text,text[],text[],text[],text[],boolean)') "
-                "IS NOT NULL",
-                timeout=CALL_TIMEOUT,
-            )
+            ok, rooms, granted = await self._pool.fetchrow(_CHECK, timeout=CALL_TIMEOUT)
         except DB_ERRORS as exc:
             self._down("checking the presence tables", exc)
-            ok = True  # cannot tell; the writer keeps trying to register
+            ok = rooms = granted = True  # cannot tell; the writer keeps trying to register
         if not ok:
             raise ConfigError(
                 "the database has no presence tables (sql/103_presence.sql): run `gateway migrate`"
+            )
+        if not rooms:
+            raise ConfigError(
+                "the database has no room presence table (sql/106_room_presence.sql): run `gateway migrate`"
+            )
+        if not granted:
+            # Otherwise every registration would fail, and be retried, as if the database were down.
+            raise ConfigError(
+                "the gateway's database role may not read gateway.room_presence or execute "
+                'gateway.room_presence_apply: grant them (docs/sql.md, "The gateway\'s role")'
             )
         await self._sync()
         self._tasks = [
@@ -211,6 +233,7 @@ class Presence:
         self._queue(session.conn_id, user, session.status)
 
     async def disconnected(self, session: Connection) -> None:
+        self.rooms.disconnected(session.conn_id)
         entry = self._live.pop(session.conn_id, None)
         if entry is None:
             return
@@ -244,7 +267,11 @@ class Presence:
                         topic,
                         timeout=CALL_TIMEOUT,
                     )
-                    rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
+                    if topic in self._topic_set:
+                        rows = await conn.fetch(_SNAPSHOT, topic, timeout=CALL_TIMEOUT)
+                    else:  # a room's presence: presence:room:7 -> the members of room:7
+                        room = topic[len(p.PRESENCE_PREFIX) :]
+                        rows = await conn.fetch(MEMBERS, room, timeout=CALL_TIMEOUT)
         except DB_ERRORS as exc:
             log.warning(
                 "presence subscribe to %s: database unreachable (%s: %s)", topic, type(exc).__name__, exc
@@ -252,12 +279,15 @@ class Presence:
             raise Unavailable(UNREACHABLE) from exc
         if session.closed or topic not in session.presence_topics:
             return  # closed or unsubscribed while we read
-        session.send(
-            p.Presence(
-                topic=topic,
-                snapshot=[p.PresenceEntry(user=r[0], status=r[1], last_seen=r[2]) for r in rows],
+        if topic in self._topic_set:
+            session.send(
+                p.Presence(
+                    topic=topic,
+                    snapshot=[p.PresenceEntry(user=r[0], status=r[1], last_seen=r[2]) for r in rows],
+                )
             )
-        )
+        else:
+            session.send(p.Presence(topic=topic, members=group(rows)))
         pipeline = self._pipeline
         await pipeline.join(topic, session, p.Since(pos=head["pos"], epoch=head["epoch"]), req_id)
         if session.closed or topic not in session.presence_topics:
@@ -285,6 +315,8 @@ class Presence:
             if self._pending:
                 batch, self._pending = self._pending, {}
                 await self._apply(batch)
+            if self.rooms.pending and not self._need_sync:
+                await self._apply_rooms(self.rooms.take_pending())
             if self._due and not self._need_sync:
                 users, self._due = sorted(self._due), set()
                 await self._check_grace(users)
@@ -297,11 +329,16 @@ class Presence:
         left = {user for user, status in self._pending.values() if status is None}
         self._pending.clear()
         live = dict(self._live)
+        rooms = self.rooms.full_set()
         asked = self._sync_asked
         try:
             changed = await self._call_apply(live, full=True)
+            # After the replica's row exists (the call above), which room rows need.
+            room_changes = await self.rooms.write(self._pool, self.replica_id, rooms, full=True)
         except DB_ERRORS as exc:
             self._down("registering this replica", exc)
+            return False
+        if room_changes < 0:  # swept again between the two calls: a stall; try again
             return False
         self._up()
         # A failure reported while this call was in flight asks for another sync.
@@ -351,6 +388,24 @@ class Presence:
         for user, status in batch.values():
             if status is None and user not in self._local_users:
                 self._schedule_grace_check(user)
+
+    async def _apply_rooms(self, batch: dict[tuple[str, str], tuple[str, bytes | None]]) -> None:
+        try:
+            changed = await self.rooms.write(self._pool, self.replica_id, batch, full=False)
+        except DB_ERRORS as exc:
+            # Whether it committed is unknown (a timeout): register the full set again.
+            self._down("writing room presence changes", exc)
+            self._resync()
+            return
+        self._up()
+        self.writes += 1
+        if changed < 0:
+            log.warning(
+                "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
+                "registering its connections and room members again",
+                self.replica_id,
+            )
+            self._resync()
 
     def _schedule_grace_check(self, user: str) -> None:
         """End the grace of a user who left here promptly, instead of at the next sweep."""
@@ -535,6 +590,7 @@ class Presence:
             "users": len(self._local_users),
             "pending": len(self._pending),
             "registered": not self._need_sync,
+            **self.rooms.describe(),
         }
 
 

@@ -12,7 +12,7 @@ Server frames are encoded once and the same bytes go to every subscriber.
 from __future__ import annotations
 
 import re
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -78,7 +78,25 @@ class Publish(msgspec.Struct, tag="publish", forbid_unknown_fields=True):
     echo: bool = True
 
 
-ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus | Publish
+class Track(msgspec.Struct, tag="track", forbid_unknown_fields=True):
+    """Join a room's presence, or update this connection's state in it (docs/presence.md, "Rooms").
+
+    ``topic`` is the room (``room:7``), not its presence topic. ``state`` is any JSON object of
+    at most ``MAX_PRESENCE_STATE_BYTES`` (compact encoding)."""
+
+    topic: str
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
+    id: int | None = None
+
+
+class Untrack(msgspec.Struct, tag="untrack", forbid_unknown_fields=True):
+    """Leave a room's presence (closing the connection leaves every room)."""
+
+    topic: str
+    id: int | None = None
+
+
+ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Ping | SetStatus | Publish | Track | Untrack
 
 # --- server -> client -------------------------------------------------------------
 
@@ -117,6 +135,18 @@ class Subscribed(msgspec.Struct, tag="subscribed", omit_defaults=True):
 
 
 class Unsubscribed(msgspec.Struct, tag="unsubscribed", omit_defaults=True):
+    topic: str
+    id: int | None = None
+
+
+class Tracked(msgspec.Struct, tag="tracked", omit_defaults=True):
+    """A ``track`` was accepted; the change reaches the room's presence topic within a second."""
+
+    topic: str
+    id: int | None = None
+
+
+class Untracked(msgspec.Struct, tag="untracked", omit_defaults=True):
     topic: str
     id: int | None = None
 
@@ -209,20 +239,56 @@ def validate_topic(topic: str) -> str | None:
     return None
 
 
-class Presence(msgspec.Struct, tag="presence", omit_defaults=True):
-    """A presence snapshot (``snapshot`` set) or one change (``change`` set) on a topic.
+class RoomConn(msgspec.Struct):
+    """One connection of a room member, with the state it tracked (a JSON object)."""
 
-    ``change`` has the shape of a PresenceEntry; it is carried as the JSON the database
-    published (msgspec.Raw), so it is not decoded and re-encoded on the way.
+    conn: str
+    state: msgspec.Raw
+
+
+class RoomMember(msgspec.Struct):
+    """A user in a room's presence: each of its connections there, with its own state."""
+
+    user: str
+    conns: list[RoomConn]
+
+
+# Largest `state` of a `track` frame, in bytes of its compact JSON encoding. Not a setting:
+# clients and their rooms must agree on it whatever replica they reach.
+MAX_PRESENCE_STATE_BYTES = 1024
+# Rooms one connection may track at once: each tracked room is a row, and a change to publish
+# whenever the connection closes.
+MAX_TRACKED_ROOMS = 20
+
+
+class Presence(msgspec.Struct, tag="presence", omit_defaults=True):
+    """A presence snapshot (``snapshot`` set on a global presence topic, ``members`` on a room's
+    presence topic) or one change (``change`` set) on a topic.
+
+    ``change`` has the shape of a PresenceEntry (global presence) or of a room change
+    ({"op", "user", "conn", "state"}); it is carried as the JSON the database published
+    (msgspec.Raw), so it is not decoded and re-encoded on the way.
     """
 
     topic: str
     snapshot: list[PresenceEntry] | None = None
     change: msgspec.Raw | None = None
+    members: list[RoomMember] | None = None
 
 
 ServerMessage = (
-    Welcome | Refreshed | Subscribed | Unsubscribed | Pong | Error | Event | Presence | Published | Message
+    Welcome
+    | Refreshed
+    | Subscribed
+    | Unsubscribed
+    | Pong
+    | Error
+    | Event
+    | Presence
+    | Published
+    | Message
+    | Tracked
+    | Untracked
 )
 
 # --- error codes (the ``code`` of an Error frame) ---------------------------------
@@ -244,7 +310,11 @@ class ErrorCode:
     RATE_LIMITED = "rate_limited"  # too many messages or subscribes per second; the frame was dropped
     UNAVAILABLE = "unavailable"  # the database is unreachable; retry the subscribe later
     PRESENCE_DISABLED = "presence_disabled"
-    TOO_LARGE = "too_large"  # a publish's data over GATEWAY_MAX_PUBLISH_BYTES
+    # Publishing, and room presence (track / untrack)
+    # a publish's data over GATEWAY_MAX_PUBLISH_BYTES, or a track's state over MAX_PRESENCE_STATE_BYTES
+    TOO_LARGE = "too_large"
+    NOT_TRACKED = "not_tracked"  # untrack of a room this connection does not track
+    TOO_MANY_TRACKED = "too_many_tracked"  # a track of one room more than MAX_TRACKED_ROOMS
 
 
 ERROR_CODES: tuple[str, ...] = tuple(v for k, v in vars(ErrorCode).items() if k.isupper())
@@ -320,7 +390,8 @@ def encode(message: ServerMessage) -> bytes:
 
 # The values of "type" a client may send, for the error that names them.
 CLIENT_TYPES: tuple[str, ...] = tuple(
-    str(t.__struct_config__.tag) for t in (Auth, Refresh, Subscribe, Unsubscribe, Ping, SetStatus, Publish)
+    str(t.__struct_config__.tag)
+    for t in (Auth, Refresh, Subscribe, Unsubscribe, Ping, SetStatus, Publish, Track, Untrack)
 )
 _TOO_DEEP = "the frame's JSON is nested too deeply"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Coroutine
@@ -34,6 +35,7 @@ from .config import Settings
 from .hub import text_frame
 from .pipeline import Pipeline, Unavailable
 from .ratelimit import TokenBucket
+from .rooms import read_topic
 
 if TYPE_CHECKING:
     from .presence import Presence
@@ -73,13 +75,16 @@ class Registry:
         self.closing: tuple[int, str] | None = None
         self._by_user: defaultdict[str, int] = defaultdict(int)
         self._next = 0
+        # Connection ids are unique across replicas (and restarts): room presence shows them
+        # to every member of a room, where a "c1" of each replica would be one connection.
+        self._suffix = secrets.token_hex(4)
         self.evicted_slow = 0
         self.dropped = 0  # frames not sent: the client was being closed or was too slow
         self.closed_by_code: defaultdict[int, int] = defaultdict(int)
 
     def new_id(self) -> str:
         self._next += 1
-        return f"c{self._next}"
+        return f"c{self._next}-{self._suffix}"
 
     def user_count(self, user: str) -> int:
         return self._by_user.get(user, 0)
@@ -441,6 +446,26 @@ class Session:
                 self.error(
                     p.ErrorCode.ALREADY_AUTHENTICATED, "already authenticated; use refresh for a new token"
                 )
+            case p.Track():
+                if self.ctx.presence is None:
+                    self.error(
+                        p.ErrorCode.PRESENCE_DISABLED,
+                        "presence is disabled on this gateway",
+                        msg.id,
+                        msg.topic,
+                    )
+                else:
+                    await self.ctx.presence.rooms.track(self, msg, self.ctx.authorizer)
+            case p.Untrack():
+                if self.ctx.presence is None:
+                    self.error(
+                        p.ErrorCode.PRESENCE_DISABLED,
+                        "presence is disabled on this gateway",
+                        msg.id,
+                        msg.topic,
+                    )
+                else:
+                    self.ctx.presence.rooms.untrack(self, msg)
 
     async def _subscribe(self, msg: p.Subscribe) -> None:
         topic, req_id = msg.topic, msg.id
@@ -468,9 +493,20 @@ class Session:
             # which blames the token), and the authorization function need not be asked.
             self.error(p.ErrorCode.PRESENCE_DISABLED, "presence is disabled on this gateway", req_id, topic)
             return
+        # A room's presence topic (presence:room:7) is read with the room's access (room:7).
+        readable = read_topic(topic, self.ctx.settings.presence_topics)
+        if readable is None:
+            self.error(
+                p.ErrorCode.BAD_TOPIC,
+                f"{topic} is neither a presence topic of GATEWAY_PRESENCE_TOPICS nor a room's "
+                "(presence: followed by a topic such as room:7)",
+                req_id,
+                topic,
+            )
+            return
         assert self.identity is not None
         try:
-            allowed = await self.ctx.authorizer.allowed(self.identity, topic)
+            allowed = await self.ctx.authorizer.allowed(self.identity, readable)
         except AuthorizationUnavailable as exc:
             self.error(p.ErrorCode.UNAVAILABLE, f"cannot check access right now: {exc}", req_id, topic)
             return
@@ -534,12 +570,16 @@ class Session:
         # Rights may have changed with the token: check every subscription again.
         for topic in sorted(self.topics | self.presence_topics):
             try:
-                ok = await self.ctx.authorizer.allowed(identity, topic)
+                ok = await self.ctx.authorizer.allowed(
+                    identity, read_topic(topic, self.ctx.settings.presence_topics) or topic
+                )
             except AuthorizationUnavailable:
                 continue  # keep what was granted; it is checked again on the next refresh
             if not ok:
                 self._drop_topic(topic)
                 self.error(p.ErrorCode.FORBIDDEN, f"access to {topic} was revoked", topic=topic)
+        if self.ctx.presence is not None:
+            await self.ctx.presence.rooms.recheck(self, identity, self.ctx.authorizer)
         self.send(p.Refreshed(**self._expiry_fields()))
 
     def _drop_topic(self, topic: str) -> None:

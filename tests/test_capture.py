@@ -411,7 +411,22 @@ async def test_the_grants_docs_give_the_gateway_s_role_are_enough(
                 10,
                 "user 1 online",
             )
+            # Room presence: a member written, then deleted with a leave when the tab closes.
+            await alice.send({"type": "track", "topic": "user:1", "state": {"n": 1}, "id": 9})
+            assert (await alice.expect("tracked"))["id"] == 9
+            await eventually(
+                lambda: db.fetchval("SELECT count(*) = 1 FROM gateway.room_presence"),
+                10,
+                "user 1 in its room",
+            )
             await alice.close()
+            await eventually(
+                lambda: db.fetchval(
+                    "SELECT count(*) = 2 FROM gateway.events WHERE topic = 'presence:user:1'"
+                ),
+                10,
+                "user 1's join and leave",
+            )
             await eventually(  # disconnected, offline after the grace, then pruned
                 lambda: db.fetchval("SELECT NOT EXISTS (SELECT FROM gateway.presence WHERE user_id = '1')"),
                 20,

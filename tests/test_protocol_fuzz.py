@@ -183,7 +183,7 @@ topics = (
     | huge_strings
 )
 ids = st.none() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-message_types = ["auth", "refresh", "subscribe", "unsubscribe", "ping", "status"]
+message_types = ["auth", "refresh", "subscribe", "unsubscribe", "ping", "status", "track", "untrack"]
 
 
 @st.composite
@@ -199,6 +199,7 @@ def near_valid(draw: st.DrawFn) -> dict[str, Any]:
         )
         | json_values,
         "status": st.sampled_from(["online", "away", "busy", "Online"]) | json_values,
+        "state": st.dictionaries(st.text(max_size=5), json_values, max_size=3) | json_values,
         "extra": json_values,
     }
     for name in draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=4)):
@@ -304,6 +305,8 @@ class Model:
                 return [("error", "bad_token")]
             case p.SetStatus():
                 return []  # presence is off: a status change has no reply
+            case p.Track() | p.Untrack():
+                return [("error", "presence_disabled")]  # presence is off, whatever the room
             case p.Subscribe(topic=topic):
                 if not topic_ok(topic):
                     return [("error", "bad_topic")]
