@@ -177,7 +177,10 @@ export type ServerErrorCode =
   | "too_many_subscriptions"
   | "rate_limited"
   | "unavailable"
-  | "presence_disabled";
+  | "presence_disabled"
+  | "too_large"
+  | "not_tracked"
+  | "too_many_tracked";
 
 /**
  * Errors of the client itself: `token` (the token function failed or gave no string),
