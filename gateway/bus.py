@@ -26,8 +26,9 @@ Transport, without a broker: NOTIFY on channel ``gateway_bus``.
   the payloads mean. Any role that can log in may NOTIFY ``gateway_bus``, so a payload is
   believed only when its sender's pid is a registered one, as doorbells are believed only
   from the relay (gateway/pipeline.py). The registered pids are re-read when a payload comes
-  from an unknown pid (at most once a second) and every ``SENDERS_REFRESH`` seconds. Others
-  are dropped unread and counted (``untrusted``).
+  from an unknown pid (at most once a second; the payload waits for that read, so a replica
+  that just started is heard from its first message) and every ``SENDERS_REFRESH`` seconds.
+  Others are dropped unread and counted (``untrusted``).
 * Not sent while ``pg_notification_queue_usage()`` is above 0.1: PostgreSQL's notification
   queue is shared by every database of the cluster, and a full queue makes every notifying
   commit fail, the relay's and the application's. The bus gives way long before: it drops
@@ -72,6 +73,8 @@ QUEUE_USAGE_MAX = 0.1
 SENDERS_CHECK_INTERVAL = 1.0
 # ...and this often anyway, so a sender gone (its pid free for another session) is forgotten.
 SENDERS_REFRESH = 5.0
+# Payloads from unknown pids held while the senders are read again, at most.
+HELD_MAX = 64
 MAGIC = b"gwbus1"
 
 # One statement: the queue's usage checked and the payload sent in the same round trip.
@@ -150,6 +153,8 @@ class Bus:
         self._senders: frozenset[int] = frozenset()
         self._senders_read = 0.0
         self._senders_reading = False
+        self._held: list[tuple[str, int]] = []
+        self._reader: asyncio.Future[None] | None = None
         self._own_pid: int | None = None
         # counters, for metrics and tests
         self.sent = 0  # messages handed to the transport
@@ -176,10 +181,15 @@ class Bus:
     def send(self, kind: str, body: bytes) -> None:
         """Hand ``body`` to the handlers of ``kind`` here, and send it to every other process.
 
-        Raises BusTooLarge for a body over ``max_body(kind)`` (a caller's bug: limit sizes
-        before). Everything else (a full queue, a database down) drops it, counted."""
+        ``body`` is UTF-8 text without NUL (JSON is). Raises BusTooLarge for a body over
+        ``max_body(kind)`` and ValueError for one that is not such text (a caller's bug: limit
+        sizes before). Everything else (a full queue, a database down) drops it, counted."""
         if len(body) > self.max_body(kind):
             raise BusTooLarge(f"a bus message is at most {self.max_body(kind)} bytes, this one {len(body)}")
+        if b"\x00" in body:
+            # A NOTIFY payload is text: PostgreSQL refuses NUL (and anything not UTF-8 below).
+            raise ValueError("a bus message is UTF-8 text without NUL characters")
+        body.decode()  # UnicodeDecodeError (a ValueError) for bytes that are not UTF-8
         self._dispatch(kind, body)
         if self._stopping or (self._dsn is None and self._broker is None):
             return
@@ -290,33 +300,43 @@ class Bus:
         if pid in self._senders:
             self._on_payload(payload.encode())
             return
+        # Perhaps a process that registered since the last read (a replica that just started):
+        # read again, at most once a second, and hold its payloads until then. A payload from
+        # a pid still unknown after the read is dropped unread, so a flood of forged payloads
+        # costs one query a second and a bounded list.
+        if (self._senders_reading or self._read_senders_soon()) and len(self._held) < HELD_MAX:
+            self._held.append((payload, pid))
+            return
         self.untrusted += 1
-        # Perhaps a process that registered since the last read: read again, at most once a
-        # second. This payload is dropped all the same (the bus is best effort), so a flood
-        # of forged payloads costs one query a second and nothing else.
-        self._read_senders_soon(SENDERS_CHECK_INTERVAL)
 
-    def _read_senders_soon(self, interval: float) -> None:
-        if self._senders_reading or time.monotonic() - self._senders_read < interval:
-            return
-        if self._dsn is None:
-            return
-        self._senders_reading = True
-        task = asyncio.ensure_future(self._read_senders())
-        task.add_done_callback(lambda _t: setattr(self, "_senders_reading", False))
+    def _read_senders_soon(self) -> bool:
+        """Start a read of the registered senders unless one was made within the last second."""
+        if self._dsn is None or time.monotonic() - self._senders_read < SENDERS_CHECK_INTERVAL:
+            return False
+        self._senders_reading = True  # at once: what arrives before the task runs is held too
+        # Kept until done: the loop holds only a weak reference to a task.
+        self._reader = asyncio.ensure_future(self._read_senders())
+        return True
 
     async def _read_senders(self) -> None:
         self._senders_read = time.monotonic()
-        conn = self._conn
-        if conn is None or conn.is_closed():
-            return
+        self._senders_reading = True
         try:
-            async with self._lock:
-                pids = await conn.fetchval(_SENDERS)
+            conn = self._conn
+            if conn is not None and not conn.is_closed():
+                async with self._lock:
+                    pids = await conn.fetchval(_SENDERS)
+                self._senders = frozenset(pids or ())
         except DB_ERRORS as exc:
             log.debug("bus: senders not read: %s: %s", type(exc).__name__, exc)
-            return
-        self._senders = frozenset(pids or ())
+        finally:
+            self._senders_reading = False
+            held, self._held = self._held, []
+            for payload, pid in held:
+                if pid in self._senders:
+                    self._on_payload(payload.encode())
+                else:
+                    self.untrusted += 1
 
     # --- transports --------------------------------------------------------------------
 

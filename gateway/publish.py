@@ -169,6 +169,9 @@ class Publisher:
             raise PublishError(
                 p.ErrorCode.TOO_LARGE, "the message is too large with its topic and sender"
             ) from None
+        except ValueError:
+            # Not text a NOTIFY can carry; JSON from msgspec always is, so only a caller's bug.
+            raise PublishError(p.ErrorCode.BAD_MESSAGE, "data must be UTF-8 JSON text") from None
         self.ephemeral += 1
         return None
 

@@ -96,6 +96,23 @@ async def test_a_message_reaches_the_other_process_once_and_this_one_at_once(two
     assert got_a == [b'{"hello":1}'] and got_b == [b'{"hello":1}']  # not twice (own NOTIFY skipped)
 
 
+async def test_the_first_message_of_a_process_just_started_arrives(dsn: str) -> None:
+    """The receiver learns a new sender when its first payload comes: that payload waits for
+    the read instead of being dropped as unknown."""
+    async with running_gateway(dsn) as gw_a:
+        a = the_bus(gw_a)
+        got = collect(a, "t")
+        await eventually(lambda: a._own_pid is not None, 10, "a registered")
+        await a._read_senders()  # a's view of the senders, before b exists
+        async with running_gateway(dsn) as gw_b:
+            b = the_bus(gw_b)
+            await eventually(lambda: b._own_pid is not None, 10, "b registered")
+            a._senders_read = 0.0  # no read within the last second (the test came fast)
+            b.send("t", b"first")
+            await eventually(lambda: got == [b"first"], 5, "b's first message at a")
+            assert a.untrusted == 0
+
+
 async def test_a_burst_is_batched_into_few_notifies_and_arrives_in_order(two: tuple[Bus, Bus]) -> None:
     a, b = two
     got = collect(b, "t")
@@ -165,6 +182,9 @@ async def test_a_body_too_large_for_one_payload_is_refused(two: tuple[Bus, Bus])
     with pytest.raises(BusTooLarge):
         a.send("t", b"x" * (a.max_body("t") + 1))
     a.send("t", b"x" * a.max_body("t"))  # the largest fits
+    for bad in (b"a\x00b", b"\xff\xfe"):  # not text a NOTIFY can carry
+        with pytest.raises(ValueError):
+            a.send("t", bad)
 
 
 async def test_the_sender_comes_back_after_its_backend_is_terminated(dsn: str, two: tuple[Bus, Bus]) -> None:

@@ -7,20 +7,27 @@ application's writes keep committing while ephemeral messages flow."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import pytest
 
 from gateway.auth import Authenticator, TokenError
 from gateway.config import Settings
 from gateway.server import BUS
 
-from .gwtest import SECRET, Client, Gateway, running_gateway, token
+from . import natsserver
+from .gwtest import SECRET, Client, Gateway, GatewayProcess, free_port, running_gateway, token
+from .lbtest import HAPROXY, haproxy_config, haproxy_status
+from .natsserver import NatsServer
 from .pgconn import pg_connect
 from .polling import eventually
 
@@ -57,6 +64,12 @@ async def client(gw: Gateway, user: str, *, publish: list[str] | None = None, **
 
 
 _held: dict[int, list[dict[str, Any]]] = {}  # frames read past while waiting for an answer
+
+
+@pytest.fixture(autouse=True)
+def _forget_held_frames() -> None:
+    # Keyed by id(client): a later test's client may get a finished one's id.
+    _held.clear()
 
 
 async def publish(c: Client, req_id: int, data: Any, **kw: Any) -> dict[str, Any]:
@@ -375,3 +388,88 @@ async def test_a_durable_publish_while_the_database_is_down_is_unavailable(dsn: 
             assert (await publish(alice, 3, "y"))["type"] == "published"
         finally:
             await pg_restart.aup()
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (CI installs Debian's haproxy)")
+async def test_through_the_load_balancer_to_two_replica_processes(dsn: str, tmp_path: Path) -> None:
+    """Two `gateway serve` processes behind HAProxy (round robin): clients spread over both
+    get each other's ephemeral and durable messages."""
+    replicas = [GatewayProcess(dsn, tmp_path / f"g{i}.log") for i in range(2)]
+    for r in replicas:
+        await r.start()
+    lb_port, stats_port = free_port(), free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config(lb_port, stats_port, [r.port for r in replicas]))
+    lb = subprocess.Popen(
+        [str(HAPROXY), "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+
+        async def all_up() -> bool:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                seen = await haproxy_status(stats_port)
+                return seen.get("g0") == "UP" and seen.get("g1") == "UP"
+            return False
+
+        await eventually(all_up, 30, "HAProxy to see both replicas up", interval=0.1)
+        lb_gw = Gateway(f"http://127.0.0.1:{lb_port}")
+        clients = [await client(lb_gw, f"u{i}", publish=["room:*"]) for i in range(4)]
+        for c in clients:
+            await c.subscribe(ROOM)
+        # Round robin put two on each replica.
+        for r in replicas:
+            assert "gateway_connections 2.0" in await r.metrics()
+
+        # Each client publishes an ephemeral message, which every client gets (echo included).
+        # The first may race the replicas' bus registration: retry until it goes through.
+        async def first_arrives() -> bool:
+            await publish(clients[0], 1, "hello?")
+            try:
+                frame = await next_of(clients[1], "message", 0.5)
+                await next_of(clients[2], "message", 0.5)
+                await next_of(clients[3], "message", 0.5)
+            except (TimeoutError, AssertionError):
+                return False
+            return bool(frame["data"] == "hello?")
+
+        await eventually(first_arrives, 20, "an ephemeral message across the replicas")
+        for c in clients:
+            _held.pop(id(c), None)
+            await nothing_of(c, "message", 0.3)  # drain what the retries left
+        for i, c in enumerate(clients):
+            assert (await publish(c, 10 + i, {"from": i}))["type"] == "published"
+        for c in clients:
+            got = sorted([(await next_of(c, "message"))["data"]["from"] for _ in range(4)])
+            assert got == [0, 1, 2, 3]
+        # A durable one: one event, same position everywhere.
+        ack = await publish(clients[3], 20, {"text": "kept"}, durable=True)
+        for c in clients:
+            ev = await next_of(c, "event")
+            assert (ev["pos"], ev["from"], ev["data"]) == (ack["pos"], "u3", {"text": "kept"})
+    finally:
+        lb.terminate()
+        lb.wait(10)
+        for r in replicas:
+            await r.stop()
+
+
+async def test_with_a_broker_ephemeral_messages_travel_on_nats(dsn: str, tmp_path: Path) -> None:
+    if natsserver.binary() is None:
+        pytest.skip("nats-server not found (Debian package nats-server)")
+    nats = NatsServer(tmp_path / "nats.log").start()
+    try:
+        async with running_gateway(dsn, broker=nats.url) as a, running_gateway(dsn, broker=nats.url) as b:
+            alice = await client(a, "alice", publish=["room:*"])
+            bob_b = await client(b, "bob")
+            await bob_b.subscribe(ROOM)
+            payloads = a.app[BUS].payloads  # type: ignore[index]
+            assert (await publish(alice, 1, {"over": "nats"}))["type"] == "published"
+            m = await next_of(bob_b, "message")
+            assert (m["from"], m["data"]) == ("alice", {"over": "nats"})
+            assert a.app[BUS].payloads == payloads + 1  # type: ignore[index]
+            assert a.app[BUS].backend_pid is None  # type: ignore[index]  (no NOTIFY session at all)
+            ack = await publish(alice, 2, {"kept": True}, durable=True)
+            ev = await next_of(bob_b, "event")
+            assert (ev["pos"], ev["from"]) == (ack["pos"], "alice")
+    finally:
+        nats.stop()

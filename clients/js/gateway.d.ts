@@ -174,6 +174,7 @@ export type ServerErrorCode =
   | "forbidden"
   | "already_subscribed"
   | "not_subscribed"
+  | "too_large"
   | "too_many_subscriptions"
   | "rate_limited"
   | "unavailable"
