@@ -242,6 +242,17 @@ class GatewayCollector(Collector):
                 "presence heartbeats that failed or missed their deadline",
                 value=presence.heartbeat_failures,
             )
+            rooms = presence.rooms
+            yield GaugeMetricFamily(
+                "gateway_presence_rooms_tracked",
+                "rooms tracked (room presence) by this process's connections, summed over connections",
+                value=rooms.tracked_count(),
+            )
+            yield CounterMetricFamily(
+                "gateway_presence_room_changes",
+                "room presence joins, updates and leaves this process published",
+                value=rooms.changes_published,
+            )
         sessions = GaugeMetricFamily(
             "gateway_db_sessions", "PostgreSQL sessions this process holds, by use", labels=["use"]
         )

@@ -309,8 +309,11 @@ class RoomPresence:
             for m in group(rows)
         ]
 
+    def tracked_count(self) -> int:
+        return sum(len(c.want) for c in self._conns.values())
+
     def describe(self) -> dict[str, int]:
-        return {"tracking": len(self._conns), "rooms_tracked": sum(len(c.want) for c in self._conns.values())}
+        return {"tracking": len(self._conns), "rooms_tracked": self.tracked_count()}
 
 
 def group(rows: list[asyncpg.Record] | list[tuple[str, str, str]]) -> list[p.RoomMember]:

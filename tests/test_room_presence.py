@@ -454,6 +454,9 @@ async def test_errors_authorization_limits_and_the_members_api(dsn: str) -> None
         await c.send({"type": "track", "topic": "room:999", "id": 9})
         await expect_error(c, "too_many_tracked", id=9, topic="room:999")
         assert (await track(c, ROOM, {"again": 1}, 10))["type"] == "tracked"  # an update is no new room
+        metrics = await gw.metrics()
+        assert "gateway_presence_rooms_tracked 20.0" in metrics
+        assert "gateway_presence_room_changes_total" in metrics
 
         # Authorization: tracking and watching a room need read access to the room itself;
         # a grant of presence:* is not one.
