@@ -179,7 +179,6 @@ export type ServerErrorCode =
   | "rate_limited"
   | "unavailable"
   | "presence_disabled"
-  | "too_large"
   | "not_tracked"
   | "too_many_tracked";
 
