@@ -53,10 +53,9 @@ if TYPE_CHECKING:
 CONNECT_CONCURRENCY = 32  # upgrades in flight per process (as loadtest/clients.py)
 DRAIN_SECONDS = 3.0  # after the last publish, how long a process waits for messages in flight
 # Before measuring, every client publishes a warm-up message twice a second for this long, not
-# counted: a gateway process believes another's bus messages only once it has read that one's
-# registration (gateway/bus.py re-reads them at most once a second when an unknown sender
-# speaks, and every 5 s), so the first messages between worker processes that just started
-# can be dropped. Whether every client then heard every member of its room is reported.
+# counted: the scenario measures the steady state, not the first second of worker processes
+# that just started (their bus connections, their first reads of each other's registration,
+# gateway/bus.py). Whether every client then heard every member of its room is reported.
 WARMUP_SECONDS = 3.0
 ROW_TOPIC = "t:rowpath"
 # The row path's p99 with the rooms load may be this many times its p99 alone (issue #22).
