@@ -140,6 +140,15 @@ async def test_a_dropped_socket_comes_back_into_the_room_with_its_state(browser:
             await wait_for(bob, "rec.messages.some((m) => m.data.n === 1)")
             assert await bob.evaluate("say({n: 2})") == "published"
             await wait_for(alice, "rec.messages.some((m) => m.data.n === 2)")
+
+            # A durable message: acknowledged with its position once committed, and delivered
+            # to the room as an event with that position and its sender.
+            ack = await alice.evaluate("room.publish({n: 3}, {durable: true})")
+            assert ack["type"] == "published" and ack["pos"] >= 1 and ack["epoch"], ack
+            await wait_for(bob, "rec.messages.some((m) => m.type === 'event' && m.data.n === 3)")
+            [event] = [m for m in await rec(bob, "messages") if m["type"] == "event"]
+            assert event["from"] == "alice" and event["data"] == {"n": 3}
+            assert await bob.evaluate("room.conns.size") == 2
             assert await rec(alice, "errors") == []
 
 
