@@ -1,4 +1,5 @@
-"""The browser client at /client/: gateway.js and gateway.mjs from gateway/static/, served
+"""The browser client at /client/: gateway.js, gateway.mjs and the rooms script beside them
+(gateway-rooms.js, .mjs) from gateway/static/, served
 without their whole-line comments, gzipped for clients that take it, with an ETag so a
 page's stale copy costs a 304."""
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 STATIC = Path(__file__).parent / "static"
-SCRIPTS = ("gateway.js", "gateway.mjs")
+SCRIPTS = ("gateway.js", "gateway.mjs", "gateway-rooms.js", "gateway-rooms.mjs")
 
 
 def install(app: web.Application) -> None:

@@ -30,7 +30,8 @@ from .scenarios import Plan, Progress, Runner
 from .sysinfo import describe, loadavg, pgbench_path, raise_nofile
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("notify", "fanout", "scoped", "ramp", "idle", "churn")
+# rooms: rooms talking beside the row path (loadtest/rooms.py)
+SCENARIOS = ("notify", "fanout", "scoped", "ramp", "idle", "churn", "rooms")
 # Run after the scenarios, into the result's "baseline" and "curve" (loadtest/compare.py); "all"
 # runs the baseline but not the curve (eight gateway runs: on request).
 COMPARISONS = ("baseline", "curve")
@@ -89,6 +90,11 @@ SMOKE = Plan(
     procs=1,
     idle_procs=1,
     sync_timeout=15.0,
+    rooms=2,
+    room_size=3,
+    room_presence_every=0.5,
+    room_row_clients=2,
+    room_procs=1,
 )
 
 

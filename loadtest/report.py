@@ -173,7 +173,9 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
             lost == 0 and dup == 0 and not nr,
             f"not recovered {nr}, behind at end {s.get('behind_at_end', 0)}",
         )
-    return lines
+    from .rooms import bar_lines as rooms_bar_lines  # (rooms imports the runner's modules)
+
+    return lines + rooms_bar_lines(r)
 
 
 # --- SVG --------------------------------------------------------------------------------

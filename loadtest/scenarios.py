@@ -52,6 +52,14 @@ class Plan:
     idle_procs: int
     sync_timeout: float
     notify_rows: int = 20  # rows per statement in the notify scenario
+    # the rooms scenario (loadtest/rooms.py): rooms x room_size clients, one message a second
+    # each, a presence update every room_presence_every s; the row path beside them
+    rooms: int = 100
+    room_size: int = 10
+    room_presence_every: float = 10.0
+    room_row_clients: int = 100
+    room_row_rate: float = 20.0
+    room_procs: int = 2
 
 
 class Progress:
@@ -379,6 +387,12 @@ class Runner:
             if fleet.samples.rt
             else {},
         }
+
+    async def rooms(self) -> dict[str, Any]:
+        """Rooms talking beside the row path: loadtest/rooms.py."""
+        from .rooms import run_rooms
+
+        return await run_rooms(self)
 
     # --- baselines ------------------------------------------------------------------------
 

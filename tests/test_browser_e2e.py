@@ -87,6 +87,20 @@ async def test_demo_page_shows_committed_rows_and_who_is_online(
         for page in (alice, bob):
             for name in ("alice", "bob"):
                 await page.wait_for_selector(f"#users li:has-text('{name}')", timeout=WAIT_MS)
+                # the board's room: each tab lists both viewers, each with its colour
+                await page.wait_for_selector(f"#viewers li[data-user='{name}'] .swatch", timeout=WAIT_MS)
+
+        # Bob's pointer over the board reaches alice's tab (ephemeral messages in the room),
+        # drawn in the colour bob's tab tracks in the room's presence.
+        box = await bob.locator("#room").bounding_box()
+        assert box is not None
+        for step in range(5):
+            await bob.mouse.move(box["x"] + 300 + 20 * step, box["y"] + 120 + 10 * step)
+            await bob.wait_for_timeout(100)
+        cursor = alice.locator(".cursor:has-text('bob')")
+        await cursor.wait_for(timeout=WAIT_MS)
+        bob_color = await bob.input_value("#color")
+        assert await cursor.evaluate("(el) => el.style.getPropertyValue('--c')") == bob_color
 
         # As `make demo` looks with a second tab open: live rows, two users online, and a few
         # changes from the demo's activity generator in the log.
@@ -96,6 +110,12 @@ async def test_demo_page_shows_committed_rows_and_who_is_online(
         if os.environ.get("UPDATE_DEMO_SCREENSHOT") == "1":
             shutil.copyfile(shot, SCREENSHOT)
         assert await alice.text_content("#error") == ""
+        assert await bob.text_content("#error") == ""
+
+        # Bob closes his tab: he leaves the board's room, and his pointer goes with him.
+        await contexts.pop().close()
+        await alice.wait_for_selector("#viewers li[data-user='bob']", state="detached", timeout=WAIT_MS)
+        await cursor.wait_for(state="detached", timeout=WAIT_MS)
     finally:
         for context in contexts:
             await context.close()

@@ -95,6 +95,41 @@ PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><t
 </script>"""
 
 
+# useRoom: who is in room:1 with which colour; the colour is a state the test changes.
+ROOM_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>react</title>
+<script type="importmap">{"imports": {"react": "/pkg/react-shim.mjs", "pg-ws-gateway": "/pkg/gateway.mjs",
+  "pg-ws-gateway/rooms": "/pkg/gateway-rooms.mjs", "pg-ws-gateway/react": "/pkg/react.mjs"}}</script>
+<script src="/pkg/react.js"></script>
+<script src="/pkg/react-dom.js"></script>
+<div id="root"></div>
+<script type="module">
+  import { connect } from "pg-ws-gateway";
+  import "pg-ws-gateway/rooms";
+  import { GatewayProvider, useConnectionState, useRoom } from "pg-ws-gateway/react";
+
+  const h = React.createElement;
+  window.rec = { messages: [] };
+  const gw = window.gw = connect("/ws", { token: () => window.mintToken() });
+
+  function Viewers() {
+    const [color, setColor] = React.useState("teal");
+    window.setColor = setColor;
+    const { members, room, error } = useRoom("room:1", { state: color && { color },
+      onMessage: (m) => rec.messages.push([m.from, m.data]) });
+    window.room = room;
+    rec.members = members.map((m) => [m.user, m.conns.map((c) => c.state.color)]);
+    rec.error = error && error.message;
+    return h("ul", { id: "viewers" }, members.map((m) => h("li", { key: m.user }, m.user)));
+  }
+  function State() {
+    rec.state = useConnectionState();
+    return null;
+  }
+  ReactDOM.createRoot(document.getElementById("root")).render(
+    h(React.StrictMode, null, h(GatewayProvider, { gateway: gw }, h(Viewers), h(State))));
+</script>"""
+
+
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The npm package as ``npm pack`` makes it, unpacked."""
@@ -118,7 +153,9 @@ async def items(dsn: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def react_page(browser: Any, gw: Gateway, packed: Path, mint: Callable[[], str]) -> AsyncIterator[Any]:
+async def react_page(
+    browser: Any, gw: Gateway, packed: Path, mint: Callable[[], str], html: str = PAGE
+) -> AsyncIterator[Any]:
     """The React app above, as a page under the gateway's origin; yields it once connected."""
     files = {name: path.read_bytes() for name, path in REACT_UMD.items()}
     files["react-shim.mjs"] = REACT_SHIM.encode()
@@ -139,7 +176,7 @@ async def react_page(browser: Any, gw: Gateway, packed: Path, mint: Callable[[],
         page = await context.new_page()
         errors.watch(page)
         await page.goto(gw.base + "/healthz")
-        await page.set_content(PAGE)
+        await page.set_content(html)
         await wait_for(page, "window.rec && rec.state === 'open'")
         yield page
     finally:
@@ -270,3 +307,25 @@ async def test_use_presence_and_connection_state_follow_who_is_online(
             # useConnectionState follows the connection: closed for good by the application.
             await alice.evaluate("gw.close()")
             await wait_for(alice, "document.querySelector('#state').textContent === 'closed'")
+
+
+async def test_use_room_shows_who_is_there_with_their_state(browser: Any, items: str, packed: Path) -> None:
+    async with running_gateway(items, tables="public.items", presence="true", presence_grace="0.5") as gw:
+
+        def minter(user: str) -> Callable[[], str]:
+            return lambda: token(user, topics=["room:*"], publish=["room:*"])
+
+        async with react_page(browser, gw, packed, minter("alice"), ROOM_PAGE) as alice:
+            # StrictMode entered the room twice and left once: one membership, one of each subscription.
+            await wait_for(alice, 'JSON.stringify(rec.members) === \'[["alice",["teal"]]]\'')
+            async with react_page(browser, gw, packed, minter("bob"), ROOM_PAGE) as bob:
+                both = '[["alice",["teal"]],["bob",["teal"]]]'
+                await wait_for(alice, f"JSON.stringify(rec.members) === {json.dumps(both)}")
+                await bob.evaluate("setColor('plum')")
+                both = '[["alice",["teal"]],["bob",["plum"]]]'
+                await wait_for(alice, f"JSON.stringify(rec.members) === {json.dumps(both)}")
+                assert topics_held(gw) == [{"room:1"}] * 2  # one subscription each, after StrictMode
+                # null untracks: bob is no longer in the room, though still connected
+                await bob.evaluate("setColor(null)")
+                await wait_for(alice, 'JSON.stringify(rec.members) === \'[["alice",["teal"]]]\'')
+            assert await alice.evaluate("rec.error") is None

@@ -53,6 +53,8 @@ class Conn:
     frames: list[Any] = field(default_factory=list)  # decoded client frames, in order
     topics: set[str] = field(default_factory=set)
     user: str | None = None
+    conn_id: str = ""
+    tracked: dict[str, dict[str, Any]] = field(default_factory=dict)  # room -> state
 
     async def send(self, message: p.ServerMessage) -> None:
         await self.ws.send_str(p.encode(message).decode())
@@ -83,6 +85,10 @@ class ScriptedGateway:
     goes_offline: str | None = None
     task_loads: int = 0  # GET /demo/tasks served
     next_id: int = 0
+    # Room members that are no connection of this server (another replica's), by room:
+    # conn -> (user, state); a test adds and removes them, then sends the change itself.
+    others: dict[str, dict[str, tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    hold_publishes: bool = False  # True: publishes get no answer (as when the socket then drops)
 
     def head(self, topic: str) -> int:
         events = self.log.get(topic, [])
@@ -104,12 +110,32 @@ class ScriptedGateway:
     def live(self) -> list[Conn]:
         return [c for c in self.conns if not c.ws.closed]
 
+    def members(self, room: str) -> list[p.RoomMember]:
+        """A room's presence snapshot, as the real gateway's: per user, each connection's state."""
+        conns: dict[str, list[p.RoomConn]] = {}
+        for c in self.live():
+            if room in c.tracked and c.user is not None:
+                state = msgspec.Raw(msgspec.json.encode(c.tracked[room]))
+                conns.setdefault(c.user, []).append(p.RoomConn(conn=c.conn_id, state=state))
+        for conn_id, (user, state) in self.others.get(room, {}).items():
+            conns.setdefault(user, []).append(
+                p.RoomConn(conn=conn_id, state=msgspec.Raw(msgspec.json.encode(state)))
+            )
+        return [p.RoomMember(user=u, conns=cs) for u, cs in sorted(conns.items())]
+
+    async def room_change(self, room: str, change: dict[str, Any]) -> None:
+        """One change of a room's presence, to every connection subscribed to it."""
+        frame = p.Presence(topic=f"presence:{room}", change=msgspec.Raw(msgspec.json.encode(change)))
+        for conn in self.live():
+            if f"presence:{room}" in conn.topics:
+                await conn.send(frame)
+
     async def set_presence(self, user: str, status: str) -> None:
         entry = p.PresenceEntry(user=user, status=status, last_seen=time.time())  # type: ignore[arg-type]
         self.presence[user] = entry
         for conn in self.live():
             for topic in conn.topics:
-                if topic.startswith("presence:"):
+                if topic == "presence:global":
                     # The server passes the database's JSON through untouched (msgspec.Raw).
                     await conn.send(p.Presence(topic=topic, change=msgspec.Raw(msgspec.json.encode(entry))))
 
@@ -129,6 +155,10 @@ class ScriptedGateway:
                 continue
             conn.frames.append(frame)
             await self.answer(conn, frame)
+        # Closed: it leaves every room it was in.
+        for room in list(conn.tracked):
+            del conn.tracked[room]
+            await self.room_change(room, {"op": "leave", "user": conn.user, "conn": conn.conn_id})
         return ws
 
     async def answer(self, conn: Conn, frame: p.ClientMessage) -> None:
@@ -137,6 +167,7 @@ class ScriptedGateway:
                 self.tokens.append(token)
                 conn.user = token.split(".")[0]
                 self.next_id += 1
+                conn.conn_id = f"c{self.next_id}"
                 expires = int(time.time()) + self.expires_in if self.expires_in else None
                 await conn.send(
                     p.Welcome(
@@ -166,6 +197,28 @@ class ScriptedGateway:
             case p.SetStatus(status=status):
                 assert conn.user is not None
                 await self.set_presence(conn.user, status)
+            case p.Publish() if self.hold_publishes:
+                pass
+            case p.Publish(topic=topic, id=req):
+                if topic in self.forbidden:
+                    msg = f"user {conn.user} may not publish to {topic}"
+                    await conn.send(p.Error(code=p.ErrorCode.FORBIDDEN, message=msg, id=req, topic=topic))
+                    return
+                await conn.send(p.Published(topic=topic, id=req))
+            case p.Track(topic=room, state=state, id=req):
+                op = "update" if room in conn.tracked else "join"
+                conn.tracked[room] = state
+                await conn.send(p.Tracked(topic=room, id=req))
+                await self.room_change(
+                    room, {"op": op, "user": conn.user, "conn": conn.conn_id, "state": state}
+                )
+            case p.Untrack(topic=room, id=req):
+                if conn.tracked.pop(room, None) is None:
+                    msg = f"this connection does not track {room}"
+                    await conn.send(p.Error(code=p.ErrorCode.NOT_TRACKED, message=msg, id=req, topic=room))
+                    return
+                await conn.send(p.Untracked(topic=room, id=req))
+                await self.room_change(room, {"op": "leave", "user": conn.user, "conn": conn.conn_id})
             case p.Unsubscribe(topic=topic, id=req):
                 conn.topics.discard(topic)
                 await conn.send(p.Unsubscribed(topic=topic, id=req))
@@ -180,6 +233,12 @@ class ScriptedGateway:
                     await conn.send(p.Error(code=p.ErrorCode.UNAVAILABLE, message=msg, id=req, topic=topic))
                     return
                 conn.topics.add(topic)
+                if topic.startswith("presence:") and topic != "presence:global":
+                    # A room's presence: its members with their state, then "subscribed".
+                    room = topic.removeprefix("presence:")
+                    await conn.send(p.Presence(topic=topic, members=self.members(room)))
+                    await conn.send(p.Subscribed(topic=topic, epoch=EPOCH, pos=0, id=req))
+                    return
                 if topic.startswith("presence:"):
                     # As the real gateway does: the snapshot, then "subscribed" once changes flow.
                     await conn.send(p.Presence(topic=topic, snapshot=list(self.presence.values())))
@@ -253,6 +312,7 @@ async def site() -> AsyncIterator[Site]:
     app.router.add_get("/ws", gw.handle)
     app.router.add_get("/client/gateway.js", static("gateway.js"))
     app.router.add_get("/client/gateway.mjs", static("gateway.mjs"))
+    app.router.add_get("/client/gateway-rooms.js", static("gateway-rooms.js"))
     app.router.add_get("/demo", static("demo.html"))
     app.router.add_get("/blank", blank)
     app.router.add_get("/demo/token", token)
@@ -679,6 +739,119 @@ async def test_presence_not_recovered_takes_a_fresh_snapshot(page: Any, site: Si
     await gw.conns[0].send(p.Subscribed(topic="presence:global", epoch=EPOCH, pos=0, recovered=False))
     await wait_rec(page, "rec.presence.length === 3")
     assert await page.evaluate("[...stopPresence.users.keys()].sort()") == ["alice", "carol"]
+
+
+# --- rooms (gateway-rooms.js) -----------------------------------------------------------
+
+ROOM_HARNESS = """async () => {
+  await new Promise((ok) => {
+    const s = document.createElement("script");
+    s.src = "/client/gateway-rooms.js";
+    s.onload = ok;
+    document.head.append(s);
+  });
+  Object.assign(rec, { syncs: [], joins: [], leaves: [], updates: [] });
+  window.room = gw.room("room:1");
+  room.onSync((members) => rec.syncs.push(members));
+  room.onJoin((e) => rec.joins.push([e.user, e.conn, e.state]));
+  room.onLeave((e) => rec.leaves.push([e.user, e.conn]));
+  room.onUpdate((e, before) => rec.updates.push([e.user, e.state, before.state]));
+  return room.track({ color: "teal" }).then((f) => f.type);
+}"""
+
+
+async def test_a_room_s_members_follow_its_presence_and_a_reconnect_tracks_again(
+    page: Any, site: Site
+) -> None:
+    gw = site.gateway
+    await start(page, site)
+    assert await page.evaluate(ROOM_HARNESS) == "tracked"
+    me = gw.conns[0].conn_id
+    await wait_rec(page, "rec.syncs.length > 0 && rec.syncs.at(-1).length === 1")
+    assert await page.evaluate("rec.joins") == [["alice", me, {"color": "teal"}]]
+
+    # Another replica's member joins, then updates its state.
+    gw.others["room:1"] = {"x9": ("bob", {"color": "plum"})}
+    await gw.room_change("room:1", {"op": "join", "user": "bob", "conn": "x9", "state": {"color": "plum"}})
+    await gw.room_change("room:1", {"op": "update", "user": "bob", "conn": "x9", "state": {"color": "red"}})
+    await wait_rec(page, "rec.updates.length === 1")
+    assert await page.evaluate("room.members") == [
+        {"user": "alice", "conns": [{"conn": me, "state": {"color": "teal"}}]},
+        {"user": "bob", "conns": [{"conn": "x9", "state": {"color": "red"}}]},
+    ]
+    assert await page.evaluate("rec.updates") == [["bob", {"color": "red"}, {"color": "plum"}]]
+
+    # Bob leaves while this page is disconnected: the snapshot after the reconnect lacks him,
+    # and the room says he left. The page tracks its state again by itself.
+    del gw.others["room:1"]
+    await gw.conns[0].ws.close(code=p.CloseCode.SERVICE_RESTART)
+    await eventually(lambda: len(gw.live()) == 1 and gw.live()[0].tracked, WAIT, "the page to track again")
+    again = gw.live()[0]
+    assert again.tracked == {"room:1": {"color": "teal"}}
+    assert [f.topic for f in again.of(p.Subscribe)] == ["board:demo", "room:1", "presence:room:1"]
+    await wait_rec(page, f"room.conns.has({again.conn_id!r}) && room.conns.size === 1")
+    leaves = await page.evaluate("rec.leaves")
+    assert ["bob", "x9"] in leaves and ["alice", me] in leaves
+
+    # untrack, then leave: the gateway is told, and the room's subscriptions end.
+    assert await page.evaluate("room.untrack().then((f) => f.type)") == "untracked"
+    assert again.tracked == {}
+    await page.evaluate("room.leave()")
+    await eventually(lambda: again.topics == {"board:demo"}, WAIT, "the room's subscriptions to end")
+    # A request the gateway refuses rejects with its code.
+    untrack = "gw._request({ type: 'untrack', topic: 'room:2' }).catch((e) => e.code)"
+    assert await page.evaluate(untrack) == "not_tracked"
+
+
+# --- publish ---------------------------------------------------------------------------
+
+
+async def test_publish_resolves_with_the_ack_and_rejects_with_the_error_code(page: Any, site: Site) -> None:
+    gw = site.gateway
+    await start(page, site)
+    await page.evaluate(
+        # (not returning the unsubscribe function: page.evaluate would call it)
+        "() => { rec.messages = []; gw.subscribe('room:3', () => {}, { onMessage: (m) => rec.messages.push(m) }); }"
+    )
+    await eventually(lambda: "room:3" in gw.conns[0].topics, WAIT, "the room:3 subscription")
+    ack = await page.evaluate("gw.publish('room:3', {text: 'hi'}, {echo: false})")
+    assert ack == {"type": "published", "topic": "room:3", "id": ack["id"]}
+    [frame] = gw.conns[0].of(p.Publish)
+    assert (frame.topic, msgspec.json.decode(frame.data), frame.durable, frame.echo) == (
+        "room:3",
+        {"text": "hi"},
+        False,
+        False,
+    )
+
+    # An ephemeral message on a subscribed topic goes to the subscription's onMessage.
+    await gw.conns[0].send(p.Message(topic="room:3", from_="bob", conn="c9", data=msgspec.Raw(b'{"x":1}')))
+    await wait_rec(page, "rec.messages.length === 1")
+    assert await page.evaluate("rec.messages[0]") == {
+        "type": "message", "topic": "room:3", "from": "bob", "conn": "c9", "data": {"x": 1},
+    }  # fmt: skip
+
+    # A refusal rejects the promise with the error frame's code; nothing else is affected.
+    gw.forbidden.add("room:4")
+    refused = await page.evaluate("gw.publish('room:4', 1).catch((e) => [e.code, e.id, e.topic])")
+    assert refused[0] == "forbidden" and refused[2] == "room:4"
+    assert await page.evaluate("gw.state") == "open"
+
+    # Unanswered when the socket drops: rejected, "disconnected" (a durable one may have been
+    # stored: the application decides). While down: refused at once, nothing queued.
+    gw.hold_publishes = True
+    # (a function returning nothing: page.evaluate would wait for the promise)
+    await page.evaluate(
+        "() => { window.pending = gw.publish('room:3', 2, {durable: true}).catch((e) => e.code); }"
+    )
+    await eventually(lambda: len(gw.conns[0].of(p.Publish)) == 3, WAIT, "the held publish")
+    await gw.conns[0].ws.close(code=p.CloseCode.SERVICE_RESTART)
+    assert await page.evaluate("pending") == "disconnected"
+    if await page.evaluate("gw.state") != "open":
+        assert await page.evaluate("gw.publish('room:3', 3).catch((e) => e.code)") == "disconnected"
+    gw.hold_publishes = False
+    await wait_rec(page, "gw.state === 'open'")
+    assert (await page.evaluate("gw.publish('room:3', 4)"))["type"] == "published"
 
 
 # --- the demo page ---------------------------------------------------------------------

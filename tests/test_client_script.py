@@ -1,6 +1,6 @@
 """The browser client as the gateway serves it: at most 5 KB gzipped, as a page downloads it
-(``clientscript.client_script``: the source without its whole-line comments), sent gzipped and
-revalidated with an ETag."""
+(``clientscript.client_script``: the source without its whole-line comments), and at most
+6.5 KB with the rooms script beside it; sent gzipped and revalidated with an ETag."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from .gwtest import running_gateway
 
 STATIC = Path(__file__).resolve().parent.parent / "gateway" / "static"
 LIMIT = 5 * 1024  # bytes, gzip level 9
+# The core client with gateway-rooms.js (rooms: presence with state, messages): a separate
+# script, so pages without rooms keep to LIMIT.
+ROOMS_LIMIT = int(6.5 * 1024)
 
 
 def gzipped_size(name: str) -> int:
@@ -32,6 +35,27 @@ def test_module_build_is_at_most_5_kb_gzipped() -> None:
     assert size <= LIMIT, f"gateway.mjs + gateway.js are {size} bytes gzipped, over the {LIMIT}-byte budget"
 
 
+def test_classic_scripts_with_rooms_are_at_most_6_5_kb_gzipped() -> None:
+    size = gzipped_size("gateway.js") + gzipped_size("gateway-rooms.js")
+    assert size <= ROOMS_LIMIT, f"gateway.js + gateway-rooms.js are {size} bytes gzipped, over {ROOMS_LIMIT}"
+
+
+def test_module_build_with_rooms_is_at_most_6_5_kb_gzipped() -> None:
+    # gateway-rooms.mjs imports gateway.mjs (so gateway.js) and gateway-rooms.js.
+    size = sum(
+        gzipped_size(n) for n in ("gateway.mjs", "gateway.js", "gateway-rooms.mjs", "gateway-rooms.js")
+    )
+    assert size <= ROOMS_LIMIT, (
+        f"the rooms module and what it imports are {size} bytes gzipped, over {ROOMS_LIMIT}"
+    )
+
+
+def test_the_core_client_does_not_carry_the_rooms_code() -> None:
+    # Rooms are a script of their own: the core only routes a room presence topic's frames to it.
+    assert "class Room" not in (STATIC / "gateway.js").read_text()
+    assert 'import "./gateway-rooms.js";' in (STATIC / "gateway-rooms.mjs").read_text()
+
+
 def test_module_imports_the_classic_script() -> None:
     # One implementation: the module must re-export gateway.js, not carry a copy that drifts.
     source = (STATIC / "gateway.mjs").read_text()
@@ -46,7 +70,7 @@ async def test_the_client_script_is_served_gzipped_and_revalidated_with_an_etag(
     (the tests above), so that is what the gateway must send, and a browser whose
     copy is stale after max-age revalidates it with a 304 instead of downloading it again."""
     async with running_gateway(dsn) as gw, aiohttp.ClientSession(auto_decompress=False) as http:
-        for name in ("gateway.js", "gateway.mjs"):
+        for name in ("gateway.js", "gateway.mjs", "gateway-rooms.js", "gateway-rooms.mjs"):
             url = f"{gw.base}/client/{name}"
             async with http.get(url, headers={"Accept-Encoding": "gzip, deflate, br"}) as r:
                 assert r.status == 200
@@ -54,7 +78,7 @@ async def test_the_client_script_is_served_gzipped_and_revalidated_with_an_etag(
                 assert "Accept-Encoding" in r.headers.get("Vary", "")
                 assert r.headers["Access-Control-Allow-Origin"] == "*"
                 body = await r.read()
-                assert len(body) <= 5 * 1024
+                assert len(body) <= LIMIT
                 assert gzip.decompress(body) == client_script(name)
                 etag = r.headers["ETag"]
             # A client that does not take gzip gets the plain script.

@@ -35,6 +35,9 @@ PACKED = {
     "gateway.js",
     "gateway.mjs",
     "gateway.d.ts",
+    "gateway-rooms.js",
+    "gateway-rooms.mjs",
+    "gateway-rooms.d.ts",
     "react.mjs",
     "react.d.ts",
 }
@@ -119,7 +122,7 @@ def test_the_javascript_tools_are_pinned_in_the_lock_file() -> None:
 
 
 def test_typed_usage_examples_compile_and_the_types_refuse_misuse() -> None:
-    """clients/js/test/: the core client and the React hooks used from TypeScript, strict; the
+    """clients/js/test/: the core client, rooms and the React hooks used from TypeScript, strict; the
     lines marked @ts-expect-error must fail to compile (tsc reports an unused one)."""
     node, tsc = installed_tsc()
     run([node, str(tsc), "-p", "test"], PACKAGE)
@@ -171,7 +174,7 @@ def test_the_tarball_holds_the_files_the_gateway_serves_and_the_license(tarball:
         files = {m.name.removeprefix("package/"): tar.extractfile(m) for m in tar.getmembers() if m.isfile()}
         content = {name: f.read() for name, f in files.items() if f is not None}
     assert set(content) == PACKED
-    for name in ("gateway.js", "gateway.mjs"):
+    for name in ("gateway.js", "gateway.mjs", "gateway-rooms.js", "gateway-rooms.mjs"):
         assert content[name] == (REPO / "gateway" / "static" / name).read_bytes(), name
     assert content["LICENSE"] == (REPO / "LICENSE").read_bytes()
     assert b"Copyright (c) 2026 the pg-ws-gateway authors" in content["LICENSE"]
@@ -197,10 +200,11 @@ def test_a_project_installs_the_tarball_and_type_checks_its_use(tarball: Path, t
     installed = project / "node_modules" / "pg-ws-gateway"
     assert not installed.is_symlink(), "installed as a link to the checkout, not from the tarball"
     assert {f.name for f in installed.iterdir()} == PACKED
-    for name in ("usage.ts", "usage-react.tsx"):
+    usages = ["usage.ts", "usage-react.tsx", "usage-rooms.ts"]
+    for name in usages:
         shutil.copy(PACKAGE / "test" / name, project / name)
     config = json.loads((PACKAGE / "test" / "tsconfig.json").read_text(encoding="utf-8"))
-    config["files"] = ["usage.ts", "usage-react.tsx"]  # the types now come from node_modules
+    config["files"] = usages  # the types now come from node_modules
     (project / "tsconfig.json").write_text(json.dumps(config), encoding="utf-8")
     node, _ = node_tools()
     run([node, str(project / "node_modules" / "typescript" / "bin" / "tsc"), "-p", "."], project)

@@ -22,7 +22,7 @@ import pytest
 from loadtest import report as lt_report
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("notify", "fanout", "scoped", "ramp", "idle", "churn")
+SCENARIOS = ("notify", "fanout", "scoped", "ramp", "idle", "churn", "rooms")
 
 
 def series_commits(series: dict[str, Any]) -> int:
@@ -126,6 +126,15 @@ def test_smoke_run_reports_every_scenario_with_nothing_lost(tmp_path: Path) -> N
         assert series_commits(s["series"]) == s["commits"], name
     assert max(throughput_commit_heights(html, "ramp")) > 10, "the ramp's commits/s line lies on zero"
     check_page(html, list(SCENARIOS))
+
+    # Rooms: messages and presence flowed, each message reached every member of its room
+    # (2 rooms of 3), and the row path ran alone and beside them.
+    rooms = report["scenarios"]["rooms"]
+    assert rooms["clients"] == 6 and rooms["messages_acked"] > 0, rooms
+    assert rooms["message_deliveries"] == rooms["expected_message_deliveries"] == 3 * rooms["messages_acked"]
+    assert rooms["presence_updates_sent"] > 0 and rooms["presence_frames_received"] > 0, rooms
+    assert rooms["publish_errors"] == {}, rooms["publish_errors"]
+    assert rooms["row_latency_alone_ms"]["count"] > 0 and rooms["row_latency_with_rooms_ms"]["count"] > 0
 
 
 def result(**scenarios: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ export type GatewayEvent<Row = unknown, Data = unknown> =
   | (EventBase & { op: "insert"; table: string; key: string; row: Row })
   | (EventBase & { op: "update"; table: string; key: string; row: Row })
   | (EventBase & { op: "delete"; table: string; key: string })
-  | (EventBase & { op: "message"; data: Data });
+  | (EventBase & { op: "message"; data: Data; from?: string });
 
 interface EventBase {
   type: "event";
@@ -99,6 +99,39 @@ export interface SubscribeOptions {
   onNotRecovered?: (info: NotRecoveredInfo) => void;
   /** This subscription's errors; `forbidden`, `removed`, `bad_topic`... end it, `unavailable` and `rate_limited` are retried. */
   onError?: (error: GatewayError) => void;
+  /** Ephemeral messages published on the topic (`publish(topic, data)`): live only, never replayed. */
+  onMessage?: (message: MessageFrame) => void;
+}
+
+/**
+ * An ephemeral message: sent live to the topic's subscribers, with no position, never stored
+ * or replayed, best effort (a message sent while this connection was down is not received).
+ * A durable one arrives as an event instead, `op: "message"`, with its position.
+ */
+export interface MessageFrame<Data = unknown> {
+  type: "message";
+  topic: string;
+  /** The sender's user id, set by the gateway from its token. */
+  from: string;
+  /** The sender's connection (`Gateway.conn` in the sender's tab), when a browser sent it. */
+  conn?: string;
+  data: Data;
+}
+
+export interface PublishOptions {
+  /** Store it in the topic's log: it gets a position, is replayed on resume (default false). */
+  durable?: boolean;
+  /** false: this connection does not receive its own message (default true). */
+  echo?: boolean;
+}
+
+/** The gateway's acknowledgment of a publish; `pos` and `epoch` for a durable one, once committed. */
+export interface Published {
+  type: "published";
+  topic: string;
+  id: number;
+  epoch?: string;
+  pos?: number;
 }
 
 /** Presence statuses; `offline` arrives as a change and removes the user from `users`. */
@@ -146,14 +179,18 @@ export type ServerErrorCode =
   | "rate_limited"
   | "unavailable"
   | "presence_disabled"
-  | "removed";
+  | "removed"
+  | "not_tracked"
+  | "too_many_tracked";
 
 /**
  * Errors of the client itself: `token` (the token function failed or gave no string),
  * `bad_frame` (the server sent something that is not JSON), `closed` (closed for good;
- * `closeCode` and `reason` say why).
+ * `closeCode` and `reason` say why), `disconnected` (a publish or track while not connected:
+ * not sent; or the connection dropped before its answer: a durable publish may or may not
+ * have been stored).
  */
-export type ClientErrorCode = "token" | "bad_frame" | "closed";
+export type ClientErrorCode = "token" | "bad_frame" | "closed" | "disconnected";
 
 export type ErrorCode = ServerErrorCode | ClientErrorCode;
 
@@ -228,6 +265,13 @@ export declare class Gateway {
   ): Unsubscribe;
   /** Who is online on a `presence:` topic. */
   presence(topic: `presence:${string}`, options?: PresenceOptions): PresenceSubscription;
+  /**
+   * Send `data` (any JSON value) to the topic's subscribers: needs a `publish` grant for the
+   * topic, not a subscription. Resolves once the gateway accepted it (a durable message: once
+   * committed, with its position); rejects with a `GatewayError` (`forbidden`, `too_large`,
+   * `rate_limited`, `bad_topic`, `disconnected`...). Not queued while disconnected.
+   */
+  publish(topic: string, data: unknown, options?: PublishOptions): Promise<Published>;
   /** This connection's presence status (the client sends "away" by itself while the page is hidden). */
   setStatus(status: "online" | "away"): void;
   /** Another state listener; returns the function removing it. */

@@ -15,6 +15,8 @@ const here = new URL("./", import.meta.url);
 for (const [from, to] of [
   ["gateway/static/gateway.js", "gateway.js"],
   ["gateway/static/gateway.mjs", "gateway.mjs"],
+  ["gateway/static/gateway-rooms.js", "gateway-rooms.js"],
+  ["gateway/static/gateway-rooms.mjs", "gateway-rooms.mjs"],
   ["LICENSE", "LICENSE"],
 ]) {
   copyFileSync(new URL(from, repo), new URL(to, here));

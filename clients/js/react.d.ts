@@ -7,8 +7,10 @@ import type {
   GatewayEvent,
   NotRecoveredInfo,
   Position,
+  MessageFrame,
   PresenceEntry,
 } from "pg-ws-gateway";
+import type { Room, RoomMember, RoomState } from "pg-ws-gateway/rooms";
 
 export interface GatewayProviderProps {
   /** The connection the hooks below it use (from `connect()`); closing it is up to the application. */
@@ -84,3 +86,29 @@ export declare function usePresence(
   topic: `presence:${string}` | null | undefined,
   options?: UsePresenceOptions,
 ): PresenceView;
+
+export interface UseRoomOptions<State extends object = RoomState, Data = unknown> {
+  gateway?: Gateway;
+  /** This connection's state in the room, tracked while mounted (again when its JSON changes; `null` untracks). */
+  state?: State | null;
+  /** Each message of the room: ephemeral (`type: "message"`) or durable (an event, `op: "message"`). */
+  onMessage?: (message: MessageFrame<Data> | (GatewayEvent<unknown, Data> & { op: "message" })) => void;
+}
+
+export interface RoomView<State extends object = RoomState, Data = unknown> {
+  /** Who is in the room, one entry per user with each connection's state, sorted by user. */
+  members: RoomMember<State>[];
+  /** The room (to publish with), once entered; null before and after. */
+  room: Room<State, Data> | null;
+  state: ConnectionState;
+  error: GatewayError | Error | null;
+}
+
+/**
+ * The room `topic` while mounted (nothing while it is null or undefined). Needs
+ * `import "pg-ws-gateway/rooms"` once in the application; one room per topic and connection.
+ */
+export declare function useRoom<State extends object = RoomState, Data = unknown>(
+  topic: string | null | undefined,
+  options?: UseRoomOptions<State, Data>,
+): RoomView<State, Data>;

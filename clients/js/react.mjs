@@ -157,3 +157,51 @@ export function usePresence(topic, options = {}) {
   }, [gw, topic]);
   return { ...view, state };
 }
+
+const NO_MEMBERS = { members: [], error: null };
+
+/**
+ * The room `topic` while the component is mounted (none while `topic` is null): `members`, one
+ * entry per user with each connection's state, kept current; `room` to publish with. When
+ * `options.state` is given this connection tracks it in the room (again whenever its JSON
+ * changes; `null` untracks). `options.onMessage` gets the room's messages. Needs the rooms
+ * module: `import "pg-ws-gateway/rooms"` once, anywhere. One room per topic and connection.
+ */
+export function useRoom(topic, options = {}) {
+  const gw = useGateway(options.gateway);
+  const state = useConnectionState(gw);
+  const [view, setView] = useState(NO_MEMBERS);
+  const [room, setRoom] = useState(null);
+  // the options as last rendered: a new onMessage each render does not enter again
+  const latest = useRef(options);
+  latest.current = options;
+  useEffect(() => {
+    setView(NO_MEMBERS);
+    if (topic == null) return;
+    if (typeof gw.room !== "function") {
+      setView({ ...NO_MEMBERS, error: new Error('pg-ws-gateway/react: useRoom needs the rooms module: import "pg-ws-gateway/rooms"') });
+      return;
+    }
+    let r;
+    try {
+      r = gw.room(topic, { onError: (error) => setView((v) => ({ ...v, error })) });
+    } catch (error) {
+      setView({ ...NO_MEMBERS, error });
+      return;
+    }
+    r.onSync((members) => setView({ members, error: null }));
+    r.onMessage((m) => latest.current.onMessage?.(m));
+    setRoom(r);
+    return () => {
+      r.leave();
+      setRoom(null);
+    };
+  }, [gw, topic]);
+  const tracked = options.state === undefined ? undefined : JSON.stringify(options.state);
+  useEffect(() => {
+    if (!room || tracked === undefined) return;
+    const done = tracked === "null" ? room.untrack() : room.track(JSON.parse(tracked));
+    done.catch((error) => setView((v) => ({ ...v, error })));
+  }, [room, tracked]);
+  return { ...view, room, state };
+}

@@ -6,7 +6,8 @@ with demo-only endpoints and an activity generator, and prints the page's URL.
 Ctrl-C stops all of it, including the throwaway PostgreSQL.
 
 Demo-only endpoints (never mounted by ``gateway serve``):
-``GET /demo`` the page, ``GET /demo/token?user=NAME`` a short-lived token for that name,
+``GET /demo`` the page, ``GET /demo/token?user=NAME`` a short-lived token for that name (reading
+the board and presence, publishing to the board's room),
 ``GET /demo/tasks`` the current rows with the topic position they correspond to,
 ``POST /demo/tasks`` commits a random new task.
 """
@@ -199,7 +200,10 @@ def add_demo_routes(app: web.Application, settings: Settings) -> None:
                 },
                 status=400,
             )
-        tok = mint_token(settings.jwt_secret, user, ttl=TOKEN_TTL, topics=["board:*", "presence:*"])
+        # publish: the board's room, where the page sends its pointer positions (ephemeral).
+        tok = mint_token(
+            settings.jwt_secret, user, ttl=TOKEN_TTL, topics=["board:*", "presence:*"], publish=["board:*"]
+        )
         return web.json_response({"token": tok, "expires": int(time.time() + TOKEN_TTL)})
 
     async def tasks(request: web.Request) -> web.Response:
@@ -247,7 +251,7 @@ def banner(settings: Settings) -> str:
     hint = "\n    (*** is the database password)" if masked != settings.database_url else ""
     return (
         f"\n  Demo running: open http://{host}:{settings.port}/demo\n"
-        f"  Open a second tab and connect under another name to see presence.\n"
+        f"  Open a second tab and connect under another name to see presence and each other's pointer.\n"
         f"  Commit a change yourself (it moves task #1 between To do and Done):\n"
         f"    psql '{masked}' -c \"{TRY_SQL}\"{hint}\n"
         f"  Ctrl-C stops everything.\n"

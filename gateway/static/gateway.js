@@ -79,6 +79,8 @@
       this._subs = new Map();
       // unsubscribe id -> topic, until the server confirms it
       this._unsubs = new Map();
+      // request id -> [resolve, reject] of its promise (publish, and the rooms module's track)
+      this._acks = new Map();
       this._timers = {};
       this._nextId = 1;
       this._attempt = 0;
@@ -116,6 +118,25 @@
     presence(topic, opts = {}) {
       if (!String(topic).startsWith("presence:")) throw new TypeError(`presence: topic must start with "presence:", got ${JSON.stringify(topic)}`);
       return this._add({ topic, opts, presence: true, users: new Map() });
+    }
+
+    // Resolves with the "published" frame (with pos when durable, sent once committed), rejects
+    // with the error frame's code. Not queued while disconnected: a cursor position sent late is
+    // wrong, and whether to send a durable message again is the application's call.
+    publish(topic, data, opts = {}) {
+      const f = { type: "publish", topic, data };
+      if (opts.durable) f.durable = true;
+      if (opts.echo === false) f.echo = false;
+      return this._request(f);
+    }
+
+    // A frame the server answers with one frame carrying its id: a promise of that answer.
+    _request(f) {
+      return new Promise((ok, no) => {
+        if (!this._ready) return no(fail("disconnected", "not connected"));
+        this._acks.set((f.id = this._nextId++), [ok, no]);
+        this._send(f);
+      });
     }
 
     setStatus(status) {
@@ -259,6 +280,11 @@
       }
       // any frame proves the socket is alive
       this._heardAt = Date.now();
+      const ack = this._acks.get(f.id);
+      if (ack) {
+        this._acks.delete(f.id);
+        return f.type === "error" ? ack[1](fail(f.code, f.message, f)) : ack[0](f);
+      }
       switch (f.type) {
         case "welcome": return this._welcome(f);
         case "refreshed": return this._scheduleRefresh(f);
@@ -266,6 +292,7 @@
         case "unsubscribed": return this._unsubscribed(f.id);
         case "event": return this._event(f);
         case "presence": return this._presence(f);
+        case "message": return this._message(f);
         case "error": return this._error(f);
       }
     }
@@ -328,9 +355,17 @@
       call(sub.onEvent, f);
     }
 
+    // An ephemeral message (no position, never replayed) on a subscribed topic.
+    _message(f) {
+      const sub = this._live(f.topic, false);
+      if (sub) call(sub.opts.onMessage, f);
+    }
+
     _presence(f) {
       const sub = this._live(f.topic, true);
       if (!sub) return;
+      // a room's presence (gateway-rooms.js): members with their state, not statuses
+      if (sub.frame) return sub.frame(f);
       const users = sub.users;
       const put = (e) => (e.status === "offline" ? users.delete(e.user) : users.set(e.user, e));
       if (f.snapshot) {
@@ -345,7 +380,7 @@
     }
 
     _error(f) {
-      const err = fail(f.code, f.message, { topic: f.topic, id: f.id });
+      const err = fail(f.code, f.message, f);
       const unsub = this._unsubs.get(f.id);
       if (unsub != null) {
         // Dropped, not done: send it again. It stays pending meanwhile, so the old
@@ -450,6 +485,9 @@
       this._ready = false;
       this._upAt = 0;
       this._unsubs.clear();
+      // Their answers died with the socket: a durable publish may or may not have been stored.
+      for (const [, no] of this._acks.values()) no(fail("disconnected", "connection lost before the answer"));
+      this._acks.clear();
       for (const name of ["handshake", "ping", "refresh"]) this._clear(name);
       for (const sub of this._subs.values()) clearTimeout(sub.timer);
       if (ws) {

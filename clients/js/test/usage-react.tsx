@@ -1,6 +1,7 @@
 // A typed use of pg-ws-gateway/react in components (tsc -p test checks it with React's types).
 import { connect } from "pg-ws-gateway";
-import { GatewayProvider, useConnectionState, usePresence, useTopic } from "pg-ws-gateway/react";
+import { GatewayProvider, useConnectionState, usePresence, useRoom, useTopic } from "pg-ws-gateway/react";
+import "pg-ws-gateway/rooms";
 
 interface Task {
   id: number;
@@ -55,4 +56,18 @@ export function App() {
       <Maybe id={null} />
     </GatewayProvider>
   );
+}
+
+// Rooms: members with their state, a state tracked while mounted, the room's messages.
+
+export function Viewers({ color }: { color: string }) {
+  const { members, room, error } = useRoom<{ color: string }, { x: number }>("board:7", {
+    state: { color },
+    onMessage: (m) => console.log(m.from, m.data.x),
+  });
+  if (error) return <p>{error.message}</p>;
+  void room?.publish({ x: 1 }, { echo: false });
+  // @ts-expect-error: the state has the room's type
+  useRoom<{ color: string }>("board:8", { state: { colour: "teal" } });
+  return <ul>{members.map((m) => <li key={m.user} style={{ color: m.conns[0]?.state.color }}>{m.user}</li>)}</ul>;
 }

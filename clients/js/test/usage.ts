@@ -73,3 +73,10 @@ gw.subscribe("user:42", (event) => {
 });
 // @ts-expect-error: not a state
 connect({ token: "t", onState: (state) => state === "ready" });
+
+// Publishing: a promise of the acknowledgment, with the position of a durable message.
+gw.publish("room:7", { x: 10, y: 20 }, { echo: false }).catch((err: GatewayError) => console.warn(err.code));
+void gw.publish("room:7", { text: "hi" }, { durable: true }).then((ack) => console.log(ack.pos, ack.epoch));
+// @ts-expect-error: durable is a boolean
+void gw.publish("room:7", 1, { durable: "yes" });
+gw.subscribe("room:8", () => {}, { onMessage: (m) => console.log(m.from, m.conn, m.data) });
