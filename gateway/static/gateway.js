@@ -14,7 +14,7 @@
   // RECONNECT_AFTER in gateway/protocol.py. Its other codes (FINAL) mean "do not come back as
   // you are"; other closes (1006 network drop, a proxy's) are retried.
   const RECONNECT_AFTER = [1001, 1012, 1013, 4004, 4005, 4008, 4011, 4029];
-  const FINAL = { 1000: "closed", 1002: "protocol error", 1007: "not UTF-8", 1009: "frame too big", 4001: "unauthorized", 4010: "disconnected by the server" };
+  const FINAL = { 1000: "closed", 1002: "protocol error", 1007: "not UTF-8", 1009: "frame too big", 4001: "unauthorized", 4010: "disconnected" };
   // Subscribe errors that may clear up; any other (forbidden, bad_topic...) is final.
   const RETRYABLE = ["unavailable", "rate_limited"];
 
@@ -124,10 +124,7 @@
     // with the error frame's code. Not queued while disconnected: a cursor position sent late is
     // wrong, and whether to send a durable message again is the application's call.
     publish(topic, data, opts = {}) {
-      const f = { type: "publish", topic, data };
-      if (opts.durable) f.durable = true;
-      if (opts.echo === false) f.echo = false;
-      return this._request(f);
+      return this._request({ type: "publish", topic, data, durable: !!opts.durable, echo: opts.echo !== false });
     }
 
     // A frame the server answers with one frame carrying its id: a promise of that answer.
@@ -410,7 +407,7 @@
       const sub = f.topic != null && this._subs.get(f.topic);
       // No id on "forbidden" (a refreshed token no longer grants the topic) or "removed" (the
       // application's server took the user out): the server dropped the subscription.
-      if (!sub || (f.id == null ? f.code !== "forbidden" && f.code !== "removed" : sub.id !== f.id)) return this._report(err);
+      if (!sub || (f.id == null ? !["forbidden", "removed"].includes(f.code) : sub.id !== f.id)) return this._report(err);
       if (RETRYABLE.includes(f.code)) {
         err.willRetry = true;
         // At least a second, plus jitter: clamped instead, every retry landed at the same moment.
@@ -486,7 +483,7 @@
       this._upAt = 0;
       this._unsubs.clear();
       // Their answers died with the socket: a durable publish may or may not have been stored.
-      for (const [, no] of this._acks.values()) no(fail("disconnected", "connection lost before the answer"));
+      for (const [, no] of this._acks.values()) no(fail("disconnected", "connection lost"));
       this._acks.clear();
       for (const name of ["handshake", "ping", "refresh"]) this._clear(name);
       for (const sub of this._subs.values()) clearTimeout(sub.timer);
