@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from gateway import resolver
+from gateway.hub import Hub
 from gateway.protocol import CloseCode
 
 from .gwtest import Closed, make_items_table, running_gateway, wait_for_lock_wait
@@ -387,3 +389,42 @@ async def test_a_replay_larger_than_the_send_limit_is_not_recovered_instead_of_c
             assert gw.state.ctx.registry.evicted_slow == 0
         finally:
             await db.close()
+
+
+class CountingSubscriber:
+    """Counts how often its ``deliver`` is looked up (each lookup makes a bound method)."""
+
+    lookups = 0
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    @property
+    def deliver(self) -> Callable[[bytes], None]:
+        CountingSubscriber.lookups += 1
+        return self.frames.append
+
+
+def test_joining_a_crowded_topic_costs_the_same_as_joining_an_empty_one() -> None:
+    """Each join used to rebuild the topic's tuple of subscribers: N joins cost N^2/2 lookups
+    (at 50,000 subscribers of one topic, minutes of CPU while they connected). Now a join or
+    a leave costs nothing per existing subscriber; the next fan-out rebuilds the tuple once."""
+    hub = Hub()
+    subs = [CountingSubscriber() for _ in range(2000)]
+    CountingSubscriber.lookups = 0
+    for s in subs:
+        hub.add("t:crowd", s)
+    for s in subs[:500]:
+        hub.remove("t:crowd", s)
+    assert CountingSubscriber.lookups == 0
+    assert hub.publish("t:crowd", b"one") == 1500
+    assert hub.publish("t:crowd", b"two") == 1500
+    assert CountingSubscriber.lookups == 1500  # built once, reused
+    assert subs[0].frames == [] and subs[-1].frames == [b"one", b"two"]
+    late = CountingSubscriber()
+    hub.add("t:crowd", late)
+    assert hub.publish("t:crowd", b"three") == 1501 and late.frames == [b"three"]
+    for s in [*subs[500:], late]:
+        hub.remove("t:crowd", s)
+    assert not hub.has("t:crowd") and hub.publish("t:crowd", b"four") == 0
+    assert hub.delivered == 1500 * 2 + 1501
