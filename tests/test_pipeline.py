@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
 from gateway import resolver
 from gateway.hub import Hub
 from gateway.protocol import CloseCode
+from gateway.session import Registry, Session, SessionContext
 
 from .gwtest import Closed, make_items_table, running_gateway, wait_for_lock_wait
 from .pgconn import pg_connect
@@ -428,3 +430,45 @@ def test_joining_a_crowded_topic_costs_the_same_as_joining_an_empty_one() -> Non
         hub.remove("t:crowd", s)
     assert not hub.has("t:crowd") and hub.publish("t:crowd", b"four") == 0
     assert hub.delivered == 1500 * 2 + 1501
+
+
+@pytest.mark.timeout(30)
+def test_delivering_to_a_socket_the_peer_just_closed_drops_the_frame_instead_of_raising() -> None:
+    """uvloop's transports raise on a write after the peer went away, before the session's
+    handler has noticed (``closed`` still False). That exception used to escape ``deliver``:
+    out of a fan-out it failed the whole pipeline batch ("pipeline batch failed; catching up
+    from the log", every join in it refused as unavailable). Seen with 50,000 connections,
+    when clients gave up on a slow subscribe. Real uvloop sockets here, no gateway needed."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
+        lost = asyncio.Event()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                accepted.set_result(transport)  # type: ignore[arg-type]
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set()
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        transport = await accepted
+        settings = SimpleNamespace(send_queue_bytes=1 << 20, message_rate=20.0, subscribe_rate=10.0)
+        ctx = SessionContext(settings, None, None, None, Registry())  # type: ignore[arg-type]
+        session = Session(ctx, None, transport, "c1", None)  # type: ignore[arg-type]
+        try:
+            session.deliver(b"before")
+            client.abort()  # the peer resets the connection
+            await asyncio.wait_for(lost.wait(), 5)
+            assert not session.closed  # the handler has not run yet
+            session.deliver(b"after")  # raised RuntimeError from uvloop before the fix
+            assert ctx.registry.dropped == 1
+        finally:
+            transport.abort()
+            server.close()
+
+    uvloop.run(scenario())
