@@ -25,7 +25,7 @@ from gateway.dev.pgcluster import (
     start_throwaway,
 )
 
-from . import report
+from . import report, scale
 from .scenarios import Plan, Progress, Runner
 from .sysinfo import describe, loadavg, pgbench_path, raise_nofile
 
@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="End-to-end load test of the gateway on this machine; writes JSON and HTML to --out.",
     )
     ap.add_argument(
-        "--scenario", choices=(*SCENARIOS, "all"), default="all", help="what to run (default all)"
+        "--scenario",
+        choices=(*SCENARIOS, *scale.SCALE_SCENARIOS, "all"),
+        default="all",
+        help="what to run (default all; with --smoke, all is every scenario but crowd, storm and replicas)",
     )
     ap.add_argument("--duration", type=_positive(float), help="seconds of writes per scenario (default 15)")
     ap.add_argument(
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--rate", type=_positive(float), help="commits/s in fanout, scoped and churn (default 20, 200, 50)"
     )
+    ap.add_argument("--crowd-connections", type=_positive(int), help="connections in crowd (default 50000)")
+    ap.add_argument("--storm-clients", type=_positive(int), help="clients in storm (default 10000)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds of every scenario at tiny scale")
     ap.add_argument("--out", type=Path, default=REPO / "loadtest" / "report", help="report directory")
     return ap
@@ -226,7 +231,11 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
         runner = Runner(dsn, plan, args.out, progress)
         await runner.writers.open()
         bin_dir = server.bin_dir if isinstance(server, LocalCluster) else None
-        selected = SCENARIOS if args.scenario == "all" else (args.scenario,)
+        selected: tuple[str, ...] = SCENARIOS if args.scenario == "all" else (args.scenario,)
+        if args.scenario == "all" and not args.smoke:
+            # The scale scenarios take minutes at full scale; a smoke run has a test of each.
+            selected = (*SCENARIOS, *scale.SCALE_SCENARIOS)
+        sizes = {"crowd": args.crowd_connections, "storm": args.storm_clients}
 
         async def attempt(kind: str, name: str, coro: Any) -> None:
             try:
@@ -239,9 +248,15 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
             result[kind][name] = value
             progress.done(f"[{name}] done")
 
-        await attempt("baselines", "writer_cost", runner.writer_cost(pgbench_path(bin_dir)))
-        await attempt("baselines", "bare_listen", runner.bare_listen())
+        if any(name in SCENARIOS for name in selected):  # the scale scenarios need no baseline
+            await attempt("baselines", "writer_cost", runner.writer_cost(pgbench_path(bin_dir)))
+            await attempt("baselines", "bare_listen", runner.bare_listen())
         for name in selected:
+            if name in scale.SCALE_SCENARIOS:
+                await attempt(
+                    "scenarios", name, scale.run(name, server, args.smoke, args.out, progress, sizes)
+                )
+                continue
             await attempt("scenarios", name, getattr(runner, name)())
             if name == "fanout":
                 await attempt("baselines", "floor", runner.floor(plan.fanout_rate))
@@ -253,7 +268,7 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
         await asyncio.to_thread(server.stop)
     result["loadavg_end"] = loadavg()
     result["total_seconds"] = round(time.monotonic() - started, 1)
-    result["bar"] = report.evaluate_bar(result)
+    result["bar"] = report.evaluate_bar(result) + scale.bar_lines(result)
     report.write_json(result, args.out / "loadtest.json")
     report.write_html(result, args.out / "loadtest.html")
     print()
