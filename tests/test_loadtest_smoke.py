@@ -205,11 +205,12 @@ def run_scale_smoke(tmp_path: Path, scenario: str, timeout: float) -> dict[str, 
     return report
 
 
-@pytest.mark.timeout(120)
+# About 30 s each on this machine when it is quiet; the timeouts leave room for a loaded one.
+@pytest.mark.timeout(200)
 def test_crowd_scenario_holds_every_connection_and_delivers_everything(tmp_path: Path) -> None:
     """300 connections over 3 workers and 3 client processes from 127.0.0.10-12: the fan-out
     and the per-user topics delivered exactly once, both connects measured."""
-    report = run_scale_smoke(tmp_path, "crowd", 100)
+    report = run_scale_smoke(tmp_path, "crowd", 170)
     c = report["scenarios"]["crowd"]
     assert c["clients"] == 300 and c["workers"] == 3 and c["client_processes"] == 3
     assert c["connect_default"]["connected"] == 300 and c["connect_default"]["failed"] == 0
@@ -226,13 +227,13 @@ def test_crowd_scenario_holds_every_connection_and_delivers_everything(tmp_path:
     assert line["verdict"] == "n/a" and line["value"] == 300
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_storm_scenario_moves_every_client_of_the_drained_replica_without_loss(tmp_path: Path) -> None:
     """200 clients through HAProxy on two replicas; one gets SIGTERM while writes go on: its
     clients, closed with 1012, resume on the other with recovered: true and miss nothing."""
     if not shutil.which("haproxy", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")):
         pytest.skip("haproxy not found (Debian package haproxy)")
-    report = run_scale_smoke(tmp_path, "storm", 100)
+    report = run_scale_smoke(tmp_path, "storm", 170)
     s = report["scenarios"]["storm"]
     assert s["clients"] == 200
     # leastconn spreads the clients over both replicas: the drained one had some, not all.
