@@ -188,7 +188,12 @@ class Session:
             self.ctx.registry.dropped += 1
             self._evict_slow()
             return
-        t.write(frame)
+        try:
+            t.write(frame)
+        except RuntimeError:
+            # uvloop raises here once the peer has gone, before the handler noticed and set
+            # `closed`; out of a fan-out or a join that would fail the pipeline's whole batch.
+            self.ctx.registry.dropped += 1
 
     def send(self, msg: p.ServerMessage) -> None:
         self.deliver(text_frame(p.encode(msg)))

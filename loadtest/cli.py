@@ -25,7 +25,7 @@ from gateway.dev.pgcluster import (
     start_throwaway,
 )
 
-from . import report
+from . import report, scale
 from .scenarios import Plan, Progress, Runner
 from .sysinfo import describe, loadavg, pgbench_path, raise_nofile
 
@@ -118,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--scenario",
-        choices=(*SCENARIOS, *COMPARISONS, "all"),
+        choices=(*SCENARIOS, *scale.SCALE_SCENARIOS, *COMPARISONS, "all"),
         default="all",
-        help="what to run (default all: every scenario and the baseline; curve: the relay's latency knob)",
+        help=(
+            "what to run (default all: every scenario and the baseline; with --smoke, all leaves out"
+            " crowd, storm and replicas; curve: the relay's latency knob)"
+        ),
     )
     ap.add_argument("--duration", type=_positive(float), help="seconds of writes per scenario (default 15)")
     ap.add_argument(
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--rate", type=_positive(float), help="commits/s in fanout, scoped and churn (default 20, 200, 50)"
     )
+    ap.add_argument("--crowd-connections", type=_positive(int), help="connections in crowd (default 50000)")
+    ap.add_argument("--storm-clients", type=_positive(int), help="clients in storm (default 10000)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds of every scenario at tiny scale")
     ap.add_argument("--out", type=Path, default=REPO / "loadtest" / "report", help="report directory")
     return ap
@@ -239,6 +244,10 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
         await runner.writers.open()
         bin_dir = server.bin_dir if isinstance(server, LocalCluster) else None
         selected: tuple[str, ...] = (*SCENARIOS, "baseline") if args.scenario == "all" else (args.scenario,)
+        if args.scenario == "all" and not args.smoke:
+            # The scale scenarios take minutes at full scale; a smoke run has a test of each.
+            selected = (*SCENARIOS, *scale.SCALE_SCENARIOS, "baseline")
+        sizes = {"crowd": args.crowd_connections, "storm": args.storm_clients}
 
         async def attempt(kind: str, name: str, coro: Any) -> None:
             try:
@@ -251,12 +260,18 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
             result[kind][name] = value
             progress.done(f"[{name}] done")
 
-        if any(name in SCENARIOS for name in selected):  # not for the baseline or curve alone
+        # Not for the baseline, the curve or the scale scenarios alone: they need no baseline.
+        if any(name in SCENARIOS for name in selected):
             await attempt("baselines", "writer_cost", runner.writer_cost(pgbench_path(bin_dir)))
             await attempt("baselines", "bare_listen", runner.bare_listen())
         for name in selected:
             if name in COMPARISONS:
                 await _compare(name, dsn, plan, args, progress, result)
+                continue
+            if name in scale.SCALE_SCENARIOS:
+                await attempt(
+                    "scenarios", name, scale.run(name, server, args.smoke, args.out, progress, sizes)
+                )
                 continue
             await attempt("scenarios", name, getattr(runner, name)())
             if name == "fanout":
@@ -269,7 +284,7 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
         await asyncio.to_thread(server.stop)
     result["loadavg_end"] = loadavg()
     result["total_seconds"] = round(time.monotonic() - started, 1)
-    result["bar"] = report.evaluate_bar(result)
+    result["bar"] = report.evaluate_bar(result) + scale.bar_lines(result)
     report.write_json(result, args.out / "loadtest.json")
     report.write_html(result, args.out / "loadtest.html")
     print()

@@ -201,23 +201,83 @@ def test_the_page_has_a_summary_linking_every_section_and_rounded_numbers(tmp_pa
     assert min(throughput_commit_heights(page, "fanout")) > 10
 
 
-@pytest.mark.timeout(300)
-def test_replicas_scenario_runs_both_engines_with_nothing_lost(tmp_path: Path) -> None:
-    """``python -m loadtest.replicas`` at tiny scale: PostgreSQL only, then NATS."""
-    if not (shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")):
-        pytest.skip("nats-server not found (Debian package nats-server; .ci/run installs it)")
+def run_scale_smoke(tmp_path: Path, scenario: str, timeout: float) -> dict[str, Any]:
+    """``python -m loadtest --smoke --scenario <scenario>``: its report, after checking that it
+    ran without errors, with nothing lost, and that its lines of the bar held."""
+    # The scale scenarios measure PostgreSQL from /proc (replicas): always a throwaway cluster.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
-    tiny = ["--replicas", "2", "--clients", "8", "--seconds", "2", "--rate", "50"]
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.replicas", *tiny, "--out", str(tmp_path)],
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--smoke", "--scenario", scenario, "--out", str(tmp_path)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
+        check=False,
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    runs = {r["engine"]: r for r in json.loads((tmp_path / "replicas.json").read_text())}
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "loadtest.json").read_text())
+    assert report["errors"] == {}, report["errors"]
+    assert set(report["scenarios"]) == {scenario}
+    assert report["baselines"] == {}  # the scale scenarios run without the baselines
+    s = report["scenarios"][scenario]
+    assert s["lost"] == 0 and s["duplicated"] == 0, s
+    assert "FAIL" not in proc.stdout, proc.stdout[-3000:]
+    assert f"href='#scenario-{scenario}'" in (tmp_path / "loadtest.html").read_text()
+    return report
+
+
+# About 30 s each on this machine when it is quiet; the timeouts leave room for a loaded one.
+@pytest.mark.timeout(200)
+def test_crowd_scenario_holds_every_connection_and_delivers_everything(tmp_path: Path) -> None:
+    """300 connections over 3 workers and 3 client processes from 127.0.0.10-12: the fan-out
+    and the per-user topics delivered exactly once, both connects measured."""
+    report = run_scale_smoke(tmp_path, "crowd", 170)
+    c = report["scenarios"]["crowd"]
+    assert c["clients"] == 300 and c["workers"] == 3 and c["client_processes"] == 3
+    assert c["connect_default"]["connected"] == 300 and c["connect_default"]["failed"] == 0
+    assert c["connect_raised"]["connected"] == 300 and c["connect_raised"]["gateway_connect_rate"] > 500
+    w = c["writes"]
+    assert w["broadcast_commits"] >= 2 and w["user_commits"] > 0
+    # Every fan-out commit reached the 295 broadcast subscribers; every per-user one its owner.
+    assert c["deliveries"] == c["expected_deliveries"] == 295 * w["broadcast_commits"] + w["user_commits"]
+    assert c["latency_ms"]["count"] == 295 * w["broadcast_commits"]
+    assert c["behind_at_end"] == 0 and c["closed_by_server"] == 0
+    assert c["kb_per_connection"] > 0
+    # Below 50,000 connections the crowd's line is not judged.
+    line = next(b for b in report["bar"] if b["criterion"].startswith("crowd: connections held"))
+    assert line["verdict"] == "n/a" and line["value"] == 300
+
+
+@pytest.mark.timeout(200)
+def test_storm_scenario_moves_every_client_of_the_drained_replica_without_loss(tmp_path: Path) -> None:
+    """200 clients through HAProxy on two replicas; one gets SIGTERM while writes go on: its
+    clients, closed with 1012, resume on the other with recovered: true and miss nothing."""
+    if not shutil.which("haproxy", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")):
+        pytest.skip("haproxy not found (Debian package haproxy)")
+    report = run_scale_smoke(tmp_path, "storm", 170)
+    s = report["scenarios"]["storm"]
+    assert s["clients"] == 200
+    # leastconn spreads the clients over both replicas: the drained one had some, not all.
+    assert 0 < s["moved"] < 200, s
+    assert s["resubscribed"] == s["moved"] and s["storm_complete"], s
+    assert s["close_codes"] == ["1012"] and s["closed_twice"] == 0
+    assert s["not_recovered"] == 0 and s["drained_replica_exit_code"] == 0
+    assert s["commits"] > 0 and s["deliveries"] == s["expected_deliveries"] > 0
+    assert 0 < s["resubscribed_99pct_s"] <= s["resubscribed_100pct_s"]
+    assert s["survivor_latency_ms_before"]["count"] > 0
+    line = next(b for b in report["bar"] if b["criterion"].startswith("storm:"))
+    assert line["verdict"] == "PASS", line
+
+
+@pytest.mark.timeout(300)
+def test_replicas_scenario_runs_both_engines_with_nothing_lost(tmp_path: Path) -> None:
+    """The replicas scenario at tiny scale inside ``python -m loadtest`` (it also runs alone
+    as ``python -m loadtest.replicas``, the same code): PostgreSQL only, then NATS."""
+    if not (shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")):
+        pytest.skip("nats-server not found (Debian package nats-server; .ci/run installs it)")
+    report = run_scale_smoke(tmp_path, "replicas", 240)
+    runs = report["scenarios"]["replicas"]["engines"]
     assert set(runs) == {"postgres", "nats"}
     for r in runs.values():
         assert r["lost"] == 0 and r["duplicated"] == 0 and r["commits"] > 0, r

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
 from gateway import resolver
+from gateway.hub import Hub
 from gateway.protocol import CloseCode
+from gateway.session import Registry, Session, SessionContext
 
 from .gwtest import Closed, make_items_table, running_gateway, wait_for_lock_wait
 from .pgconn import pg_connect
@@ -387,3 +391,84 @@ async def test_a_replay_larger_than_the_send_limit_is_not_recovered_instead_of_c
             assert gw.state.ctx.registry.evicted_slow == 0
         finally:
             await db.close()
+
+
+class CountingSubscriber:
+    """Counts how often its ``deliver`` is looked up (each lookup makes a bound method)."""
+
+    lookups = 0
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    @property
+    def deliver(self) -> Callable[[bytes], None]:
+        CountingSubscriber.lookups += 1
+        return self.frames.append
+
+
+def test_joining_a_crowded_topic_costs_the_same_as_joining_an_empty_one() -> None:
+    """Each join used to rebuild the topic's tuple of subscribers: N joins cost N^2/2 lookups
+    (at 50,000 subscribers of one topic, minutes of CPU while they connected). Now a join or
+    a leave costs nothing per existing subscriber; the next fan-out rebuilds the tuple once."""
+    hub = Hub()
+    subs = [CountingSubscriber() for _ in range(2000)]
+    CountingSubscriber.lookups = 0
+    for s in subs:
+        hub.add("t:crowd", s)
+    for s in subs[:500]:
+        hub.remove("t:crowd", s)
+    assert CountingSubscriber.lookups == 0
+    assert hub.publish("t:crowd", b"one") == 1500
+    assert hub.publish("t:crowd", b"two") == 1500
+    assert CountingSubscriber.lookups == 1500  # built once, reused
+    assert subs[0].frames == [] and subs[-1].frames == [b"one", b"two"]
+    late = CountingSubscriber()
+    hub.add("t:crowd", late)
+    assert hub.publish("t:crowd", b"three") == 1501 and late.frames == [b"three"]
+    for s in [*subs[500:], late]:
+        hub.remove("t:crowd", s)
+    assert not hub.has("t:crowd") and hub.publish("t:crowd", b"four") == 0
+    assert hub.delivered == 1500 * 2 + 1501
+
+
+@pytest.mark.timeout(30)
+def test_delivering_to_a_socket_the_peer_just_closed_drops_the_frame_instead_of_raising() -> None:
+    """uvloop's transports raise on a write after the peer went away, before the session's
+    handler has noticed (``closed`` still False). That exception used to escape ``deliver``:
+    out of a fan-out it failed the whole pipeline batch ("pipeline batch failed; catching up
+    from the log", every join in it refused as unavailable). Seen with 50,000 connections,
+    when clients gave up on a slow subscribe. Real uvloop sockets here, no gateway needed."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
+        lost = asyncio.Event()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                accepted.set_result(transport)  # type: ignore[arg-type]
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set()
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        transport = await accepted
+        settings = SimpleNamespace(send_queue_bytes=1 << 20, message_rate=20.0, subscribe_rate=10.0)
+        ctx = SessionContext(settings, None, None, None, Registry())  # type: ignore[arg-type]
+        session = Session(ctx, None, transport, "c1", None)  # type: ignore[arg-type]
+        try:
+            session.deliver(b"before")
+            client.abort()  # the peer resets the connection
+            await asyncio.wait_for(lost.wait(), 5)
+            assert not session.closed  # the handler has not run yet
+            session.deliver(b"after")  # raised RuntimeError from uvloop before the fix
+            assert ctx.registry.dropped == 1
+        finally:
+            transport.abort()
+            server.close()
+
+    uvloop.run(scenario())
