@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Coroutine
@@ -46,6 +47,9 @@ _background: set[asyncio.Future[None]] = set()
 # coalesced, not dropped (Session._publish_status). A person goes away and comes back far
 # less often.
 STATUS_RATE = 1.0
+# Token expiries are checked this many times a second: a connection is closed at most
+# 1/EXPIRY_TICKS_PER_S s after its token (plus leeway and grace) ran out.
+EXPIRY_TICKS_PER_S = 4
 
 
 @dataclass
@@ -71,6 +75,11 @@ class Registry:
         self.closing: tuple[int, str] | None = None
         self._by_user: defaultdict[str, int] = defaultdict(int)
         self._next = 0
+        # Token expiries, shared: sessions by the quarter second their token runs out in, one
+        # timer per quarter second that has any. A timer per session cost ~0.8 KB each
+        # (docs/performance.md, "Memory per connection"); tokens minted together share one.
+        self._expiring: dict[int, set[Session]] = {}
+        self._expiry_timers: dict[int, asyncio.TimerHandle] = {}
         self.evicted_slow = 0
         self.dropped = 0  # frames not sent: the client was being closed or was too slow
         self.closed_by_code: defaultdict[int, int] = defaultdict(int)
@@ -92,6 +101,32 @@ class Registry:
             self._by_user[s.identity.user] -= 1
             if self._by_user[s.identity.user] <= 0:
                 del self._by_user[s.identity.user]
+
+    def expire_at(self, s: Session, deadline: float) -> int:
+        """Call ``s._expired()`` at ``deadline`` (unix time), at most EXPIRY_TICK later; returns
+        the key that ``unexpire`` takes."""
+        key = math.ceil(deadline * EXPIRY_TICKS_PER_S)
+        sessions = self._expiring.get(key)
+        if sessions is None:
+            sessions = self._expiring[key] = set()
+            delay = max(0.0, key / EXPIRY_TICKS_PER_S - time.time())
+            self._expiry_timers[key] = asyncio.get_running_loop().call_later(delay, self._expire, key)
+        sessions.add(s)
+        return key
+
+    def unexpire(self, s: Session, key: int) -> None:
+        sessions = self._expiring.get(key)
+        if sessions is None:
+            return
+        sessions.discard(s)
+        if not sessions:
+            del self._expiring[key]
+            self._expiry_timers.pop(key).cancel()
+
+    def _expire(self, key: int) -> None:
+        self._expiry_timers.pop(key, None)
+        for s in self._expiring.pop(key, ()):
+            s._expired()
 
     async def close_all(self, code: int, reason: str, wait: float) -> None:
         self.closing = (code, reason)
@@ -151,7 +186,7 @@ class Session:
         self._statuses: TokenBucket | None = None  # made at the first status frame
         self._status_timer: asyncio.TimerHandle | None = None
         self._dropped = 0
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: int | None = None  # the registry's key for our token's expiry
         self._registered = False
 
     @property
@@ -355,7 +390,7 @@ class Session:
 
     def _arm_expiry(self) -> None:
         if self._expiry is not None:
-            self._expiry.cancel()
+            self.ctx.registry.unexpire(self, self._expiry)
             self._expiry = None
         assert self.identity is not None
         if self.identity.expires is None:
@@ -363,11 +398,11 @@ class Session:
         # The leeway that let the token in (clocks that disagree) holds for as long as it is
         # in use: without it a token accepted 20 s past its exp would be closed at once.
         settings = self.ctx.settings
-        delay = self.identity.expires + settings.jwt_leeway + settings.expiry_grace - time.time()
-        loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(max(0.0, delay), self._expired)
+        deadline = self.identity.expires + settings.jwt_leeway + settings.expiry_grace
+        self._expiry = self.ctx.registry.expire_at(self, deadline)
 
     def _expired(self) -> None:
+        self._expiry = None
         self._spawn(self.close(p.CloseCode.TOKEN_EXPIRED, "token expired; reconnect with a fresh token"))
 
     async def _within_rate(self) -> bool:
@@ -546,7 +581,8 @@ class Session:
     async def _cleanup(self) -> None:
         self.closed = True
         if self._expiry is not None:
-            self._expiry.cancel()
+            self.ctx.registry.unexpire(self, self._expiry)
+            self._expiry = None
         if self._status_timer is not None:
             self._status_timer.cancel()
         self._leave_all()
