@@ -11,6 +11,10 @@ buffer, which is the connection's bounded send queue: once it holds more than
 never hold up the pipeline or other clients, and its memory is capped.
 
 Every bad frame gets an ``error`` reply naming what was wrong; the connection stays up.
+
+Timers are shared, not one per connection (each cost ~0.8 KB at 10,000 connections): the
+registry keeps token expiries by quarter second and runs one heartbeat sweep over every
+session (ping the silent, drop the dead).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType
 
 from . import __version__
 from . import protocol as p
@@ -35,6 +39,7 @@ from .config import Settings
 from .hub import text_frame
 from .pipeline import Pipeline, Unavailable
 from .ratelimit import TokenBucket
+from .websocket import GatewayWebSocketResponse
 
 if TYPE_CHECKING:
     from .presence import Presence
@@ -50,6 +55,13 @@ STATUS_RATE = 1.0
 # Token expiries are checked this many times a second: a connection is closed at most
 # 1/EXPIRY_TICKS_PER_S s after its token (plus leeway and grace) ran out.
 EXPIRY_TICKS_PER_S = 4
+# The WebSocket heartbeat, one sweep over every session each HEARTBEAT_TICK seconds rather
+# than two timers per connection: a client silent for PING_AFTER ticks (25-30 s) gets a
+# ping, and one still silent DROP_AFTER ticks in (15 s after the ping) is dropped as dead.
+HEARTBEAT_TICK = 5.0
+PING_AFTER = 6
+DROP_AFTER = 9
+PING_FRAME = b"\x89\x00"  # a server-to-client ping, empty payload (RFC 6455 5.5.2)
 
 
 @dataclass
@@ -80,6 +92,7 @@ class Registry:
         # (docs/performance.md, "Memory per connection"); tokens minted together share one.
         self._expiring: dict[int, set[Session]] = {}
         self._expiry_timers: dict[int, asyncio.TimerHandle] = {}
+        self._heartbeat: asyncio.TimerHandle | None = None  # set while there are sessions
         self.evicted_slow = 0
         self.dropped = 0  # frames not sent: the client was being closed or was too slow
         self.closed_by_code: defaultdict[int, int] = defaultdict(int)
@@ -95,6 +108,18 @@ class Registry:
         self.sessions[s.conn_id] = s
         assert s.identity is not None
         self._by_user[s.identity.user] += 1
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_TICK, self._beat)
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        for s in list(self.sessions.values()):
+            try:
+                s.heartbeat()
+            except Exception:  # one broken connection must not stop the others' heartbeat
+                log.exception("heartbeat of %s failed", s.conn_id)
+        if self.sessions:
+            self._heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_TICK, self._beat)
 
     def remove(self, s: Session) -> None:
         if self.sessions.pop(s.conn_id, None) is not None and s.identity is not None:
@@ -166,7 +191,7 @@ class Session:
     def __init__(
         self,
         ctx: SessionContext,
-        ws: web.WebSocketResponse,
+        ws: GatewayWebSocketResponse,
         transport: asyncio.Transport,
         conn_id: str,
         identity: Identity | None,
@@ -208,6 +233,26 @@ class Session:
             self._evict_slow()
             return
         t.write(frame)
+
+    def heartbeat(self) -> None:
+        """One tick of the registry's heartbeat: ping a client that has been silent for a while,
+        drop one that has not answered (aiohttp's own heartbeat did this with two timers per
+        connection). Any byte from the client counts as an answer, as it did for aiohttp."""
+        if self.closed:
+            return
+        silent = self.ws.silence()
+        if silent == PING_AFTER:
+            if not self._transport.is_closing():
+                self._transport.write(PING_FRAME)
+        elif silent >= DROP_AFTER:
+            self.log.info(
+                "no answer to a ping for %.0f s: dropping the connection",
+                (DROP_AFTER - PING_AFTER) * HEARTBEAT_TICK,
+            )
+            self.closed = True
+            self._leave_all()
+            self.ctx.registry.closed_by_code[WSCloseCode.ABNORMAL_CLOSURE] += 1
+            self.abort()  # the handler's receive() then ends and _cleanup runs
 
     def send(self, msg: p.ServerMessage) -> None:
         self.deliver(text_frame(p.encode(msg)))

@@ -43,15 +43,17 @@ class _MaskedFramesOnly:
     """Passes the bytes of a WebSocket stream on to aiohttp's reader, checking that every
     frame carries a mask; fails the connection (1002) at the first frame that does not."""
 
-    __slots__ = ("_head", "_queue", "_reader", "_skip")
+    __slots__ = ("_head", "_queue", "_reader", "_skip", "silent")
 
     def __init__(self, reader: Any, queue: Any) -> None:
         self._reader = reader  # aiohttp's WebSocketReader (feed_data, feed_eof)
         self._queue = queue  # its WebSocketDataQueue, where receive() reads from
         self._head = b""  # the start of a frame header split across reads
         self._skip = 0  # payload bytes of the current frame still to come
+        self.silent = 0  # heartbeat ticks since the client last sent anything
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.silent = 0
         pos, end = 0, len(data)
         while pos < end:
             if self._skip:
@@ -92,7 +94,19 @@ class _MaskedFramesOnly:
 
 
 class GatewayWebSocketResponse(web.WebSocketResponse):
-    """``web.WebSocketResponse`` that refuses unmasked client frames and bounds SO_SNDBUF."""
+    """``web.WebSocketResponse`` that refuses unmasked client frames and bounds SO_SNDBUF, and
+    tells the heartbeat how long the client has been silent (``silence``)."""
+
+    _wire: _MaskedFramesOnly | None = None
+
+    def silence(self) -> int:
+        """Counts one more heartbeat tick; returns the ticks since the client last sent a byte
+        (0 when that cannot be known: aiohttp's internals changed, warned at the upgrade)."""
+        wire = self._wire
+        if wire is None:
+            return 0
+        wire.silent += 1
+        return wire.silent
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         proto: Any = request.protocol
@@ -106,7 +120,7 @@ class GatewayWebSocketResponse(web.WebSocketResponse):
         if reader is None or self._reader is None:  # aiohttp's internals moved: checked by tests
             _warn_once("cannot check that client frames are masked (aiohttp internals changed)")
         else:
-            proto._payload_parser = _MaskedFramesOnly(reader, self._reader)
+            proto._payload_parser = self._wire = _MaskedFramesOnly(reader, self._reader)
         if tail:
             proto._payload_parser.feed_data(tail)  # as set_parser does; an error reaches receive()
         _drop_http_state(proto)
