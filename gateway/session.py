@@ -61,6 +61,9 @@ EXPIRY_TICKS_PER_S = 4
 HEARTBEAT_TICK = 5.0
 PING_AFTER = 6
 DROP_AFTER = 9
+# Every session's presence_topics until it subscribes to one; never added to (only discarded
+# from, which leaves an empty set as it is).
+_NO_PRESENCE_TOPICS: set[str] = set()
 PING_FRAME = b"\x89\x00"  # a server-to-client ping, empty payload (RFC 6455 5.5.2)
 
 
@@ -201,7 +204,8 @@ class Session:
         self.conn_id = conn_id
         self.identity = identity
         self.topics: set[str] = set()
-        self.presence_topics: set[str] = set()
+        # Shared and empty until the first presence subscribe (an empty set is 216 bytes).
+        self.presence_topics: set[str] = _NO_PRESENCE_TOPICS
         self.status = "online"
         self.closed = False
         self._transport = transport
@@ -557,6 +561,8 @@ class Session:
             return
         if presence:
             assert self.ctx.presence is not None
+            if self.presence_topics is _NO_PRESENCE_TOPICS:
+                self.presence_topics = set()
             self.presence_topics.add(topic)
             try:
                 await self.ctx.presence.subscribe(self, topic, req_id)
