@@ -474,6 +474,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                 identity = await ctx.authenticator.verify(token)
             except TokenError as exc:
                 return _refuse(state, p.Refused.BAD_TOKEN, str(exc))
+            # This frame lives as long as the connection: do not keep the token's text in it.
+            del token
         await ws.prepare(request)
     finally:
         state.pending_upgrades -= 1
