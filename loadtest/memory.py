@@ -115,12 +115,27 @@ def trace_difference(before: Path, after: Path, n: int, top: int) -> dict[str, A
     return out
 
 
-async def _signal_and_wait(gw: GatewayProcess, path: Path, timeout: float = 60.0) -> None:
+def _log_size(gw: GatewayProcess) -> int:
+    try:
+        return gw.log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_since(gw: GatewayProcess, offset: int) -> str:
+    with open(gw.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+async def _signal_and_wait(gw: GatewayProcess, path: Path, timeout: float = 120.0) -> None:
     assert gw.proc is not None
+    # The log is appended to across runs with the same label: only what follows counts.
+    offset = await asyncio.to_thread(_log_size, gw)
     os.kill(gw.proc.pid, signal.SIGUSR2)
     deadline = time.monotonic() + timeout
     # The snapshot is complete once the log line naming it is written (after dump returned).
-    while f"snapshot {path}" not in gw.log_path.read_text(errors="replace"):
+    while f"snapshot {path}" not in await asyncio.to_thread(_log_since, gw, offset):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the gateway wrote no tracemalloc snapshot {path} within {timeout:.0f}s")
         await asyncio.sleep(0.2)
@@ -145,7 +160,7 @@ async def measure(
         gw.module = "loadtest.memtrace"
         gw.env["LOADTEST_TRACEMALLOC_OUT"] = str(snap)
         gw.env["LOADTEST_TRACEMALLOC_FRAMES"] = str(trace)
-    await gw.start()
+    await gw.start(timeout=120)  # a loaded machine, or tracemalloc, makes the start slow
     try:
         await asyncio.sleep(1.0)
         pid = gw.worker_pids()[0]
