@@ -201,7 +201,7 @@ async def measure(
 def _analyse(snap: Path, n: int) -> dict[str, Any]:
     """The two snapshots' difference; the snapshots themselves (tens of MB) are deleted."""
     try:
-        return trace_difference(Path(f"{snap}.1"), Path(f"{snap}.2"), n, 30)
+        return trace_difference(Path(f"{snap}.1"), Path(f"{snap}.2"), n, 80)
     finally:
         for i in (1, 2):
             Path(f"{snap}.{i}").unlink(missing_ok=True)
