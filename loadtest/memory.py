@@ -236,6 +236,11 @@ def _print_trace(t: dict[str, Any], top: int) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    # SIGTERM (or Ctrl-C) ends the run through the finally clauses below, so that the gateway,
+    # the client processes and the throwaway cluster are stopped, not orphaned.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
         server, dsn, own_db = await _server()
     except PostgresUnavailable as exc:
@@ -370,11 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(run(args))
         return int(uvloop.run(run(args)))
-    except ImportError:
-        return asyncio.run(run(args))
+    except asyncio.CancelledError:
+        print("loadtest.memory: stopped (SIGTERM); the gateway and the clients were stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
