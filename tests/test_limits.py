@@ -650,3 +650,17 @@ async def test_a_silent_client_is_pinged_and_dropped_when_it_does_not_answer(
         await assert_alive(answering)
         writer.close()
         await answering.close()
+
+
+async def test_the_http_parser_is_freed_once_the_connection_is_a_websocket(dsn: str) -> None:
+    """aiohttp keeps its HTTP parser and request queue for a connection's whole life; the
+    gateway drops both after the upgrade (~1.5 KB per connection) and frames still flow."""
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw, headers={"Authorization": f"Bearer {token('1')}"})
+        assert (await c.recv(WAIT))["type"] == "welcome"
+        (session,) = gw.state.ctx.registry.sessions.values()
+        proto = session._transport.get_protocol()
+        assert proto._parser is None
+        assert len(proto._messages) == 0 and proto._messages.maxlen == 0
+        await assert_alive(c)
+        await c.close()
