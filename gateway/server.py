@@ -470,7 +470,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         compress=s.compression,
         # aiohttp refuses frames of max_msg_size bytes or more; the setting is the largest accepted.
         max_msg_size=s.max_frame_bytes + 1,
-        heartbeat=30.0,
+        # No heartbeat timer per connection (~0.9 KB each): the registry pings silent clients
+        # and drops those that do not answer, for all of them at once (Registry._beat).
+        heartbeat=None,
         # Pings are answered by the session, so they count against GATEWAY_MESSAGE_RATE like
         # any client frame: aiohttp's autoping would answer a flood of them without limit.
         autoping=False,
@@ -497,6 +499,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                 identity = await ctx.authenticator.verify(token)
             except TokenError as exc:
                 return _refuse(state, p.Refused.BAD_TOKEN, str(exc))
+            # This frame lives as long as the connection: do not keep the token's text in it.
+            del token
         await ws.prepare(request)
     finally:
         state.pending_upgrades -= 1

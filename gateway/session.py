@@ -11,6 +11,10 @@ buffer, which is the connection's bounded send queue: once it holds more than
 never hold up the pipeline or other clients, and its memory is capped.
 
 Every bad frame gets an ``error`` reply naming what was wrong; the connection stays up.
+
+Timers are shared, not one per connection (each cost ~0.8 KB at 10,000 connections): the
+registry keeps token expiries by quarter second and runs one heartbeat sweep over every
+session (ping the silent, drop the dead).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections import defaultdict
@@ -25,7 +30,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType
 
 from . import __version__
 from . import protocol as p
@@ -36,6 +41,7 @@ from .hub import text_frame
 from .pipeline import Pipeline, Unavailable
 from .ratelimit import TokenBucket
 from .rooms import read_topic
+from .websocket import GatewayWebSocketResponse
 
 if TYPE_CHECKING:
     from .presence import Presence
@@ -49,6 +55,19 @@ _background: set[asyncio.Future[None]] = set()
 # coalesced, not dropped (Session._publish_status). A person goes away and comes back far
 # less often.
 STATUS_RATE = 1.0
+# Token expiries are checked this many times a second: a connection is closed at most
+# 1/EXPIRY_TICKS_PER_S s after its token (plus leeway and grace) ran out.
+EXPIRY_TICKS_PER_S = 4
+# The WebSocket heartbeat, one sweep over every session each HEARTBEAT_TICK seconds rather
+# than two timers per connection: a client silent for PING_AFTER ticks (25-30 s) gets a
+# ping, and one still silent DROP_AFTER ticks in (15 s after the ping) is dropped as dead.
+HEARTBEAT_TICK = 5.0
+PING_AFTER = 6
+DROP_AFTER = 9
+# Every session's presence_topics until it subscribes to one; never added to (only discarded
+# from, which leaves an empty set as it is).
+_NO_PRESENCE_TOPICS: set[str] = set()
+PING_FRAME = b"\x89\x00"  # a server-to-client ping, empty payload (RFC 6455 5.5.2)
 
 
 @dataclass
@@ -78,6 +97,12 @@ class Registry:
         # Connection ids are unique across replicas (and restarts): room presence shows them
         # to every member of a room, where a "c1" of each replica would be one connection.
         self._suffix = secrets.token_hex(4)
+        # Token expiries, shared: sessions by the quarter second their token runs out in, one
+        # timer per quarter second that has any. A timer per session cost ~0.8 KB each
+        # (docs/performance.md, "Memory per connection"); tokens minted together share one.
+        self._expiring: dict[int, set[Session]] = {}
+        self._expiry_timers: dict[int, asyncio.TimerHandle] = {}
+        self._heartbeat: asyncio.TimerHandle | None = None  # set while there are sessions
         self.evicted_slow = 0
         self.dropped = 0  # frames not sent: the client was being closed or was too slow
         self.closed_by_code: defaultdict[int, int] = defaultdict(int)
@@ -100,12 +125,50 @@ class Registry:
         self.sessions[s.conn_id] = s
         assert s.identity is not None
         self._by_user[s.identity.user] += 1
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_TICK, self._beat)
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        for s in list(self.sessions.values()):
+            try:
+                s.heartbeat()
+            except Exception:  # one broken connection must not stop the others' heartbeat
+                log.exception("heartbeat of %s failed", s.conn_id)
+        if self.sessions:
+            self._heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_TICK, self._beat)
 
     def remove(self, s: Session) -> None:
         if self.sessions.pop(s.conn_id, None) is not None and s.identity is not None:
             self._by_user[s.identity.user] -= 1
             if self._by_user[s.identity.user] <= 0:
                 del self._by_user[s.identity.user]
+
+    def expire_at(self, s: Session, deadline: float) -> int:
+        """Call ``s._expired()`` at ``deadline`` (unix time), at most EXPIRY_TICK later; returns
+        the key that ``unexpire`` takes."""
+        key = math.ceil(deadline * EXPIRY_TICKS_PER_S)
+        sessions = self._expiring.get(key)
+        if sessions is None:
+            sessions = self._expiring[key] = set()
+            delay = max(0.0, key / EXPIRY_TICKS_PER_S - time.time())
+            self._expiry_timers[key] = asyncio.get_running_loop().call_later(delay, self._expire, key)
+        sessions.add(s)
+        return key
+
+    def unexpire(self, s: Session, key: int) -> None:
+        sessions = self._expiring.get(key)
+        if sessions is None:
+            return
+        sessions.discard(s)
+        if not sessions:
+            del self._expiring[key]
+            self._expiry_timers.pop(key).cancel()
+
+    def _expire(self, key: int) -> None:
+        self._expiry_timers.pop(key, None)
+        for s in self._expiring.pop(key, ()):
+            s._expired()
 
     async def close_all(self, code: int, reason: str, wait: float) -> None:
         self.closing = (code, reason)
@@ -146,7 +209,7 @@ class Session:
     def __init__(
         self,
         ctx: SessionContext,
-        ws: web.WebSocketResponse,
+        ws: GatewayWebSocketResponse,
         transport: asyncio.Transport,
         conn_id: str,
         identity: Identity | None,
@@ -156,7 +219,8 @@ class Session:
         self.conn_id = conn_id
         self.identity = identity
         self.topics: set[str] = set()
-        self.presence_topics: set[str] = set()
+        # Shared and empty until the first presence subscribe (an empty set is 216 bytes).
+        self.presence_topics: set[str] = _NO_PRESENCE_TOPICS
         self.publishing: Publishing | None = None  # made by the Publisher at the first publish
         self.status = "online"
         self.closed = False
@@ -167,7 +231,7 @@ class Session:
         self._statuses: TokenBucket | None = None  # made at the first status frame
         self._status_timer: asyncio.TimerHandle | None = None
         self._dropped = 0
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: int | None = None  # the registry's key for our token's expiry
         self._registered = False
 
     @property
@@ -194,6 +258,26 @@ class Session:
             # uvloop raises here once the peer has gone, before the handler noticed and set
             # `closed`; out of a fan-out or a join that would fail the pipeline's whole batch.
             self.ctx.registry.dropped += 1
+
+    def heartbeat(self) -> None:
+        """One tick of the registry's heartbeat: ping a client that has been silent for a while,
+        drop one that has not answered (aiohttp's own heartbeat did this with two timers per
+        connection). Any byte from the client counts as an answer, as it did for aiohttp."""
+        if self.closed:
+            return
+        silent = self.ws.silence()
+        if silent == PING_AFTER:
+            if not self._transport.is_closing():
+                self._transport.write(PING_FRAME)
+        elif silent >= DROP_AFTER:
+            self.log.info(
+                "no answer to a ping for %.0f s: dropping the connection",
+                (DROP_AFTER - PING_AFTER) * HEARTBEAT_TICK,
+            )
+            self.closed = True
+            self._leave_all()
+            self.ctx.registry.closed_by_code[WSCloseCode.ABNORMAL_CLOSURE] += 1
+            self.abort()  # the handler's receive() then ends and _cleanup runs
 
     def send(self, msg: p.ServerMessage) -> None:
         self.deliver(text_frame(p.encode(msg)))
@@ -376,7 +460,7 @@ class Session:
 
     def _arm_expiry(self) -> None:
         if self._expiry is not None:
-            self._expiry.cancel()
+            self.ctx.registry.unexpire(self, self._expiry)
             self._expiry = None
         assert self.identity is not None
         if self.identity.expires is None:
@@ -384,11 +468,11 @@ class Session:
         # The leeway that let the token in (clocks that disagree) holds for as long as it is
         # in use: without it a token accepted 20 s past its exp would be closed at once.
         settings = self.ctx.settings
-        delay = self.identity.expires + settings.jwt_leeway + settings.expiry_grace - time.time()
-        loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(max(0.0, delay), self._expired)
+        deadline = self.identity.expires + settings.jwt_leeway + settings.expiry_grace
+        self._expiry = self.ctx.registry.expire_at(self, deadline)
 
     def _expired(self) -> None:
+        self._expiry = None
         self._spawn(self.close(p.CloseCode.TOKEN_EXPIRED, "token expired; reconnect with a fresh token"))
 
     async def _within_rate(self) -> bool:
@@ -534,6 +618,8 @@ class Session:
             return
         if presence:
             assert self.ctx.presence is not None
+            if self.presence_topics is _NO_PRESENCE_TOPICS:
+                self.presence_topics = set()
             self.presence_topics.add(topic)
             try:
                 await self.ctx.presence.subscribe(self, topic, req_id)
@@ -618,7 +704,8 @@ class Session:
     async def _cleanup(self) -> None:
         self.closed = True
         if self._expiry is not None:
-            self._expiry.cancel()
+            self.ctx.registry.unexpire(self, self._expiry)
+            self._expiry = None
         if self._status_timer is not None:
             self._status_timer.cancel()
         self._leave_all()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import deque
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -42,15 +43,17 @@ class _MaskedFramesOnly:
     """Passes the bytes of a WebSocket stream on to aiohttp's reader, checking that every
     frame carries a mask; fails the connection (1002) at the first frame that does not."""
 
-    __slots__ = ("_head", "_queue", "_reader", "_skip")
+    __slots__ = ("_head", "_queue", "_reader", "_skip", "silent")
 
     def __init__(self, reader: Any, queue: Any) -> None:
         self._reader = reader  # aiohttp's WebSocketReader (feed_data, feed_eof)
         self._queue = queue  # its WebSocketDataQueue, where receive() reads from
         self._head = b""  # the start of a frame header split across reads
         self._skip = 0  # payload bytes of the current frame still to come
+        self.silent = 0  # heartbeat ticks since the client last sent anything
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.silent = 0
         pos, end = 0, len(data)
         while pos < end:
             if self._skip:
@@ -91,7 +94,19 @@ class _MaskedFramesOnly:
 
 
 class GatewayWebSocketResponse(web.WebSocketResponse):
-    """``web.WebSocketResponse`` that refuses unmasked client frames and bounds SO_SNDBUF."""
+    """``web.WebSocketResponse`` that refuses unmasked client frames and bounds SO_SNDBUF, and
+    tells the heartbeat how long the client has been silent (``silence``)."""
+
+    _wire: _MaskedFramesOnly | None = None
+
+    def silence(self) -> int:
+        """Counts one more heartbeat tick; returns the ticks since the client last sent a byte
+        (0 when that cannot be known: aiohttp's internals changed, warned at the upgrade)."""
+        wire = self._wire
+        if wire is None:
+            return 0
+        wire.silent += 1
+        return wire.silent
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         proto: Any = request.protocol
@@ -105,9 +120,10 @@ class GatewayWebSocketResponse(web.WebSocketResponse):
         if reader is None or self._reader is None:  # aiohttp's internals moved: checked by tests
             _warn_once("cannot check that client frames are masked (aiohttp internals changed)")
         else:
-            proto._payload_parser = _MaskedFramesOnly(reader, self._reader)
+            proto._payload_parser = self._wire = _MaskedFramesOnly(reader, self._reader)
         if tail:
             proto._payload_parser.feed_data(tail)  # as set_parser does; an error reaches receive()
+        _drop_http_state(proto)
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is not None:
@@ -115,6 +131,26 @@ class GatewayWebSocketResponse(web.WebSocketResponse):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             except OSError as exc:  # a socket type without it; the limit is then the kernel's
                 _warn_once(f"cannot bound the socket send buffer: {exc}")
+
+
+# Stands in for the protocol's queue of parsed HTTP requests once the connection is a
+# WebSocket: always empty, and anything appended is discarded (maxlen 0).
+_NO_MESSAGES: deque[Any] = deque(maxlen=0)
+
+
+def _drop_http_state(proto: Any) -> None:
+    """Free what the connection needed only while it spoke HTTP: the request parser (aiohttp
+    consumed the upgrade request before the handler ran, feeds every later byte to the
+    WebSocket reader, and treats a ``None`` parser as it does after the connection is lost)
+    and the queue of parsed requests (an empty deque still holds a 64-slot block). About
+    1.2 KB per connection, of a total near 20 (docs/performance.md, "Memory per connection")."""
+    if getattr(proto, "_payload_parser", None) is None or not getattr(proto, "_upgraded", False):
+        return  # not the state these attributes were checked against: leave it alone
+    if hasattr(proto, "_parser"):
+        proto._parser = None
+    messages = getattr(proto, "_messages", None)
+    if isinstance(messages, deque) and not messages:
+        proto._messages = _NO_MESSAGES
 
 
 _warned: set[str] = set()

@@ -45,6 +45,8 @@ class GatewayProcess:
             GATEWAY_LOG_LEVEL="warning",
         )
         self.env.pop("DATABASE_URL", None)
+        # What runs the gateway: loadtest.memtrace wraps it to trace its allocations.
+        self.module = "gateway"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _log_tail(self) -> str:
@@ -56,7 +58,7 @@ class GatewayProcess:
     async def start(self, timeout: float = 30.0) -> None:
         log = open(self.log_path, "ab")  # the child keeps its own copy of the descriptor
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", self.module, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         deadline = time.monotonic() + timeout

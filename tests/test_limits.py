@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 
 from gateway import protocol as p
+from gateway import session as session_module
 from gateway.ratelimit import TokenBucket
 from gateway.websocket import SEND_BUFFER_BYTES, _MaskedFramesOnly
 
@@ -611,3 +613,54 @@ async def _fill_and_measure(
     # The kernel takes a write while it holds less than SO_SNDBUF, so the last one may go over
     # by one packet (up to 64 KiB on loopback).
     assert unsent <= 2 * SEND_BUFFER_BYTES + 65536
+
+
+async def test_a_silent_client_is_pinged_and_dropped_when_it_does_not_answer(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat (one sweep over every session, not timers per connection): a client silent
+    for PING_AFTER ticks gets a WebSocket ping; one that still sends nothing is dropped, one
+    whose client answers the pings stays."""
+    monkeypatch.setattr(session_module, "HEARTBEAT_TICK", 0.05)
+    async with running_gateway(dsn) as gw:
+        answering = await open_raw(gw, headers={"Authorization": f"Bearer {token('2')}"})
+        assert (await answering.recv(WAIT))["type"] == "welcome"
+        # aiohttp's client answers pings while a receive() waits, as a browser always does.
+        assert answering.ws is not None
+        listening = asyncio.create_task(answering.ws.receive())
+        reader, writer = await raw_upgrade(gw, "1")
+        while True:
+            opcode, payload = await read_server_frame(reader)
+            if opcode == 0x9:
+                break
+            assert opcode == 0x1 and json.loads(payload)["type"] == "welcome"
+        assert payload == b""
+        # No answer: the socket is closed without a close frame (there is nobody to hear it).
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        registry = gw.state.ctx.registry
+        await eventually(lambda: len(registry.sessions) == 1, WAIT, "the silent session to be removed")
+        assert registry.closed_by_code[1006] == 1
+        # Many heartbeat ticks later the client that answers is still there.
+        await asyncio.sleep(3 * session_module.DROP_AFTER * 0.05)
+        assert not listening.done(), listening.result()
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        assert len(registry.sessions) == 1
+        await assert_alive(answering)
+        writer.close()
+        await answering.close()
+
+
+async def test_the_http_parser_is_freed_once_the_connection_is_a_websocket(dsn: str) -> None:
+    """aiohttp keeps its HTTP parser and request queue for a connection's whole life; the
+    gateway drops both after the upgrade (~1.5 KB per connection) and frames still flow."""
+    async with running_gateway(dsn) as gw:
+        c = await open_raw(gw, headers={"Authorization": f"Bearer {token('1')}"})
+        assert (await c.recv(WAIT))["type"] == "welcome"
+        (session,) = gw.state.ctx.registry.sessions.values()
+        proto = session._transport.get_protocol()
+        assert proto._parser is None
+        assert len(proto._messages) == 0 and proto._messages.maxlen == 0
+        await assert_alive(c)
+        await c.close()

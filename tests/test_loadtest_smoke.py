@@ -285,3 +285,51 @@ def test_replicas_scenario_runs_both_engines_with_nothing_lost(tmp_path: Path) -
     assert runs["nats"]["doorbells_per_process"] < runs["postgres"]["doorbells_per_process"], runs
     # No LISTEN connection with a broker (the pools may differ by what they grew to).
     assert runs["postgres"]["db_sessions"] > runs["nats"]["db_sessions"], runs
+
+
+def _memory_run(tmp_path: Path, *args: str) -> dict[str, Any]:
+    env = dict(os.environ)
+    if env.get("TEST_DATABASE_URL") and not env.get("DATABASE_URL"):
+        env["DATABASE_URL"] = env["TEST_DATABASE_URL"]
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtest.memory", "--procs", "2", "--settle", "0.5"),
+            *("--out", str(tmp_path), "--json", str(out), *args),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+@pytest.mark.timeout(180)
+def test_memory_script_measures_every_connection_with_presence_off_and_on(tmp_path: Path) -> None:
+    """Only that it runs and every client stays connected: the sizes at 200 connections say nothing."""
+    result = _memory_run(tmp_path, "--connections", "200", "--presence", "both")
+    assert [(s["connections"], s["presence"]) for s in result["results"]] == [(200, False), (200, True)]
+    for summary in result["results"]:
+        (run,) = summary["runs"]
+        assert run["connected"] == 200 and run["closed_by_server"] == 0
+        for key in ("rss", "uss", "pss"):
+            assert isinstance(run[f"{key}_kb_per_connection"], float | int)
+            assert run["after_kb"][key] > 0
+
+
+@pytest.mark.timeout(180)
+def test_memory_script_says_which_lines_allocated_the_connections(tmp_path: Path) -> None:
+    result = _memory_run(tmp_path, "--connections", "200", "--presence", "off", "--tracemalloc", "4")
+    trace = result["results"][0]["runs"][0]["tracemalloc"]
+    assert trace["total_bytes_per_connection"] > 0
+    # Every connection has a WebSocketResponse and a Session: both must show up by file.
+    files = [row["where"] for row in trace["by_filename"]]
+    assert any("aiohttp/web_ws.py" in f for f in files), files
+    assert any("gateway/session.py" in f for f in files), files
+    assert trace["by_lineno"] and trace["stacks"]
+    assert not list(tmp_path.glob("tracemalloc-*")), "the snapshots are deleted once read"
