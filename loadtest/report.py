@@ -24,6 +24,14 @@ BAR_CLIENTS = 1000  # subscribers in fanout and ramp, as the bar states
 BAR_SECONDS = 5.0  # seconds of writes in notify, and of the bare LISTEN ceiling
 BAR_ROUNDS = 3  # rounds of the writer cost: a median of fewer is a single sample
 
+# The targets of the issues that set them (#21 and #24 in the tracker): the writer's commits/s
+# with the capture trigger over without it, median of the rounds at this machine's commit flush,
+# and every round when commits do not wait for the disk (the trigger's CPU alone); memory per
+# idle authenticated, subscribed connection at 10,000 connections.
+WRITER_COST = 0.7
+WRITER_COST_CPU_ALONE = 0.5
+MAX_KB_PER_CONNECTION = 16
+
 
 def _get(d: Any, *path: str) -> Any:
     for k in path:
@@ -104,13 +112,13 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
         line(
             "memory per idle connection (KB)",
             kb,
-            "<= 20 at 10,000 connections",
-            kb <= 20 if n >= 10000 else None if n < 1000 else kb <= 20,
+            f"<= {MAX_KB_PER_CONNECTION} at 10,000 connections",
+            None if n < 1000 else kb <= MAX_KB_PER_CONNECTION,
             f"{n} authenticated connections with one subscription each, {sc['idle']['workers']} workers"
             + ("" if n >= 10000 else " (fewer than 10,000: indicative only)"),
         )
     else:
-        line("memory per idle connection (KB)", None, "<= 20", None, "idle not run")
+        line("memory per idle connection (KB)", None, f"<= {MAX_KB_PER_CONNECTION}", None, "idle not run")
 
     p99 = _get(sc, "ramp", "half", "latency_ms", "p99")
     if p99 is not None:
@@ -134,32 +142,40 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
         line(
             "writer cost (commits/s with trigger / without, median of rounds)",
             wc,
-            ">= 0.5",
-            None if few else wc >= 0.5,
+            f">= {WRITER_COST}",
+            None if few else wc >= WRITER_COST,
             f"{m['gateway']:.0f} vs {m['plain']:.0f} commits/s"
             + (f"; rounds {min(rounds):.2f}-{max(rounds):.2f}" if rounds else "")
             + f"; naive per-row pg_notify: {m['naive']:.0f} ({base['writer_cost']['ratio_naive']})"
             + _two_topics(base["writer_cost"])
             + (f" (fewer than {BAR_ROUNDS} rounds: indicative only)" if few else ""),
         )
-        for key, what in (
-            ("slow_flush", "with 1 ms commit flushes"),
-            ("no_flush", "without waiting for commit flushes (CPU alone)"),
-        ):
-            other = base["writer_cost"].get(key)
-            if other:
-                mo = other["tps_median"]
-                line(
-                    f"writer cost {what} (informative, not the bar)",
-                    other["ratio_gateway"],
-                    "-",
-                    None,
-                    f"{mo['gateway']:.0f} vs {mo['plain']:.0f} commits/s, {other['clients']} clients; "
-                    f"naive per-row pg_notify: {mo['naive']:.0f} ({other['ratio_naive']})"
-                    + _two_topics(other),
-                )
+        slow = base["writer_cost"].get("slow_flush")
+        if slow:
+            mo = slow["tps_median"]
+            line(
+                "writer cost with 1 ms commit flushes (informative, not the bar)",
+                slow["ratio_gateway"],
+                "-",
+                None,
+                f"{mo['gateway']:.0f} vs {mo['plain']:.0f} commits/s, {slow['clients']} clients; "
+                f"naive per-row pg_notify: {mo['naive']:.0f} ({slow['ratio_naive']})" + _two_topics(slow),
+            )
+        alone = base["writer_cost"].get("no_flush")
+        if alone:
+            mo = alone["tps_median"]
+            worst = min(alone["ratios"]["gateway"])
+            line(
+                "writer cost without waiting for commit flushes (CPU alone), worst round",
+                worst,
+                f">= {WRITER_COST_CPU_ALONE} in every round",
+                worst >= WRITER_COST_CPU_ALONE,
+                f"median {alone['ratio_gateway']}: {mo['gateway']:.0f} vs {mo['plain']:.0f} commits/s, "
+                f"{alone['clients']} clients; naive per-row pg_notify: {mo['naive']:.0f} ({alone['ratio_naive']})"
+                + _two_topics(alone),
+            )
     else:
-        line("writer cost", None, ">= 0.5", None, "not run")
+        line("writer cost", None, f">= {WRITER_COST}", None, "not run")
 
     lines += compare_report.bar_lines(r)  # the gateway beside the naive baseline
 
