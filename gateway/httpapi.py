@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 from aiohttp import web
@@ -45,8 +45,9 @@ from .publish import PublishError
 from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .presence import Presence
-    from .server import State
+    from .session import SessionContext
 
 log = logging.getLogger("gateway.httpapi")
 
@@ -138,6 +139,20 @@ _encoder = msgspec.json.Encoder()
 # --- the API ---------------------------------------------------------------------------
 
 Handler = Callable[[web.Request, Identity], Awaitable[web.StreamResponse]]
+
+
+class State(Protocol):
+    """What the API needs of the server's state (gateway/server.py's State, whose module imports
+    this one: a Protocol keeps the arrow one way). The resources exist once the app started."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def ctx(self) -> SessionContext: ...
+
+    @property
+    def bus(self) -> Bus: ...
 
 
 class HttpApi:

@@ -23,21 +23,19 @@ connection is the session's (``Publishing.bucket``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import asyncpg
 import msgspec
 
 from . import protocol as p
+from .auth import Identity
 from .authz import AuthorizationUnavailable, Authorizer
 from .bus import Bus, BusTooLarge
 from .config import Settings
 from .hub import Hub, text_frame
 from .pgerrors import DB_ERRORS
 from .ratelimit import TokenBucket
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("gateway.publish")
 
@@ -78,6 +76,21 @@ class Publishing:
     def __init__(self, rate: float) -> None:
         self.bucket = TokenBucket(rate)
         self.grants: dict[str, bool] = {}  # topic -> may publish (cleared by a refresh)
+
+
+class Client(Protocol):
+    """What a publish needs of a connection (gateway/session.py's Session, which imports this
+    module: a Protocol keeps the arrow one way)."""
+
+    identity: Identity | None
+    publishing: Publishing | None
+
+    @property
+    def conn_id(self) -> str: ...
+
+    def send(self, msg: p.ServerMessage) -> None: ...
+
+    def error(self, code: str, message: str, req_id: int | None = None, topic: str | None = None) -> None: ...
 
 
 class Publisher:
@@ -185,7 +198,7 @@ class Publisher:
 
     # --- a client's publish frame --------------------------------------------------------
 
-    async def handle(self, session: Session, msg: p.Publish) -> None:
+    async def handle(self, session: Client, msg: p.Publish) -> None:
         """Answer a client's ``publish`` frame with ``published`` or an ``error`` (with its id)."""
         topic, req_id = msg.topic, msg.id
         identity = session.identity

@@ -25,7 +25,7 @@ from gateway.dev.pgcluster import (
     start_throwaway,
 )
 
-from . import report, scale
+from . import report, rooms, scale
 from .scenarios import Plan, Progress, Runner
 from .sysinfo import describe, loadavg, pgbench_path, raise_nofile
 
@@ -272,6 +272,9 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
                 await attempt(
                     "scenarios", name, scale.run(name, server, args.smoke, args.out, progress, sizes)
                 )
+                continue
+            if name == "rooms":  # its own module, which takes the runner (loadtest/rooms.py)
+                await attempt("scenarios", name, rooms.run_rooms(runner))
                 continue
             await attempt("scenarios", name, getattr(runner, name)())
             if name == "fanout":

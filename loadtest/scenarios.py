@@ -388,12 +388,6 @@ class Runner:
             else {},
         }
 
-    async def rooms(self) -> dict[str, Any]:
-        """Rooms talking beside the row path: loadtest/rooms.py."""
-        from .rooms import run_rooms
-
-        return await run_rooms(self)
-
     # --- baselines ------------------------------------------------------------------------
 
     async def bare_listen(self) -> dict[str, Any]:
