@@ -165,11 +165,12 @@ def evaluate_bar(r: dict[str, Any]) -> list[dict[str, Any]]:
         if alone:
             mo = alone["tps_median"]
             worst = min(alone["ratios"]["gateway"])
+            few_alone = len(alone["ratios"]["gateway"]) < BAR_ROUNDS
             line(
                 "writer cost without waiting for commit flushes (CPU alone), worst round",
                 worst,
                 f">= {WRITER_COST_CPU_ALONE} in every round",
-                worst >= WRITER_COST_CPU_ALONE,
+                None if few_alone else worst >= WRITER_COST_CPU_ALONE,
                 f"median {alone['ratio_gateway']}: {mo['gateway']:.0f} vs {mo['plain']:.0f} commits/s, "
                 f"{alone['clients']} clients; naive per-row pg_notify: {mo['naive']:.0f} ({alone['ratio_naive']})"
                 + _two_topics(alone),
