@@ -393,8 +393,8 @@ async def test_a_durable_publish_while_the_database_is_down_is_unavailable(dsn: 
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (CI installs Debian's haproxy)")
 async def test_through_the_load_balancer_to_two_replica_processes(dsn: str, tmp_path: Path) -> None:
     """Two `gateway serve` processes behind HAProxy (round robin): clients spread over both
-    get each other's ephemeral and durable messages."""
-    replicas = [GatewayProcess(dsn, tmp_path / f"g{i}.log") for i in range(2)]
+    get each other's ephemeral and durable messages, and see each other in the room's presence."""
+    replicas = [GatewayProcess(dsn, tmp_path / f"g{i}.log", presence="true") for i in range(2)]
     for r in replicas:
         await r.start()
     lb_port, stats_port = free_port(), free_port()
@@ -446,6 +446,30 @@ async def test_through_the_load_balancer_to_two_replica_processes(dsn: str, tmp_
         for c in clients:
             ev = await next_of(c, "event")
             assert (ev["pos"], ev["from"], ev["data"]) == (ack["pos"], "u3", {"text": "kept"})
+
+        # Room presence: u0 and u1 (one on each replica) track the room with a state each; a
+        # client that subscribes to the room's presence gets both, whichever replica it is on.
+        for i in (0, 1):
+            await clients[i].send({"type": "track", "topic": ROOM, "state": {"n": i}, "id": 30 + i})
+            assert (await next_of(clients[i], "tracked"))["id"] == 30 + i
+        want = [
+            {"user": f"u{i}", "conns": [{"conn": clients[i].conn_id, "state": {"n": i}}]}  # type: ignore[attr-defined]
+            for i in (0, 1)
+        ]
+        watchers = [await client(lb_gw, f"w{i}") for i in range(2)]  # one on each replica
+        members: list[Any] = []
+
+        async def both_listed() -> bool:
+            members.clear()
+            for w in watchers:
+                await w.send({"type": "subscribe", "topic": f"presence:{ROOM}", "id": 40})
+                members.append((await next_of(w, "presence"))["members"])
+                await next_of(w, "subscribed")
+                await w.send({"type": "unsubscribe", "topic": f"presence:{ROOM}", "id": 41})
+                await next_of(w, "unsubscribed")
+            return members == [want, want]
+
+        await eventually(both_listed, 15, lambda: f"both trackers in the room's members: {members}")
     finally:
         lb.terminate()
         lb.wait(10)
