@@ -293,11 +293,7 @@ class HttpApi:
         limit = self.settings.max_publish_bytes
         req = _decode(_publish_decoder, await self._body(request, limit + PUBLISH_ENVELOPE))
         self._topic(req.topic)
-        if len(req.data) > limit:
-            raise ApiError(
-                Errors.TOO_LARGE,
-                f"data is {len(req.data)} bytes of JSON; at most {limit} (GATEWAY_MAX_PUBLISH_BYTES)",
-            )
+        # The data's size, like the rates, is the publisher's to check (too_large -> 413).
         result = await self._publish(req, identity.user)
         if result is None:
             return web.json_response({"ok": True})
