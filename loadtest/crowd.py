@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
 import math
-import multiprocessing as mp
 import random
 import sys
 import time
 from array import array
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ import msgspec
 
 from . import db
 from .gw import SECRET, GatewayProcess
+from .procpool import ClientProcesses
 from .stats import latency_summary
 from .sysinfo import loadavg, raise_nofile, rss_kb
 from .wsclient import WSConn, upgrade_request
@@ -287,64 +285,11 @@ def child_main(users: list[tuple[str, str]], index: int, pipe: Connection, count
 # --- the parent -----------------------------------------------------------------------------
 
 
-class Crowd:
+class Crowd(ClientProcesses):
     """The client processes, spawned once and used for every connect of the scenario."""
 
     def __init__(self, users: list[tuple[str, str]], procs: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.users = [users[i::procs] for i in range(procs)]
-        self.counters = ctx.Array("q", procs * N_COUNTERS, lock=False)
-        self.pipes: list[Connection] = []
-        self.procs: list[BaseProcess] = []
-        for i in range(procs):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=child_main, args=(self.users[i], i, child, self.counters), daemon=True)
-            p.start()
-            child.close()
-            self.pipes.append(parent)
-            self.procs.append(p)
-
-    def count(self, which: int) -> int:
-        return sum(self.counters[i * N_COUNTERS + which] for i in range(len(self.procs)))
-
-    def reset_counts(self) -> None:
-        for i in range(len(self.counters)):
-            self.counters[i] = 0
-
-    async def ask(self, cmds: list[tuple[Any, ...]], timeout: float, progress: Any = None) -> list[Any]:
-        for pipe, cmd in zip(self.pipes, cmds, strict=True):
-            pipe.send(cmd)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        answers: list[Any] = [None] * len(self.pipes)
-        pending = set(range(len(self.pipes)))
-        while pending:
-            for i in list(pending):
-                if self.pipes[i].poll():
-                    answers[i] = self.pipes[i].recv()
-                    pending.discard(i)
-                elif not self.procs[i].is_alive():
-                    raise RuntimeError(f"crowd client process {i} died (exit code {self.procs[i].exitcode})")
-            if loop.time() > deadline:
-                raise RuntimeError(
-                    f"crowd client processes {sorted(pending)} did not answer in {timeout:.0f}s"
-                )
-            if progress is not None:
-                progress()
-            await asyncio.sleep(0.2)
-        return answers
-
-    def stop(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("exit",))
-        for p in self.procs:
-            p.join(15)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for pipe in self.pipes:
-            pipe.close()
+        super().__init__("crowd", child_main, users, procs, N_COUNTERS, poll=0.2)
 
 
 async def _connect_all(
