@@ -111,6 +111,22 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+NAMES = (*SCENARIOS, *scale.SCALE_SCENARIOS, *COMPARISONS, "all")
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    """``notify,fanout`` → ("notify", "fanout"): each name known, none twice, "all" alone."""
+    names = tuple(n.strip() for n in text.split(","))
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scenario {unknown[0]!r}: choose from {', '.join(NAMES)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a scenario is named twice in {text!r}")
+    if "all" in names and len(names) > 1:
+        raise argparse.ArgumentTypeError("all already runs every scenario: name it alone")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m loadtest",
@@ -118,11 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--scenario",
-        choices=(*SCENARIOS, *scale.SCALE_SCENARIOS, *COMPARISONS, "all"),
-        default="all",
+        type=_scenarios,
+        default=("all",),
+        metavar="{" + ",".join(NAMES) + "}",
         help=(
-            "what to run (default all: every scenario and the baseline; with --smoke, all leaves out"
-            " crowd, storm and replicas; curve: the relay's latency knob)"
+            "what to run, one name or several separated by commas, e.g. notify,fanout (default all:"
+            " every scenario and the baseline; with --smoke, all leaves out crowd, storm and"
+            " replicas; curve: the relay's latency knob)"
+        ),
+    )
+    ap.add_argument(
+        "--skip-writer-cost",
+        action="store_true",
+        help=(
+            "do not measure the writer cost (about 3.5 minutes, run before the first live scenario);"
+            " the report then says it was not run"
         ),
     )
     ap.add_argument("--duration", type=_positive(float), help="seconds of writes per scenario (default 15)")
@@ -243,8 +269,9 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
         runner = Runner(dsn, plan, args.out, progress)
         await runner.writers.open()
         bin_dir = server.bin_dir if isinstance(server, LocalCluster) else None
-        selected: tuple[str, ...] = (*SCENARIOS, "baseline") if args.scenario == "all" else (args.scenario,)
-        if args.scenario == "all" and not args.smoke:
+        everything = args.scenario == ("all",)
+        selected: tuple[str, ...] = (*SCENARIOS, "baseline") if everything else args.scenario
+        if everything and not args.smoke:
             # The scale scenarios take minutes at full scale; a smoke run has a test of each.
             selected = (*SCENARIOS, *scale.SCALE_SCENARIOS, "baseline")
         sizes = {"crowd": args.crowd_connections, "storm": args.storm_clients}
@@ -262,7 +289,8 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
 
         # Not for the baseline, the curve or the scale scenarios alone: they need no baseline.
         if any(name in SCENARIOS for name in selected):
-            await attempt("baselines", "writer_cost", runner.writer_cost(pgbench_path(bin_dir)))
+            if not args.skip_writer_cost:
+                await attempt("baselines", "writer_cost", runner.writer_cost(pgbench_path(bin_dir)))
             await attempt("baselines", "bare_listen", runner.bare_listen())
         for name in selected:
             if name in COMPARISONS:

@@ -333,3 +333,45 @@ def test_memory_script_says_which_lines_allocated_the_connections(tmp_path: Path
     assert any("gateway/session.py" in f for f in files), files
     assert trace["by_lineno"] and trace["stacks"]
     assert not list(tmp_path.glob("tracemalloc-*")), "the snapshots are deleted once read"
+
+
+def test_scenario_takes_a_list_and_refuses_what_it_does_not_know(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([]).scenario == ("all",)
+    assert parser.parse_args(["--scenario", "notify,fanout"]).scenario == ("notify", "fanout")
+    assert parser.parse_args(["--scenario", "baseline"]).scenario == ("baseline",)
+    for bad, says in (
+        ("notify,fanot", "unknown scenario 'fanot'"),
+        ("notify,notify", "named twice"),
+        ("all,notify", "name it alone"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--scenario", bad])
+        assert says in capsys.readouterr().err
+
+
+@pytest.mark.timeout(200)
+def test_two_scenarios_in_one_run_without_the_writer_cost(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    if env.get("TEST_DATABASE_URL") and not env.get("DATABASE_URL"):
+        env["DATABASE_URL"] = env["TEST_DATABASE_URL"]
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtest", "--smoke", "--scenario", "notify,fanout"),
+            *("--skip-writer-cost", "--out", str(tmp_path)),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "loadtest.json").read_text())
+    assert set(result["scenarios"]) == {"notify", "fanout"}
+    assert "writer_cost" not in result["baselines"]
+    assert "floor" in result["baselines"] and "bare_listen" in result["baselines"]
+    assert any(b["criterion"] == "writer cost" and b["detail"] == "not run" for b in result["bar"])
