@@ -364,21 +364,16 @@ DECLARE
     topic_type text;    -- text, or text[] when many
     schema_owner regrole;
     f regprocedure;
-    -- A row trigger. {function}: its name; {topic_fn}: the topic function and {row_args} the
-    -- row's columns it reads (NEW.c or OLD.c); {rows}: the transition table of the statement's
-    -- rows (all of them are in it before the first AFTER ROW trigger fires); {rows_left}: the
-    -- transaction-local setting counting the rows of a multi-row statement still to come;
-    -- {statement_topics}: a query of the statement's topics; {moved_row}: the update
-    -- trigger's extra step, `moved_row` below ('' for the others); {op}: i, u or d; {table}:
-    -- the table as events name it (schema.table, unquoted); {row}: NEW or OLD; {key}: the key
-    -- column. Names and literals are quoted before they are filled in.
-    row_trigger text := $t$
-        CREATE FUNCTION gateway.{function}() RETURNS pg_catalog.trigger LANGUAGE plpgsql SECURITY DEFINER AS $body$
-        DECLARE
-            gw_topic pg_catalog.text := {topic_fn}({row_args});
-            gw_pos pg_catalog.int8;
-            gw_x pg_catalog.text;
-        BEGIN
+    op text;            -- the loop over the three row triggers: i, d, u
+    trigger_kind text;  -- capture_insert, capture_delete, capture_update
+    trigger_row text;   -- NEW, or OLD for a delete
+    trigger_rows text;  -- its transition table
+    -- What every row trigger does first: for a statement of several rows, lock all their
+    -- topics in sorted order at the first row. {rows}: the transition table of the
+    -- statement's rows (all of them are in it before the first AFTER ROW trigger fires);
+    -- {rows_left}: the transaction-local setting counting the rows of a multi-row statement
+    -- still to come; {statement_topics}: a query of the statement's topics.
+    statement_lock text := $s$
             PERFORM FROM {rows} OFFSET 1;
             IF FOUND THEN
                 -- Several rows: at the first, lock all their topics in sorted order.
@@ -389,7 +384,19 @@ DECLARE
                 END IF;
                 gw_x := pg_catalog.set_config({rows_left}, (gw_x::pg_catalog.int8 OPERATOR(pg_catalog.-) 1)::pg_catalog.text, true);
             END IF;
-    {moved_row}
+$s$;
+    -- A row trigger. {function}: its name; {topic_fn}: the topic function and {row_args} the
+    -- row's columns it reads (NEW.c or OLD.c); {statement_lock}: `statement_lock` above;
+    -- {moved_row}: the update trigger's extra step, `moved_row` below ('' for the others);
+    -- {op}: i, u or d; {table}: the table as events name it (schema.table, unquoted); {row}:
+    -- NEW or OLD; {key}: the key column. Names and literals are quoted before they are filled in.
+    row_trigger text := $t$
+        CREATE FUNCTION gateway.{function}() RETURNS pg_catalog.trigger LANGUAGE plpgsql SECURITY DEFINER AS $body$
+        DECLARE
+            gw_topic pg_catalog.text := {topic_fn}({row_args});
+            gw_pos pg_catalog.int8;
+            gw_x pg_catalog.text;
+        BEGIN{statement_lock}    {moved_row}
             UPDATE gateway.topics SET pos = pos OPERATOR(pg_catalog.+) 1 WHERE topic OPERATOR(pg_catalog.=) gw_topic
             RETURNING pos INTO gw_pos;
             IF NOT FOUND THEN
@@ -439,18 +446,7 @@ DECLARE
             gw_left pg_catalog.text[];
             gw_n pg_catalog.int4;
             gw_x pg_catalog.text;
-        BEGIN
-            PERFORM FROM {rows} OFFSET 1;
-            IF FOUND THEN
-                -- Several rows: at the first, lock all their topics in sorted order.
-                gw_x := pg_catalog.current_setting({rows_left}, true);
-                IF gw_x IS NULL OR gw_x OPERATOR(pg_catalog.=) '' OR gw_x OPERATOR(pg_catalog.=) '0' THEN
-                    PERFORM gateway.lock_topics(ARRAY({statement_topics}));
-                    gw_x := (SELECT pg_catalog.count(*) FROM {rows})::pg_catalog.text;
-                END IF;
-                gw_x := pg_catalog.set_config({rows_left}, (gw_x::pg_catalog.int8 OPERATOR(pg_catalog.-) 1)::pg_catalog.text, true);
-            END IF;
-    {moved_row}
+        BEGIN{statement_lock}    {moved_row}
             gw_n := gateway.log_events({table}, '{op}', gw_topics, ({row}.{key})::pg_catalog.text);
             RETURN NULL;
         END
@@ -592,51 +588,38 @@ BEGIN
     INSERT INTO gateway.published (tbl, key_column, topic, row_topic)
     VALUES (p_table, p_key, p_topic, gateway.capture_name(p_table, 'row_topic'));
 
-    EXECUTE gateway.fill_template(CASE WHEN many THEN rows_trigger ELSE row_trigger END, jsonb_build_object(
-        'function', quote_ident(gateway.capture_name(p_table, 'capture_insert')),
-        'topic_fn', topic_fn,
-        'row_args', new_args,
-        'rows', 'gateway_new',
-        'rows_left', quote_literal(mark || '_i'),
-        'statement_topics', format('SELECT %s FROM gateway_new', topic_call),
-        'moved_row', '',
-        'op', 'i',
-        'table', quote_literal(tbl_name),
-        'row', 'NEW',
-        'key', quote_ident(p_key)));
-    EXECUTE gateway.fill_template(CASE WHEN many THEN rows_trigger ELSE row_trigger END, jsonb_build_object(
-        'function', quote_ident(gateway.capture_name(p_table, 'capture_delete')),
-        'topic_fn', topic_fn,
-        'row_args', old_args,
-        'rows', 'gateway_old',
-        'rows_left', quote_literal(mark || '_d'),
-        'statement_topics', format('SELECT %s FROM gateway_old', topic_call),
-        'moved_row', '',
-        'op', 'd',
-        'table', quote_literal(tbl_name),
-        'row', 'OLD',
-        'key', quote_ident(p_key)));
-    EXECUTE gateway.fill_template(CASE WHEN many THEN rows_trigger ELSE row_trigger END, jsonb_build_object(
-        'function', quote_ident(gateway.capture_name(p_table, 'capture_update')),
-        'topic_fn', topic_fn,
-        'row_args', new_args,
-        'rows', 'gateway_new',
-        'rows_left', quote_literal(mark || '_u'),
-        'statement_topics', format('SELECT %1$s FROM gateway_new UNION ALL SELECT %1$s FROM gateway_old', topic_call),
-        'moved_row', gateway.fill_template(CASE WHEN many THEN moved_rows ELSE moved_row END, jsonb_build_object(
-            'if_columns_changed', CASE WHEN cols_changed IS NOT NULL
-                                       THEN format('IF %s%s THEN  -- only then can the topic differ',
-                                                   key_same, cols_changed) END,
-            'key_changed', key_same,
+    -- The three row triggers: what differs between them is the operation's row (NEW, or OLD
+    -- for a delete), its transition table, and the update's moved-row step.
+    FOR op, trigger_kind, trigger_row, trigger_rows IN
+        VALUES ('i', 'capture_insert', 'NEW', 'gateway_new'), ('d', 'capture_delete', 'OLD', 'gateway_old'),
+               ('u', 'capture_update', 'NEW', 'gateway_new')
+    LOOP
+        EXECUTE gateway.fill_template(CASE WHEN many THEN rows_trigger ELSE row_trigger END, jsonb_build_object(
+            'function', quote_ident(gateway.capture_name(p_table, trigger_kind)),
             'topic_fn', topic_fn,
-            'old_args', old_args,
+            'row_args', CASE trigger_row WHEN 'NEW' THEN new_args ELSE old_args END,
+            'statement_lock', gateway.fill_template(statement_lock, jsonb_build_object(
+                'rows', trigger_rows,
+                'rows_left', quote_literal(mark || '_' || op),
+                -- An update's rows may move: it touches the topics of its old rows too.
+                'statement_topics', CASE op
+                    WHEN 'u' THEN format('SELECT %1$s FROM gateway_new UNION ALL SELECT %1$s FROM gateway_old', topic_call)
+                    ELSE format('SELECT %s FROM %s', topic_call, trigger_rows) END)),
+            'moved_row', CASE op WHEN 'u' THEN gateway.fill_template(CASE WHEN many THEN moved_rows ELSE moved_row END, jsonb_build_object(
+                'if_columns_changed', CASE WHEN cols_changed IS NOT NULL
+                                           THEN format('IF %s%s THEN  -- only then can the topic differ',
+                                                       key_same, cols_changed) END,
+                'key_changed', key_same,
+                'topic_fn', topic_fn,
+                'old_args', old_args,
+                'table', quote_literal(tbl_name),
+                'key', quote_ident(p_key),
+                'end_if', CASE WHEN cols_changed IS NOT NULL THEN 'END IF;' END)) ELSE '' END,
+            'op', op,
             'table', quote_literal(tbl_name),
-            'key', quote_ident(p_key),
-            'end_if', CASE WHEN cols_changed IS NOT NULL THEN 'END IF;' END)),
-        'op', 'u',
-        'table', quote_literal(tbl_name),
-        'row', 'NEW',
-        'key', quote_ident(p_key)));
+            'row', trigger_row,
+            'key', quote_ident(p_key)));
+    END LOOP;
 
     -- The generated functions belong to the schema's owner whoever calls publish() (a
     -- superuser, say): the capture functions are SECURITY DEFINER and run as their owner,
