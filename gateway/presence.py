@@ -48,7 +48,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Protocol
 
 import asyncpg
@@ -378,23 +378,8 @@ class Presence:
         return changed
 
     async def _apply(self, batch: dict[str, tuple[str, str | None]]) -> None:
-        try:
-            changed = await self._call_apply(batch, full=False)
-        except DB_ERRORS as exc:
-            # Whether it committed is unknown (a timeout): register the full set again.
-            self._down("writing connection changes", exc)
-            self._resync()
-            return
-        self._up()
-        self.writes += 1
-        if changed < 0:
-            log.warning(
-                "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
-                "registering its %d connection(s) again",
-                self.replica_id,
-                len(self._live),
-            )
-            self._resync()
+        changed = await self._write("writing connection changes", self._call_apply(batch, full=False))
+        if changed is None:
             return
         self.changes_published += changed
         for user, status in batch.values():
@@ -402,22 +387,37 @@ class Presence:
                 self._schedule_grace_check(user)
 
     async def _apply_rooms(self, batch: dict[tuple[str, str], tuple[str, bytes | None]]) -> None:
+        # The room module counts the changes it published itself.
+        await self._write(
+            "writing room presence changes", self.rooms.write(self._pool, self.replica_id, batch, full=False)
+        )
+
+    async def _write(self, doing: str, call: Awaitable[int]) -> int | None:
+        """Await one write of queued changes (connections' or rooms'): the number of changes it
+        published, or None when it did not count and the full set is to be registered again."""
         try:
-            changed = await self.rooms.write(self._pool, self.replica_id, batch, full=False)
+            changed = await call
         except DB_ERRORS as exc:
             # Whether it committed is unknown (a timeout): register the full set again.
-            self._down("writing room presence changes", exc)
+            self._down(doing, exc)
             self._resync()
-            return
+            return None
         self._up()
         self.writes += 1
         if changed < 0:
-            log.warning(
-                "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
-                "registering its connections and room members again",
-                self.replica_id,
-            )
-            self._resync()
+            self._declared_dead()
+            return None
+        return changed
+
+    def _declared_dead(self) -> None:
+        """This replica's row was gone: the others think it dead. Register everything again."""
+        log.warning(
+            "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
+            "registering its %d connection(s) and their room presence again",
+            self.replica_id,
+            len(self._live),
+        )
+        self._resync()
 
     def _schedule_grace_check(self, user: str) -> None:
         """End the grace of a user who left here promptly, instead of at the next sweep."""
@@ -485,13 +485,7 @@ class Presence:
                 log.info("presence heartbeat renewed again after %d failed attempt(s)", failures)
                 failures = 0
             if not alive and not self._need_sync:
-                log.warning(
-                    "presence: replica %s was declared dead (no heartbeat for GATEWAY_HEARTBEAT_TTL); "
-                    "registering its %d connection(s) again",
-                    self.replica_id,
-                    len(self._live),
-                )
-                self._resync()
+                self._declared_dead()
 
     async def _sweeper(self) -> None:
         interval = self.settings.heartbeat_interval

@@ -6,26 +6,16 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
-import os
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+from gateway.dev.pgcluster import LocalCluster, PostgresUnavailable
 
-from gateway.dev.pgcluster import (
-    ExistingPostgres,
-    LocalCluster,
-    Postgres,
-    PostgresUnavailable,
-    start_throwaway,
-)
-
-from . import report, rooms, scale
+from . import db, report, rooms, scale
 from .scenarios import Plan, Progress, Runner
 from .sysinfo import describe, loadavg, pgbench_path, raise_nofile
 
@@ -216,37 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run(args, plan, command.strip()))
 
 
-async def _server() -> tuple[Postgres, str, str | None]:
-    """The PostgreSQL to use, a DSN of a database of our own in it, and a database to drop after."""
-    url = os.environ.get("DATABASE_URL", "").strip()
-    if url:
-        server: Postgres = ExistingPostgres(url)
-        name = f"loadtest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        conn = await asyncpg.connect(server.dsn("postgres"))
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        return server, server.dsn(name), name
-    # Durable settings (fsync on): the writer cost and commit rates mean what they say.
-    server = await asyncio.to_thread(start_throwaway, fast=False)
-    return server, server.dsn("postgres"), None
-
-
-async def _drop(server: Postgres, name: str) -> None:
-    conn = await asyncpg.connect(server.dsn("postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
     started = time.monotonic()
     progress = Progress()
     progress.done(f"loadtest: {'smoke' if args.smoke else 'full'} run, report in {args.out}")
     try:
-        server, dsn, own_db = await _server()
+        # Durable settings (fsync on): the writer cost and commit rates mean what they say.
+        server, dsn, own_db = await db.open_server("loadtest", fast=False)
     except PostgresUnavailable as exc:
         print(f"loadtest: no PostgreSQL: {exc}", file=sys.stderr)
         return 2
@@ -262,8 +228,6 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
     }
     runner: Runner | None = None
     try:
-        from . import db
-
         version = await db.prepare(dsn)
         result["machine"] = describe(version)
         runner = Runner(dsn, plan, args.out, progress)
@@ -311,7 +275,7 @@ async def run(args: argparse.Namespace, plan: Plan, command: str) -> int:
         if runner is not None:
             await runner.writers.close()
         if own_db is not None:
-            await _drop(server, own_db)
+            await db.drop_database(server, own_db)
         await asyncio.to_thread(server.stop)
     result["loadavg_end"] = loadavg()
     result["total_seconds"] = round(time.monotonic() - started, 1)

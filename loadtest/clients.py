@@ -45,7 +45,8 @@ class Row(msgspec.Struct):
 
 
 class Frame(msgspec.Struct):
-    """The fields of any server frame a client looks at; the rest is ignored."""
+    """The fields of any server frame a load test client looks at (here, and the storm's and
+    the crowd's clients); the rest is ignored."""
 
     type: str
     topic: str | None = None
@@ -57,7 +58,7 @@ class Frame(msgspec.Struct):
     message: str | None = None
 
 
-_decode = msgspec.json.Decoder(Frame).decode
+decode_frame = msgspec.json.Decoder(Frame).decode
 
 
 @dataclass
@@ -151,7 +152,7 @@ class Worker:
         c.ws = ws
         if self.spec.mode == "floor":
             return
-        first = _decode((await ws.receive(timeout=30)).data)
+        first = decode_frame((await ws.receive(timeout=30)).data)
         if first.type != "welcome":
             raise RuntimeError(f"expected welcome, got {first}")
         msg: dict[str, Any] = {"type": "subscribe", "topic": c.topic, "id": 1}
@@ -163,7 +164,7 @@ class Worker:
             if m.type != aiohttp.WSMsgType.TEXT:
                 raise RuntimeError(f"socket closed while subscribing: {m.type.name} {m.data!r}")
             now = time.time()
-            f = _decode(m.data)
+            f = decode_frame(m.data)
             if f.type == "event":
                 self.on_event(c, f, now)  # a replay on resume
             elif f.type == "subscribed":
@@ -197,7 +198,7 @@ class Worker:
                     c.errors.append(f"socket closed by the server: {ws.close_code} {m.extra!r}")
                     self.count(C_ERRORS)
                 return
-            f = _decode(m.data)
+            f = decode_frame(m.data)
             if f.type == "event":
                 self.on_event(c, f, time.time())
             elif f.type == "error":

@@ -41,6 +41,7 @@ import asyncpg
 import msgspec
 
 from . import db
+from .clients import decode_frame
 from .gw import SECRET, GatewayProcess
 from .procpool import ClientProcesses
 from .stats import latency_summary
@@ -77,22 +78,6 @@ SMOKE = Size(connections=300, seconds=3.0, user_topics=5, user_rate=5.0, sync_ti
 # --- the client process --------------------------------------------------------------------
 
 
-class Row(msgspec.Struct):
-    sent_at: float = 0.0
-
-
-class Frame(msgspec.Struct):
-    type: str
-    pos: int | None = None
-    epoch: str | None = None
-    row: Row | None = None
-    code: str | None = None
-    message: str | None = None
-
-
-_decode = msgspec.json.Decoder(Frame).decode
-
-
 class Client:
     __slots__ = ("ack", "conn", "dup", "fan", "last", "lost", "received", "topic", "user", "waiter")
 
@@ -127,7 +112,7 @@ class CrowdClients:
 
     def on_text(self, conn: WSConn, payload: bytes) -> None:
         c: Client = conn.data
-        f = _decode(payload)
+        f = decode_frame(payload)
         if f.type == "event":
             pos = f.pos or 0
             if pos <= c.last:

@@ -1,14 +1,17 @@
-"""The database side: schema, writers at a target rate, the bare LISTEN ceiling, the writer cost."""
+"""The database side: the server (and a database of the run's own), schema, writers at a target
+rate, the bare LISTEN ceiling, the writer cost."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import statistics
 import subprocess
 import tempfile
 import time
+import uuid
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from gateway.dev.pgcluster import ExistingPostgres, Postgres, start_throwaway
 from gateway.migrate import migrate
 
 # ~200-byte event frames: the row is {"id":..,"topic":..,"sent_at":..,"body":"<BODY>"}.
@@ -57,6 +61,48 @@ BEGIN
 END $$;
 CREATE TRIGGER lt_naive AFTER INSERT OR UPDATE ON lt_cost_naive FOR EACH ROW EXECUTE FUNCTION lt_naive_notify();
 """
+
+
+# --- the server ---------------------------------------------------------------------------
+
+
+async def open_server(prefix: str, *, fast: bool) -> tuple[Postgres, str, str | None]:
+    """The PostgreSQL a run uses, a DSN of a database of the run's own in it, and the database
+    to drop after it (``drop_database``), None when the whole server is the run's.
+
+    With ``DATABASE_URL`` set: that server, in a new database ``<prefix>_<pid>_<random>``, so
+    that a run never writes into a database someone uses. Otherwise a throwaway cluster,
+    durable (fsync on) unless ``fast``. Raises PostgresUnavailable when neither can be had.
+    """
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if url:
+        server: Postgres = ExistingPostgres(url)
+        name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        await create_database(server, name)
+        return server, server.dsn(name), name
+    server = await asyncio.to_thread(start_throwaway, fast=fast)
+    return server, server.dsn("postgres"), None
+
+
+async def create_database(server: Postgres, name: str) -> None:
+    await _maintenance(server, f'CREATE DATABASE "{name}"')
+
+
+async def drop_database(server: Postgres, name: str) -> None:
+    """Drop a database of the run's own, ending the sessions still in it (WITH FORCE)."""
+    await _maintenance(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _maintenance(server: Postgres, statement: str) -> None:
+    """Run a statement on the server's ``postgres`` database (one outside every run's own)."""
+    conn = await asyncpg.connect(server.dsn("postgres"))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+# --- the schema ---------------------------------------------------------------------------
 
 
 async def prepare(dsn: str) -> str:

@@ -31,14 +31,11 @@ import statistics
 import sys
 import time
 import tracemalloc
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from gateway.dev.pgcluster import ExistingPostgres, Postgres, PostgresUnavailable, start_throwaway
+from gateway.dev.pgcluster import PostgresUnavailable
 
 from . import db
 from .fleet import Fleet
@@ -207,22 +204,6 @@ def _analyse(snap: Path, n: int) -> dict[str, Any]:
             Path(f"{snap}.{i}").unlink(missing_ok=True)
 
 
-async def _server() -> tuple[Postgres, str, str | None]:
-    url = os.environ.get("DATABASE_URL", "").strip()
-    if url:
-        server: Postgres = ExistingPostgres(url)
-        name = f"loadtest_mem_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        conn = await asyncpg.connect(server.dsn("postgres"))
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        return server, server.dsn(name), name
-    # Memory does not depend on the disk: the fast (non-durable) throwaway is enough.
-    server = await asyncio.to_thread(start_throwaway, fast=True)
-    return server, server.dsn("postgres"), None
-
-
 def _print_trace(t: dict[str, Any], top: int) -> None:
     print(f"    tracemalloc: {t['total_bytes_per_connection']:.0f} B per connection still allocated")
     print("    by line:")
@@ -242,7 +223,8 @@ async def run(args: argparse.Namespace) -> int:
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
-        server, dsn, own_db = await _server()
+        # Memory does not depend on the disk: the fast (non-durable) throwaway is enough.
+        server, dsn, own_db = await db.open_server("loadtest_mem", fast=True)
     except PostgresUnavailable as exc:
         print(f"loadtest.memory: no PostgreSQL: {exc}", file=sys.stderr)
         return 2
@@ -290,11 +272,7 @@ async def run(args: argparse.Namespace) -> int:
                     )
     finally:
         if own_db is not None:
-            conn = await asyncpg.connect(server.dsn("postgres"))
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{own_db}" WITH (FORCE)')
-            finally:
-                await conn.close()
+            await db.drop_database(server, own_db)
         server.stop()
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=1))

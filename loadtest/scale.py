@@ -16,8 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from gateway.dev.pgcluster import LocalCluster, Postgres
 
 from . import crowd, db, replicas, storm
@@ -28,22 +26,10 @@ STORM_BAR = 10_000
 
 
 async def _own_database(server: Postgres, name: str) -> str:
-    admin = await asyncpg.connect(server.dsn("postgres"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await db.create_database(server, name)
     dsn = server.dsn(name)
     await db.prepare(dsn)
     return dsn
-
-
-async def _drop(server: Postgres, name: str) -> None:
-    admin = await asyncpg.connect(server.dsn("postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 def _nats_path() -> str | None:
@@ -68,7 +54,7 @@ async def run(
             s = dataclasses.replace(s, clients=n, topics=min(s.topics, n))
         return await storm.run(dsn, s, out, progress)
     finally:
-        await _drop(server, db_name)
+        await db.drop_database(server, db_name)
 
 
 async def _replicas(server: Postgres, smoke: bool, out: Path, progress: Any) -> dict[str, Any]:

@@ -51,6 +51,7 @@ import msgspec
 from gateway.dev.pgcluster import free_port
 
 from . import db
+from .clients import decode_frame
 from .gw import SECRET, GatewayProcess
 from .procpool import ClientProcesses
 from .stats import latency_summary
@@ -159,23 +160,6 @@ class HAProxy:
 # --- the client process --------------------------------------------------------------------
 
 
-class Row(msgspec.Struct):
-    sent_at: float = 0.0
-
-
-class Frame(msgspec.Struct):
-    type: str
-    pos: int | None = None
-    epoch: str | None = None
-    recovered: bool | None = None
-    row: Row | None = None
-    code: str | None = None
-    message: str | None = None
-
-
-_decode = msgspec.json.Decoder(Frame).decode
-
-
 class Client:
     __slots__ = (
         "ack",
@@ -236,7 +220,7 @@ class StormClients:
 
     def on_text(self, conn: WSConn, payload: bytes) -> None:
         c: Client = self.clients[conn.index]
-        f = _decode(payload)
+        f = decode_frame(payload)
         if f.type == "event":
             pos = f.pos or 0
             if pos <= c.last:

@@ -28,6 +28,7 @@ from .gwtest import REPO, GatewayProcess, bare_env, running_gateway, settings_en
 from .natsserver import NatsServer
 from .pgconn import pg_connect
 from .polling import eventually
+from .presencetest import Watcher
 from .test_no_loss import (
     TABLES,
     TOPIC,
@@ -39,7 +40,7 @@ from .test_no_loss import (
     subscribed_readers,
     wait_head,
 )
-from .test_presence import FAST, WATCH, Cluster, Watcher
+from .test_presence import FAST, WATCH, Cluster
 
 needs_nats = pytest.mark.skipif(
     natsserver.binary() is None,

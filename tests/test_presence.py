@@ -29,6 +29,7 @@ from gateway.presence import _SNAPSHOT
 from .gwtest import Client, GatewayProcess, running_gateway, token, wait_for_lock_wait
 from .pgconn import pg_connect
 from .polling import eventually
+from .presencetest import Watcher
 
 TOPIC = "presence:global"
 WATCH = ["presence:*"]  # the grant a presence subscriber's token carries
@@ -66,50 +67,6 @@ async def logged_changes(dsn: str, topic: str = TOPIC) -> list[tuple[str, str]]:
 async def wait_for(dsn: str, query: str, *args: Any, timeout: float = 20.0) -> None:
     """Poll until ``query`` returns true (database state, not timing, is what is checked)."""
     await eventually(lambda: val(dsn, query, *args), timeout, f"{query} {args} to be true", interval=0.05)
-
-
-class Watcher:
-    """A presence subscriber: applies the snapshot and every change frame to ``status``."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.status: dict[str, str] = {}
-        self.changes: list[dict[str, Any]] = []
-
-    async def subscribe(self, topic: str = TOPIC) -> dict[str, Any]:
-        await self.client.send({"type": "subscribe", "topic": topic, "id": 7})
-        snap = await self.client.recv()
-        assert snap["type"] == "presence" and "snapshot" in snap, snap
-        assert snap["topic"] == topic
-        self.status = {e["user"]: e["status"] for e in snap["snapshot"]}
-        while True:
-            frame = await self.client.recv()
-            if frame["type"] == "subscribed":
-                assert frame["topic"] == topic and frame["id"] == 7
-                return frame
-            self._apply(frame)
-
-    def _apply(self, frame: dict[str, Any]) -> None:
-        assert frame["type"] == "presence" and "change" in frame, frame
-        change = frame["change"]
-        assert set(change) == {"user", "status", "last_seen"}, change
-        self.changes.append(change)
-        self.status[change["user"]] = change["status"]
-
-    def of(self, user: str) -> list[str]:
-        return [c["status"] for c in self.changes if c["user"] == user]
-
-    async def until(self, expected: dict[str, str], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while any(self.status.get(u, "offline") != s for u, s in expected.items()):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"expected {expected}, have {self.status}")
-            try:
-                frame = await self.client.recv(remaining)
-            except TimeoutError:
-                raise AssertionError(f"expected {expected}, have {self.status}") from None
-            self._apply(frame)
 
 
 class Cluster:

@@ -5,7 +5,6 @@ timings of test_presence.py), and one in this process where a test reads its sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import time
@@ -23,6 +22,7 @@ from gateway.server import PRESENCE
 
 from .gwtest import Client, assert_alive, expect_error, running_gateway, token
 from .pgconn import connection
+from .presencetest import RoomWatcher
 from .test_capture import as_role, sql_block
 from .test_presence import Cluster, sql, val, wait_for
 
@@ -63,63 +63,6 @@ async def apply(db: asyncpg.Connection, replica: str, rows: list[Row], full: boo
         full,
     )
     return n
-
-
-class RoomWatcher:
-    """A subscriber of a room's presence: applies ``members`` and every change to ``members``
-    (user -> conn -> state), and keeps the changes."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.members: dict[str, dict[str, dict[str, Any]]] = {}
-        self.changes: list[dict[str, Any]] = []
-
-    async def subscribe(self, topic: str = TOPIC) -> dict[str, Any]:
-        await self.client.send({"type": "subscribe", "topic": topic, "id": 7})
-        snap = await self.client.recv()
-        assert snap["type"] == "presence" and snap["topic"] == topic and "members" in snap, snap
-        assert "snapshot" not in snap
-        self.members = {m["user"]: {c["conn"]: c["state"] for c in m["conns"]} for m in snap["members"]}
-        while True:
-            frame = await self.client.recv()
-            if frame["type"] == "subscribed":
-                assert frame["topic"] == topic and frame["id"] == 7
-                return frame
-            self._apply(frame)
-
-    def _apply(self, frame: dict[str, Any]) -> None:
-        assert frame["type"] == "presence" and "change" in frame, frame
-        change = frame["change"]
-        self.changes.append(change)
-        conns = self.members.setdefault(change["user"], {})
-        if change["op"] == "leave":
-            assert set(change) == {"op", "user", "conn"}, change
-            assert change["conn"] in conns, (change, self.members)
-            del conns[change["conn"]]
-            if not conns:
-                del self.members[change["user"]]
-        else:
-            assert set(change) == {"op", "user", "conn", "state"}, change
-            assert (change["conn"] in conns) == (change["op"] == "update"), (change, self.members)
-            conns[change["conn"]] = change["state"]
-
-    async def until(self, expected: dict[str, dict[str, dict[str, Any]]], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.members != expected:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"expected {expected}, have {self.members}")
-            try:
-                frame = await self.client.recv(remaining)
-            except TimeoutError:
-                raise AssertionError(f"expected {expected}, have {self.members}") from None
-            self._apply(frame)
-
-    async def drain(self, quiet: float = 0.5) -> None:
-        """Apply whatever arrives until nothing has for ``quiet`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            while True:
-                self._apply(await self.client.recv(quiet))
 
 
 async def track(c: Client, room: str, state: dict[str, Any] | None, req: int = 1) -> dict[str, Any]:
@@ -257,7 +200,7 @@ async def test_one_user_with_tabs_on_two_replicas_is_one_member_with_two_connect
 ) -> None:
     gw1, gw2 = await cluster.start(2)
     early = RoomWatcher(await cluster.connect(gw1, "watch", [ROOM]))
-    await early.subscribe()
+    await early.subscribe(TOPIC)
     assert early.members == {}
 
     tab1, conn1 = await joined(cluster, gw1, "alice")
@@ -328,7 +271,7 @@ async def test_one_user_with_tabs_on_two_replicas_is_one_member_with_two_connect
 async def test_a_killed_replicas_members_leave_within_the_bound(cluster: Cluster) -> None:
     victim, survivor = await cluster.start(2)
     watcher = RoomWatcher(await cluster.connect(survivor, "watch", [ROOM]))
-    await watcher.subscribe()
+    await watcher.subscribe(TOPIC)
     a1, c1 = await joined(cluster, victim, "alice")
     a2, c2 = await joined(cluster, survivor, "alice")
     b1, cb = await joined(cluster, victim, "bob")
@@ -350,7 +293,7 @@ async def test_a_killed_replicas_members_leave_within_the_bound(cluster: Cluster
 async def test_a_replica_declared_dead_while_alive_registers_its_members_again(cluster: Cluster) -> None:
     (gw,) = await cluster.start(1)
     watcher = RoomWatcher(await cluster.connect(gw, "watch", [ROOM]))
-    await watcher.subscribe()
+    await watcher.subscribe(TOPIC)
     tab, conn = await joined(cluster, gw, "alice")
     assert (await track(tab, ROOM, {"v": 1}))["type"] == "tracked"
     await watcher.until({"alice": {conn: {"v": 1}}})
@@ -397,7 +340,7 @@ async def test_room_presence_is_repaired_after_a_database_outage(cluster: Cluste
 async def test_state_updates_are_coalesced_and_the_last_one_wins(cluster: Cluster) -> None:
     (gw,) = await cluster.start(1)
     watcher = RoomWatcher(await cluster.connect(gw, "watch", [ROOM]))
-    await watcher.subscribe()
+    await watcher.subscribe(TOPIC)
     tab, conn = await joined(cluster, gw, "mallory", ["room:*"])
     sent = 31
     for i in range(sent):  # 16 a second: within GATEWAY_MESSAGE_RATE, each acknowledged
