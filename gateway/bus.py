@@ -71,8 +71,10 @@ QUEUE_MAX_BYTES = 256 * 1024
 QUEUE_USAGE_MAX = 0.1
 # The registered senders are re-read at most this often when an unknown pid sends...
 SENDERS_CHECK_INTERVAL = 1.0
-# ...and this often anyway, so a sender gone (its pid free for another session) is forgotten.
-SENDERS_REFRESH = 5.0
+# ...and this often anyway, so a sender gone (its pid free for another session, of any role)
+# is forgotten within about a second, as doorbells forget a relay that is gone (one small
+# read a second per process).
+SENDERS_REFRESH = 1.0
 # Payloads from unknown pids held while the senders are read again, at most.
 HELD_MAX = 64
 MAGIC = b"gwbus1"

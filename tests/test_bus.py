@@ -207,6 +207,24 @@ async def test_the_sender_comes_back_after_its_backend_is_terminated(dsn: str, t
     await eventually(arrives, 10, "a message from the new backend")
 
 
+async def test_a_sender_whose_session_ended_is_forgotten_within_about_a_second(
+    dsn: str, two: tuple[Bus, Bus]
+) -> None:
+    """Its pid is free for PostgreSQL to give to any other session, of any role: b must stop
+    believing it about as fast as doorbells stop believing a relay that is gone (1 s)."""
+    a, b = two
+    old = a._own_pid
+    await eventually(lambda: old in b._senders, 5, "a registered in b's senders")
+    admin = await pg_connect(dsn)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", old)
+    finally:
+        await admin.close()
+    t0 = time.monotonic()
+    await eventually(lambda: old not in b._senders, 5, "a's old pid forgotten by b")
+    assert time.monotonic() - t0 < 2.5
+
+
 # --- with a broker ------------------------------------------------------------------------
 
 
