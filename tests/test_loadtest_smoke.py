@@ -58,21 +58,29 @@ def throughput_commit_heights(page: str, scenario: str) -> list[float]:
     return [zero - float(p.split(",")[1]) for p in points]
 
 
-@pytest.mark.timeout(270)
-def test_smoke_run_reports_every_scenario_with_nothing_lost(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    # A throwaway cluster unless the suite was pointed at a server; either way a database of its own.
-    if env.get("TEST_DATABASE_URL") and not env.get("DATABASE_URL"):
-        env["DATABASE_URL"] = env["TEST_DATABASE_URL"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtest", "--smoke", "--out", str(tmp_path)],
+def run_python(
+    args: list[str], timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python <args>`` from the repository. By default on a throwaway cluster unless the suite
+    was pointed at a server; either way a database of the run's own."""
+    if env is None:
+        env = dict(os.environ)
+        if env.get("TEST_DATABASE_URL") and not env.get("DATABASE_URL"):
+            env["DATABASE_URL"] = env["TEST_DATABASE_URL"]
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         check=False,
     )
+
+
+@pytest.mark.timeout(270)
+def test_smoke_run_reports_every_scenario_with_nothing_lost(tmp_path: Path) -> None:
+    proc = run_python(["-m", "loadtest", "--smoke", "--out", str(tmp_path)], 240)
     output = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, output
 
@@ -206,14 +214,8 @@ def run_scale_smoke(tmp_path: Path, scenario: str, timeout: float) -> dict[str, 
     ran without errors, with nothing lost, and that its lines of the bar held."""
     # The scale scenarios measure PostgreSQL from /proc (replicas): always a throwaway cluster.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtest", "--smoke", "--scenario", scenario, "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+    proc = run_python(
+        ["-m", "loadtest", "--smoke", "--scenario", scenario, "--out", str(tmp_path)], timeout, env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "loadtest.json").read_text())
@@ -288,21 +290,13 @@ def test_replicas_scenario_runs_both_engines_with_nothing_lost(tmp_path: Path) -
 
 
 def _memory_run(tmp_path: Path, *args: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    if env.get("TEST_DATABASE_URL") and not env.get("DATABASE_URL"):
-        env["DATABASE_URL"] = env["TEST_DATABASE_URL"]
     out = tmp_path / "memory.json"
-    proc = subprocess.run(
+    proc = run_python(
         [
-            *(sys.executable, "-m", "loadtest.memory", "--procs", "2", "--settle", "0.5"),
+            *("-m", "loadtest.memory", "--procs", "2", "--settle", "0.5"),
             *("--out", str(tmp_path), "--json", str(out), *args),
         ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-        check=False,
+        150,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result: dict[str, Any] = json.loads(out.read_text())
@@ -354,20 +348,18 @@ def test_scenario_takes_a_list_and_refuses_what_it_does_not_know(capsys: pytest.
 
 @pytest.mark.timeout(200)
 def test_two_scenarios_in_one_run_without_the_writer_cost(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    if env.get("TEST_DATABASE_URL") and not env.get("DATABASE_URL"):
-        env["DATABASE_URL"] = env["TEST_DATABASE_URL"]
-    proc = subprocess.run(
+    proc = run_python(
         [
-            *(sys.executable, "-m", "loadtest", "--smoke", "--scenario", "notify,fanout"),
-            *("--skip-writer-cost", "--out", str(tmp_path)),
+            "-m",
+            "loadtest",
+            "--smoke",
+            "--scenario",
+            "notify,fanout",
+            "--skip-writer-cost",
+            "--out",
+            str(tmp_path),
         ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+        180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "loadtest.json").read_text())
