@@ -361,6 +361,7 @@ DECLARE
     trigger_name text;
     trigger_state text;
     many boolean;       -- the expression gives an array: the row is on each of its topics
+    risky text;         -- functions the expression calls that look names up at run time
     topic_type text;    -- text, or text[] when many
     schema_owner regrole;
     f regprocedure;
@@ -580,6 +581,26 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'gateway.publish: topic expression % does not work on %: %', p_topic, tbl_name, SQLERRM;
     END;
+    -- Functions of the application's that the expression calls run as the owner, in every
+    -- write, with the writer's search_path (see "Writer roles" in docs/sql.md). One whose
+    -- body is a string and that fixes no search_path looks its names up in the writer's
+    -- search_path, where a writer could put its own function first and have it run as the
+    -- owner: warn, naming them (PostgreSQL records what an SQL-standard body calls).
+    SELECT string_agg(f.oid::regprocedure::text, ', ' ORDER BY f.oid::regprocedure::text) INTO risky
+    FROM pg_depend d JOIN pg_proc f ON f.oid = d.refobjid
+    WHERE d.classid = 'pg_proc'::regclass AND d.refclassid = 'pg_proc'::regclass
+      AND d.objid = (SELECT t.oid FROM pg_proc t
+                     WHERE t.pronamespace = 'gateway'::regnamespace
+                       AND t.proname = gateway.capture_name(p_table, 'topic'))
+      AND f.pronamespace <> 'pg_catalog'::regnamespace
+      AND f.prosqlbody IS NULL
+      AND f.prolang NOT IN (SELECT l.oid FROM pg_language l WHERE l.lanname IN ('internal', 'c'))
+      AND NOT EXISTS (SELECT FROM unnest(f.proconfig) AS c WHERE c LIKE 'search\_path=%');
+    IF risky IS NOT NULL THEN
+        RAISE WARNING 'gateway.publish: the topic expression of % calls %, which will run as the owner of schema gateway with the search_path of whoever writes the table',
+            tbl_name, risky
+            USING HINT = 'Give each a SQL-standard body (RETURN ... or BEGIN ATOMIC ... END) or SET search_path = pg_catalog, pg_temp, with its tables named with their schema: see "Writer roles" in docs/sql.md.';
+    END IF;
     -- The topic of a whole row: the gateway checks, when it reads a row to send it, that the
     -- row still belongs to the event's topic (it may have moved since the event was written).
     EXECUTE format('CREATE FUNCTION gateway.%I(%s) RETURNS %s LANGUAGE sql AS %L',

@@ -439,6 +439,37 @@ async def test_publish_and_unpublish_print_no_notices(db: asyncpg.Connection) ->
     assert notices == ["the last one"]
 
 
+async def test_publish_warns_of_a_function_that_looks_names_up_with_the_writer_s_search_path(
+    db: asyncpg.Connection,
+) -> None:
+    """The trigger runs as the owner with the writer's search_path: a function with a string
+    body and no SET search_path, called by the topic expression, would let a writer run its own
+    code as the owner. publish() says so, naming it; the two safe ways to write it pass quietly."""
+    messages: list[tuple[str, str]] = []
+    db.add_log_listener(lambda _conn, m: messages.append((m.severity, m.message)))
+    await db.execute(
+        """
+        CREATE TABLE warned (id int PRIMARY KEY, owner int);
+        CREATE FUNCTION owner_topic_string(o int) RETURNS text LANGUAGE plpgsql AS
+            $f$ BEGIN RETURN 'user:' || o; END $f$;
+        CREATE FUNCTION owner_topic_fixed(o int) RETURNS text LANGUAGE plpgsql
+            SET search_path = pg_catalog, pg_temp AS $f$ BEGIN RETURN 'user:' || o; END $f$;
+        CREATE FUNCTION owner_topic_atomic(o int) RETURNS text LANGUAGE sql RETURN 'user:' || o;
+        """
+    )
+    for fn in ("owner_topic_fixed", "owner_topic_atomic", "owner_topic_string"):
+        await db.execute(f"SELECT gateway.publish('warned', $${fn}(owner)$$)")
+    await db.execute("DO $$ BEGIN RAISE NOTICE 'the last one'; END $$")
+    await eventually(lambda: ("NOTICE", "the last one") in messages, 10, "the notice")
+    warnings = [text for severity, text in messages if severity == "WARNING"]
+    assert len(warnings) == 1, messages
+    assert "public.warned calls owner_topic_string(integer)" in warnings[0]
+    assert "search_path of whoever writes the table" in warnings[0]
+    # Published all the same: the warning says what to fix, it refuses nothing.
+    await db.execute("INSERT INTO warned VALUES (1, 7)")
+    assert await db.fetchval("SELECT topic FROM gateway.events WHERE tbl = 'public.warned'") == "user:7"
+
+
 async def test_publish_again_replaces_and_unpublish_stops(db: asyncpg.Connection, bells: Doorbells) -> None:
     await make_items(db)
     await db.execute("SELECT gateway.publish('items', $$'user:' || owner$$)")
