@@ -12,8 +12,8 @@ NATS instead, cut per topic (an ``Outlet``: gateway/broker.py), and nothing is N
 Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing
 transaction sends (once, however many rows it writes) when the relay is not polling, and then
 polls once (plus once every ``idle_poll`` as a safety net). Busy (``wake_rate`` events per
-second or more, judged over 0.1 s when quiet, over 1 s to go quiet again): the relay polls
-every ``poll_interval`` (stretched up to 4 times above 1,000 events/s) and keeps
+second or more, judged over 0.1 s when quiet, over 1 s to go quiet again): a poll starts
+every ``poll_interval`` (stretched up to 4 times above 1,000 events/s) and the relay keeps
 ``gateway.relay_awake_until`` a few seconds in the future, and writers send nothing at all.
 
 Why no committed event is missed (the approach of PgQ):
@@ -301,6 +301,7 @@ class Relay:
                 # Cleared before the poll, not after: a writer that rings while the poll runs
                 # may have committed too late for it, and must get a poll of its own.
                 self._poke.clear()
+                polled_at = time.monotonic()
                 window_events += await self._poll(conn)
                 now = time.monotonic()
                 # Quiet, the rate is judged over a tenth of a second: at the start of a burst
@@ -322,7 +323,11 @@ class Relay:
                     self.awake, quiet_after = False, None
                     log.debug("relay: quiet: polling when writers ring")
                 if self.awake:
-                    await asyncio.sleep(interval)
+                    # Polls start every ``interval``: the time the poll, its doorbells and the
+                    # event loop's other work took is not added to every event's wait. A
+                    # quarter of it at least between two polls, though: a relay whose polls take
+                    # longer (an overloaded database or process) must not poll back to back.
+                    await asyncio.sleep(max(interval / 4, polled_at + interval - time.monotonic()))
                 else:
                     await self._nap(min(self._idle_poll, self._lease / 3))
         finally:
