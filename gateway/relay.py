@@ -12,8 +12,11 @@ NATS instead, cut per topic (an ``Outlet``: gateway/broker.py), and nothing is N
 Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing
 transaction sends (once, however many rows it writes) when the relay is not polling, and then
 polls once (plus once every ``idle_poll`` as a safety net). Busy (``wake_rate`` events per
-second or more, judged over 0.1 s when quiet, over 1 s to go quiet again): a poll starts
-every ``poll_interval`` (stretched up to 4 times above 1,000 events/s) and the relay keeps
+second or more, judged over 0.1 s when quiet, over 1 s to go quiet again): each poll waits
+inside PostgreSQL, looking about every millisecond, until a transaction that wrote events
+has committed (or ``poll_interval`` has passed), so an event waits a millisecond or so for
+its poll; above a few hundred events/s polls are spaced out so each carries more (up to 4
+times ``poll_interval`` apart, from 4,000 events/s). The relay keeps
 ``gateway.relay_awake_until`` a few seconds in the future, and writers send nothing at all.
 
 Why no committed event is missed (the approach of PgQ):
@@ -62,10 +65,13 @@ POLL_CHANNEL = "gateway_poll"
 CHANNEL = "gateway"
 # A doorbell's payload stays under PostgreSQL's 8000-byte NOTIFY limit with room to spare.
 PAYLOAD_MAX = 7000
-# A poll costs the database, the relay and every replica's listener about the same whatever
-# it finds. Above STRETCH_RATE events/s the busy relay spaces its polls out in proportion
-# (up to MAX_STRETCH times poll_interval), so each carries more events: under heavy writes
-# the gateway's share of the database's CPU stops growing, for a few milliseconds of latency.
+# A poll that finds events costs the database, the relay and every replica's listener and
+# pipeline about the same whatever number it finds. So the busy relay starts its polls at
+# least poll_interval * rate / STRETCH_RATE apart (up to MAX_STRETCH times poll_interval):
+# at a few hundred events/s each poll still waits for the next commit (about one event per
+# poll, as many polls as a fixed 5 ms interval made), from STRETCH_RATE events/s on each
+# carries more events, and under heavy writes the gateway's share of the database's CPU stops
+# growing, for a few milliseconds of latency.
 STRETCH_RATE = 1000.0
 MAX_STRETCH = 4.0
 
@@ -85,7 +91,7 @@ RETURNING 1
 """
 _RELEASE_LEASE = "UPDATE gateway.relay SET lease_until = '-infinity' WHERE holder = $1"
 # The snapshot now and the events of transactions committed since $1 (sql/102_relay.sql).
-_POLL = "SELECT snapshot, events FROM gateway.relay_poll($1, $2)"
+_POLL = "SELECT snapshot, events FROM gateway.relay_poll($1, $2, $3)"
 _OWN_XID = "SELECT pg_current_xact_id()::text::bigint"
 _SET_FLAG = "SELECT setval('gateway.relay_awake_until', $1)"
 _NOTIFY = "SELECT count(pg_notify('gateway', p)) FROM unnest($1::text[]) AS p"
@@ -284,7 +290,9 @@ class Relay:
         flag_renewed = 0.0
         lease_renewed = time.monotonic()
         window_start, window_events = time.monotonic(), 0
-        interval = self._poll_interval
+        spacing = 0.0  # busy: the least time from the start of a poll to the next
+        # Busy, a poll waits inside PostgreSQL for a commit, up to this (sql/102_relay.sql).
+        wait = min(self._poll_interval, self._lease / 3)
         quiet_after: int | None = None  # going quiet: poll until a snapshot's xmin passes this
         try:
             while not self._stopping:
@@ -302,7 +310,7 @@ class Relay:
                 # may have committed too late for it, and must get a poll of its own.
                 self._poke.clear()
                 polled_at = time.monotonic()
-                window_events += await self._poll(conn)
+                window_events += await self._poll(conn, wait if self.awake else 0.0)
                 now = time.monotonic()
                 # Quiet, the rate is judged over a tenth of a second: at the start of a burst
                 # every writing transaction NOTIFYs, which is what busy mode spares writers.
@@ -311,7 +319,7 @@ class Relay:
                 if now - window_start >= window:
                     rate = window_events / (now - window_start)
                     window_start, window_events = now, 0
-                    interval = self._poll_interval * min(MAX_STRETCH, max(1.0, rate / STRETCH_RATE))
+                    spacing = self._poll_interval * min(MAX_STRETCH, rate / STRETCH_RATE)
                     if (not self.awake or quiet_after is not None) and rate >= self._wake_rate:
                         self.awake, quiet_after = True, None
                         flag_renewed = 0.0
@@ -323,11 +331,9 @@ class Relay:
                     self.awake, quiet_after = False, None
                     log.debug("relay: quiet: polling when writers ring")
                 if self.awake:
-                    # Polls start every ``interval``: the time the poll, its doorbells and the
-                    # event loop's other work took is not added to every event's wait. A
-                    # quarter of it at least between two polls, though: a relay whose polls take
-                    # longer (an overloaded database or process) must not poll back to back.
-                    await asyncio.sleep(max(interval / 4, polled_at + interval - time.monotonic()))
+                    # The next poll waits for the next commit itself; spacing polls out only
+                    # makes each carry more events as the rate grows (see STRETCH_RATE).
+                    await asyncio.sleep(max(0.0, polled_at + spacing - time.monotonic()))
                 else:
                     await self._nap(min(self._idle_poll, self._lease / 3))
         finally:
@@ -335,9 +341,10 @@ class Relay:
             if not conn.is_closed():
                 await conn.remove_listener(POLL_CHANNEL, self._on_poke)
 
-    async def _poll(self, conn: asyncpg.Connection) -> int:
-        """Ring the events of every transaction committed since the last poll; return how many."""
-        current, text = await conn.fetchrow(_POLL, self._snapshot, self._batch + 1)
+    async def _poll(self, conn: asyncpg.Connection, wait: float = 0.0) -> int:
+        """Ring the events of every transaction committed since the last poll, once one has
+        (waiting up to ``wait`` seconds for it); return how many."""
+        current, text = await conn.fetchrow(_POLL, self._snapshot, self._batch + 1, wait)
         self._snapshot = current
         rows = _decode_rows(text)
         if not rows:
