@@ -418,8 +418,9 @@ class Settings:
     # Relay (sql/102_relay.sql, gateway/relay.py): one replica rings the doorbells of committed events
     relay_poll_interval: float = _setting(
         0.005,
-        "how often the relay reads new events while writes are frequent (writers then send no NOTIFY); "
-        "above 1,000 events/s it grows in proportion to the rate, up to 4 times this (from 4,000 events/s)",
+        "while writes are frequent (writers then send no NOTIFY), how long each of the relay's polls waits "
+        "inside PostgreSQL for a commit, looking about every millisecond; polls are also spaced out, "
+        "this times events/s / 1,000 apart, up to 4 times this (from 4,000 events/s)",
         parse_duration,
         minimum=0.001,
     )

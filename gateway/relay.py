@@ -290,7 +290,9 @@ class Relay:
         flag_renewed = 0.0
         lease_renewed = time.monotonic()
         window_start, window_events = time.monotonic(), 0
-        spacing = 0.0  # busy: the least time from the start of a poll to the next
+        # Busy: the least time from the start of a poll to the next, from the rate of each
+        # window. Until the first window ends (a new leader may find a backlog), the interval.
+        spacing = self._poll_interval
         # Busy, a poll waits inside PostgreSQL for a commit, up to this (sql/102_relay.sql).
         wait = min(self._poll_interval, self._lease / 3)
         quiet_after: int | None = None  # going quiet: poll until a snapshot's xmin passes this
