@@ -49,13 +49,14 @@ INSERT INTO gateway.relay DEFAULT VALUES;
 -- The relay's read (gateway/relay.py): the snapshot now, and the events of every transaction
 -- visible in it but not in p_since (at most p_limit of them), as a JSON array of
 -- [topic, epoch, pos, op, tbl, key, created_at].
--- With p_wait > 0 (seconds; the busy relay's poll interval) it first waits, looking about
--- every millisecond (pg_sleep's resolution), until such a transaction has committed or
--- p_wait has passed. Looking here costs a fresh snapshot and one index probe; looking from
--- the relay costs a round trip, a statement and the relay process's CPU each time. So the
--- busy relay can wait for the next commit instead of sleeping through a poll interval: an
--- event waits a millisecond or so for its poll, not half the interval. (Each assignment and query of a VOLATILE
--- PL/pgSQL function takes a new snapshot under READ COMMITTED, so the loop sees commits.)
+-- With p_wait > 0 (seconds: the busy relay's poll interval, with GATEWAY_RELAY_WAIT) it
+-- first waits, looking about every millisecond (pg_sleep's resolution), until such a
+-- transaction has committed or p_wait has passed. Looking here costs a fresh snapshot and one
+-- index probe, where looking from the relay costs a round trip and a statement: the busy
+-- relay can wait for the next commit instead of sleeping through a poll interval, and an
+-- event waits a millisecond or so for its poll, not half the interval. Each assignment and
+-- query of a VOLATILE PL/pgSQL function takes a new snapshot under READ COMMITTED, so the
+-- loop sees commits.
 -- The events are read after the snapshot is taken: every transaction visible in it has
 -- committed by then, so its events are visible to the read.
 -- Sequential scans are off inside it: it runs every few milliseconds and must be an index
