@@ -429,7 +429,7 @@ class Settings:
         "while writes are frequent, each of the relay's polls waits inside PostgreSQL for the next commit "
         "(looking about every millisecond) instead of the relay sleeping through the poll interval: "
         "2-3 ms less latency at a few hundred commits/s, for more PostgreSQL CPU per commit "
-        "(docs/configuration.md); worth it where the database has a core to spare",
+        '(docs/performance.md, "Where the latency goes"); worth it where the database has a core to spare',
         parse_bool,
     )
     relay_wake_rate: int = _setting(
