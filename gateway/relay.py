@@ -184,7 +184,7 @@ class Relay:
         self,
         dsn: str,
         *,
-        poll_interval: float = 0.005,
+        poll_interval: float = 0.003,
         wait: bool = False,
         idle_poll: float = 1.0,
         wake_rate: int = 200,
