@@ -417,11 +417,20 @@ class Settings:
     batch_max: int = _setting(1000, "notifications resolved together in one batch", parse_int, minimum=1)
     # Relay (sql/102_relay.sql, gateway/relay.py): one replica rings the doorbells of committed events
     relay_poll_interval: float = _setting(
-        0.005,
+        0.003,
         "how often the relay reads new events while writes are frequent (writers then send no NOTIFY); "
-        "above 1,000 events/s it grows in proportion to the rate, up to 4 times this (from 4,000 events/s)",
+        "above 1,000 events/s it grows in proportion to the rate, up to 4 times this (from 4,000 events/s). "
+        "With GATEWAY_RELAY_WAIT: the longest a poll waits for a commit",
         parse_duration,
         minimum=0.001,
+    )
+    relay_wait: bool = _setting(
+        False,
+        "while writes are frequent, each of the relay's polls waits inside PostgreSQL for the next commit "
+        "(looking about every millisecond) instead of the relay sleeping through the poll interval: "
+        "2-3 ms less latency at a few hundred commits/s, for more PostgreSQL CPU per commit "
+        '(docs/performance.md, "Where the latency goes"); worth it where the database has a core to spare',
+        parse_bool,
     )
     relay_wake_rate: int = _setting(
         200,

@@ -12,9 +12,14 @@ NATS instead, cut per topic (an ``Outlet``: gateway/broker.py), and nothing is N
 Modes. Quiet: the relay waits for a ``gateway_poll`` notification, which a writing
 transaction sends (once, however many rows it writes) when the relay is not polling, and then
 polls once (plus once every ``idle_poll`` as a safety net). Busy (``wake_rate`` events per
-second or more, judged over 0.1 s when quiet, over 1 s to go quiet again): the relay polls
-every ``poll_interval`` (stretched up to 4 times above 1,000 events/s) and keeps
+second or more, judged over 0.1 s when quiet, over 1 s to go quiet again): a poll starts
+every ``poll_interval`` (stretched up to 4 times above 1,000 events/s), and the relay keeps
 ``gateway.relay_awake_until`` a few seconds in the future, and writers send nothing at all.
+With ``wait`` (GATEWAY_RELAY_WAIT), each busy poll instead waits inside PostgreSQL, looking
+about every millisecond, until a transaction that wrote events has committed (or
+``poll_interval`` has passed), so an event waits a millisecond or so for its poll, not half
+the interval, for PostgreSQL's CPU spent looking; polls are then spaced out only as the rate
+grows, so each carries more (up to 4 times ``poll_interval`` apart, from 4,000 events/s).
 
 Why no committed event is missed (the approach of PgQ):
 
@@ -62,10 +67,14 @@ POLL_CHANNEL = "gateway_poll"
 CHANNEL = "gateway"
 # A doorbell's payload stays under PostgreSQL's 8000-byte NOTIFY limit with room to spare.
 PAYLOAD_MAX = 7000
-# A poll costs the database, the relay and every replica's listener about the same whatever
-# it finds. Above STRETCH_RATE events/s the busy relay spaces its polls out in proportion
-# (up to MAX_STRETCH times poll_interval), so each carries more events: under heavy writes
-# the gateway's share of the database's CPU stops growing, for a few milliseconds of latency.
+# A poll that finds events costs the database, the relay and every replica's listener and
+# pipeline about the same whatever number it finds. Above STRETCH_RATE events/s the busy
+# relay spaces its polls out in proportion (up to MAX_STRETCH times poll_interval), so each
+# carries more events: under heavy writes the gateway's share of the database's CPU stops
+# growing, for a few milliseconds of latency. A relay that waits in PostgreSQL for each
+# commit starts its polls at least poll_interval * rate / STRETCH_RATE apart: at a few hundred
+# events/s each poll still waits for the next commit (about one event per poll), and from
+# STRETCH_RATE events/s on the spacing is the same as without waiting.
 STRETCH_RATE = 1000.0
 MAX_STRETCH = 4.0
 
@@ -85,7 +94,7 @@ RETURNING 1
 """
 _RELEASE_LEASE = "UPDATE gateway.relay SET lease_until = '-infinity' WHERE holder = $1"
 # The snapshot now and the events of transactions committed since $1 (sql/102_relay.sql).
-_POLL = "SELECT snapshot, events FROM gateway.relay_poll($1, $2)"
+_POLL = "SELECT snapshot, events FROM gateway.relay_poll($1, $2, $3)"
 _OWN_XID = "SELECT pg_current_xact_id()::text::bigint"
 _SET_FLAG = "SELECT setval('gateway.relay_awake_until', $1)"
 _NOTIFY = "SELECT count(pg_notify('gateway', p)) FROM unnest($1::text[]) AS p"
@@ -175,7 +184,8 @@ class Relay:
         self,
         dsn: str,
         *,
-        poll_interval: float = 0.005,
+        poll_interval: float = 0.003,
+        wait: bool = False,
         idle_poll: float = 1.0,
         wake_rate: int = 200,
         lease: float = 3.0,
@@ -190,6 +200,7 @@ class Relay:
         # part so a restarted process never renews its predecessor's lease.
         self.replica_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._poll_interval = poll_interval
+        self._wait = wait
         self._idle_poll = idle_poll
         self._wake_rate = wake_rate
         self._lease = lease
@@ -284,7 +295,13 @@ class Relay:
         flag_renewed = 0.0
         lease_renewed = time.monotonic()
         window_start, window_events = time.monotonic(), 0
-        interval = self._poll_interval
+        # Busy: the time from the start of a poll to the next, from the rate of each window.
+        # Until the first window ends (a new leader may find a backlog), the interval.
+        spacing = self._poll_interval
+        # With self._wait, a busy poll waits inside PostgreSQL for a commit, up to this
+        # (sql/102_relay.sql), and needs no spacing below STRETCH_RATE events/s.
+        wait = min(self._poll_interval, self._lease / 3) if self._wait else 0.0
+        least_stretch = 0.0 if self._wait else 1.0
         quiet_after: int | None = None  # going quiet: poll until a snapshot's xmin passes this
         try:
             while not self._stopping:
@@ -301,7 +318,8 @@ class Relay:
                 # Cleared before the poll, not after: a writer that rings while the poll runs
                 # may have committed too late for it, and must get a poll of its own.
                 self._poke.clear()
-                window_events += await self._poll(conn)
+                polled_at = time.monotonic()
+                window_events += await self._poll(conn, wait if self.awake else 0.0)
                 now = time.monotonic()
                 # Quiet, the rate is judged over a tenth of a second: at the start of a burst
                 # every writing transaction NOTIFYs, which is what busy mode spares writers.
@@ -310,7 +328,7 @@ class Relay:
                 if now - window_start >= window:
                     rate = window_events / (now - window_start)
                     window_start, window_events = now, 0
-                    interval = self._poll_interval * min(MAX_STRETCH, max(1.0, rate / STRETCH_RATE))
+                    spacing = self._poll_interval * min(MAX_STRETCH, max(least_stretch, rate / STRETCH_RATE))
                     if (not self.awake or quiet_after is not None) and rate >= self._wake_rate:
                         self.awake, quiet_after = True, None
                         flag_renewed = 0.0
@@ -322,7 +340,13 @@ class Relay:
                     self.awake, quiet_after = False, None
                     log.debug("relay: quiet: polling when writers ring")
                 if self.awake:
-                    await asyncio.sleep(interval)
+                    # Polls start every ``spacing``: the time the poll, its doorbells and the
+                    # event loop's other work took is not added to every event's wait. Without
+                    # waiting in PostgreSQL, a quarter of it at least between two polls: a relay
+                    # whose polls take longer (an overloaded database or process) must not poll
+                    # back to back. (Waiting, the next poll waits for the next commit itself.)
+                    least = 0.0 if self._wait else spacing / 4
+                    await asyncio.sleep(max(least, polled_at + spacing - time.monotonic()))
                 else:
                     await self._nap(min(self._idle_poll, self._lease / 3))
         finally:
@@ -330,9 +354,10 @@ class Relay:
             if not conn.is_closed():
                 await conn.remove_listener(POLL_CHANNEL, self._on_poke)
 
-    async def _poll(self, conn: asyncpg.Connection) -> int:
-        """Ring the events of every transaction committed since the last poll; return how many."""
-        current, text = await conn.fetchrow(_POLL, self._snapshot, self._batch + 1)
+    async def _poll(self, conn: asyncpg.Connection, wait: float = 0.0) -> int:
+        """Ring the events of every transaction committed since the last poll, once one has
+        (waiting up to ``wait`` seconds for it); return how many."""
+        current, text = await conn.fetchrow(_POLL, self._snapshot, self._batch + 1, wait)
         self._snapshot = current
         rows = _decode_rows(text)
         if not rows:

@@ -322,6 +322,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     relay = Relay(
         s.database_url,
         poll_interval=s.relay_poll_interval,
+        wait=s.relay_wait,
         idle_poll=s.relay_idle_poll,
         wake_rate=s.relay_wake_rate,
         lease=s.relay_lease,

@@ -49,6 +49,14 @@ INSERT INTO gateway.relay DEFAULT VALUES;
 -- The relay's read (gateway/relay.py): the snapshot now, and the events of every transaction
 -- visible in it but not in p_since (at most p_limit of them), as a JSON array of
 -- [topic, epoch, pos, op, tbl, key, created_at].
+-- With p_wait > 0 (seconds: the busy relay's poll interval, with GATEWAY_RELAY_WAIT) it
+-- first waits, looking about every millisecond (pg_sleep's resolution), until such a
+-- transaction has committed or p_wait has passed. Looking here costs a fresh snapshot and one
+-- index probe, where looking from the relay costs a round trip and a statement: the busy
+-- relay can wait for the next commit instead of sleeping through a poll interval, and an
+-- event waits a millisecond or so for its poll, not half the interval. Each assignment and
+-- query of a VOLATILE PL/pgSQL function takes a new snapshot under READ COMMITTED, so the
+-- loop sees commits.
 -- The events are read after the snapshot is taken: every transaction visible in it has
 -- committed by then, so its events are visible to the read.
 -- Sequential scans are off inside it: it runs every few milliseconds and must be an index
@@ -57,7 +65,9 @@ INSERT INTO gateway.relay DEFAULT VALUES;
 -- In PL/pgSQL with one generic plan: a LANGUAGE sql function with a SET clause is planned
 -- again at every call, and so is a PL/pgSQL query whose custom plans look cheaper than the
 -- generic one; planning cost more than running (docs/performance-history.md).
-CREATE FUNCTION gateway.relay_poll(p_since text, p_limit integer, OUT snapshot text, OUT events text)
+CREATE FUNCTION gateway.relay_poll(
+    p_since text, p_limit integer, p_wait double precision, OUT snapshot text, OUT events text
+)
 LANGUAGE plpgsql
 SET enable_seqscan = off
 SET plan_cache_mode = force_generic_plan
@@ -65,7 +75,19 @@ AS $$
 DECLARE
     v_since pg_snapshot := p_since::pg_snapshot;
     v_now pg_snapshot := pg_current_snapshot();
+    v_until timestamptz;
 BEGIN
+    IF p_wait > 0 THEN
+        v_until := clock_timestamp() + make_interval(secs => p_wait);
+        WHILE NOT EXISTS (SELECT FROM gateway.events AS ev
+                          WHERE ev.xid >= pg_snapshot_xmin(v_since)
+                            AND pg_visible_in_snapshot(ev.xid, v_now)
+                            AND NOT pg_visible_in_snapshot(ev.xid, v_since))
+              AND clock_timestamp() < v_until LOOP
+            PERFORM pg_sleep(0.001);
+            v_now := pg_current_snapshot();
+        END LOOP;
+    END IF;
     snapshot := v_now::text;
     -- The epoch as a subquery per event, not a join: a join's generic plan hashes the whole
     -- of gateway.topics (one row per topic: millions with per-user topics) at every poll.
@@ -97,4 +119,4 @@ $$;
 
 -- The gateway's own (see the end of 100_event_log.sql): the relay's role is granted them
 -- (docs/sql.md, "The gateway's role"); emit and the capture triggers ring as the owner.
-REVOKE EXECUTE ON FUNCTION gateway.relay_poll(text, integer), gateway.ring() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION gateway.relay_poll(text, integer, double precision), gateway.ring() FROM PUBLIC;

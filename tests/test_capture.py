@@ -321,7 +321,7 @@ async def test_a_writer_can_change_no_table_of_the_gateway_schema(
             "SELECT gateway.lock_topics('{user:1,user:2}')",
             "SELECT gateway.log_event('public.items', 'd', 'user:1', '9')",
             "SELECT gateway.reset_topic('user:1')",
-            "SELECT gateway.relay_poll(pg_current_snapshot()::text, 10)",
+            "SELECT gateway.relay_poll(pg_current_snapshot()::text, 10, 0)",
             "SELECT gateway.presence_connect('r', 'c', 'u')",
             "SELECT gateway.presence_sweep('1s', '1s')",
             "SELECT gateway.fill_template('{a}', '{\"a\": \"b\"}')",

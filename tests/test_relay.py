@@ -281,3 +281,76 @@ async def test_two_phase_commit_writes_with_ring_off_are_prepared_and_delivered(
                 await alice.close()
         finally:
             await db.close()
+
+
+async def test_a_busy_relay_starts_a_poll_every_interval_however_long_each_poll_takes(dsn: str) -> None:
+    """An event waits for the next poll: half the cycle on average. The cycle must be the poll
+    interval, not the interval plus the time the poll, its doorbells and the event loop's other
+    work took (each poll here is made to take 60 % of the interval)."""
+    await make_table(dsn)
+    db = await pg_connect(dsn)
+    interval = 0.05
+    async with relay_running(dsn, wake_rate=1, idle_poll=30.0, poll_interval=interval) as relay:
+        real_poll = relay._poll
+
+        async def slow_poll(conn: asyncpg.Connection, wait: float = 0.0) -> int:
+            found = await real_poll(conn, wait)
+            await asyncio.sleep(interval * 0.6)  # a slow doorbell NOTIFY, a busy event loop
+            return found
+
+        relay._poll = slow_poll  # type: ignore[method-assign]
+        await eventually(lambda: relay.leader, 10, "leadership")
+        stop = asyncio.Event()
+
+        async def write() -> None:  # keeps the relay busy (wake rate 1 event/s)
+            while not stop.is_set():
+                await db.execute("INSERT INTO msgs (room) VALUES ('cycle')")
+                await asyncio.sleep(0.05)
+
+        writer = asyncio.ensure_future(write())
+        await asyncio.sleep(0.5)
+        polls, started = relay.polls, time.monotonic()
+        await asyncio.sleep(2.0)
+        rate = (relay.polls - polls) / (time.monotonic() - started)
+        stop.set()
+        await writer
+        assert relay.awake
+        # One poll per interval (20/s); the interval plus each poll's time would be 12.5/s.
+        assert rate > 0.85 / interval, f"{rate:.1f} polls/s with a {interval * 1000:g} ms interval"
+    await db.close()
+
+
+async def test_a_busy_relay_that_waits_rings_a_commit_within_milliseconds_not_after_its_interval(
+    dsn: str,
+) -> None:
+    """With ``wait`` (GATEWAY_RELAY_WAIT) a busy poll waits inside PostgreSQL for the next commit (sql/102_relay.sql),
+    so an event is rung about a millisecond after it committed, not half a poll interval later
+    on average. The interval here is half a second: sleeping through it, the median wait
+    would be a quarter of a second."""
+    await make_table(dsn)
+    db = await pg_connect(dsn)
+    rung_at: dict[int, float] = {}
+
+    def on_doorbell(_c: object, _pid: int, _channel: str, payload: str) -> None:
+        for _topic, _epoch, pos, _op, _key in json.loads(payload).get("ev", ()):
+            rung_at.setdefault(pos, time.monotonic())
+
+    listener = await listen(dsn, "gateway", on_doorbell)
+    async with relay_running(dsn, wake_rate=1, idle_poll=30.0, poll_interval=0.5, wait=True) as relay:
+        await eventually(lambda: relay.leader, 10, "leadership")
+        committed: dict[int, float] = {}
+        # 20 events/s: busy (wake rate 1), polls at least 10 ms apart once the first second's
+        # rate is known (a new leader spaces them by the interval until then); measured after.
+        for pos in range(1, 61):
+            await db.execute("INSERT INTO msgs (room) VALUES ('wait')")
+            if pos > 30:
+                committed[pos] = time.monotonic()
+            await asyncio.sleep(0.05)
+        assert relay.awake
+        await eventually(lambda: len(rung_at) == 60, 10, "every event rung")
+        waits = sorted(rung_at[pos] - committed[pos] for pos in committed)
+        assert waits[len(waits) // 2] < 0.05, (
+            f"median {waits[len(waits) // 2] * 1000:.1f} ms after the commit"
+        )
+    await listener.close()
+    await db.close()
