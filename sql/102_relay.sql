@@ -49,6 +49,8 @@ INSERT INTO gateway.relay DEFAULT VALUES;
 -- The relay's read (gateway/relay.py): the snapshot now, and the events of every transaction
 -- visible in it but not in p_since (at most p_limit of them), as a JSON array of
 -- [topic, epoch, pos, op, tbl, key, created_at].
+-- p_wait defaults to 0 so that a replica of the previous version, which calls relay_poll(since,
+-- limit), still polls during a rolling upgrade (tests/test_rolling_upgrade.py).
 -- With p_wait > 0 (seconds: the busy relay's poll interval, with GATEWAY_RELAY_WAIT) it
 -- first waits, looking about every millisecond (pg_sleep's resolution), until such a
 -- transaction has committed or p_wait has passed. Looking here costs a fresh snapshot and one
@@ -66,7 +68,7 @@ INSERT INTO gateway.relay DEFAULT VALUES;
 -- again at every call, and so is a PL/pgSQL query whose custom plans look cheaper than the
 -- generic one; planning cost more than running (docs/performance-history.md).
 CREATE FUNCTION gateway.relay_poll(
-    p_since text, p_limit integer, p_wait double precision, OUT snapshot text, OUT events text
+    p_since text, p_limit integer, p_wait double precision DEFAULT 0, OUT snapshot text, OUT events text
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off
